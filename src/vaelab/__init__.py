@@ -1,0 +1,48 @@
+"""vaelab: variational inference and variational autoencoders you can trust.
+
+The public surface is small: the estimator ``VAE``, ``load``, the closed-form Gaussian KLs, the
+objectives and the components a model is composed of.
+"""
+
+from vaelab.estimator import VAE
+from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
+from vaelab.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+)
+from vaelab.model import VAEModel
+from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
+from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.priors import LearnableGaussianPrior, MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
+from vaelab.registry import ModelConfig, build_model
+from vaelab.serialization import ModelFileError, load
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAE",
+    "BernoulliLikelihood",
+    "ContinuousBernoulliLikelihood",
+    "DiagonalGaussianPosterior",
+    "ElboTerms",
+    "FullCovariancePosterior",
+    "GaussianLikelihood",
+    "IwaeTerms",
+    "LaplaceLikelihood",
+    "LearnableGaussianPrior",
+    "MixtureOfGaussiansPrior",
+    "ModelConfig",
+    "ModelFileError",
+    "StandardNormalPrior",
+    "VAEModel",
+    "VampPrior",
+    "build_model",
+    "elbo",
+    "iwae_bound",
+    "kl_gaussian",
+    "kl_gaussian_tril",
+    "kl_standard_normal",
+    "load",
+]

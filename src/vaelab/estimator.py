@@ -1,0 +1,271 @@
+"""``vaelab.VAE``: a variational autoencoder with the scikit-learn estimator interface.
+
+``__init__`` stores hyper-parameters verbatim; ``fit`` validates, builds and trains; learned state ends
+in ``_``. ``score_samples`` gives each example's ELBO (a lower bound on log p(x), in nats) and
+``score`` their mean, as ``PCA.score_samples`` gives a log-likelihood.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+from torch.utils.data import DataLoader, Dataset
+
+from vaelab.model import VAEModel
+from vaelab.registry import ModelConfig, build_model
+from vaelab.training import EpochMetrics, TrainConfig, Trainer, loader_batches, tensor_batches
+
+EVAL_BATCH = 1024
+# Evaluation noise comes from this seed so that a score is a function of the example alone.
+EVAL_SEED = 20131220
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU; anything else is passed to ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Run with torch's global generator seeded, leaving the caller's random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+class VAE(TransformerMixin, BaseEstimator):
+    """A variational autoencoder (Kingma & Welling 2014) trained by maximising the ELBO.
+
+    Parameters
+    ----------
+    latent_dim : size of the latent code z.
+    hidden : hidden layer sizes of the encoder; the decoder mirrors them. ``()`` gives linear maps.
+    likelihood : ``"bernoulli"``, ``"continuous-bernoulli"``, ``"gaussian"`` (one learned σ),
+        ``"gaussian-fixed"`` (σ = 1), ``"gaussian-per-dimension"``, ``"gaussian-decoder"``, ``"laplace"``.
+    prior : ``"normal"``, ``"learnable"``, ``"mixture"`` or ``"vamp"``.
+    posterior : ``"diagonal"`` or ``"full"`` (full covariance through a Cholesky factor).
+    beta : weight of the KL term in the training objective (β-VAE); reported ELBOs use β = 1.
+    epochs, batch_size, lr : optimisation; Adam with warm-up and cosine decay (``TrainConfig``).
+    seed : seeds initialisation, minibatch order and sampling noise; ``None`` draws fresh ones.
+    device : ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    network : ``"mlp"`` or ``"conv"`` (images ``[n, C, H, W]``).
+    activation : hidden-layer non-linearity, e.g. ``"relu"`` or ``"tanh"``.
+    samples : Monte Carlo samples per example in each training step.
+    verbose : print one line per epoch.
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 8,
+        hidden: tuple[int, ...] = (256,),
+        likelihood: str = "bernoulli",
+        prior: str = "normal",
+        posterior: str = "diagonal",
+        beta: float = 1.0,
+        epochs: int = 50,
+        batch_size: int = 100,
+        lr: float = 1e-3,
+        seed: int | None = None,
+        device: str = "auto",
+        network: str = "mlp",
+        activation: str = "relu",
+        samples: int = 1,
+        verbose: bool = False,
+    ) -> None:
+        self.latent_dim = latent_dim
+        self.hidden = hidden
+        self.likelihood = likelihood
+        self.prior = prior
+        self.posterior = posterior
+        self.beta = beta
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.seed = seed
+        self.device = device
+        self.network = network
+        self.activation = activation
+        self.samples = samples
+        self.verbose = verbose
+
+    # ----------------------------------------------------------------------------- configuration
+    def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
+        """The architecture these hyper-parameters describe, for data of ``data_shape``."""
+        return ModelConfig(
+            data_shape=tuple(int(s) for s in data_shape),
+            latent_dim=self.latent_dim,
+            hidden=tuple(self.hidden),
+            likelihood=self.likelihood,
+            prior=self.prior,
+            posterior=self.posterior,
+            network=self.network,
+            activation=self.activation,
+        )
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            beta=self.beta,
+            samples=self.samples,
+        )
+
+    # ----------------------------------------------------------------------------------- inputs
+    def _validate(self, X: Any, reset: bool) -> np.ndarray:
+        """``X`` as a float32 array ``[n, *data_shape]``; NaN, inf and wrong shapes are refused."""
+        if isinstance(X, torch.Tensor):
+            X = X.detach().cpu().numpy()
+        if reset or not hasattr(self, "data_shape_") or len(self.data_shape_) == 1:
+            if np.ndim(X) <= 2:
+                X = validate_data(self, X, reset=reset, dtype=np.float32)
+            else:
+                X = check_array(X, allow_nd=True, dtype=np.float32)
+        else:
+            X = check_array(X, allow_nd=True, dtype=np.float32)
+        if not reset and tuple(X.shape[1:]) != self.data_shape_:
+            raise ValueError(
+                f"X has examples of shape {tuple(X.shape[1:])}, but this VAE was fitted on "
+                f"examples of shape {self.data_shape_}"
+            )
+        return X
+
+    def _tensor(self, X: Any) -> torch.Tensor:
+        check_is_fitted(self, "model_")
+        x = torch.from_numpy(self._validate(X, reset=False))
+        self.model_.likelihood.check_support(x)
+        return x
+
+    # ---------------------------------------------------------------------------------- fitting
+    def fit(self, X: Any, y: Any = None) -> VAE:
+        """Train on ``X``: an array or tensor ``[n, *data_shape]``, a torch ``Dataset`` or a
+        ``DataLoader`` (for data that does not fit in memory). ``y`` is ignored."""
+        device = resolve_device(self.device)
+        train_config = self.train_config()
+        train_config.validate()
+        with seeded(self.seed):
+            generator = torch.Generator()
+            generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            if isinstance(X, (Dataset, DataLoader)):
+                loader = X if isinstance(X, DataLoader) else self._loader(X, generator)
+                first = next(iter(loader_batches(loader)(0)))
+                data_shape = tuple(first.shape[1:])
+                batches, steps = loader_batches(loader), len(loader)
+                self.n_features_in_ = int(np.prod(data_shape))
+                check = first
+            else:
+                x = torch.from_numpy(self._validate(X, reset=True))
+                data_shape = tuple(x.shape[1:])
+                batches = tensor_batches(x, self.batch_size, generator)
+                steps = -(-x.shape[0] // self.batch_size)
+                check = x
+            config = self.model_config(data_shape)
+            model = build_model(config).to(device)
+            model.likelihood.check_support(check)
+            trainer = Trainer(model, train_config, device, on_epoch=self._report)
+            history = trainer.fit(batches, steps)
+        self.model_: VAEModel = model
+        self.model_config_ = config
+        self.data_shape_ = data_shape
+        self.history_: list[EpochMetrics] = history
+        self.device_ = device
+        return self
+
+    def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def _report(self, metrics: EpochMetrics) -> None:
+        if self.verbose:
+            print(
+                f"epoch {metrics.epoch}/{self.epochs}: ELBO {metrics.elbo:.3f} "
+                f"(reconstruction {metrics.reconstruction:.3f}, KL {metrics.kl:.3f}) nats/example",
+                flush=True,
+            )
+
+    # ------------------------------------------------------------------------------- inference
+    def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        for start in range(0, x.shape[0], EVAL_BATCH):
+            yield x[start : start + EVAL_BATCH].to(self.device_)
+
+    @torch.no_grad()
+    def transform(self, X: Any) -> np.ndarray:
+        """Posterior means E_q[z|x], ``[n, latent]``."""
+        x = torch.from_numpy(self._validate_fitted(X))
+        return torch.cat([self.model_.encode(c).mean.cpu() for c in self._chunks(x)]).numpy()
+
+    def _validate_fitted(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        return self._validate(X, reset=False)
+
+    @torch.no_grad()
+    def inverse_transform(self, X: Any) -> np.ndarray:
+        """Decoder means E[x|z] for latent codes ``[n, latent]`` → ``[n, *data_shape]``."""
+        check_is_fitted(self, "model_")
+        z = torch.as_tensor(check_array(X, dtype=np.float32))
+        if z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected latent codes with {self.latent_dim} columns, got {z.shape[1]}")
+        return torch.cat([self.model_.likelihood.mean(c).cpu() for c in self._chunks(z)]).numpy()
+
+    @torch.no_grad()
+    def sample(self, n: int = 1, *, mean: bool = True, seed: int | None = None) -> np.ndarray:
+        """``n`` examples from the model, ``[n, *data_shape]``: z ~ p(z), then E[x|z] when ``mean``
+        (what figures show), else x ~ p(x|z)."""
+        check_is_fitted(self, "model_")
+        with seeded(seed):
+            z = self.model_.sample_latent(n)
+            p = self.model_.decode(z)
+            x = p.mean if mean else p.sample()
+        return x.cpu().numpy()
+
+    @torch.no_grad()
+    def reconstruct(self, X: Any) -> np.ndarray:
+        """E[x | z = E_q[z|x]]: the decoder mean at the posterior mean, ``[n, *data_shape]``."""
+        return self.inverse_transform(self.transform(X)).reshape(np.shape(X))
+
+    @torch.no_grad()
+    def elbo(self, X: Any, samples: int = 16) -> np.ndarray:
+        """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and
+        ``samples`` Monte Carlo draws for the reconstruction term. The draws are common to all
+        examples, so an example's value does not depend on the others passed with it."""
+        x = self._tensor(X)
+        with seeded(EVAL_SEED):
+            noise = torch.randn(samples, self.latent_dim)
+        parts = [
+            self.model_.elbo(c, samples=samples, noise=noise.to(self.device_)).elbo.cpu()
+            for c in self._chunks(x)
+        ]
+        return torch.cat(parts).double().numpy()
+
+    def score_samples(self, X: Any) -> np.ndarray:
+        """Per-example ELBO, a lower bound on log p(x) in nats."""
+        return self.elbo(X)
+
+    def score(self, X: Any, y: Any = None) -> float:
+        """Mean ELBO over ``X`` in nats per example."""
+        return float(np.mean(self.score_samples(X)))
+
+    # ---------------------------------------------------------------------------------- saving
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the fitted model to folder ``path``: safetensors weights, JSON configuration."""
+        from vaelab.serialization import save_model
+
+        check_is_fitted(self, "model_")
+        save_model(self, path)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.seed is None
+        return tags

@@ -1,0 +1,151 @@
+"""Likelihoods p_θ(x|z): decoders that return a normalised distribution over the data.
+
+A likelihood wraps a decoder body giving ``params_per_dim`` numbers for every data dimension and reads a
+distribution off them. From ``z: [samples, batch, latent]`` it returns a distribution with
+``batch_shape [samples, batch]`` and ``event_shape data_shape``, so ``log_prob(x)`` sums over data
+dimensions: nats per example, normalising constants included (a Gaussian's −½ log 2πσ², a continuous
+Bernoulli's log C(λ)). ``check_support(x)`` refuses data the distribution cannot have produced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import (
+    Bernoulli,
+    ContinuousBernoulli,
+    Distribution,
+    Independent,
+    Laplace,
+    Normal,
+)
+
+
+class Likelihood(nn.Module):
+    """Shared plumbing: reshape decoder features to ``[*lead, params_per_dim, *data_shape]``."""
+
+    params_per_dim = 1
+    support = "the real line"
+
+    def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.decoder = decoder
+        self.data_shape = tuple(data_shape)
+
+    def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
+        lead = z.shape[:-1]
+        h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
+        return h.unbind(dim=len(lead))
+
+    def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
+        """The per-dimension distribution built from the decoder parameters."""
+        raise NotImplementedError
+
+    def forward(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) with ``batch_shape z.shape[:-1]`` and ``event_shape data_shape``."""
+        return Independent(self.distribution(self.decoder_params(z)), len(self.data_shape))
+
+    def mean(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x|z], ``[*lead, *data_shape]``."""
+        return self(z).mean
+
+    def check_support(self, x: torch.Tensor) -> None:
+        """Refuse data outside the support. Real-valued likelihoods accept any finite value."""
+
+
+def _check_unit_interval(x: torch.Tensor, name: str) -> None:
+    low, high = float(x.min()), float(x.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(
+            f"the {name} likelihood needs data in [0, 1], but values range over [{low:g}, {high:g}]; "
+            "rescale the data (e.g. divide 8-bit pixels by 255) or choose likelihood='gaussian'"
+        )
+
+
+class BernoulliLikelihood(Likelihood):
+    """p(x|z) = Πᵢ λᵢ^xᵢ (1 − λᵢ)^(1−xᵢ) with λ = sigmoid(decoder logits).
+
+    A normalised likelihood for binary data. Grey values in [0, 1] are accepted, as in Kingma &
+    Welling (2014), but then log p is a cross-entropy, not a log-density: binarise the data for
+    numbers comparable with the literature.
+    """
+
+    support = "[0, 1]"
+
+    def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
+        # validate_args=False lets grey values through; check_support guards the range.
+        return Bernoulli(logits=params[0], validate_args=False)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_unit_interval(x, "bernoulli")
+
+
+class ContinuousBernoulliLikelihood(Likelihood):
+    """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): p(x|λ) = C(λ) λ^x (1 − λ)^(1−x)
+    on [0, 1], with the normalising constant C(λ) that makes it a proper density for grey values."""
+
+    support = "[0, 1]"
+
+    def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
+        return ContinuousBernoulli(logits=params[0], validate_args=False)
+
+    def check_support(self, x: torch.Tensor) -> None:
+        _check_unit_interval(x, "continuous-bernoulli")
+
+
+GAUSSIAN_SCALES = ("fixed", "shared", "per-dimension", "decoder")
+
+
+class GaussianLikelihood(Likelihood):
+    """p(x|z) = N(x; μ(z), diag σ²), log p = −½ Σᵢ [(xᵢ − μᵢ)²/σᵢ² + log 2πσᵢ²].
+
+    ``scale`` says where σ comes from:
+    - ``"fixed"``: σ = ``sigma`` for every dimension, not learned;
+    - ``"shared"``: one learned σ for all dimensions (isotropic; the pPCA noise model);
+    - ``"per-dimension"``: one learned σᵢ per data dimension;
+    - ``"decoder"``: σᵢ(z) predicted by the decoder alongside μ(z), through softplus plus a small floor
+      so that a pixel that never varies cannot drive the density to infinity.
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        data_shape: tuple[int, ...],
+        scale: str = "shared",
+        sigma: float = 1.0,
+    ) -> None:
+        if scale not in GAUSSIAN_SCALES:
+            raise ValueError(f"unknown Gaussian scale {scale!r}; choose one of {GAUSSIAN_SCALES}")
+        super().__init__(decoder, data_shape)
+        self.params_per_dim = 2 if scale == "decoder" else 1
+        self.scale = scale
+        log_sigma = torch.full(data_shape if scale == "per-dimension" else (), math.log(sigma))
+        if scale in ("shared", "per-dimension"):
+            self.log_sigma = nn.Parameter(log_sigma)
+        else:
+            self.register_buffer("log_sigma", log_sigma)
+
+    def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
+        if self.scale == "decoder":
+            loc, raw_scale = params
+            sigma = nn.functional.softplus(raw_scale) + 1e-3
+        else:
+            (loc,) = params
+            sigma = self.log_sigma.exp().expand_as(loc)
+        return Normal(loc, sigma)
+
+
+class LaplaceLikelihood(Likelihood):
+    """p(x|z) = Πᵢ (1 / 2b) exp(−|xᵢ − μᵢ(z)| / b) with one learned scale b: an L1 reconstruction
+    error with its normalising constant."""
+
+    def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
+        super().__init__(decoder, data_shape)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
+        (loc,) = params
+        return Laplace(loc, self.log_scale.exp().expand_as(loc))

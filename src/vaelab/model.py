@@ -1,0 +1,60 @@
+"""``VAEModel``: a posterior, a prior and a likelihood held together as one ``nn.Module``.
+
+The model owns parameters and nothing else: the bounds themselves live in ``vaelab.objectives``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
+
+
+class VAEModel(nn.Module):
+    """p_θ(x, z) = p(z) p_θ(x|z) with the amortised posterior q_φ(z|x)."""
+
+    def __init__(self, posterior: nn.Module, prior: nn.Module, likelihood: nn.Module) -> None:
+        super().__init__()
+        self.posterior = posterior
+        self.prior = prior
+        self.likelihood = likelihood
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.prior().event_shape[0])
+
+    def encode(self, x: torch.Tensor) -> Distribution:
+        """q(z|x): ``batch_shape [batch]``, ``event_shape [latent]``."""
+        return self.posterior(x)
+
+    def decode(self, z: torch.Tensor) -> Distribution:
+        """p(x|z) for ``z: [*lead, latent]``."""
+        return self.likelihood(z)
+
+    def elbo(
+        self,
+        x: torch.Tensor,
+        samples: int = 1,
+        beta: float = 1.0,
+        kl: str = "auto",
+        noise: torch.Tensor | None = None,
+    ) -> ElboTerms:
+        return elbo(
+            x,
+            self.posterior,
+            self.prior,
+            self.likelihood,
+            samples=samples,
+            beta=beta,
+            kl=kl,
+            noise=noise,
+        )
+
+    def iwae(self, x: torch.Tensor, k: int) -> IwaeTerms:
+        return iwae_bound(x, self.posterior, self.prior, self.likelihood, k=k)
+
+    def sample_latent(self, n: int) -> torch.Tensor:
+        """``n`` draws from the prior, ``[n, latent]``."""
+        return self.prior().sample((n,))

@@ -1,0 +1,84 @@
+"""Priors p(z) over the latent code.
+
+Every prior is an ``nn.Module`` whose ``forward()`` returns a distribution with ``batch_shape []`` and
+``event_shape [latent]``. The ELBO asks ``torch.distributions.kl_divergence`` for KL(q ‖ p) and falls
+back to a Monte Carlo estimate by itself where no closed form exists (mixtures, VampPrior), so a new
+prior needs nothing but this class.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
+
+
+class StandardNormalPrior(nn.Module):
+    """p(z) = N(0, I)."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self) -> Distribution:
+        return Independent(Normal(self.loc, self.scale), 1)
+
+
+class LearnableGaussianPrior(nn.Module):
+    """p(z) = N(m, diag s²) with m and log s learned, starting at N(0, I)."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(latent_dim))
+        self.log_scale = nn.Parameter(torch.zeros(latent_dim))
+
+    def forward(self) -> Distribution:
+        return Independent(Normal(self.loc, self.log_scale.exp()), 1)
+
+
+class MixtureOfGaussiansPrior(nn.Module):
+    """p(z) = Σₖ πₖ N(mₖ, diag sₖ²), all parameters learned.
+
+    Means start spread as N(0, I) draws from a fixed seed, so the start does not depend on global
+    random state, and components are distinguishable from the first step.
+    """
+
+    def __init__(self, latent_dim: int, n_components: int = 10) -> None:
+        super().__init__()
+        start = torch.Generator().manual_seed(0)
+        self.logits = nn.Parameter(torch.zeros(n_components))
+        self.locs = nn.Parameter(torch.randn(n_components, latent_dim, generator=start))
+        self.log_scales = nn.Parameter(torch.zeros(n_components, latent_dim))
+
+    def forward(self) -> Distribution:
+        components = Independent(Normal(self.locs, self.log_scales.exp()), 1)
+        return MixtureSameFamily(Categorical(logits=self.logits), components)
+
+
+class VampPrior(nn.Module):
+    """The variational mixture of posteriors prior (Tomczak & Welling 2018, eq. 9):
+    p(z) = (1/K) Σₖ q_φ(z | uₖ), with K learned pseudo-inputs uₖ shaped like the data.
+
+    The posterior module is held without registering it as a sub-module: it already belongs to the
+    model, and a second registration would store its weights twice.
+    """
+
+    def __init__(
+        self, posterior: nn.Module, data_shape: tuple[int, ...], n_pseudo_inputs: int = 500
+    ) -> None:
+        super().__init__()
+        start = torch.Generator().manual_seed(0)
+        # Pseudo-inputs start near the middle of [0, 1], where image data lives (the paper's choice).
+        self.pseudo_inputs = nn.Parameter(
+            0.5 + 0.01 * torch.randn(n_pseudo_inputs, *data_shape, generator=start)
+        )
+        self._posterior = (posterior,)
+
+    def forward(self) -> Distribution:
+        components = self._posterior[0](self.pseudo_inputs)  # batch_shape [K], event [latent]
+        k = self.pseudo_inputs.shape[0]
+        weights = Categorical(logits=torch.full((k,), -math.log(k), device=self.pseudo_inputs.device))
+        return MixtureSameFamily(weights, components)
