@@ -15,7 +15,12 @@ from vaelab.likelihoods import (
 from vaelab.model import VAEModel
 from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
 from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
-from vaelab.priors import LearnableGaussianPrior, MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
+from vaelab.priors import (
+    LearnableGaussianPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
 from vaelab.registry import ModelConfig, build_model
 from vaelab.serialization import ModelFileError, load
 

@@ -19,12 +19,13 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.model import VAEModel
+from vaelab.noise import example_noise
 from vaelab.registry import ModelConfig, build_model
 from vaelab.training import EpochMetrics, TrainConfig, Trainer, loader_batches, tensor_batches
 
 EVAL_BATCH = 1024
-# Evaluation noise comes from this seed so that a score is a function of the example alone.
-EVAL_SEED = 20131220
+INIT_EXAMPLES = 10_000  # how many examples set the decoder's starting point (Likelihood.initialise)
+EVAL_SEED = 20131220  # salt of the per-example evaluation noise (vaelab.noise)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -175,6 +176,7 @@ class VAE(TransformerMixin, BaseEstimator):
             config = self.model_config(data_shape)
             model = build_model(config).to(device)
             model.likelihood.check_support(check)
+            model.likelihood.initialise(check[:INIT_EXAMPLES].to(device))
             trainer = Trainer(model, train_config, device, on_epoch=self._report)
             history = trainer.fit(batches, steps)
         self.model_: VAEModel = model
@@ -238,15 +240,13 @@ class VAE(TransformerMixin, BaseEstimator):
     @torch.no_grad()
     def elbo(self, X: Any, samples: int = 16) -> np.ndarray:
         """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and
-        ``samples`` Monte Carlo draws for the reconstruction term. The draws are common to all
-        examples, so an example's value does not depend on the others passed with it."""
+        ``samples`` Monte Carlo draws for the reconstruction term. The draws are seeded by the
+        example's own values, so its estimate does not depend on the others passed with it."""
         x = self._tensor(X)
-        with seeded(EVAL_SEED):
-            noise = torch.randn(samples, self.latent_dim)
-        parts = [
-            self.model_.elbo(c, samples=samples, noise=noise.to(self.device_)).elbo.cpu()
-            for c in self._chunks(x)
-        ]
+        parts = []
+        for chunk in self._chunks(x):
+            noise = example_noise(chunk, samples, self.latent_dim, salt=EVAL_SEED)
+            parts.append(self.model_.elbo(chunk, samples=samples, noise=noise).elbo.cpu())
         return torch.cat(parts).double().numpy()
 
     def score_samples(self, X: Any) -> np.ndarray:

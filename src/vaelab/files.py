@@ -34,4 +34,3 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-

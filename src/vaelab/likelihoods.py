@@ -24,21 +24,39 @@ from torch.distributions import (
 
 
 class Likelihood(nn.Module):
-    """Shared plumbing: reshape decoder features to ``[*lead, params_per_dim, *data_shape]``."""
+    """Shared plumbing: reshape decoder features to ``[*lead, params_per_dim, *data_shape]``.
+
+    The first parameter (a location or logits) is the decoder output plus ``offset``, a buffer that
+    ``initialise`` sets from the training data: the decoder then starts at the data mean and learns
+    deviations from it, which skips the long first phase of training where it would learn the
+    mean itself (the same idea as initialising the output bias to the marginal logits).
+    """
 
     params_per_dim = 1
     support = "the real line"
+    offset: torch.Tensor
 
     def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.decoder = decoder
         self.data_shape = tuple(data_shape)
+        self.register_buffer("offset", torch.zeros(self.data_shape))
 
     def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
         lead = z.shape[:-1]
         h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
-        return h.unbind(dim=len(lead))
+        first, *rest = h.unbind(dim=len(lead))
+        return (first + self.offset, *rest)
+
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor) -> None:
+        """Start the decoder at the data: ``x: [batch, *data_shape]``, a sample of training data."""
+        self.offset.copy_(self.location_of_mean(x.mean(0)))
+
+    def location_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        """The first distribution parameter whose distribution has (about) this mean."""
+        return mean
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         """The per-dimension distribution built from the decoder parameters."""
@@ -82,6 +100,9 @@ class BernoulliLikelihood(Likelihood):
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "bernoulli")
 
+    def location_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
+
 
 class ContinuousBernoulliLikelihood(Likelihood):
     """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): p(x|λ) = C(λ) λ^x (1 − λ)^(1−x)
@@ -94,6 +115,10 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "continuous-bernoulli")
+
+    def location_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        # The continuous Bernoulli's mean is not sigmoid(logits), but close enough for a start.
+        return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
 
 
 GAUSSIAN_SCALES = ("fixed", "shared", "per-dimension", "decoder")
@@ -128,6 +153,16 @@ class GaussianLikelihood(Likelihood):
         else:
             self.register_buffer("log_sigma", log_sigma)
 
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor) -> None:
+        """Start at the data mean, and learned σ at the data's standard deviation."""
+        super().initialise(x)
+        std = x.std(0).clamp(min=1e-3)
+        if self.scale == "shared":
+            self.log_sigma.copy_(std.square().mean().sqrt().log())
+        elif self.scale == "per-dimension":
+            self.log_sigma.copy_(std.log())
+
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         if self.scale == "decoder":
             loc, raw_scale = params
@@ -145,6 +180,12 @@ class LaplaceLikelihood(Likelihood):
     def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
         super().__init__(decoder, data_shape)
         self.log_scale = nn.Parameter(torch.zeros(()))
+
+    @torch.no_grad()
+    def initialise(self, x: torch.Tensor) -> None:
+        """Start at the data mean, the scale at the mean absolute deviation from it."""
+        super().initialise(x)
+        self.log_scale.copy_((x - x.mean(0)).abs().mean().clamp(min=1e-3).log())
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         (loc,) = params

@@ -82,7 +82,9 @@ class ConvEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
-            raise ValueError(f"a convolutional encoder needs images [C, H, W], got shape {in_shape}")
+            raise ValueError(
+                f"a convolutional encoder needs images [C, H, W], got shape {in_shape}"
+            )
         c, h, w = in_shape
         self.in_shape = tuple(in_shape)
         self.features = nn.Sequential(
@@ -118,7 +120,9 @@ class ConvDecoder(nn.Module):
     ) -> None:
         super().__init__()
         if len(out_shape) != 3:
-            raise ValueError(f"a convolutional decoder needs images [C, H, W], got shape {out_shape}")
+            raise ValueError(
+                f"a convolutional decoder needs images [C, H, W], got shape {out_shape}"
+            )
         c, h, w = out_shape
         self.out_shape = tuple(out_shape)
         self.k = out_channels_per_pixel

@@ -94,8 +94,8 @@ def elbo(
 
     ELBO(x) = (1/L) Σₗ log p(x | zₗ) − KL(q(z|x) ‖ p(z)),  zₗ = μ + σ ⊙ εₗ,  εₗ ~ N(0, I).
 
-    ``noise``, if given, is ε ``[samples, latent]`` shared by every example (common random numbers):
-    each example's estimate then no longer depends on which other examples share its batch.
+    ``noise``, if given, is the standard normal ε ``[samples, batch, latent]`` to use instead of fresh
+    draws (see ``vaelab.noise.example_noise`` for noise that is a function of each example).
     """
     q = posterior(x)
     z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
@@ -110,9 +110,9 @@ def elbo(
 
 
 def location_scale_sample(q: Distribution, noise: torch.Tensor) -> torch.Tensor:
-    """z = μ + L ε for a Gaussian q with ``batch_shape [batch]`` and ε ``[samples, latent]``
+    """z = μ + L ε for a Gaussian q with ``batch_shape [batch]`` and ε ``[samples, batch, latent]``
     → ``[samples, batch, latent]``, differentiable in q's parameters."""
-    eps = noise[:, None, :]  # [samples, 1, latent]
+    eps = noise
     if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
         return q.base_dist.loc + q.base_dist.scale * eps
     if isinstance(q, MultivariateNormal):

@@ -38,6 +38,9 @@ class FullCovariancePosterior(nn.Module):
     (latent · (latent − 1) / 2), so every output of the encoder is a valid covariance.
     """
 
+    _rows: torch.Tensor
+    _cols: torch.Tensor
+
     def __init__(self, encoder: nn.Module, latent_dim: int) -> None:
         super().__init__()
         self.encoder = encoder

@@ -18,6 +18,9 @@ from torch.distributions import Categorical, Distribution, Independent, MixtureS
 class StandardNormalPrior(nn.Module):
     """p(z) = N(0, I)."""
 
+    loc: torch.Tensor
+    scale: torch.Tensor
+
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
@@ -80,5 +83,7 @@ class VampPrior(nn.Module):
     def forward(self) -> Distribution:
         components = self._posterior[0](self.pseudo_inputs)  # batch_shape [K], event [latent]
         k = self.pseudo_inputs.shape[0]
-        weights = Categorical(logits=torch.full((k,), -math.log(k), device=self.pseudo_inputs.device))
+        weights = Categorical(
+            logits=torch.full((k,), -math.log(k), device=self.pseudo_inputs.device)
+        )
         return MixtureSameFamily(weights, components)

@@ -23,7 +23,12 @@ from vaelab.likelihoods import (
 from vaelab.model import VAEModel
 from vaelab.networks import ACTIVATIONS, NETWORKS, decoder_network, encoder_network
 from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
-from vaelab.priors import LearnableGaussianPrior, MixtureOfGaussiansPrior, StandardNormalPrior, VampPrior
+from vaelab.priors import (
+    LearnableGaussianPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,9 @@ class LikelihoodSpec:
 
 
 LIKELIHOODS: dict[str, LikelihoodSpec] = {
-    "bernoulli": LikelihoodSpec(1, BernoulliLikelihood, "Bernoulli with decoder logits; data in [0, 1]"),
+    "bernoulli": LikelihoodSpec(
+        1, BernoulliLikelihood, "Bernoulli with decoder logits; data in [0, 1]"
+    ),
     "continuous-bernoulli": LikelihoodSpec(
         1, ContinuousBernoulliLikelihood, "continuous Bernoulli (normalised on [0, 1])"
     ),
@@ -52,12 +59,17 @@ LIKELIHOODS: dict[str, LikelihoodSpec] = {
         "Gaussian, a learned σ per data dimension",
     ),
     "gaussian-decoder": LikelihoodSpec(
-        2, lambda d, s: GaussianLikelihood(d, s, "decoder"), "Gaussian, σ(z) predicted by the decoder"
+        2,
+        lambda d, s: GaussianLikelihood(d, s, "decoder"),
+        "Gaussian, σ(z) predicted by the decoder",
     ),
     "laplace": LikelihoodSpec(1, LaplaceLikelihood, "Laplace, one learned scale"),
 }
 
-POSTERIORS = {"diagonal": DiagonalGaussianPosterior, "full": FullCovariancePosterior}
+POSTERIORS: dict[str, type[DiagonalGaussianPosterior] | type[FullCovariancePosterior]] = {
+    "diagonal": DiagonalGaussianPosterior,
+    "full": FullCovariancePosterior,
+}
 
 PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...]], nn.Module]] = {
     "normal": lambda latent, posterior, shape: StandardNormalPrior(latent),

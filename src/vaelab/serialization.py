@@ -39,11 +39,15 @@ class ModelFileError(ValueError):
     """A path that is not a readable vaelab model; the message says what is wrong and what to do."""
 
 
-def save_model(estimator: VAE, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
+def save_model(
+    estimator: VAE, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``estimator`` (fitted) to folder ``path``, creating it if needed; returns the folder."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise ModelFileError(f"{folder} is a file; a vaelab model is saved as a folder, give a folder path")
+        raise ModelFileError(
+            f"{folder} is a file; a vaelab model is saved as a folder, give a folder path"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in estimator.model_.state_dict().items()}
     weights = save_safetensors(state, metadata={"format": FORMAT})
@@ -78,9 +82,13 @@ def read_model_document(path: str | os.PathLike[str]) -> tuple[Path, dict[str, A
     try:
         document = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ModelFileError(f"{config_path} is not valid JSON ({error}); the file is corrupt") from None
+        raise ModelFileError(
+            f"{config_path} is not valid JSON ({error}); the file is corrupt"
+        ) from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ModelFileError(f"{config_path} is not a vaelab model description (format is not {FORMAT!r})")
+        raise ModelFileError(
+            f"{config_path} is not a vaelab model description (format is not {FORMAT!r})"
+        )
     version = document.get("format_version")
     if version != FORMAT_VERSION:
         raise ModelFileError(
@@ -120,13 +128,17 @@ def load(path: str | os.PathLike[str]) -> VAE:
         estimator = VAE(**params)
         model = build_model(config)
     except (KeyError, TypeError, ValueError) as error:
-        raise ModelFileError(f"{folder / CONFIG_FILE} describes no model this vaelab can build ({error})") from None
+        raise ModelFileError(
+            f"{folder / CONFIG_FILE} describes no model this vaelab can build ({error})"
+        ) from None
     state = load_weights(folder, document)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         first = str(error).splitlines()[0]
-        raise ModelFileError(f"the weights in {folder} do not fit the described model: {first}") from None
+        raise ModelFileError(
+            f"the weights in {folder} do not fit the described model: {first}"
+        ) from None
     device = resolve_device(estimator.device)
     estimator.model_ = model.to(device).eval()
     estimator.model_config_ = config
