@@ -130,13 +130,14 @@ class VAE(TransformerMixin, BaseEstimator):
         """``X`` as a float32 array ``[n, *data_shape]``; NaN, inf and wrong shapes are refused."""
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
-        if reset or not hasattr(self, "data_shape_") or len(self.data_shape_) == 1:
-            if np.ndim(X) <= 2:
-                X = validate_data(self, X, reset=reset, dtype=np.float32)
-            else:
-                X = check_array(X, allow_nd=True, dtype=np.float32)
-        else:
-            X = check_array(X, allow_nd=True, dtype=np.float32)
+        X = validate_data(
+            self,
+            X,
+            reset=reset,
+            dtype=np.float32,
+            allow_nd=True,
+            ensure_min_samples=2 if reset else 1,
+        )
         if not reset and tuple(X.shape[1:]) != self.data_shape_:
             raise ValueError(
                 f"X has examples of shape {tuple(X.shape[1:])}, but this VAE was fitted on "
@@ -218,7 +219,9 @@ class VAE(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         z = torch.as_tensor(check_array(X, dtype=np.float32))
         if z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected latent codes with {self.latent_dim} columns, got {z.shape[1]}")
+            raise ValueError(
+                f"expected latent codes with {self.latent_dim} columns, got {z.shape[1]}"
+            )
         return torch.cat([self.model_.likelihood.mean(c).cpu() for c in self._chunks(z)]).numpy()
 
     @torch.no_grad()
@@ -268,4 +271,6 @@ class VAE(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.seed is None
+        if tags.transformer_tags is not None:
+            tags.transformer_tags.preserves_dtype = ["float32"]
         return tags

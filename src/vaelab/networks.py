@@ -65,8 +65,8 @@ class MLP(nn.Module):
 
 
 def _conv_size(size: int) -> int:
-    """Spatial size after one 4×4 convolution with stride 2 and padding 1 (ceil(size / 2))."""
-    return (size + 1) // 2
+    """Spatial size after one 4×4 convolution with stride 2 and padding 1: ⌊size / 2⌋."""
+    return size // 2
 
 
 class ConvEncoder(nn.Module):
@@ -126,7 +126,8 @@ class ConvDecoder(nn.Module):
         c, h, w = out_shape
         self.out_shape = tuple(out_shape)
         self.k = out_channels_per_pixel
-        self.seed_shape = (channels[0], _conv_size(_conv_size(h)), _conv_size(_conv_size(w)))
+        # Each 4×4 stride-2 transposed convolution doubles the size; start at ⌈size / 4⌉ and crop.
+        self.seed_shape = (channels[0], -(-h // 4), -(-w // 4))
         self.head = MLP((latent_dim,), hidden, math.prod(self.seed_shape), activation)
         self.activation = activation_module(activation)
         self.body = nn.Sequential(
@@ -139,7 +140,7 @@ class ConvDecoder(nn.Module):
         lead = z.shape[:-1]
         seed = self.activation(self.head(z.reshape(-1, z.shape[-1]))).reshape(-1, *self.seed_shape)
         c, h, w = self.out_shape
-        # Transposed convolutions of odd sizes overshoot by one pixel; crop to the data's size.
+        # Sizes not divisible by 4 overshoot; crop to the data's size.
         out = self.body(seed)[..., :h, :w]
         out = out.reshape(-1, self.k, c, h, w)
         return out.reshape(*lead, -1)

@@ -112,7 +112,7 @@ def load_weights(folder: Path, document: dict[str, Any]) -> dict[str, torch.Tens
         )
     try:
         return load_safetensors(data)
-    except (SafetensorError, ValueError) as error:  # pragma: no cover - the checksum catches these
+    except (SafetensorError, ValueError) as error:
         raise ModelFileError(f"{weights_path} is not a safetensors file ({error})") from None
 
 

@@ -1,0 +1,264 @@
+"""Posteriors, priors, likelihoods and networks, each checked on its own terms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import scipy.stats
+import torch
+from torch import nn
+from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
+
+from vaelab.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+)
+from vaelab.networks import MLP, ConvDecoder, ConvEncoder, activation_module
+from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.priors import (
+    LearnableGaussianPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
+from vaelab.registry import LIKELIHOODS, ModelConfig, build_model
+
+
+class Constant(nn.Module):
+    """A 'network' returning fixed features, so a component's read-out can be checked exactly."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features.expand(*x.shape[:-1], self.features.shape[-1])
+
+
+# ------------------------------------------------------------------------------------ likelihoods
+def likelihood_with(cls, params: torch.Tensor, **kwargs):
+    """A likelihood over ``params.shape[-1] // k`` dimensions whose decoder returns ``params``."""
+    per_dim = 2 if kwargs.get("scale") == "decoder" else 1
+    return cls(Constant(params), (params.shape[-1] // per_dim,), **kwargs)
+
+
+def test_gaussian_log_prob_includes_the_normalising_constant():
+    torch.manual_seed(0)
+    loc = torch.randn(6, dtype=torch.float64)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    z = torch.zeros(3, 1, dtype=torch.float64)
+    for scale, sigma in (("fixed", 0.7), ("shared", 1.3)):
+        lik = likelihood_with(GaussianLikelihood, loc, scale=scale, sigma=sigma).double()
+        expected = scipy.stats.norm(loc.numpy(), sigma).logpdf(x.numpy()).sum(-1)
+        # σ is stored as a float32 log before .double(): agreement to float32 precision.
+        assert torch.allclose(lik(z).log_prob(x), torch.from_numpy(expected), rtol=1e-7)
+
+
+def test_gaussian_with_decoder_scale_reads_softplus_of_the_second_half():
+    raw = torch.tensor([0.5, -1.0, 2.0, -3.0], dtype=torch.float64)
+    lik = likelihood_with(GaussianLikelihood, raw, scale="decoder").double()
+    p = lik(torch.zeros(1, 1, dtype=torch.float64))
+    sigma = nn.functional.softplus(torch.tensor([2.0, -3.0], dtype=torch.float64)) + 1e-3
+    assert torch.allclose(p.base_dist.scale[0], sigma)
+    assert torch.allclose(p.mean[0], raw[:2])
+
+
+def test_per_dimension_gaussian_has_one_learned_sigma_per_dimension():
+    lik = likelihood_with(GaussianLikelihood, torch.zeros(5), scale="per-dimension")
+    assert lik.log_sigma.shape == (5,) and lik.log_sigma.requires_grad
+    assert (
+        GaussianLikelihood(Constant(torch.zeros(5)), (5,), scale="fixed").log_sigma.requires_grad
+        is False
+    )
+
+
+def test_bernoulli_matches_the_closed_form():
+    logits = torch.tensor([-2.0, 0.0, 3.0], dtype=torch.float64)
+    x = torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
+    lik = likelihood_with(BernoulliLikelihood, logits).double()
+    p = torch.sigmoid(logits)
+    expected = (x * p.log() + (1 - x) * (1 - p).log()).sum(-1)
+    assert torch.allclose(lik(torch.zeros(1, 1, dtype=torch.float64)).log_prob(x), expected)
+
+
+def test_continuous_bernoulli_integrates_to_one_on_the_unit_interval():
+    logits = torch.tensor([-4.0, -0.3, 0.0, 0.01, 2.5], dtype=torch.float64)
+    lik = likelihood_with(ContinuousBernoulliLikelihood, logits).double()
+    grid = torch.linspace(0, 1, 20001, dtype=torch.float64)
+    p = lik(torch.zeros(1, 1, dtype=torch.float64)).base_dist  # per-dimension distribution
+    density = p.log_prob(grid[:, None].expand(-1, 5)).exp()
+    integral = torch.trapezoid(density, grid, dim=0)
+    assert torch.allclose(integral, torch.ones(5, dtype=torch.float64), atol=1e-6)
+
+
+def test_laplace_matches_scipy():
+    loc = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    lik = likelihood_with(LaplaceLikelihood, loc).double()
+    with torch.no_grad():
+        lik.log_scale.fill_(math.log(0.4))
+    x = torch.tensor([[0.0, 1.0, 2.5]], dtype=torch.float64)
+    expected = scipy.stats.laplace(loc.numpy(), 0.4).logpdf(x.numpy()).sum(-1)
+    assert torch.allclose(
+        lik(torch.zeros(1, 1, dtype=torch.float64)).log_prob(x), torch.from_numpy(expected)
+    )
+
+
+@pytest.mark.parametrize("cls", [BernoulliLikelihood, ContinuousBernoulliLikelihood])
+def test_unit_interval_likelihoods_refuse_data_outside_it(cls):
+    lik = likelihood_with(cls, torch.zeros(3))
+    lik.check_support(torch.tensor([[0.0, 0.5, 1.0]]))
+    with pytest.raises(ValueError, match=r"needs data in \[0, 1\].*range over \[-0\.5, 2\]"):
+        lik.check_support(torch.tensor([[-0.5, 0.5, 2.0]]))
+
+
+def test_likelihood_batch_and_event_shapes():
+    config = ModelConfig(
+        data_shape=(1, 8, 8), latent_dim=3, hidden=(16,), likelihood="gaussian-decoder"
+    )
+    model = build_model(config)
+    p = model.likelihood(torch.randn(7, 5, 3))
+    assert p.batch_shape == (7, 5) and p.event_shape == (1, 8, 8)
+    assert p.log_prob(torch.rand(5, 1, 8, 8)).shape == (7, 5)
+
+
+def test_initialise_starts_the_decoder_at_the_data_mean():
+    x = torch.rand(500, 6) * 0.5 + 0.25
+    for name in LIKELIHOODS:
+        model = build_model(ModelConfig(data_shape=(6,), latent_dim=2, hidden=(), likelihood=name))
+        model.likelihood.initialise(x)
+        with torch.no_grad():
+            model.likelihood.decoder.layers[0].weight.zero_()
+            model.likelihood.decoder.layers[0].bias.zero_()
+        mean = model.likelihood.mean(torch.zeros(1, 2))[0]
+        tolerance = 0.05 if name == "continuous-bernoulli" else 1e-5
+        assert torch.allclose(mean[:6], x.mean(0), atol=tolerance), name
+
+
+# ------------------------------------------------------------------------------------- posteriors
+def test_diagonal_posterior_reads_mean_and_log_variance():
+    features = torch.tensor([[1.0, -2.0, math.log(4.0), math.log(0.25)]])
+    q = DiagonalGaussianPosterior(Constant(features), 2)(torch.zeros(1, 3))
+    assert torch.allclose(q.mean, torch.tensor([[1.0, -2.0]]))
+    assert torch.allclose(q.variance, torch.tensor([[4.0, 0.25]]))
+    assert q.batch_shape == (1,) and q.event_shape == (2,)
+
+
+def test_full_covariance_posterior_builds_a_valid_cholesky_factor():
+    torch.manual_seed(1)
+    n = 4
+    features = torch.randn(3, FullCovariancePosterior.n_params(n), dtype=torch.float64)
+    q = FullCovariancePosterior(Constant(features), n).double()(torch.zeros(3, 1))
+    assert isinstance(q, MultivariateNormal)
+    tril = q.scale_tril
+    assert torch.equal(tril, tril.tril()) and bool((tril.diagonal(dim1=-2, dim2=-1) > 0).all())
+    assert torch.allclose(tril.diagonal(dim1=-2, dim2=-1), features[:, n : 2 * n].exp())
+    # Reparameterised samples have the stated covariance.
+    z = q.rsample((200_000,))
+    empirical = torch.einsum("sbi,sbj->bij", z - q.mean, z - q.mean) / z.shape[0]
+    assert torch.allclose(
+        empirical, q.covariance_matrix, atol=0.05 * float(q.covariance_matrix.abs().max())
+    )
+
+
+def test_posterior_samples_carry_gradients():
+    model = build_model(ModelConfig(data_shape=(5,), latent_dim=2, hidden=(8,), posterior="full"))
+    z = model.posterior(torch.rand(4, 5)).rsample((3,))
+    z.sum().backward()
+    assert all(p.grad is not None for p in model.posterior.parameters())
+
+
+# ----------------------------------------------------------------------------------------- priors
+def test_standard_and_learnable_priors_start_at_n01():
+    reference = Independent(Normal(torch.zeros(3), torch.ones(3)), 1)
+    z = torch.randn(10, 3)
+    for prior in (StandardNormalPrior(3), LearnableGaussianPrior(3)):
+        assert torch.allclose(prior().log_prob(z), reference.log_prob(z))
+    assert len(list(StandardNormalPrior(3).parameters())) == 0
+
+
+def test_mixture_prior_density_is_the_weighted_sum_of_components():
+    prior = MixtureOfGaussiansPrior(2, n_components=3).double()
+    with torch.no_grad():
+        prior.logits.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    z = torch.randn(7, 2, dtype=torch.float64)
+    weights = torch.softmax(prior.logits, 0)
+    parts = [
+        Independent(Normal(prior.locs[j], prior.log_scales[j].exp()), 1).log_prob(z).exp()
+        for j in range(3)
+    ]
+    expected = sum(w * p for w, p in zip(weights, parts, strict=True)).log()
+    assert torch.allclose(prior().log_prob(z), expected)
+
+
+def test_vamp_prior_is_the_mean_of_posteriors_at_the_pseudo_inputs():
+    model = build_model(ModelConfig(data_shape=(5,), latent_dim=2, hidden=(8,), prior="vamp"))
+    prior = model.prior
+    assert isinstance(prior, VampPrior)
+    z = torch.randn(6, 2)
+    components = model.posterior(prior.pseudo_inputs)
+    expected = torch.logsumexp(components.log_prob(z[:, None, :]), dim=1) - math.log(500)
+    assert torch.allclose(prior().log_prob(z), expected, atol=1e-5)
+    # The encoder is stored once: no duplicated weights in the state dict.
+    keys = list(model.state_dict())
+    assert sum(k.endswith("encoder.layers.0.weight") for k in keys) == 1
+    assert "prior.pseudo_inputs" in keys
+
+
+def test_kl_against_learnable_prior_is_exact():
+    prior = LearnableGaussianPrior(3)
+    with torch.no_grad():
+        prior.loc.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    q = Independent(Normal(torch.randn(4, 3), torch.rand(4, 3) + 0.5), 1)
+    expected = kl_divergence(q.base_dist, prior().base_dist).sum(-1)
+    assert torch.allclose(kl_divergence(q, prior()), expected)
+
+
+# --------------------------------------------------------------------------------------- networks
+def test_mlp_with_no_hidden_layers_is_one_affine_map():
+    net = MLP((6,), (), 4)
+    assert [type(m) for m in net.layers] == [nn.Linear]
+    assert MLP((6,), (8, 8), 4, "tanh").layers[1].__class__ is nn.Tanh
+
+
+def test_mlp_flattens_trailing_dimensions_and_keeps_leading_ones():
+    net = MLP((1, 4, 4), (8,), 3)
+    assert net(torch.rand(5, 1, 4, 4)).shape == (5, 3)
+    assert MLP((3,), (8,), 2)(torch.rand(7, 5, 3)).shape == (7, 5, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 7, 5)])
+def test_conv_encoder_and_decoder_shapes(shape):
+    encoder = ConvEncoder(shape, (32,), 6)
+    assert encoder(torch.rand(4, *shape)).shape == (4, 6)
+    decoder = ConvDecoder(3, (32,), shape, out_channels_per_pixel=2)
+    assert decoder(torch.randn(5, 4, 3)).shape == (5, 4, 2 * math.prod(shape))
+
+
+def test_conv_model_trains_on_images():
+    model = build_model(
+        ModelConfig(data_shape=(1, 8, 8), latent_dim=2, hidden=(16,), network="conv")
+    )
+    x = torch.rand(10, 1, 8, 8)
+    loss = -model.elbo(x).elbo.mean()
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_unknown_names_are_refused_with_the_choices():
+    with pytest.raises(ValueError, match="unknown activation 'sigmoidish'; choose one of: elu"):
+        activation_module("sigmoidish")
+    for field, bad in (
+        ("likelihood", "poisson"),
+        ("prior", "flow"),
+        ("posterior", "iaf"),
+        ("network", "rnn"),
+    ):
+        with pytest.raises(ValueError, match=f"unknown {field} '{bad}'; choose one of"):
+            build_model(ModelConfig(data_shape=(4,), **{field: bad}))
+    with pytest.raises(ValueError, match="latent_dim must be a positive integer"):
+        build_model(ModelConfig(data_shape=(4,), latent_dim=0))
+    with pytest.raises(ValueError, match="hidden must be a tuple of positive integers"):
+        build_model(ModelConfig(data_shape=(4,), hidden=(8, -1)))

@@ -1,0 +1,151 @@
+"""``vaelab.VAE`` as a scikit-learn estimator, and its inputs and outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.datasets import load_digits
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import vaelab
+
+DIGITS = load_digits()
+X = (DIGITS.data[:400] / 16.0).astype(np.float32)
+SMALL = {"latent_dim": 2, "hidden": (16,), "epochs": 2, "seed": 0}
+
+
+@parametrize_with_checks(
+    [
+        vaelab.VAE(
+            likelihood="gaussian", latent_dim=2, hidden=(16,), epochs=2, batch_size=50, seed=0
+        )
+    ],
+    # The only check not run is scikit-learn's own array-API check, which skips itself unless
+    # SCIPY_ARRAY_API is set; vaelab converts inputs to numpy / torch, not array-API namespaces.
+)
+def test_scikit_learn_compatible(estimator, check):
+    check(estimator)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> vaelab.VAE:
+    return vaelab.VAE(**SMALL).fit(X)
+
+
+def test_init_stores_parameters_verbatim_and_clone_round_trips():
+    model = vaelab.VAE(latent_dim=3, hidden=[64, 32], likelihood="laplace", beta=2.5)
+    assert model.hidden == [64, 32] and model.beta == 2.5
+    assert clone(model).get_params() == model.get_params()
+    assert not hasattr(model, "model_")
+
+
+def test_fit_returns_self_and_sets_learned_state(fitted):
+    assert fitted.n_features_in_ == 64
+    assert fitted.data_shape_ == (64,)
+    assert len(fitted.history_) == 2
+    assert isinstance(fitted.model_, vaelab.VAEModel)
+
+
+def test_outputs_have_documented_shapes(fitted):
+    assert fitted.transform(X[:7]).shape == (7, 2)
+    assert fitted.inverse_transform(np.zeros((5, 2))).shape == (5, 64)
+    assert fitted.reconstruct(X[:4]).shape == (4, 64)
+    assert fitted.sample(6).shape == (6, 64)
+    assert fitted.elbo(X[:3]).shape == (3,) and fitted.elbo(X[:3]).dtype == np.float64
+    assert fitted.score(X) == pytest.approx(float(np.mean(fitted.score_samples(X))))
+
+
+def test_scores_do_not_depend_on_batch_composition_or_order(fitted):
+    full = fitted.score_samples(X)
+    order = np.random.default_rng(0).permutation(len(X))
+    # Equal up to float32 rounding: a matrix product's summation order depends on the batch.
+    assert np.allclose(fitted.score_samples(X[order]), full[order], rtol=1e-6, atol=1e-5)
+    assert np.allclose(fitted.score_samples(X[10:20]), full[10:20], rtol=1e-6, atol=1e-5)
+
+
+def test_same_seed_same_model_and_global_random_state_untouched():
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    a = vaelab.VAE(**SMALL).fit(X)
+    assert torch.equal(torch.get_rng_state(), before)
+    b = vaelab.VAE(**SMALL).fit(X)
+    assert np.array_equal(a.transform(X), b.transform(X))
+    c = vaelab.VAE(**{**SMALL, "seed": 1}).fit(X)
+    assert not np.array_equal(a.transform(X), c.transform(X))
+
+
+def test_sample_is_reproducible_with_a_seed(fitted):
+    assert np.array_equal(fitted.sample(4, seed=7), fitted.sample(4, seed=7))
+    drawn = fitted.sample(4, mean=False, seed=7)
+    assert set(np.unique(drawn)) <= {0.0, 1.0}  # Bernoulli draws
+
+
+def test_torch_tensors_give_the_same_model_as_numpy(fitted):
+    from_tensor = vaelab.VAE(**SMALL).fit(torch.from_numpy(X))
+    assert np.array_equal(from_tensor.transform(torch.from_numpy(X)), fitted.transform(X))
+
+
+def test_datasets_and_dataloaders_are_accepted():
+    labels = torch.from_numpy(DIGITS.target[:400])
+    dataset = TensorDataset(torch.from_numpy(X), labels)
+    from_dataset = vaelab.VAE(**SMALL).fit(dataset)
+    assert from_dataset.transform(X).shape == (400, 2)
+    loader = DataLoader(TensorDataset(torch.from_numpy(X)), batch_size=64, shuffle=True)
+    from_loader = vaelab.VAE(**SMALL).fit(loader)
+    assert from_loader.data_shape_ == (64,)
+    assert len(from_loader.history_) == 2
+
+
+def test_hidden_empty_gives_linear_maps():
+    model = vaelab.VAE(hidden=(), latent_dim=3, epochs=1, seed=0, likelihood="gaussian").fit(X)
+    for network in (model.model_.posterior.encoder, model.model_.likelihood.decoder):
+        assert [type(m) for m in network.modules() if not isinstance(m, nn.Sequential)][1:] == [
+            nn.Linear
+        ]
+
+
+def test_images_with_a_convolutional_network():
+    images = X.reshape(-1, 1, 8, 8)
+    model = vaelab.VAE(network="conv", latent_dim=2, hidden=(32,), epochs=1, seed=0).fit(images)
+    assert model.data_shape_ == (1, 8, 8)
+    assert model.reconstruct(images[:3]).shape == (3, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 16\), but this VAE was fitted on"):
+        model.transform(images.reshape(-1, 1, 4, 16))
+
+
+def test_pipeline_with_a_scaler():
+    pipeline = make_pipeline(StandardScaler(), vaelab.VAE(likelihood="gaussian", **SMALL))
+    z = pipeline.fit(DIGITS.data[:400]).transform(DIGITS.data[:10])
+    assert z.shape == (10, 2) and np.isfinite(z).all()
+    assert np.isfinite(pipeline.score(DIGITS.data[:50]))
+
+
+def test_data_outside_the_likelihood_support_is_refused(fitted):
+    with pytest.raises(ValueError, match=r"bernoulli likelihood needs data in \[0, 1\]"):
+        vaelab.VAE(**SMALL).fit(DIGITS.data[:100])  # raw 0..16 values
+    with pytest.raises(ValueError, match=r"needs data in \[0, 1\]"):
+        fitted.score_samples(X * 2)
+
+
+def test_nan_and_bad_shapes_are_refused(fitted):
+    bad = X.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        vaelab.VAE(**SMALL).fit(bad)
+    with pytest.raises(ValueError, match="X has 10 features, but VAE is expecting 64"):
+        fitted.transform(X[:, :10])
+    with pytest.raises(ValueError, match="expected latent codes with 2 columns, got 3"):
+        fitted.inverse_transform(np.zeros((2, 3)))
+
+
+def test_unknown_options_are_refused_at_fit():
+    with pytest.raises(ValueError, match="unknown likelihood 'poisson'"):
+        vaelab.VAE(likelihood="poisson", **SMALL).fit(X)
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        vaelab.VAE(device="tpu", **SMALL).fit(X)
