@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaelab.images import as_images, image_grid, png_bytes, png_data_uri, save_png, write_atomic
+from vaelab.files import atomic_write_bytes
+from vaelab.images import as_images, image_grid, png_bytes, png_data_uri, save_png
 
 
 def test_grid_of_two_grey_images_is_exact():
@@ -136,7 +137,7 @@ def test_failed_atomic_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        write_atomic(target, b"new")
+        atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["report.html"]
 

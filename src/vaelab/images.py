@@ -11,28 +11,19 @@ import base64
 import io
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["as_images", "image_grid", "png_bytes", "png_data_uri", "save_png", "write_atomic"]
+from vaelab.files import atomic_write_bytes
+
+__all__ = ["as_images", "image_grid", "png_bytes", "png_data_uri", "save_png"]
 
 # A flat feature vector is shown as a square picture only from 8 x 8 up (scikit-learn's digits):
 # 4, 9 or 16 features are far more often a small tabular or toy data set than an image.
 MIN_SQUARE_SIDE = 8
-
-
-def _read_umask() -> int:
-    # os.umask can only be read by setting it; done once, at import, before threads start.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def image_grid(
@@ -151,26 +142,4 @@ def png_data_uri(pixels: np.ndarray) -> str:
 
 def save_png(pixels: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a ``uint8`` picture ``[H, W]`` or ``[H, W, 3]`` to ``path`` as PNG, atomically."""
-    return write_atomic(path, png_bytes(pixels))
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` so readers see either the old file or the whole new one.
-
-    The bytes go to a temporary file in the same folder (``os.replace`` is atomic only within one
-    file system), which is flushed to disk and then renamed over ``path``. The file gets the usual
-    permissions (0o666 less the umask), not the owner-only ones of ``tempfile.mkstemp``.
-    """
-    target = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write_bytes(path, png_bytes(pixels))

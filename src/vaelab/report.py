@@ -17,7 +17,8 @@ from typing import Any, NamedTuple, SupportsFloat
 
 import numpy as np
 
-from vaelab.images import image_grid, png_data_uri, write_atomic
+from vaelab.files import atomic_write_bytes
+from vaelab.images import image_grid, png_data_uri
 
 __all__ = [
     "LatentScatter",
@@ -110,7 +111,7 @@ class ReportContent:
 
 def write_report(path: str | os.PathLike[str], content: ReportContent) -> Path:
     """Render ``content`` and write it to ``path`` atomically (temporary file, then rename)."""
-    return write_atomic(path, render_report(content).encode("utf-8"))
+    return atomic_write_bytes(path, render_report(content).encode("utf-8"))
 
 
 def render_report(content: ReportContent) -> str:
