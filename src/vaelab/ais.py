@@ -1,0 +1,567 @@
+"""Annealed importance sampling of log p(x) with Hamiltonian Monte Carlo, and its reverse (BDMC).
+
+AIS (Neal 2001) walks from the prior to the posterior through the geometric path
+
+    f_t(z) = p(z) p(x|z)^{β_t},   0 = β_0 < β_1 < … < β_T = 1,
+
+so that Z_0 = 1 and Z_T = ∫ p(z) p(x|z) dz = p(x). A chain starts at z_0 ~ p(z) and alternates a
+weight update and a transition T_t that leaves f_t / Z_t invariant:
+
+    log w = Σ_{t=1..T} log f_t(z_{t−1}) − log f_{t−1}(z_{t−1}) = Σ_t (β_t − β_{t−1}) log p(x | z_{t−1}),
+    z_t ~ T_t(· | z_{t−1}).
+
+E[w] = p(x), so log of the mean over chains is a stochastic lower bound of log p(x) (Jensen).
+Decoder-based models are evaluated this way by Wu, Burda, Salakhutdinov & Grosse (2017): the
+transitions are Hamiltonian Monte Carlo (Neal 2011), leapfrog steps with unit mass on the
+potential U_t(z) = −log p(z) − β_t log p(x|z), gradients by autograd, and a step size adapted
+towards an acceptance rate of 0.65.
+
+Reverse AIS runs the same path backwards, from an exact posterior sample z_T ~ p(z|x) to the
+prior; its weight is an unbiased estimate of Z_0 / Z_T = 1 / p(x), so −log of its mean is a
+stochastic *upper* bound. Exact posterior samples exist for data simulated from the model:
+draw z ~ p(z), then x ~ p(x|z). On such data the true log p(x) is sandwiched between forward and
+reverse AIS: bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015).
+
+Step sizes come from *pilot chains*. AIS is unbiased for any sequence of transitions fixed in
+advance, but not when a chain's step size follows its own acceptances: the transitions then depend
+on the chain's history. That bias is not academic: adapting each chain on its own (200 steps,
+rate 0.1), forward AIS on a 12-dimensional pPCA model came out 0.13 to 0.16 nats *above* the exact
+log p(x), 5 standard errors: a "lower bound" above the truth. Here a few extra pilot chains per example run alongside, share its
+transitions, and alone drive the adaptation; their weights are discarded. The estimating chains'
+step sizes then depend only on the pilots' independent randomness, and the estimate keeps its
+guarantee. The step sizes used, per transition and example, are returned, and reverse AIS reuses
+them backwards, so both directions apply the same transitions T_t, as BDMC prescribes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+from tqdm.auto import tqdm
+
+from vaelab.loglik import (
+    LogLikelihoodEstimate,
+    draw,
+    prepare_data,
+    standard_normal,
+    summarise_log_weights,
+)
+from vaelab.model import VAEModel
+
+__all__ = [
+    "SCHEDULES",
+    "AisEstimate",
+    "BdmcResult",
+    "HmcSettings",
+    "ais",
+    "annealing_schedule",
+    "bdmc",
+    "reverse_ais",
+    "simulate",
+]
+
+
+def _linear(steps: int, delta: float) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+
+
+def _sigmoid(steps: int, delta: float) -> torch.Tensor:
+    # Grosse et al. (2015), Wu et al. (2017): β̃_t = σ(δ (2t/T − 1)), rescaled to run from 0 to 1.
+    # It spends more steps near both ends than the linear path, where log f_t changes fastest.
+    raw = torch.sigmoid(delta * torch.linspace(-1.0, 1.0, steps + 1, dtype=torch.float64))
+    return (raw - raw[0]) / (raw[-1] - raw[0])
+
+
+SCHEDULES: dict[str, Callable[[int, float], torch.Tensor]] = {
+    "linear": _linear,
+    "sigmoid": _sigmoid,
+}
+
+
+def annealing_schedule(steps: int, kind: str = "sigmoid", *, delta: float = 4.0) -> torch.Tensor:
+    """Inverse temperatures β_0 = 0 < … < β_T = 1, float64 ``[steps + 1]``.
+
+    ``kind`` is ``"linear"`` (β_t = t / T) or ``"sigmoid"`` (β̃_t = σ(δ (2t/T − 1)), then
+    (β̃_t − β̃_0) / (β̃_T − β̃_0); Grosse et al. 2015), ``delta`` its steepness.
+    """
+    if steps < 1:
+        raise ValueError(
+            f"steps must be a positive number of intermediate distributions, got {steps}"
+        )
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; choose one of: {', '.join(SCHEDULES)}")
+    if delta <= 0:
+        raise ValueError(f"delta must be positive, got {delta}")
+    return SCHEDULES[kind](steps, delta)
+
+
+def _check_betas(betas: torch.Tensor) -> torch.Tensor:
+    betas = torch.as_tensor(betas, dtype=torch.float64).reshape(-1)
+    if betas.numel() < 2 or float(betas[0]) != 0.0 or float(betas[-1]) != 1.0:
+        raise ValueError("a schedule must run from β = 0 to β = 1 with at least two entries")
+    if bool((betas.diff() < 0).any()):
+        raise ValueError("a schedule's inverse temperatures must not decrease")
+    return betas
+
+
+@dataclass(frozen=True)
+class HmcSettings:
+    """Hamiltonian Monte Carlo transitions (Neal 2011): ``leapfrog_steps`` steps of size ε per
+    transition, unit mass, one ε per example shared by all its chains.
+
+    ε starts at ``step_size``. With ``adapt_step_size``, ``pilot_chains`` extra chains per example
+    drive the adaptation (see the module docstring); the rule, applied to the pilots' mean
+    acceptance probability min(1, e^{−ΔH}), multiplies ε by 1 + rate when it is above
+    ``target_acceptance`` and by 1 − rate otherwise:
+
+    - first, ``warmup`` transitions at the starting distribution with rate ``warmup_adaptation``:
+      they leave it invariant, add nothing to the weights, and find its scale in a few steps;
+    - then, during annealing, rate ``adaptation`` applied to an exponential average of the
+      acceptance (weight ``acceptance_decay`` on the past), tracking the posterior as it narrows.
+
+    Without adaptation ε stays at ``step_size``. ε is kept within [``min_step_size``,
+    ``max_step_size``].
+    """
+
+    leapfrog_steps: int = 10
+    step_size: float = 0.05
+    adapt_step_size: bool = True
+    pilot_chains: int = 4
+    target_acceptance: float = 0.65
+    adaptation: float = 0.05
+    acceptance_decay: float = 0.9
+    warmup: int = 20
+    warmup_adaptation: float = 0.25
+    min_step_size: float = 1e-6
+    max_step_size: float = 10.0
+
+    def validate(self) -> None:
+        checks = [
+            (self.leapfrog_steps >= 1, f"leapfrog_steps must be ≥ 1, got {self.leapfrog_steps}"),
+            (self.step_size > 0, f"step_size must be positive, got {self.step_size}"),
+            (self.pilot_chains >= 1, f"pilot_chains must be ≥ 1, got {self.pilot_chains}"),
+            (
+                0 < self.target_acceptance < 1,
+                f"target_acceptance must lie in (0, 1), got {self.target_acceptance}",
+            ),
+            (0 <= self.adaptation < 1, f"adaptation must lie in [0, 1), got {self.adaptation}"),
+            (
+                0 <= self.warmup_adaptation < 1,
+                f"warmup_adaptation must lie in [0, 1), got {self.warmup_adaptation}",
+            ),
+            (self.warmup >= 0, f"warmup must be a number of transitions ≥ 0, got {self.warmup}"),
+            (
+                0 <= self.acceptance_decay < 1,
+                f"acceptance_decay must lie in [0, 1), got {self.acceptance_decay}",
+            ),
+            (
+                0 < self.min_step_size <= self.max_step_size,
+                "need 0 < min_step_size ≤ max_step_size",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def pilots(self) -> int:
+        """Pilot chains actually run: none without adaptation."""
+        return self.pilot_chains if self.adapt_step_size else 0
+
+
+@dataclass(frozen=True)
+class AisEstimate(LogLikelihoodEstimate):
+    """A :class:`~vaelab.loglik.LogLikelihoodEstimate` from (reverse) AIS, with the sampler's
+    health: the mean HMC acceptance probability of the estimating chains over all transitions,
+    and the step size of every transition for every example, ``step_sizes [steps − 1, n]``
+    (row t − 1 is the transition at β_t, in forward order), which :func:`reverse_ais` reuses."""
+
+    acceptance_rate: float
+    step_sizes: torch.Tensor
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "steps": self.steps, "acceptance_rate": self.acceptance_rate}
+
+
+class _State(NamedTuple):
+    """A batch of chains ``[chains, batch, …]`` with log p(z), log p(x|z) and their gradients."""
+
+    z: torch.Tensor
+    log_prior: torch.Tensor
+    log_lik: torch.Tensor
+    grad_prior: torch.Tensor
+    grad_lik: torch.Tensor
+
+
+class _Target:
+    """log p(z) and log p(x|z) for fixed x, evaluated with their gradients in z."""
+
+    def __init__(self, x: torch.Tensor, prior: Distribution, likelihood: nn.Module) -> None:
+        self.x, self.prior, self.likelihood = x, prior, likelihood
+
+    def __call__(self, z: torch.Tensor) -> _State:
+        # Two leaves holding the same z give the two gradients separately from one backward
+        # pass: the state is reused at the next, different, temperature.
+        with torch.enable_grad():
+            z_prior = z.detach().requires_grad_(True)
+            z_lik = z.detach().requires_grad_(True)
+            log_prior = self.prior.log_prob(z_prior)  # [chains, batch]
+            log_lik = self.likelihood(z_lik).log_prob(self.x)  # [chains, batch]
+            grad_prior, grad_lik = torch.autograd.grad(
+                log_prior.sum() + log_lik.sum(), (z_prior, z_lik)
+            )
+        return _State(z.detach(), log_prior.detach(), log_lik.detach(), grad_prior, grad_lik)
+
+
+def _where(mask: torch.Tensor, new: _State, old: _State) -> _State:
+    def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask.reshape(mask.shape + (1,) * (a.dim() - mask.dim())), a, b)
+
+    return _State(*(pick(a, b) for a, b in zip(new, old, strict=True)))
+
+
+def _hmc(
+    state: _State,
+    beta: float,
+    step_size: torch.Tensor,
+    target: _Target,
+    leapfrog_steps: int,
+    generator: torch.Generator | None,
+) -> tuple[_State, torch.Tensor]:
+    """One HMC transition leaving p(z) p(x|z)^β invariant, step size ``[batch]`` per example;
+    returns the new state and each chain's acceptance probability min(1, e^{−ΔH}),
+    ``[chains, batch]``."""
+    eps = step_size.unsqueeze(-1)  # [batch, 1], broadcast over chains and latent units
+
+    def grad(s: _State) -> torch.Tensor:
+        return s.grad_prior + beta * s.grad_lik
+
+    momentum0 = standard_normal(tuple(state.z.shape), state.z, generator)
+    momentum = momentum0 + 0.5 * eps * grad(state)
+    proposal = state
+    for step in range(leapfrog_steps):
+        proposal = target(proposal.z + eps * momentum)
+        last = step == leapfrog_steps - 1
+        momentum = momentum + (0.5 if last else 1.0) * eps * grad(proposal)
+    log_f0 = state.log_prior + beta * state.log_lik
+    log_f1 = proposal.log_prior + beta * proposal.log_lik
+    # log acceptance ratio −ΔH = [log f₁ − |p₁|²/2] − [log f₀ − |p₀|²/2]; a diverged
+    # trajectory (inf or NaN) is rejected rather than allowed to poison the chain.
+    log_ratio = (log_f1 - 0.5 * momentum.square().sum(-1)) - (
+        log_f0 - 0.5 * momentum0.square().sum(-1)
+    )
+    log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf)
+    uniform = torch.rand(
+        log_ratio.shape,
+        generator=generator,
+        dtype=log_ratio.dtype,
+        device=generator.device if generator is not None else log_ratio.device,
+    ).to(log_ratio.device)
+    accept = uniform.log() < log_ratio
+    return _where(accept, proposal, state), log_ratio.clamp(max=0.0).exp()
+
+
+def _adapt(
+    step_size: torch.Tensor, acceptance: torch.Tensor, rate: float, settings: HmcSettings
+) -> torch.Tensor:
+    """ε · (1 + rate) where ``acceptance`` is above the target, ε · (1 − rate) elsewhere."""
+    factor = torch.where(acceptance > settings.target_acceptance, 1.0 + rate, 1.0 - rate)
+    return (step_size * factor).clamp(settings.min_step_size, settings.max_step_size)
+
+
+def _anneal(
+    state: _State,
+    betas: list[float],
+    chains: int,
+    target: _Target,
+    settings: HmcSettings,
+    step_sizes: torch.Tensor | None,
+    generator: torch.Generator | None,
+    bar: Any,
+) -> tuple[torch.Tensor, float, torch.Tensor]:
+    """Run the chains along ``betas`` (increasing for AIS, decreasing for reverse AIS).
+
+    ``state`` holds the ``chains`` estimating chains first, then the pilots. ``step_sizes``, if
+    given, fixes ε for transition t (row t − 1, ``[batch]``) and turns adaptation off.
+
+    Returns, for the estimating chains, log w ``[chains, batch]`` = Σ_t (β_t − β_{t−1})
+    log p(x|z_{t−1}), which estimates log Z_last − log Z_first; their mean acceptance
+    probability; and the step sizes used, ``[len(betas) − 2, batch]`` in the order of ``betas``.
+    """
+    batch = state.z.shape[1]
+    log_w = torch.zeros((chains, batch), dtype=torch.float64, device=state.z.device)
+    adapt = step_sizes is None and settings.adapt_step_size
+    step_size = state.log_lik.new_full((batch,), settings.step_size)
+    running = state.log_lik.new_full((batch,), settings.target_acceptance)
+    used = []
+    acceptance = 0.0
+    leapfrog = settings.leapfrog_steps
+    for _ in range(settings.warmup if adapt else 0):
+        state, accept_prob = _hmc(state, betas[0], step_size, target, leapfrog, generator)
+        pilot_rate = accept_prob[chains:].mean(0)
+        step_size = _adapt(step_size, pilot_rate, settings.warmup_adaptation, settings)
+    for t in range(1, len(betas)):
+        log_w = log_w + (betas[t] - betas[t - 1]) * state.log_lik[:chains].double()
+        bar.update(1)
+        if t == len(betas) - 1:
+            break  # the last weight update needs no transition after it
+        if step_sizes is not None:
+            step_size = step_sizes[t - 1]
+        used.append(step_size)
+        state, accept_prob = _hmc(state, betas[t], step_size, target, leapfrog, generator)
+        acceptance += float(accept_prob[:chains].mean())
+        if adapt:
+            decay = settings.acceptance_decay
+            running = decay * running + (1.0 - decay) * accept_prob[chains:].mean(0)
+            step_size = _adapt(step_size, running, settings.adaptation, settings)
+    transitions = len(betas) - 2
+    used_tensor = torch.stack(used) if used else state.log_lik.new_zeros((0, batch))
+    return log_w, acceptance / max(transitions, 1), used_tensor
+
+
+def _resolve_betas(steps: int, schedule: str | torch.Tensor) -> torch.Tensor:
+    if isinstance(schedule, str):
+        return annealing_schedule(steps, schedule)
+    return _check_betas(schedule)
+
+
+def _run(
+    model: VAEModel,
+    x: torch.Tensor,
+    start: Callable[[slice, int], torch.Tensor],
+    *,
+    reverse: bool,
+    chains: int,
+    betas: torch.Tensor,
+    settings: HmcSettings,
+    step_sizes: torch.Tensor | None,
+    batch_size: int,
+    generator: torch.Generator | None,
+    progress: bool,
+) -> AisEstimate:
+    """Shared driver of forward and reverse AIS over batches of examples. ``start(index,
+    pilots)`` gives the initial codes ``[chains + pilots, batch, latent]`` of those examples;
+    ``step_sizes`` is in forward order."""
+    with torch.no_grad():
+        prior = model.prior()
+    pilots = 0 if step_sizes is not None else settings.pilots
+    path = (betas.flip(0) if reverse else betas).tolist()
+    log_px, ess, se, used_steps = [], [], [], []
+    accept_total, batches = 0.0, 0
+    n = x.shape[0]
+    total = -(-n // batch_size) * (len(path) - 1)
+    name = "reverse AIS" if reverse else "AIS"
+    with tqdm(total=total, desc=name, unit="step", disable=not progress) as bar:
+        for first in range(0, n, batch_size):
+            index = slice(first, min(first + batch_size, n))
+            target = _Target(x[index], prior, model.likelihood)
+            state = target(start(index, pilots))
+            fixed = None
+            if step_sizes is not None:
+                fixed = step_sizes[:, index].to(device=x.device, dtype=x.dtype)
+                fixed = fixed.flip(0) if reverse else fixed
+            log_w, acceptance, used = _anneal(
+                state, path, chains, target, settings, fixed, generator, bar
+            )
+            # Forward: the weights estimate p(x). Reverse: they estimate 1 / p(x), and the
+            # bound is −log of their mean; the delta-method error of a log is the same.
+            log_mean, b_ess, b_se = summarise_log_weights(
+                torch.logsumexp(log_w, 0), torch.logsumexp(2.0 * log_w, 0), chains
+            )
+            log_px.append((-log_mean if reverse else log_mean).cpu())
+            ess.append(b_ess.cpu())
+            se.append(b_se.cpu())
+            used_steps.append((used.flip(0) if reverse else used).double().cpu())
+            accept_total += acceptance
+            batches += 1
+    return AisEstimate(
+        log_px=torch.cat(log_px),
+        mc_standard_error=torch.cat(se),
+        effective_sample_size=torch.cat(ess),
+        samples=chains,
+        method="reverse-ais" if reverse else "ais",
+        data_dim=math.prod(x.shape[1:]),
+        acceptance_rate=accept_total / batches,
+        step_sizes=torch.cat(used_steps, dim=1),
+        steps=len(path) - 1,
+    )
+
+
+def _check_counts(chains: int, batch_size: int) -> None:
+    if chains < 1:
+        raise ValueError(f"chains must be a positive number, got {chains}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}")
+
+
+def ais(
+    model: VAEModel,
+    x: Any,
+    *,
+    chains: int = 16,
+    steps: int = 500,
+    schedule: str | torch.Tensor = "sigmoid",
+    hmc: HmcSettings | None = None,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> AisEstimate:
+    """AIS estimate of each example's log p(x) under a ``VAEModel``, in nats: a stochastic lower
+    bound, log of the mean over ``chains`` independent chains of their weights.
+
+    ``steps`` intermediate distributions on the ``schedule`` (``"sigmoid"``, ``"linear"`` or an
+    explicit non-decreasing tensor of β from 0 to 1), HMC transitions configured by ``hmc``.
+    Chains and examples are batched together: one decoder call evaluates
+    ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
+    leapfrog_steps`` decoder forward and backward passes.
+    """
+    _check_counts(chains, batch_size)
+    settings = hmc if hmc is not None else HmcSettings()
+    settings.validate()
+    betas = _resolve_betas(steps, schedule)
+    x = prepare_data(model, x)
+    with torch.no_grad():
+        prior = model.prior()
+
+    def start(index: slice, pilots: int) -> torch.Tensor:
+        batch = x[index].shape[0]
+        codes = draw(prior, (chains + pilots) * batch, generator)
+        return codes.reshape(chains + pilots, batch, *prior.event_shape)
+
+    return _run(
+        model,
+        x,
+        start,
+        reverse=False,
+        chains=chains,
+        betas=betas,
+        settings=settings,
+        step_sizes=None,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
+    )
+
+
+def reverse_ais(
+    model: VAEModel,
+    x: Any,
+    z: torch.Tensor,
+    *,
+    chains: int = 16,
+    steps: int = 500,
+    schedule: str | torch.Tensor = "sigmoid",
+    hmc: HmcSettings | None = None,
+    step_sizes: torch.Tensor | None = None,
+    batch_size: int = 100,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> AisEstimate:
+    """Reverse AIS: a stochastic *upper* bound on each example's log p(x), in nats.
+
+    ``z`` must be exact posterior samples, ``[batch, latent]`` (every chain of an example starts
+    there) or ``[chains, batch, latent]``: the latent codes that generated ``x`` when ``x`` was
+    simulated from the model (:func:`simulate`), or draws from a closed-form posterior. Starting
+    anywhere else voids the bound. The path is that of :func:`ais`, walked from β = 1 to β = 0;
+    the mean over chains of the weights estimates 1 / p(x) without bias, and the result is
+    −log of that mean.
+
+    ``step_sizes``: the ``AisEstimate.step_sizes`` of a forward run on the same ``x`` with the
+    same ``steps`` and ``schedule`` (what :func:`bdmc` passes). Both directions then use the same
+    transitions, fixed independently of the reverse chains. Without it, pilot chains started
+    from ``z`` adapt the step sizes; those then depend on the starting codes, a small departure
+    from the conditions of the bound.
+    """
+    _check_counts(chains, batch_size)
+    settings = hmc if hmc is not None else HmcSettings()
+    settings.validate()
+    betas = _resolve_betas(steps, schedule)
+    x = prepare_data(model, x)
+    z = torch.as_tensor(z).to(device=x.device, dtype=x.dtype)
+    latent = model.prior().event_shape
+    if tuple(z.shape) == (x.shape[0], *latent):
+        z = z.expand(chains, *z.shape)
+    if tuple(z.shape) != (chains, x.shape[0], *latent):
+        raise ValueError(
+            f"z must be exact posterior samples [batch, latent] = {(x.shape[0], *latent)} or "
+            f"[chains, batch, latent] = {(chains, x.shape[0], *latent)}, got {tuple(z.shape)}"
+        )
+    if step_sizes is not None:
+        expected = (betas.numel() - 2, x.shape[0])
+        if tuple(step_sizes.shape) != expected:
+            raise ValueError(
+                f"step_sizes must be [steps − 1, n] = {expected} (the step_sizes of a forward "
+                f"ais run with the same steps and schedule), got {tuple(step_sizes.shape)}"
+            )
+
+    def start(index: slice, pilots: int) -> torch.Tensor:
+        codes = z[:, index]
+        cycle = torch.arange(pilots, device=codes.device) % chains
+        return torch.cat([codes, codes[cycle]])
+
+    return _run(
+        model,
+        x,
+        start,
+        reverse=True,
+        chains=chains,
+        betas=betas,
+        settings=settings,
+        step_sizes=step_sizes,
+        batch_size=batch_size,
+        generator=generator,
+        progress=progress,
+    )
+
+
+@torch.no_grad()
+def simulate(
+    model: VAEModel, n: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` draws from the model's joint: z ~ p(z), x ~ p(x|z). Returns ``(x [n, *data_shape],
+    z [n, latent])``; each z is an exact sample of p(z | x) for its x."""
+    if n < 1:
+        raise ValueError(f"n must be a positive number of examples, got {n}")
+    z = draw(model.prior(), n, generator)
+    x = draw(model.likelihood(z), 1, generator)[0]
+    return x, z
+
+
+class BdmcResult(NamedTuple):
+    """Bidirectional Monte Carlo on simulated data: ``lower`` (AIS) ≤ log p(x) ≤ ``upper``
+    (reverse AIS) in expectation, per example; ``x`` and ``z`` are the simulated pairs."""
+
+    lower: AisEstimate
+    upper: AisEstimate
+    x: torch.Tensor
+    z: torch.Tensor
+
+    @property
+    def gap(self) -> float:
+        """Mean upper − lower bound, nats: how far AIS with these settings can be from the truth
+        on data like this. Grosse et al. (2015) read it as the error of the sampler."""
+        return self.upper.mean - self.lower.mean
+
+
+def bdmc(
+    model: VAEModel,
+    n: int = 100,
+    *,
+    generator: torch.Generator | None = None,
+    **settings: Any,
+) -> BdmcResult:
+    """Sandwich log p(x) on ``n`` examples simulated from the model: forward AIS from the prior
+    and reverse AIS from the generating latent codes, with the same ``settings`` (the keyword
+    arguments of :func:`ais`) and the forward run's step sizes, so that both directions apply
+    the same transitions."""
+    x, z = simulate(model, n, generator)
+    lower = ais(model, x, generator=generator, **settings)
+    upper = reverse_ais(model, x, z, step_sizes=lower.step_sizes, generator=generator, **settings)
+    return BdmcResult(lower, upper, x, z)

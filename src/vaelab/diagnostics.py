@@ -1,0 +1,308 @@
+"""Posterior-collapse diagnostics: which latent units carry information about x, and how much.
+
+- **Activity** of unit u (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): A_u = Cov_x(E_q[z_u | x]),
+  the variance over examples of the posterior mean; the unit is *active* when A_u > 10⁻². A unit
+  whose posterior mean does not move with x tells the decoder nothing.
+- **KL per dimension**, averaged over examples: E_x[KL(q(z_u|x) ‖ p(z_u))], exact when q and p
+  factorise over dimensions (diagonal Gaussians); it sums to the rate. A collapsed unit has ≈ 0.
+- **Rate and distortion** (Alemi et al. 2018, "Fixing a broken ELBO"): R = E_x[KL(q(z|x) ‖ p(z))]
+  and D = −E_x E_q[log p(x|z)], so that ELBO = −(D + R).
+- **Mutual information** I(x; z) under the aggregate posterior q(z) = E_x[q(z|x)] (Hoffman &
+  Johnson 2016; the estimator of He et al. 2019):
+
+      I = E_x[KL(q(z|x) ‖ p(z))] − KL(q(z) ‖ p(z)) = E_x E_{q(z|x)}[log q(z|x) − log q(z)],
+
+  p(z) cancelling. Over N encoded examples, q(z) is the mixture (1/N) Σ_m q(z|x_m), so
+
+      Î = (1/N) Σ_n E_{z ~ q(z|x_n)}[log q(z|x_n) − logmeanexp_m log q(z|x_m)],
+
+  estimated with S draws per example. Each term is at most log N (the mixture contains
+  q(z|x_n)/N), and each expectation is a KL divergence, so Î lies in [0, log N] up to Monte
+  Carlo noise: it is the mutual information between z and the *index* of a uniformly chosen
+  example, which cannot exceed log N. I(x; z) is therefore under-estimated when it approaches
+  log N: use N well above e^I.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch.distributions import Distribution, Independent, Normal
+
+from vaelab.loglik import draw, is_location_scale, prepare_data, standard_error, standard_normal
+from vaelab.model import VAEModel
+from vaelab.objectives import elbo, kl_per_dimension, kl_term
+
+__all__ = [
+    "ACTIVITY_THRESHOLD",
+    "CollapseDiagnostics",
+    "MutualInformation",
+    "RateDistortion",
+    "activity",
+    "collapse_diagnostics",
+    "mean_kl_per_dimension",
+    "mutual_information",
+    "rate_distortion",
+]
+
+ACTIVITY_THRESHOLD = 1e-2  # Burda et al. (2016)
+
+# Latent codes scored against all N posteriors at once in the mutual information: [chunk, N, latent]
+_MI_ELEMENTS = 2**22
+
+
+def _posterior_mean(q: Distribution, generator: torch.Generator | None) -> torch.Tensor:
+    """E_q[z], ``[batch, latent]``: exact where the distribution knows it, else a 1000-sample
+    average."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return draw(q, 1000, generator).mean(0)
+
+
+@torch.no_grad()
+def activity(
+    model: VAEModel,
+    x: Any,
+    *,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """A_u = Var_x(E_q[z_u | x]) for every latent unit, float64 ``[latent]`` (Burda et al. 2016).
+
+    The variance over the examples of ``x`` uses the n − 1 denominator."""
+    x = prepare_data(model, x)
+    if x.shape[0] < 2:
+        raise ValueError("activity is a variance over examples and needs at least two")
+    means = torch.cat(
+        [
+            _posterior_mean(model.posterior(x[i : i + batch_size]), generator).double()
+            for i in range(0, x.shape[0], batch_size)
+        ]
+    )
+    return means.var(0).cpu()
+
+
+@torch.no_grad()
+def mean_kl_per_dimension(
+    model: VAEModel, x: Any, *, batch_size: int = 1000
+) -> torch.Tensor | None:
+    """E_x[KL(q(z_u|x) ‖ p(z_u))] per latent unit, float64 ``[latent]``, exact; ``None`` when the
+    posterior or the prior does not factorise over dimensions (full covariance, mixtures), where
+    per-dimension KLs do not add up to the KL."""
+    x = prepare_data(model, x)
+    prior = model.prior()
+    total = None
+    for i in range(0, x.shape[0], batch_size):
+        per_dim = kl_per_dimension(model.posterior(x[i : i + batch_size]), prior)
+        if per_dim is None:
+            return None
+        part = per_dim.double().sum(0)
+        total = part if total is None else total + part
+    assert total is not None
+    return (total / x.shape[0]).cpu()
+
+
+class RateDistortion(NamedTuple):
+    """Per-example rate KL(q(z|x) ‖ p(z)) and distortion −E_q[log p(x|z)], float64 ``[n]``,
+    nats; ``kl_exact`` says whether the rate is a closed form or a Monte Carlo estimate."""
+
+    rate: torch.Tensor
+    distortion: torch.Tensor
+    kl_exact: bool
+
+
+@torch.no_grad()
+def rate_distortion(
+    model: VAEModel,
+    x: Any,
+    *,
+    samples: int = 16,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+) -> RateDistortion:
+    """Rate and distortion of each example (Alemi et al. 2018): the ELBO's two terms, with
+    ``samples`` draws for the distortion and the exact KL where one is registered."""
+    if samples < 1:
+        raise ValueError(f"samples must be a positive number, got {samples}")
+    x = prepare_data(model, x)
+    rates, distortions = [], []
+    for i in range(0, x.shape[0], batch_size):
+        batch = x[i : i + batch_size]
+        q = model.posterior(batch)
+        noise = None
+        if generator is not None and is_location_scale(q):
+            noise = standard_normal((samples, batch.shape[0], *q.event_shape), batch, generator)
+        terms = elbo(
+            batch, model.posterior, model.prior, model.likelihood, samples=samples, noise=noise
+        )
+        rates.append(terms.kl.double().cpu())
+        distortions.append(-terms.reconstruction.double().cpu())
+    # Whether the ELBO used a closed form: ask the one place that decides (it ignores z then).
+    _, exact = kl_term(q, model.prior(), q.sample((1,)))
+    return RateDistortion(torch.cat(rates), torch.cat(distortions), exact)
+
+
+class MutualInformation(NamedTuple):
+    """Î(x; z) in nats over ``examples`` examples, its standard error (over examples, treating
+    their terms as independent) and the ceiling log N the estimator cannot exceed."""
+
+    value: float
+    standard_error: float
+    examples: int
+    upper_bound: float
+
+
+def pairwise_log_prob(q: Distribution, z: torch.Tensor) -> torch.Tensor:
+    """log q(z_i | x_m) of every code ``z: [codes, latent]`` under every posterior of the batch
+    (``batch_shape [N]``): float64 ``[codes, N]``.
+
+    For a diagonal Gaussian the quadratic form is expanded, Σ_u (z_u − μ_u)²/σ_u² =
+    z²·(1/σ²) − 2 z·(μ/σ²) + μ²·(1/σ²), so the N² pairs cost two matrix products rather than a
+    ``[codes, N, latent]`` tensor; in float64 the cancellation between the terms is far below the
+    spread of the log-densities that the log-sum-exp compares.
+    """
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        # Centring on the mean location keeps the expanded terms as small as the spread allows.
+        centre = q.base_dist.loc.double().mean(0)
+        loc = q.base_dist.loc.double() - centre  # [N, latent]
+        precision = q.base_dist.scale.double().square().reciprocal()
+        z = z.double() - centre
+        quadratic = (
+            z.square() @ precision.T
+            - 2.0 * z @ (loc * precision).T
+            + (loc.square() * precision).sum(-1)
+        )
+        log_norm = -0.5 * precision.log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        return -0.5 * quadratic - log_norm
+    return q.log_prob(z.unsqueeze(1)).double()  # [codes, 1, latent] against batch [N]
+
+
+@torch.no_grad()
+def mutual_information(
+    model: VAEModel,
+    x: Any,
+    *,
+    samples: int = 10,
+    generator: torch.Generator | None = None,
+) -> MutualInformation:
+    """I(x; z) under the aggregate posterior of the N examples ``x`` (see the module docstring):
+    mean over n and ``samples`` draws z ~ q(z|x_n) of log q(z|x_n) − log (1/N) Σ_m q(z|x_m).
+
+    All N posteriors are built at once and every draw is scored against all of them in chunks,
+    so the cost is O(samples · N² · latent): pass a subset of a large data set.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be a positive number, got {samples}")
+    x = prepare_data(model, x)
+    n = x.shape[0]
+    q = model.posterior(x)  # batch_shape [N]
+    z = draw(q, samples, generator)  # [S, N, latent]
+    flat = z.reshape(-1, *q.event_shape)  # [S·N, latent]; code i belongs to example i mod N
+    latent = max(1, math.prod(q.event_shape))
+    chunk = max(1, _MI_ELEMENTS // (n * latent))
+    terms = []
+    for i in range(0, flat.shape[0], chunk):
+        pairs = pairwise_log_prob(q, flat[i : i + chunk])  # [chunk, N]
+        rows = torch.arange(pairs.shape[0], device=pairs.device)
+        # log q(z | x_own) read off the same matrix as the mixture, so that each term is
+        # ≤ log N to the last bit: the mixture's log-sum-exp contains it.
+        own = pairs[rows, (rows + i) % n]
+        terms.append(own - (torch.logsumexp(pairs, dim=1) - math.log(n)))
+    per_example = torch.cat(terms).reshape(samples, n).mean(0).cpu()  # [N]
+    return MutualInformation(
+        value=float(per_example.mean()),
+        standard_error=standard_error(per_example),
+        examples=n,
+        upper_bound=math.log(n),
+    )
+
+
+@dataclass(frozen=True)
+class CollapseDiagnostics:
+    """The collapse diagnostics of a model on a data set; see the module docstring.
+
+    ``activity`` and ``kl_per_dimension`` are float64 ``[latent]`` (the latter ``None`` when it is
+    not defined); rate and distortion are means over examples with their standard errors.
+    """
+
+    activity: torch.Tensor
+    threshold: float
+    kl_per_dimension: torch.Tensor | None
+    rate: float
+    rate_standard_error: float
+    distortion: float
+    distortion_standard_error: float
+    mutual_information: MutualInformation
+
+    @property
+    def active_units(self) -> int:
+        """Units with A_u above the threshold."""
+        return int((self.activity > self.threshold).sum())
+
+    @property
+    def elbo(self) -> float:
+        """−(distortion + rate): the mean ELBO, nats."""
+        return -(self.distortion + self.rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (tensors as lists)."""
+        mi = self.mutual_information
+        return {
+            "active_units": self.active_units,
+            "latent_dim": int(self.activity.numel()),
+            "activity_threshold": self.threshold,
+            "activity": self.activity.tolist(),
+            "kl_per_dimension": (
+                None if self.kl_per_dimension is None else self.kl_per_dimension.tolist()
+            ),
+            "rate": {"mean": self.rate, "standard_error": self.rate_standard_error},
+            "distortion": {
+                "mean": self.distortion,
+                "standard_error": self.distortion_standard_error,
+            },
+            "mutual_information": {
+                "mean": mi.value,
+                "standard_error": mi.standard_error,
+                "examples": mi.examples,
+                "upper_bound": mi.upper_bound,
+            },
+        }
+
+
+def collapse_diagnostics(
+    model: VAEModel,
+    x: Any,
+    *,
+    threshold: float = ACTIVITY_THRESHOLD,
+    samples: int = 16,
+    mi_examples: int = 1000,
+    mi_samples: int = 10,
+    generator: torch.Generator | None = None,
+) -> CollapseDiagnostics:
+    """All diagnostics on ``x``: activity (active units above ``threshold``), mean KL per
+    dimension, rate and distortion (``samples`` draws per example) and the mutual information on
+    a random subset of ``mi_examples`` examples (``mi_samples`` draws each)."""
+    x = prepare_data(model, x)
+    if mi_examples < 2:
+        raise ValueError(f"mi_examples must be at least 2, got {mi_examples}")
+    terms = rate_distortion(model, x, samples=samples, generator=generator)
+    n = x.shape[0]
+    subset = x
+    if n > mi_examples:
+        subset = x[torch.randperm(n, generator=generator)[:mi_examples].to(x.device)]
+    return CollapseDiagnostics(
+        activity=activity(model, x, generator=generator),
+        threshold=threshold,
+        kl_per_dimension=mean_kl_per_dimension(model, x),
+        rate=float(terms.rate.mean()),
+        rate_standard_error=standard_error(terms.rate),
+        distortion=float(terms.distortion.mean()),
+        distortion_standard_error=standard_error(terms.distortion),
+        mutual_information=mutual_information(
+            model, subset, samples=mi_samples, generator=generator
+        ),
+    )
