@@ -1,0 +1,66 @@
+"""The arrays behind the report's pictures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.decomposition import PCA
+
+import vaelab
+from vaelab import figures
+
+X = (load_digits().data[:300] / 16.0).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def model2() -> vaelab.VAE:
+    return vaelab.VAE(latent_dim=2, hidden=(32,), epochs=2, seed=0).fit(X)
+
+
+@pytest.fixture(scope="module")
+def model5() -> vaelab.VAE:
+    return vaelab.VAE(latent_dim=5, hidden=(32,), epochs=2, seed=0).fit(X)
+
+
+def test_samples_and_reconstructions_are_images_in_the_unit_interval(model2):
+    grid = figures.samples(model2, 16)
+    assert grid.shape == (16, 1, 8, 8) and grid.min() >= 0 and grid.max() <= 1
+    originals, rebuilt = figures.reconstructions(model2, X[:5])
+    assert originals.shape == rebuilt.shape == (5, 1, 8, 8)
+    assert np.allclose(rebuilt.reshape(5, -1), model2.reconstruct(X[:5]))
+
+
+def test_scatter_uses_the_latent_or_its_principal_components(model2, model5):
+    points, names = figures.latent_scatter(model2, X)
+    assert names == ("z1", "z2") and np.allclose(points, model2.transform(X))
+    points, names = figures.latent_scatter(model5, X)
+    reference = PCA(2).fit_transform(model5.transform(X).astype(np.float64))
+    assert names[0].startswith("PC1")
+    # Principal components are defined up to sign.
+    for j in range(2):
+        assert np.allclose(np.abs(points[:, j]), np.abs(reference[:, j]), atol=1e-5)
+
+
+def test_manifold_decodes_an_evenly_spaced_probability_grid(model2, model5):
+    manifold = figures.latent_manifold(model2, steps=5)
+    assert manifold.shape == (5, 5, 1, 8, 8)
+    # Row 0 is the top of the figure: the largest z2; the middle cell is z = (0, 0).
+    middle = model2.inverse_transform(np.zeros((1, 2), dtype=np.float32)).reshape(1, 8, 8)
+    assert np.allclose(manifold[2, 2], np.clip(middle, 0, 1))
+    assert figures.latent_manifold(model5) is None
+
+
+def test_interpolations_start_and_end_at_the_examples_codes(model5):
+    paths = figures.interpolations(model5, X[:6], pairs=3, steps=4)
+    assert paths.shape == (3, 4, 1, 8, 8)
+    assert np.allclose(paths[:, 0].reshape(3, -1), model5.reconstruct(X[0:6:2]), atol=1e-6)
+    assert np.allclose(paths[:, -1].reshape(3, -1), model5.reconstruct(X[1:6:2]), atol=1e-6)
+
+
+def test_tabular_data_has_no_pictures():
+    tabular = np.random.default_rng(0).random((50, 5)).astype(np.float32)
+    model = vaelab.VAE(latent_dim=2, hidden=(8,), epochs=1, seed=0).fit(tabular)
+    assert figures.samples(model, 4) is None
+    assert figures.reconstructions(model, tabular[:3]) is None
+    assert figures.latent_manifold(model) is None
