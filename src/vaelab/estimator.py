@@ -20,8 +20,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from vaelab.model import VAEModel
 from vaelab.noise import example_noise
+from vaelab.objectives import ElboTerms
 from vaelab.registry import ModelConfig, build_model
-from vaelab.training import EpochMetrics, TrainConfig, Trainer, loader_batches, tensor_batches
+from vaelab.training import (
+    BatchSource,
+    EpochMetrics,
+    IndexedBatches,
+    LoaderBatches,
+    TrainConfig,
+    Trainer,
+)
 
 EVAL_BATCH = 1024
 INIT_EXAMPLES = 10_000  # how many examples set the decoder's starting point (Likelihood.initialise)
@@ -130,6 +138,7 @@ class VAE(TransformerMixin, BaseEstimator):
         """``X`` as a float32 array ``[n, *data_shape]``; NaN, inf and wrong shapes are refused."""
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
+        # Two examples at least: one has no spread to start the decoder's scale from.
         X = validate_data(
             self,
             X,
@@ -161,25 +170,25 @@ class VAE(TransformerMixin, BaseEstimator):
         with seeded(self.seed):
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            batches: BatchSource
             if isinstance(X, (Dataset, DataLoader)):
                 loader = X if isinstance(X, DataLoader) else self._loader(X, generator)
-                first = next(iter(loader_batches(loader)(0)))
+                batches = LoaderBatches(loader)
+                first = next(iter(batches.batches(0)))
                 data_shape = tuple(first.shape[1:])
-                batches, steps = loader_batches(loader), len(loader)
                 self.n_features_in_ = int(np.prod(data_shape))
                 check = first
             else:
                 x = torch.from_numpy(self._validate(X, reset=True))
                 data_shape = tuple(x.shape[1:])
-                batches = tensor_batches(x, self.batch_size, generator)
-                steps = -(-x.shape[0] // self.batch_size)
+                batches = IndexedBatches(x, self.batch_size, generator)
                 check = x
             config = self.model_config(data_shape)
             model = build_model(config).to(device)
             model.likelihood.check_support(check)
             model.likelihood.initialise(check[:INIT_EXAMPLES].to(device))
             trainer = Trainer(model, train_config, device, on_epoch=self._report)
-            history = trainer.fit(batches, steps)
+            history = trainer.fit(batches)
         self.model_: VAEModel = model
         self.model_config_ = config
         self.data_shape_ = data_shape
@@ -241,16 +250,21 @@ class VAE(TransformerMixin, BaseEstimator):
         return self.inverse_transform(self.transform(X)).reshape(np.shape(X))
 
     @torch.no_grad()
-    def elbo(self, X: Any, samples: int = 16) -> np.ndarray:
-        """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and
-        ``samples`` Monte Carlo draws for the reconstruction term. The draws are seeded by the
-        example's own values, so its estimate does not depend on the others passed with it."""
+    def elbo_terms(self, X: Any, samples: int = 16) -> ElboTerms:
+        """Each example's ELBO with its reconstruction and KL terms: float64 CPU tensors ``[n]`` in
+        nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
         x = self._tensor(X)
         parts = []
         for chunk in self._chunks(x):
             noise = example_noise(chunk, samples, self.latent_dim, salt=EVAL_SEED)
-            parts.append(self.model_.elbo(chunk, samples=samples, noise=noise).elbo.cpu())
-        return torch.cat(parts).double().numpy()
+            parts.append(self.model_.elbo(chunk, samples=samples, noise=noise))
+        return ElboTerms(*(torch.cat([p[i].cpu() for p in parts]).double() for i in range(4)))
+
+    def elbo(self, X: Any, samples: int = 16) -> np.ndarray:
+        """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and
+        ``samples`` Monte Carlo draws for the reconstruction term. The draws are seeded by the
+        example's own values, so its estimate does not depend on the others passed with it."""
+        return self.elbo_terms(X, samples).elbo.numpy()
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Per-example ELBO, a lower bound on log p(x) in nats."""
@@ -271,6 +285,7 @@ class VAE(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.seed is None
+        # The networks compute in float32, whatever the input's precision.
         if tags.transformer_tags is not None:
             tags.transformer_tags.preserves_dtype = ["float32"]
         return tags

@@ -9,13 +9,14 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from vaelab.likelihoods import Likelihood
 from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
 
 
 class VAEModel(nn.Module):
     """p_θ(x, z) = p(z) p_θ(x|z) with the amortised posterior q_φ(z|x)."""
 
-    def __init__(self, posterior: nn.Module, prior: nn.Module, likelihood: nn.Module) -> None:
+    def __init__(self, posterior: nn.Module, prior: nn.Module, likelihood: Likelihood) -> None:
         super().__init__()
         self.posterior = posterior
         self.prior = prior

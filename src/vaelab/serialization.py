@@ -143,7 +143,8 @@ def load(path: str | os.PathLike[str]) -> VAE:
     estimator.model_ = model.to(device).eval()
     estimator.model_config_ = config
     estimator.data_shape_ = config.data_shape
-    estimator.n_features_in_ = int(torch.Size(config.data_shape).numel())
+    # As validate_data counts features in fit: X.shape[1] (the channels of images [n, C, H, W]).
+    estimator.n_features_in_ = int(config.data_shape[0])
     estimator.history_ = []
     estimator.device_ = device
     return estimator

@@ -1,0 +1,279 @@
+"""Using a trained model: what ``vaelab evaluate``, ``sample``, ``reconstruct`` and ``encode`` do.
+
+Each reads a model folder (a ``vaelab train`` run or anything ``VAE.save`` wrote) and prepares data
+exactly as the model's training data was prepared (its recorded scaling and binarisation), reading
+``CHUNK`` rows at a time so a memory-mapped file is never loaded whole. Outputs are written
+atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vaelab.data import SOURCES, Split, binarize_batch, load_data
+from vaelab.estimator import VAE
+from vaelab.files import atomic_write_bytes
+from vaelab.runconfig import RunError
+from vaelab.runs import RUN_CONFIG_FILE
+from vaelab.serialization import CONFIG_FILE, ModelFileError, load, read_model_document
+
+CHUNK = 4096  # rows per evaluation / encoding step
+
+
+def open_model(folder: str | os.PathLike[str]) -> tuple[VAE, dict[str, Any]]:
+    """The fitted ``VAE`` in ``folder`` and its ``vaelab.json``; an unfinished run is named as such."""
+    path = Path(folder)
+    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / RUN_CONFIG_FILE).exists():
+        raise ModelFileError(
+            f"{path} holds a training run that has not finished (no {CONFIG_FILE} yet); finish it "
+            f"with `vaelab train --out {path} --resume`"
+        )
+    estimator = load(path)
+    _, document = read_model_document(path)
+    return estimator, document
+
+
+@dataclass
+class ModelData:
+    """Examples prepared as the model's training data was, read ``CHUNK`` rows at a time; every
+    chunk is checked against the likelihood's support."""
+
+    split: Split
+    source: str
+    which: str  # "test split" or "all examples"
+    likelihood: Any
+    fixed_binarize_seed: int | None = None  # dynamic binarisation: one Bernoulli draw per value
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def description(self) -> str:
+        return f"{self.source} ({self.which}, {len(self):,} examples)"
+
+    def chunks(self, limit: int | None = None) -> Iterator[np.ndarray]:
+        n = len(self.split) if limit is None else min(limit, len(self.split))
+        generator = None
+        if self.fixed_binarize_seed is not None:
+            generator = torch.Generator().manual_seed(self.fixed_binarize_seed)
+        for start in range(0, n, CHUNK):
+            x = self.split[start : min(start + CHUNK, n)]
+            try:
+                self.likelihood.check_support(torch.from_numpy(x))
+            except ValueError as error:
+                raise RunError(f"{self.description}: {error}") from None
+            if generator is not None:
+                x = binarize_batch(torch.from_numpy(x), generator).numpy()
+            yield x
+
+
+def model_data(
+    estimator: VAE,
+    document: dict[str, Any],
+    data: str | None = None,
+    data_dir: str | None = None,
+) -> ModelData:
+    """The examples to evaluate / reconstruct / encode.
+
+    - no ``data``: the test split of the data the model was trained on;
+    - a data set name: its test split, loaded with the training run's options;
+    - a path: all its examples in file order, transformed exactly as the training data was:
+      ``(x − offset) / divisor`` with the recorded offset and divisor, then the recorded
+      binarisation (a dynamic one becomes one fixed draw seeded with the recorded seed). A model
+      saved by ``VAE.save`` records nothing, so its data is used as it is.
+
+    Data of another shape is refused; values outside the likelihood's support are refused as they
+    are read.
+    """
+    found = document.get("data")
+    record: dict[str, Any] = found if isinstance(found, dict) else {}
+    run = document.get("run") or {}
+    arguments = dict(record.get("arguments", {}))
+    if data is None:
+        if not arguments:
+            raise RunError("this model records no training data; pass --data DATA")
+        data = str(arguments["source"])
+    data_dir = data_dir if data_dir is not None else run.get("data_dir")
+    options = {k: v for k, v in arguments.items() if k != "source"}
+    seed = None
+    if data in SOURCES:
+        split = load_data(data, data_dir=data_dir, **options).test
+        which = "test split"
+    else:
+        raw = load_data(data, scale="none", valid_fraction=0.0, test_fraction=0.0).train
+        binarize = record.get("binarize", "none")
+        split = Split(
+            raw.stored,
+            raw.index,
+            raw.labels,
+            offset=float(record.get("offset", 0.0)),
+            divisor=float(record.get("divisor", 1.0)),
+            threshold=record.get("threshold") if binarize == "threshold" else None,
+        )
+        if binarize == "dynamic":
+            seed = int(options.get("seed", 0))
+        which = "all examples"
+    shape = tuple(document["model"]["data_shape"])
+    if tuple(split.shape[1:]) != shape:
+        raise RunError(
+            f"{data} has examples of shape {tuple(split.shape[1:])}, but the model was trained on "
+            f"shape {shape}; pass data like the training data"
+        )
+    return ModelData(split, data, which, estimator.model_.likelihood, seed)
+
+
+def evaluate(
+    folder: str | os.PathLike[str],
+    data: str | None = None,
+    data_dir: str | None = None,
+    samples: int = 16,
+) -> dict[str, Any]:
+    """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
+    data (see ``model_data``), with the standard error of the ELBO."""
+    if samples < 1:
+        raise RunError(f"--samples must be at least 1, got {samples}")
+    estimator, document = open_model(folder)
+    examples = model_data(estimator, document, data, data_dir)
+    if len(examples) == 0:
+        raise RunError(f"{examples.description} holds no examples to evaluate")
+    sums = np.zeros(4)  # ELBO, ELBO², reconstruction, KL
+    for x in examples.chunks():
+        terms = estimator.elbo_terms(x, samples=samples)
+        sums += [
+            float(terms.elbo.sum()),
+            float(terms.elbo.square().sum()),
+            float(terms.reconstruction.sum()),
+            float(terms.kl.sum()),
+        ]
+    n = len(examples)
+    elbo = sums[0] / n
+    variance = max(sums[1] / n - elbo**2, 0.0) * n / max(n - 1, 1)
+    return {
+        "model": str(folder),
+        "data": examples.source,
+        "split": examples.which,
+        "count": n,
+        "elbo": elbo,
+        "elbo_standard_error": math.sqrt(variance / n),
+        "reconstruction": sums[2] / n,
+        "kl": sums[3] / n,
+        "samples": samples,
+        "unit": "nats per example",
+    }
+
+
+def _output(path: str | os.PathLike[str], suffixes: tuple[str, ...]) -> Path:
+    out = Path(path)
+    if out.suffix.lower() not in suffixes:
+        raise RunError(f"--out {out} must end in {' or '.join(suffixes)}")
+    if out.is_dir():
+        raise RunError(
+            f"--out {out} is a folder; give a file name ending in {' or '.join(suffixes)}"
+        )
+    if not out.parent.is_dir():
+        raise RunError(f"the folder of --out {out} does not exist; create {out.parent} first")
+    return out
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pictures(x: np.ndarray, document: dict[str, Any], what: str) -> np.ndarray:
+    """Examples as ``[n, C, H, W]`` in [0, 1] for a PNG: values outside [0, 1] (data not scaled to
+    it) are mapped from the data's recorded range."""
+    from vaelab.images import as_images
+
+    images = as_images(x, tuple(document["model"]["data_shape"]))
+    if images is None:
+        raise RunError(
+            f"the model's examples of shape {tuple(document['model']['data_shape'])} are not "
+            f"images; write the {what} to a .npy file instead"
+        )
+    record = document.get("data") or {}
+    low, high = record.get("range", (0.0, 1.0))
+    if (low < 0.0 or high > 1.0) and high > low:
+        images = (images - low) / (high - low)
+    return images
+
+
+def _write_png(path: Path, images: np.ndarray, ncol: int | None = None) -> None:
+    from vaelab.images import image_grid, save_png
+
+    save_png(image_grid(images, ncol=ncol), path)
+
+
+def sample(
+    folder: str | os.PathLike[str], n: int, out: str | os.PathLike[str], seed: int = 0
+) -> Path:
+    """``n`` samples (decoder means at z ~ p(z)) as a PNG grid or an ``[n, *shape]`` .npy array."""
+    if n < 1:
+        raise RunError(f"-n must be at least 1, got {n}")
+    target = _output(out, (".png", ".npy"))
+    estimator, document = open_model(folder)
+    x = estimator.sample(n, seed=seed).astype(np.float32)
+    if target.suffix.lower() == ".npy":
+        _save_npy(target, x)
+    else:
+        _write_png(target, _pictures(x, document, "samples"))
+    return target
+
+
+def reconstruct(
+    folder: str | os.PathLike[str],
+    data: str | None,
+    out: str | os.PathLike[str],
+    n: int = 10,
+    data_dir: str | None = None,
+) -> Path:
+    """The first ``n`` examples of ``data`` and their reconstructions: a PNG with originals and
+    reconstructions in alternating rows, or an .npy array ``[2, n, *shape]``."""
+    if n < 1:
+        raise RunError(f"-n must be at least 1, got {n}")
+    target = _output(out, (".png", ".npy"))
+    estimator, document = open_model(folder)
+    examples = model_data(estimator, document, data, data_dir)
+    x = np.concatenate(list(examples.chunks(limit=n))) if len(examples) else None
+    if x is None or len(x) == 0:
+        raise RunError(f"{examples.description} holds no examples to reconstruct")
+    r = estimator.reconstruct(x).astype(np.float32)
+    if target.suffix.lower() == ".npy":
+        _save_npy(target, np.stack([x, r]))
+        return target
+    originals, recons = _pictures(x, document, "reconstructions"), _pictures(r, document, "")
+    ncol = min(len(x), 10)
+    rows = []
+    for start in range(0, len(x), ncol):
+        for part in (originals, recons):
+            row = part[start : start + ncol]
+            pad = np.full((ncol - len(row), *row.shape[1:]), 1.0, dtype=row.dtype)
+            rows.append(np.concatenate([row, pad]))
+    _write_png(target, np.concatenate(rows), ncol=ncol)
+    return target
+
+
+def encode(
+    folder: str | os.PathLike[str],
+    data: str | None,
+    out: str | os.PathLike[str],
+    data_dir: str | None = None,
+) -> Path:
+    """Posterior means E_q[z|x] of every example of ``data``, ``[n, latent]`` float32 in .npy."""
+    target = _output(out, (".npy",))
+    estimator, document = open_model(folder)
+    examples = model_data(estimator, document, data, data_dir)
+    parts = [estimator.transform(x) for x in examples.chunks()]
+    z = np.concatenate(parts) if parts else np.zeros((0, estimator.latent_dim), np.float32)
+    _save_npy(target, z.astype(np.float32))
+    return target

@@ -1,0 +1,343 @@
+"""The ``vaelab`` command: argument parsing and messages over the library, which does the work
+(``vaelab.runs`` trains, ``vaelab.apply`` evaluates, samples, reconstructs and encodes).
+
+    vaelab train DATA --out DIR [options]       train; DIR becomes a saved model
+    vaelab evaluate DIR [--data DATA] [--json]  test-set ELBO, reconstruction and KL
+    vaelab sample DIR -n N --out FILE           .png grid or .npy array
+    vaelab reconstruct DIR --data DATA --out FILE.png
+    vaelab encode DIR --data DATA --out Z.npy
+
+A user mistake prints one line ``vaelab: error: ...`` and exits with code 2 (``--debug`` shows the
+traceback instead); Ctrl-C during training saves a checkpoint and exits with 130; a diverged run
+exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from vaelab import apply, runconfig, runs
+from vaelab.data import DATA_ENV, SOURCES
+from vaelab.training import NonFiniteLossError, TrainingInterrupted
+
+PROG = "vaelab"
+# Where each group of RunConfig's options begins, for --help.
+GROUPS = {
+    "data_dir": "data",
+    "latent_dim": "model",
+    "epochs": "training",
+    "checkpoint_every": "checkpoints",
+}
+
+
+METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES"}
+
+
+class UsageError(Exception):
+    """A command line argparse refused."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (raised, so ``main`` prints them) instead of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _run_option(name: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            return runconfig.convert(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name.replace("_", "-")  # argparse names the type in some messages
+    return parse
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``RunConfig`` field, so --help, the TOML keys and config.json agree."""
+    group: Any = parser
+    for f in dataclasses.fields(runconfig.RunConfig):
+        if f.name == "data":
+            continue
+        if f.name in GROUPS:
+            group = parser.add_argument_group(f"{GROUPS[f.name]} options")
+        meta = f.metadata
+        default = _default_text(f.default)
+        if f.name == "data_dir":
+            default = f"${DATA_ENV}"
+        help_text = f"{meta['help']} (default: {default})"
+        metavar = METAVARS[meta["kind"].rstrip("?")] if f.name != "data_dir" else "DIR"
+        if meta["choices"]:
+            metavar = "{" + ",".join(meta["choices"]) + "}"
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_run_option(f.name),
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=help_text,
+        )
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser = Parser(
+        prog=PROG,
+        description="Variational autoencoders from the command line.",
+        formatter_class=_formatter,
+        epilog=f"Run `{PROG} COMMAND --help` for the options of each command.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        parents=[common],
+        formatter_class=_formatter,
+        help="train a model; the output folder is itself a saved model",
+        description=(
+            "Train a VAE on DATA and save it in DIR (open it with vaelab.load(DIR)).\n\n"
+            f"DATA is a data set name ({', '.join(SOURCES)}) or a path to\n"
+            "a .npy / .npz / .csv file, a folder of images or an IDX file.\n\n"
+            "Options come from the defaults, then --config FILE.toml (keys as the long option\n"
+            "names, e.g. latent-dim = 16, hidden = [400, 400]), then the command line. DIR gets\n"
+            "config.json (the resolved options), checkpoint.safetensors, metrics.jsonl,\n"
+            "tensorboard/ and, when training ends, the model (model.safetensors, vaelab.json).\n"
+            "Ctrl-C saves a checkpoint; --resume continues from it exactly."
+        ),
+    )
+    train.add_argument("data", metavar="DATA", nargs="?", help="data set name or path")
+    train.add_argument(
+        "--out", "-o", required=True, metavar="DIR", help="run folder (new, or resumed)"
+    )
+    train.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR from its last checkpoint, with its saved configuration",
+    )
+    train.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar: one log line per epoch"
+    )
+    add_train_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[common],
+        help="test-set ELBO, KL and reconstruction of a saved model",
+        description=(
+            "Mean ELBO (a lower bound on log p(x)), reconstruction term and KL, in nats per example. "
+            "Without --data: the test split of the data the model was trained on. With a data set "
+            "name: its test split; with a path: all its examples. Data is scaled and binarised as "
+            "it was for training."
+        ),
+    )
+    evaluate.add_argument(
+        "model", metavar="DIR", help="a model folder (vaelab train --out / VAE.save)"
+    )
+    evaluate.add_argument("--data", metavar="DATA", help="data to evaluate on (default: see above)")
+    _data_dir_option(evaluate)
+    evaluate.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    evaluate.add_argument(
+        "--samples", type=int, default=16, metavar="L",
+        help="Monte Carlo samples per example for the reconstruction term (default: 16)",
+    )  # fmt: skip
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    sample = commands.add_parser(
+        "sample",
+        parents=[common],
+        help="draw samples from a saved model",
+        description="Decoder means at z ~ p(z): a PNG grid (image data) or an [n, ...] .npy array.",
+    )
+    sample.add_argument("model", metavar="DIR", help="a model folder")
+    sample.add_argument(
+        "-n", type=int, default=64, metavar="N", help="how many samples (default: 64)"
+    )
+    sample.add_argument("--out", "-o", required=True, metavar="FILE", help="output .png or .npy")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    sample.set_defaults(handler=cmd_sample)
+
+    reconstruct = commands.add_parser(
+        "reconstruct",
+        parents=[common],
+        help="reconstruct examples through a saved model",
+        description=(
+            "The first N examples of DATA (rows of originals) over their reconstructions E[x|z] at "
+            "the posterior mean, as a PNG; or a [2, N, ...] .npy array (originals, reconstructions)."
+        ),
+    )
+    reconstruct.add_argument("model", metavar="DIR", help="a model folder")
+    reconstruct.add_argument(
+        "--data",
+        metavar="DATA",
+        help="examples to reconstruct (default: the training data's test split)",
+    )
+    _data_dir_option(reconstruct)
+    reconstruct.add_argument(
+        "--out", "-o", required=True, metavar="FILE.png", help="output .png or .npy"
+    )
+    reconstruct.add_argument(
+        "-n", type=int, default=10, metavar="N", help="how many examples (default: 10)"
+    )
+    reconstruct.set_defaults(handler=cmd_reconstruct)
+
+    encode = commands.add_parser(
+        "encode",
+        parents=[common],
+        help="posterior means of every example, as .npy",
+        description="Posterior means E_q[z|x] of every example of DATA, [n, latent] float32, in file order.",
+    )
+    encode.add_argument("model", metavar="DIR", help="a model folder")
+    encode.add_argument(
+        "--data",
+        metavar="DATA",
+        help="examples to encode (default: the training data's test split)",
+    )
+    _data_dir_option(encode)
+    encode.add_argument("--out", "-o", required=True, metavar="Z.npy", help="output .npy file")
+    encode.set_defaults(handler=cmd_encode)
+    return parser
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"folder of named data sets (default: ${DATA_ENV}, else the one used for training)",
+    )
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings: dict[str, Any] = {}
+    if args.config is not None:
+        settings.update(runconfig.read_config_file(args.config))
+    flags = {n: getattr(args, n) for n in runconfig.OPTIONS if n != "data" and hasattr(args, n)}
+    if args.data is not None:
+        flags["data"] = args.data
+    if "data_dir" not in flags and "data_dir" not in settings and os.environ.get(DATA_ENV):
+        flags["data_dir"] = os.environ[DATA_ENV]
+    settings.update(flags)
+    try:
+        result = runs.train(settings, args.out, resume=args.resume, quiet=args.quiet)
+    except TrainingInterrupted as stop:
+        raise TrainingInterrupted(
+            f"{stop}; checkpoint saved in {args.out}: continue with "
+            f"`vaelab train --out {args.out} --resume`"
+        ) from None
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error}; {_last_checkpoint(args.out)}") from None
+    best = ""
+    if result.best_epoch is not None:
+        best = f" (the weights of epoch {result.best_epoch}, best by validation ELBO)"
+    print(f"saved the model to {result.folder}{best}; next: vaelab evaluate {result.folder}")
+    return 0
+
+
+def _last_checkpoint(out: str) -> str:
+    from vaelab.checkpoint import CHECKPOINT_FILE
+
+    path = os.path.join(out, CHECKPOINT_FILE)
+    if os.path.exists(path):
+        return f"the last good checkpoint, {path}, is kept"
+    return "no checkpoint had been written"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    result = apply.evaluate(args.model, args.data, _data_dir(args), samples=args.samples)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [
+        ("model", result["model"]),
+        ("data", f"{result['data']} ({result['split']})"),
+        ("ELBO", f"{result['elbo']:.4f} ± {result['elbo_standard_error']:.4f} nats/example"),
+        ("reconstruction", f"{result['reconstruction']:.4f} nats/example"),
+        ("KL", f"{result['kl']:.4f} nats/example"),
+        ("examples", f"{result['count']:,}"),
+    ]
+    for name, value in rows:
+        print(f"{name:<16}{value}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    path = apply.sample(args.model, args.n, args.out, seed=args.seed)
+    print(f"wrote {args.n} samples to {path}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    path = apply.reconstruct(args.model, args.data, args.out, n=args.n, data_dir=_data_dir(args))
+    print(f"wrote reconstructions to {path}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    path = apply.encode(args.model, args.data, args.out, data_dir=_data_dir(args))
+    print(f"wrote latent codes to {path}")
+    return 0
+
+
+def _data_dir(args: argparse.Namespace) -> str | None:
+    return args.data_dir if args.data_dir is not None else os.environ.get(DATA_ENV) or None
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C)."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments
+    try:
+        args = build_parser().parse_args(arguments)
+        return int(args.handler(args))
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except UsageError as error:
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        if debug:
+            raise
+        print(f"{PROG}: {_one_line(stop) if str(stop) else 'interrupted'}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as error:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,345 @@
+"""A training run in a folder: what ``vaelab train`` does.
+
+``train`` turns a configuration (``vaelab.runconfig.RunConfig``) into a run folder that is itself a
+saved model (``vaelab.load(folder)`` opens it):
+
+- ``config.json``: the resolved configuration, written before training starts;
+- ``checkpoint.safetensors``: the latest checkpoint (``vaelab.checkpoint``), replaced atomically at
+  every epoch end and every ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds;
+- ``metrics.jsonl``: one JSON object per finished epoch; ``tensorboard/``: the same as event files;
+- ``model.safetensors`` and ``vaelab.json``: the final model (the best by validation ELBO), written by
+  ``vaelab.serialization.save_model`` when training ends, with the data record, the configuration
+  and a summary of the run in ``vaelab.json``.
+
+Every option and the data are checked before the folder is created, so a mistake leaves nothing
+behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.data import DataSplits, Split, load_data
+from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
+from vaelab.files import atomic_write_bytes, atomic_write_json
+from vaelab.registry import build_model
+from vaelab.runconfig import RunError, config_from_json, resolve
+from vaelab.serialization import save_model
+from vaelab.training import (
+    CheckpointPolicy,
+    EpochMetrics,
+    IndexedBatches,
+    Trainer,
+    TrainingObserver,
+)
+
+RUN_CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+VALID_BATCH = 1000
+LOG_INTERVAL = 1.0  # seconds between epoch lines
+
+
+@dataclass
+class TrainResult:
+    """What ``train`` did: the fitted estimator, the epochs run and where things are."""
+
+    estimator: VAE
+    history: list[EpochMetrics]
+    folder: Path
+    best_epoch: int | None
+    stopped_early: bool
+
+
+def _train_data(split: Split) -> Any:
+    """A memory-mapped split stays on disk and is indexed per batch; anything else becomes one
+    float32 tensor, indexed per batch without per-example calls."""
+    if isinstance(split.stored, np.memmap):
+        return split
+    return torch.from_numpy(np.asarray(split))
+
+
+def check_support(model: Any, splits: DataSplits) -> None:
+    """The likelihood's support check on the data's recorded range (min and max of every split)."""
+    low, high = splits.record["range"]
+    model.likelihood.check_support(torch.tensor([low, high], dtype=torch.float32))
+
+
+def _prepare_folder(folder: Path, resume: bool) -> None:
+    if resume:
+        if not (folder / RUN_CONFIG_FILE).is_file():
+            what = "does not exist" if not folder.exists() else f"has no {RUN_CONFIG_FILE}"
+            raise RunError(
+                f"cannot resume: {folder} {what}, so it is not a vaelab training run; drop --resume "
+                "to start a new run"
+            )
+        if not (folder / CHECKPOINT_FILE).is_file():
+            raise RunError(
+                f"cannot resume: {folder} has no {CHECKPOINT_FILE} (the run stopped before its first "
+                "checkpoint); delete the folder and train again without --resume"
+            )
+        # A process killed while writing leaves the temporary file of an atomic write behind.
+        for name in (CHECKPOINT_FILE, METRICS_FILE):
+            for leftover in folder.glob(f".{name}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        return
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        if (folder / RUN_CONFIG_FILE).is_file():
+            raise RunError(
+                f"{folder} already holds a training run; pass --resume to continue it, or choose "
+                "another --out"
+            )
+        raise RunError(f"{folder} already exists and is not empty; choose a new --out folder")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM ask the trainer to checkpoint and stop after the current step; a
+    second Ctrl-C stops at once."""
+
+    def handle(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        trainer.request_stop()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def train(
+    settings: Mapping[str, Any],
+    out: str | os.PathLike[str],
+    *,
+    resume: bool = False,
+    quiet: bool = False,
+    log: TextIO | None = None,
+) -> TrainResult:
+    """Train a model as ``settings`` (``RunConfig`` field names → values) say, in folder ``out``.
+
+    With ``resume``, continue the run in ``out`` from its checkpoint with its saved configuration;
+    ``settings`` may then only repeat it (or change where data lives, the device and the checkpoint
+    cadence). Raises ``RunError`` / ``DataError`` / ``CheckpointError`` (all ``ValueError``) for a
+    mistake, before anything is written; ``TrainingInterrupted`` after Ctrl-C, with a checkpoint
+    saved; ``NonFiniteLossError`` when training diverges, leaving the last good checkpoint.
+    """
+    folder = Path(out)
+    log = log or sys.stdout
+    _prepare_folder(folder, resume)
+    saved, checkpoint = None, None
+    if resume:
+        path = folder / RUN_CONFIG_FILE
+        try:
+            saved_json = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise RunError(
+                f"{path} is not valid JSON ({error}); the run folder is corrupt"
+            ) from None
+        saved = config_from_json(saved_json, path)
+        checkpoint = load_checkpoint(folder / CHECKPOINT_FILE)
+    config = resolve(settings, saved)
+    config.validate()
+
+    splits = load_data(
+        config.data,  # type: ignore[arg-type]  # validate() refused None
+        data_dir=config.data_dir,
+        binarize=config.binarize,
+        threshold=config.threshold,
+        valid_fraction=config.valid_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.split_seed,
+        scale=config.scale,
+    )
+    if config.patience is not None and len(splits.valid) == 0:
+        raise RunError("--patience needs validation data; set --valid-fraction above 0")
+    device = resolve_device(config.device)
+    train_data = _train_data(splits.train)
+    model_config = config.model_config(splits.shape)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        # The same order of draws as VAE.fit: data-order seed, then initialisation.
+        torch.manual_seed(config.seed)
+        order = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        binarizer = None
+        if splits.binarize == "dynamic":
+            binarizer = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        try:
+            model = build_model(model_config).to(device)
+            check_support(model, splits)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        first = train_data[:INIT_EXAMPLES]
+        likelihood: Any = model.likelihood
+        likelihood.initialise(torch.as_tensor(np.asarray(first)).to(device))
+        source = IndexedBatches(train_data, config.batch_size, order, binarize_generator=binarizer)
+        valid = None
+        if len(splits.valid):
+            valid = IndexedBatches(_train_data(splits.valid), VALID_BATCH, shuffle=False)
+        policy = CheckpointPolicy(
+            path=folder / CHECKPOINT_FILE,
+            every_steps=config.checkpoint_every or None,
+            every_seconds=config.checkpoint_seconds or None,
+            extra={"run": config.to_json()},
+        )
+        trainer = Trainer(model, config.train_config(), device, checkpoint=policy)
+        try:
+            trainer.check(torch.as_tensor(np.asarray(train_data[:2])))
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        if checkpoint is not None:
+            try:
+                trainer.restore(*checkpoint, source)
+            except (KeyError, RuntimeError, ValueError) as error:
+                raise RunError(
+                    f"the checkpoint in {folder} does not fit this run ({error}); "
+                    "delete the folder and train again without --resume"
+                ) from None
+        # Everything is checked: from here on the folder is written.
+        folder.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_json(folder / RUN_CONFIG_FILE, config.to_json())
+        run_log = RunLog(folder, config.epochs, quiet, log, resumed_epochs=trainer.epoch)
+        trainer.observer = run_log
+        if resume and trainer.finished:
+            print(f"{folder}: training had finished; writing the model again", file=log)
+        elif resume:
+            where = f"epoch {trainer.epoch + 1}, step {trainer.batch} of {len(source)}"
+            print(f"resuming {folder} at {where}", file=log, flush=True)
+        try:
+            with _stop_on_signals(trainer):
+                history = trainer.fit(source, valid)
+        finally:
+            run_log.close()
+
+    estimator = config.estimator()
+    estimator.model_ = model
+    estimator.model_config_ = model_config
+    estimator.data_shape_ = model_config.data_shape
+    estimator.n_features_in_ = int(model_config.data_shape[0])  # as VAE.fit: X.shape[1]
+    estimator.history_ = history
+    estimator.device_ = device
+    best_epoch = None
+    if trainer.best_valid is not None:
+        best_epoch = next(m.epoch for m in history if m.valid_elbo == trainer.best_valid)
+    stopped_early = len(history) < config.epochs
+    summary = {
+        "epochs_run": len(history),
+        "steps": trainer.step,
+        "stopped_early": stopped_early,
+        "best_epoch": best_epoch,
+        "best_valid_elbo": trainer.best_valid,
+    }
+    save_model(
+        estimator,
+        folder,
+        extra={"data": splits.record, "run": config.to_json(), "training": summary},
+    )
+    return TrainResult(estimator, history, folder, best_epoch, stopped_early)
+
+
+class RunLog(TrainingObserver):
+    """A progress bar per epoch (tqdm, on a terminal, unless ``quiet``), one line per epoch on
+    ``log``, ``metrics.jsonl`` rewritten atomically from the history, and TensorBoard scalars."""
+
+    def __init__(
+        self, folder: Path, epochs: int, quiet: bool, log: TextIO, resumed_epochs: int = 0
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # slow to import; only training needs it
+
+        self.folder, self.epochs, self.quiet, self.log = folder, epochs, quiet, log
+        # purge_step hides events a killed run wrote after its checkpoint.
+        self.writer = SummaryWriter(
+            str(folder / TENSORBOARD_DIR), purge_step=resumed_epochs + 1 if resumed_epochs else None
+        )
+        self.bar: Any = None
+        self._shown, self._logged = 0.0, -math.inf
+
+    def epoch_start(self, trainer: Trainer, epoch: int, start: int, steps: int) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=steps,
+            initial=start,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            unit="batch",
+            leave=False,
+            disable=None,  # no bar when stderr is not a terminal: the epoch lines remain
+            dynamic_ncols=True,
+        )
+        self._started, self._examples = time.perf_counter(), 0
+
+    def step(self, trainer: Trainer, batch_size: int) -> None:
+        if self.bar is None:
+            return
+        self._examples += batch_size
+        self.bar.update(1)
+        now = time.perf_counter()
+        if now - self._shown > 0.5:
+            self._shown = now
+            elbo, reconstruction, kl = trainer.running_means()
+            rate = self._examples / max(now - self._started, 1e-9)
+            self.bar.set_postfix_str(
+                f"ELBO {elbo:.2f}  KL {kl:.2f}  rec {reconstruction:.2f}  {rate:,.0f} ex/s",
+                refresh=False,
+            )
+
+    def epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        now = time.perf_counter()
+        # Short epochs would flood the terminal: a line a second at most, and always the last one
+        # (metrics.jsonl has every epoch).
+        if trainer.finished or now - self._logged >= LOG_INTERVAL:
+            self._logged = now
+            valid = "" if metrics.valid_elbo is None else f"  valid ELBO {metrics.valid_elbo:.3f}"
+            print(
+                f"epoch {metrics.epoch}/{self.epochs}: ELBO {metrics.elbo:.3f}  "
+                f"KL {metrics.kl:.3f}  reconstruction {metrics.reconstruction:.3f}{valid}  "
+                f"({metrics.examples_per_second:,.0f} ex/s)",
+                file=self.log,
+                flush=True,
+            )
+        lines = "".join(json.dumps(dataclasses.asdict(m)) + "\n" for m in trainer.history)
+        atomic_write_bytes(self.folder / METRICS_FILE, lines.encode())
+        scalars = {
+            "train/elbo": metrics.elbo,
+            "train/reconstruction": metrics.reconstruction,
+            "train/kl": metrics.kl,
+            "train/lr": metrics.lr,
+            "train/kl_weight": metrics.kl_weight,
+            "train/examples_per_second": metrics.examples_per_second,
+        }
+        if metrics.valid_elbo is not None:
+            scalars["valid/elbo"] = metrics.valid_elbo
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, metrics.epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.writer.close()
