@@ -149,3 +149,10 @@ def test_unknown_options_are_refused_at_fit():
         vaelab.VAE(likelihood="poisson", **SMALL).fit(X)
     with pytest.raises(ValueError, match="unknown device 'tpu'"):
         vaelab.VAE(device="tpu", **SMALL).fit(X)
+
+
+def test_log_likelihood_is_above_the_elbo_and_reproducible(fitted):
+    log_px = fitted.log_likelihood(X[:50], k=500)
+    assert log_px.shape == (50,) and log_px.dtype == np.float64
+    assert np.array_equal(log_px, fitted.log_likelihood(X[:50], k=500))
+    assert log_px.mean() > fitted.elbo(X[:50]).mean()

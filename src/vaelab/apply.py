@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vaelab.data import SOURCES, Split, binarize_batch, load_data
-from vaelab.estimator import VAE
+from vaelab.estimator import EVAL_SEED, VAE
 from vaelab.files import atomic_write_bytes
 from vaelab.runconfig import RunError
 from vaelab.runs import RUN_CONFIG_FILE
@@ -136,17 +136,93 @@ def evaluate(
     data: str | None = None,
     data_dir: str | None = None,
     samples: int = 16,
+    k: int | None = None,
+    examples_limit: int | None = None,
+    diagnostics: bool = True,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
-    data (see ``model_data``), with the standard error of the ELBO."""
+    data (see ``model_data``), with the standard error of the ELBO; with ``k``, the IWAE-k
+    log-likelihood estimate (and bits per dimension for images); with ``diagnostics``, the
+    posterior-collapse diagnostics on the first ``DIAGNOSTIC_EXAMPLES`` examples.
+    ``examples_limit`` evaluates only the first examples."""
     if samples < 1:
         raise RunError(f"--samples must be at least 1, got {samples}")
+    if k is not None and k < 1:
+        raise RunError(f"--k must be at least 1 importance sample, got {k}")
+    if examples_limit is not None and examples_limit < 1:
+        raise RunError(f"--examples must be at least 1, got {examples_limit}")
     estimator, document = open_model(folder)
     examples = model_data(estimator, document, data, data_dir)
     if len(examples) == 0:
         raise RunError(f"{examples.description} holds no examples to evaluate")
+    n = len(examples) if examples_limit is None else min(examples_limit, len(examples))
+    result = _elbo_summary(estimator, examples, samples, n)
+    result["model"] = str(folder)
+    if k is not None:
+        result["iwae"] = iwae_summary(estimator, examples, k, n, document, progress)
+    if diagnostics:
+        result["diagnostics"] = diagnostics_summary(estimator, examples, n)
+    return result
+
+
+DIAGNOSTIC_EXAMPLES = 10_000  # collapse diagnostics need the examples in memory at once
+
+
+def load_examples(examples: ModelData, n: int) -> torch.Tensor:
+    """The first ``n`` prepared examples as one float32 tensor ``[n, *data_shape]``."""
+    return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
+
+
+def iwae_summary(
+    estimator: VAE,
+    examples: ModelData,
+    k: int,
+    n: int,
+    document: dict[str, Any],
+    progress: bool = False,
+) -> dict[str, Any]:
+    """IWAE-k estimate of log p(x) over the first ``n`` examples (a stochastic lower bound that
+    tightens with k; Burda et al. 2016), with bits per dimension for image data."""
+    from vaelab.loglik import log_likelihood
+
+    parts = []
+    for x in examples.chunks(limit=n):
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        parts.append(
+            log_likelihood(
+                estimator.model_, torch.from_numpy(x), k, generator=generator, progress=progress
+            )
+        )
+    log_px = torch.cat([p.log_px for p in parts])
+    summary: dict[str, Any] = {
+        "k": k,
+        "examples": int(log_px.numel()),
+        "mean": float(log_px.mean()),
+        "standard_error": float(log_px.std() / math.sqrt(log_px.numel())) if n > 1 else math.nan,
+        "bound": f"IWAE-{k}",
+    }
+    shape = tuple(document["model"]["data_shape"])
+    if len(shape) == 3:  # images: bits per dimension on the modelled (scaled) values
+        dims = math.prod(shape)
+        summary["bits_per_dim"] = -summary["mean"] / (dims * math.log(2))
+    return summary
+
+
+def diagnostics_summary(estimator: VAE, examples: ModelData, n: int) -> dict[str, Any]:
+    """Active units, KL per dimension, I(x; z), rate and distortion (``vaelab.diagnostics``)."""
+    from vaelab.diagnostics import collapse_diagnostics
+
+    x = load_examples(examples, min(n, DIAGNOSTIC_EXAMPLES))
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    with torch.no_grad():
+        found = collapse_diagnostics(estimator.model_, x, generator=generator)
+    return {"examples": int(x.shape[0]), **found.to_dict()}
+
+
+def _elbo_summary(estimator: VAE, examples: ModelData, samples: int, n: int) -> dict[str, Any]:
     sums = np.zeros(4)  # ELBO, ELBO², reconstruction, KL
-    for x in examples.chunks():
+    for x in examples.chunks(limit=n):
         terms = estimator.elbo_terms(x, samples=samples)
         sums += [
             float(terms.elbo.sum()),
@@ -154,11 +230,9 @@ def evaluate(
             float(terms.reconstruction.sum()),
             float(terms.kl.sum()),
         ]
-    n = len(examples)
     elbo = sums[0] / n
     variance = max(sums[1] / n - elbo**2, 0.0) * n / max(n - 1, 1)
     return {
-        "model": str(folder),
         "data": examples.source,
         "split": examples.which,
         "count": n,
@@ -167,6 +241,7 @@ def evaluate(
         "reconstruction": sums[2] / n,
         "kl": sums[3] / n,
         "samples": samples,
+        "bound": "ELBO",
         "unit": "nats per example",
     }
 
@@ -277,3 +352,60 @@ def encode(
     z = np.concatenate(parts) if parts else np.zeros((0, estimator.latent_dim), np.float32)
     _save_npy(target, z.astype(np.float32))
     return target
+
+
+def gap(
+    folder: str | os.PathLike[str],
+    data: str | None = None,
+    data_dir: str | None = None,
+    n: int = 500,
+    k: int = 5000,
+    steps: int = 2000,
+    use_ais: bool = False,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The inference gap of Cremer, Li & Duvenaud (2018) on the first ``n`` examples: for the
+    diagonal and the full-covariance Gaussian families, log p̂(x), ELBO(q*) of a per-example
+    optimised q*, ELBO of the amortised q, and the approximation and amortisation gaps, each a
+    mean over examples with its standard error. Both families share one log p̂(x): IWAE-k with the
+    optimised full-covariance q* as proposal, or AIS (``use_ais``)."""
+    from vaelab.gap import inference_gap
+
+    if n < 2:
+        raise RunError(f"--n must be at least 2 examples, got {n}")
+    if k < 1 or steps < 1:
+        raise RunError(f"--k and --steps must be positive, got {k} and {steps}")
+    estimator, document = open_model(folder)
+    examples = model_data(estimator, document, data, data_dir)
+    if len(examples) < 2:
+        raise RunError(f"{examples.description} holds fewer than 2 examples")
+    x = load_examples(examples, min(n, len(examples)))
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    model = estimator.model_
+    log_px = None
+    if use_ais:
+        from vaelab.ais import ais
+
+        log_px = ais(model, x, generator=generator, progress=progress)
+    full = inference_gap(
+        model, x, "full", log_px=log_px, k=k, steps=steps, generator=generator, progress=progress
+    )
+    diagonal = inference_gap(
+        model,
+        x,
+        "diagonal",
+        log_px=full.log_px_estimate,
+        k=k,
+        steps=steps,
+        generator=generator,
+        progress=progress,
+    )
+    return {
+        "model": str(folder),
+        "data": examples.source,
+        "split": examples.which,
+        "examples": int(x.shape[0]),
+        "log_px_method": full.log_px_method,
+        "unit": "nats per example",
+        "families": {"diagonal": diagonal.to_dict(), "full": full.to_dict()},
+    }

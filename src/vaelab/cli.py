@@ -163,7 +163,81 @@ def build_parser() -> Parser:
         "--samples", type=int, default=16, metavar="L",
         help="Monte Carlo samples per example for the reconstruction term (default: 16)",
     )  # fmt: skip
+    evaluate.add_argument(
+        "--k", type=int, metavar="K",
+        help="also estimate log p(x) by importance sampling with K samples per example (IWAE-K, "
+        "e.g. 5000), with its standard error and bits per dimension for images",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--examples", type=int, metavar="N", help="evaluate only the first N examples"
+    )
+    evaluate.add_argument(
+        "--no-diagnostics", action="store_true",
+        help="leave out the collapse diagnostics (active units, KL per dimension, I(x; z), rate, "
+        "distortion)",
+    )  # fmt: skip
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    gap = commands.add_parser(
+        "gap",
+        parents=[common],
+        help="approximation and amortisation gaps of a saved model",
+        description=(
+            "The inference gap (Cremer, Li & Duvenaud 2018) on the first N examples: log p(x) − "
+            "ELBO(amortised q) split into the approximation gap log p(x) − ELBO(q*), where q* is "
+            "the best Gaussian for each example (optimised with the decoder frozen), and the "
+            "amortisation gap ELBO(q*) − ELBO(amortised q); for the diagonal and the "
+            "full-covariance family, in nats per example with standard errors."
+        ),
+    )
+    gap.add_argument("model", metavar="DIR", help="a model folder")
+    gap.add_argument(
+        "--data", metavar="DATA", help="examples (default: the training data's test split)"
+    )
+    _data_dir_option(gap)
+    gap.add_argument("--n", type=int, default=500, metavar="N", help="examples (default: 500)")
+    gap.add_argument(
+        "--k", type=int, default=5000, metavar="K",
+        help="importance samples for log p(x) (default: 5000)",
+    )  # fmt: skip
+    gap.add_argument(
+        "--steps", type=int, default=2000, metavar="S",
+        help="optimisation steps of the per-example q* (default: 2000)",
+    )  # fmt: skip
+    gap.add_argument(
+        "--ais", action="store_true",
+        help="estimate log p(x) by annealed importance sampling instead of IWAE-K",
+    )  # fmt: skip
+    gap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    gap.set_defaults(handler=cmd_gap)
+
+    report = commands.add_parser(
+        "report",
+        parents=[common],
+        help="one self-contained HTML page about a saved model",
+        description=(
+            "Write DIR/report.html: training curves, a metrics table (ELBO, IWAE-K, inference "
+            "gaps, active units, I(x; z)), samples, reconstructions, the latent space coloured by "
+            "label, the 2-D latent manifold, interpolations and the KL per dimension."
+        ),
+    )
+    report.add_argument("model", metavar="DIR", help="a model folder")
+    report.add_argument(
+        "--data", metavar="DATA", help="examples (default: the training data's test split)"
+    )
+    _data_dir_option(report)
+    report.add_argument(
+        "--out", "-o", metavar="FILE.html", help="output file (default: DIR/report.html)"
+    )
+    report.add_argument(
+        "--k", type=int, default=1000, metavar="K",
+        help="importance samples of the IWAE-K estimate; 0 leaves it out (default: 1000)",
+    )  # fmt: skip
+    report.add_argument(
+        "--gap-examples", type=int, default=100, metavar="N",
+        help="examples for the inference gaps; 0 leaves them out (default: 100)",
+    )  # fmt: skip
+    report.set_defaults(handler=cmd_report)
 
     sample = commands.add_parser(
         "sample",
@@ -268,7 +342,16 @@ def _last_checkpoint(out: str) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = apply.evaluate(args.model, args.data, _data_dir(args), samples=args.samples)
+    result = apply.evaluate(
+        args.model,
+        args.data,
+        _data_dir(args),
+        samples=args.samples,
+        k=args.k,
+        examples_limit=args.examples,
+        diagnostics=not args.no_diagnostics,
+        progress=not args.json,
+    )
     if args.json:
         print(json.dumps(result))
         return 0
@@ -280,8 +363,74 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ("KL", f"{result['kl']:.4f} nats/example"),
         ("examples", f"{result['count']:,}"),
     ]
+    iwae = result.get("iwae")
+    if iwae:
+        rows.append(
+            (f"IWAE-{iwae['k']}", f"{iwae['mean']:.4f} ± {iwae['standard_error']:.4f} nats/example")
+        )
+        if "bits_per_dim" in iwae:
+            rows.append(("bits/dim", f"{iwae['bits_per_dim']:.4f} (IWAE-{iwae['k']})"))
+    found = result.get("diagnostics")
+    if found:
+        mi = found["mutual_information"]
+        rows += [
+            ("active units", f"{found['active_units']} of {found['latent_dim']}"),
+            ("I(x; z)", f"{mi['mean']:.4f} ± {mi['standard_error']:.4f} nats"),
+            ("rate", f"{found['rate']['mean']:.4f} nats/example"),
+            ("distortion", f"{found['distortion']['mean']:.4f} nats/example"),
+        ]
+        if found["kl_per_dimension"] is not None:
+            kl = ", ".join(f"{v:.2f}" for v in found["kl_per_dimension"])
+            rows.append(("KL per dim", kl))
     for name, value in rows:
         print(f"{name:<16}{value}")
+    return 0
+
+
+def cmd_gap(args: argparse.Namespace) -> int:
+    result = apply.gap(
+        args.model,
+        args.data,
+        _data_dir(args),
+        n=args.n,
+        k=args.k,
+        steps=args.steps,
+        use_ais=args.ais,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['data']} ({result['split']}), {result['examples']} examples; log p(x) by "
+          f"{result['log_px_method']}; nats per example (mean ± standard error)")  # fmt: skip
+    names = (
+        "log_px",
+        "elbo_optimal",
+        "elbo_amortised",
+        "approximation_gap",
+        "amortisation_gap",
+        "total_gap",
+    )
+    print(f"{'':<20}" + "".join(f"{family:>22}" for family in result["families"]))
+    for name in names:
+        cells = "".join(
+            f"{found[name]['mean']:>13.4f} ± {found[name]['standard_error']:<6.4f}"
+            for found in result["families"].values()
+        )
+        print(f"{name:<20}{cells}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.model_report import write_model_report
+
+    if args.k < 0 or args.gap_examples < 0:
+        raise UsageError("--k and --gap-examples must not be negative")
+    path = write_model_report(
+        args.model, args.out, data=args.data, data_dir=_data_dir(args), k=args.k,
+        gap_examples=args.gap_examples,
+    )  # fmt: skip
+    print(f"wrote {path}; open it in a browser")
     return 0
 
 

@@ -1,0 +1,164 @@
+"""What ``vaelab report`` says about a trained model: numbers, curves and pictures gathered from a
+model folder into a ``vaelab.report.ReportContent``, which ``vaelab.report`` renders as one HTML file.
+
+Every number comes from the library's own estimators (``vaelab.apply.evaluate`` for the ELBO,
+IWAE-k and collapse diagnostics, ``vaelab.apply.gap`` for the inference gaps), so the report and
+the command line never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vaelab import apply, figures
+from vaelab.report import LatentScatter, Metric, ReportContent, write_report
+
+REPORT_FILE = "report.html"
+SCATTER_POINTS = 2000
+
+
+def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Training curves from ``metrics.jsonl`` (a ``vaelab train`` run), else none."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not history:
+        return {}
+    epochs = [float(m["epoch"]) for m in history]
+    elbo: dict[str, tuple[list[float], list[float]]] = {
+        "train": (epochs, [m["elbo"] for m in history])
+    }
+    if any(m.get("valid_elbo") is not None for m in history):
+        valid = [m.get("valid_elbo") for m in history]
+        elbo["validation"] = (epochs, [float("nan") if v is None else v for v in valid])
+    return {
+        "ELBO per epoch (nats/example)": elbo,
+        "KL per epoch (nats/example)": {
+            "KL": (epochs, [m["kl"] for m in history]),
+        },
+        "learning rate": {"lr": (epochs, [m["lr"] for m in history])},
+    }
+
+
+def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Metric]:
+    n = evaluation["count"]
+    rows = [
+        Metric(
+            "ELBO",
+            evaluation["elbo"],
+            f"± {evaluation['elbo_standard_error']:.3f}; lower bound on log p(x), nats/example, "
+            f"{n:,} test examples",
+        ),
+        Metric("reconstruction", evaluation["reconstruction"], "E_q[log p(x|z)], nats/example"),
+        Metric("KL", evaluation["kl"], "KL(q(z|x) ‖ p(z)), nats/example (the rate)"),
+    ]
+    iwae = evaluation.get("iwae")
+    if iwae:
+        note = f"± {iwae['standard_error']:.3f}; importance-weighted bound, {iwae['examples']:,} examples"
+        rows.append(Metric(f"IWAE-{iwae['k']}", iwae["mean"], note))
+        if "bits_per_dim" in iwae:
+            rows.append(
+                Metric("bits per dimension", iwae["bits_per_dim"], f"from IWAE-{iwae['k']}")
+            )
+    diagnostics = evaluation.get("diagnostics")
+    if diagnostics:
+        rows.append(
+            Metric(
+                "active units",
+                diagnostics["active_units"],
+                f"of {diagnostics['latent_dim']} (Cov_x E_q[z_u] > {diagnostics['activity_threshold']:g})",
+            )
+        )
+        mi = diagnostics["mutual_information"]
+        rows.append(
+            Metric(
+                "I(x; z)",
+                mi["mean"],
+                f"± {mi['standard_error']:.3f} nats, aggregate posterior over {mi['examples']:,} "
+                f"examples (at most log N = {mi['upper_bound']:.2f})",
+            )
+        )
+    for family, found in (gaps or {}).get("families", {}).items():
+        for name in ("approximation_gap", "amortisation_gap"):
+            value = found[name]
+            label = name.replace("_", " ")
+            rows.append(
+                Metric(
+                    f"{label} ({family})",
+                    value["mean"],
+                    f"± {value['standard_error']:.3f} nats, {found['examples']} examples",
+                )
+            )
+    return rows
+
+
+def build_report(
+    folder: str | os.PathLike[str],
+    data: str | None = None,
+    data_dir: str | None = None,
+    k: int = 1000,
+    gap_examples: int = 100,
+    gap_steps: int = 500,
+) -> ReportContent:
+    """The report of the model in ``folder`` on its test data (or ``data``): metrics (ELBO,
+    IWAE-``k``, inference gaps on ``gap_examples`` examples, active units), training curves,
+    samples, reconstructions, the latent space, interpolations and the KL per dimension.
+    ``gap_examples=0`` leaves the gaps out."""
+    folder = Path(folder)
+    estimator, document = apply.open_model(folder)
+    examples = apply.model_data(estimator, document, data, data_dir)
+    evaluation = apply.evaluate(folder, data, data_dir, k=k if k > 0 else None)
+    gaps = None
+    if gap_examples > 0:
+        gaps = apply.gap(folder, data, data_dir, n=gap_examples, k=k, steps=gap_steps)
+    x = apply.load_examples(examples, min(len(examples), SCATTER_POINTS)).numpy()
+    labels = examples.split.labels
+    labels = None if labels is None else np.asarray(labels)[: len(x)]
+    points, axes = figures.latent_scatter(estimator, x)
+    diagnostics = evaluation.get("diagnostics") or {}
+    run = document.get("run") or document.get("estimator", {})
+    config = {key: value for key, value in run.items() if not isinstance(value, dict)}
+    notes = [
+        f"Test data: {evaluation['data']} ({evaluation['split']}). Numbers are nats per example; "
+        "higher is better. The ELBO uses the exact KL where a closed form exists and "
+        f"{evaluation['samples']} Monte Carlo samples for the reconstruction term.",
+    ]
+    if gaps:
+        notes.append(
+            f"Inference gaps (Cremer, Li & Duvenaud 2018) on the first {gaps['examples']} test "
+            f"examples, log p̂(x) by {gaps['log_px_method']}, q* optimised per example for "
+            f"{gap_steps} steps: approximation gap = log p̂(x) − ELBO(q*), amortisation gap = "
+            "ELBO(q*) − ELBO(amortised q)."
+        )
+    return ReportContent(
+        title=f"vaelab report: {folder.name}",
+        subtitle=(
+            f"{document['model']['likelihood']} likelihood, {document['model']['posterior']} "
+            f"posterior, {document['model']['prior']} prior, latent dimension "
+            f"{document['model']['latent_dim']}"
+        ),
+        config=config,
+        metrics=_metrics(evaluation, gaps),
+        curves=_curves(folder),
+        samples=figures.samples(estimator, 64),
+        reconstructions=figures.reconstructions(estimator, x[:20]),
+        latent_scatter=LatentScatter(points, labels, axes),
+        manifold=figures.latent_manifold(estimator),
+        interpolations=figures.interpolations(estimator, x[:12]),
+        kl_per_dimension=diagnostics.get("kl_per_dimension"),
+        notes=notes,
+    )
+
+
+def write_model_report(
+    folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
+) -> Path:
+    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``)."""
+    target = Path(out) if out is not None else Path(folder) / REPORT_FILE
+    return write_report(target, build_report(folder, **options))
