@@ -1,0 +1,369 @@
+"""Importance-weighted log p(x), k = 5000: vaelab's ``log_likelihood`` against pythae's ``get_nll``.
+
+One network, two implementations. A vaelab MLP VAE (diagonal Gaussian q, N(0, I) prior, Bernoulli
+likelihood) is trained here, or loaded with ``--model``, and rebuilt inside pythae 0.1.2 from the
+same weights, in the peers venv (``bench/peers.py``). Before any timing the two must agree, on
+shared noise ε, to float32 precision on each example's ELBO and IWAE-k estimate: same network, same
+estimator, so a time difference is the implementation's alone.
+
+Then the two estimates on the same N binarized-MNIST test images are timed alternately
+(pythae, vaelab, pythae, vaelab, …), and the medians, their ratio and the machine's load are printed
+and written to ``bench/results/loglik-<time>.json``.
+
+pythae's ``get_nll`` (``pythae/models/vae/vae_model.py``) loops over examples one at a time,
+re-encodes ``batch_size`` copies of each example for every batch of samples, evaluates
+``(n_samples // batch_size) · batch_size`` samples (more than asked when ``n_samples <
+batch_size``: then exactly ``batch_size``), runs with autograd on unless the caller disables it, and
+returns the mean over examples only. ``--pythae-batch-size`` must divide k so both sides evaluate k
+samples; the baseline runs under ``torch.no_grad()`` (its best case) unless ``--pythae-grad``.
+
+Each side runs one torch thread by default: the machine's two cores are shared, and with two
+threads per process OpenMP's spinning turns other people's load into 5x swings in wall time, where
+one thread keeps runs within about 10% (``--threads 2`` to use both cores anyway).
+
+Usage (from the repository root, in vaelab's venv)::
+
+    .venv/bin/python bench/bench_loglik.py                    # train 5 epochs, N=50, 3 rounds
+    .venv/bin/python bench/bench_loglik.py --model runs/m1    # a saved vaelab model folder
+    .venv/bin/python bench/bench_loglik.py --save-model /tmp/m --epochs 10 --examples 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import peers
+import vaelab
+from vaelab.data import DataSplits, load_data
+from vaelab.likelihoods import BernoulliLikelihood
+from vaelab.loglik import log_likelihood, log_likelihood_with_proposal
+from vaelab.model import VAEModel
+from vaelab.networks import MLP
+from vaelab.posteriors import DiagonalGaussianPosterior
+from vaelab.priors import StandardNormalPrior
+
+PEER_SCRIPT = peers.BENCH_DIR / "pythae_loglik_peer.py"
+RESULTS_DIR = peers.BENCH_DIR / "results"
+# float32 sums of ~800 log-probabilities in two orders agree to ~1e-4 nats; a different network,
+# offset or likelihood is off by whole nats.
+SANITY_TOLERANCE = 1e-3
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a saved vaelab model folder (default: train)")
+    parser.add_argument(
+        "--save-model", type=Path, help="save the model trained here to this folder"
+    )
+    parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
+    parser.add_argument("--examples", type=int, default=50, help="test images timed (default 50)")
+    parser.add_argument("-k", type=int, default=5000, help="importance samples per image")
+    parser.add_argument("--pythae-batch-size", type=int, default=1000)
+    parser.add_argument("--vaelab-batch-size", type=int, default=100)
+    parser.add_argument(
+        "--vaelab-chunk-size", type=int, help="samples per chunk (default: vaelab's)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="pythae/vaelab pairs (default 3)")
+    parser.add_argument("--sanity-examples", type=int, default=5)
+    parser.add_argument("--sanity-k", type=int, default=200)
+    parser.add_argument("--pythae-grad", action="store_true", help="time get_nll with autograd on")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads per side (default 1; 0: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, help="default: $VAELAB_DATA or ../shared/data")
+    parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/...)")
+    args = parser.parse_args(argv)
+    if args.k % args.pythae_batch_size:
+        parser.error(
+            f"--pythae-batch-size {args.pythae_batch_size} must divide k={args.k}: pythae's "
+            "get_nll evaluates (k // batch_size) · batch_size samples and would be timed on fewer"
+        )
+    return args
+
+
+# ---------------------------------------------------------------------------------- the model
+
+
+def trained_or_loaded(args: argparse.Namespace, splits: DataSplits) -> tuple[VAEModel, str]:
+    if args.model is not None:
+        return vaelab.load(args.model).model_, f"loaded from {args.model}"
+    estimator = vaelab.VAE(
+        latent_dim=50,
+        hidden=(200, 200),
+        activation="tanh",
+        likelihood="bernoulli",
+        epochs=args.epochs,
+        seed=args.seed,
+        device="cpu",
+        verbose=True,
+    )
+    start = time.perf_counter()
+    estimator.fit(np.asarray(splits.train))
+    seconds = time.perf_counter() - start
+    if args.save_model is not None:
+        estimator.save(args.save_model)
+    return estimator.model_, f"trained here: {args.epochs} epochs in {seconds:.0f} s"
+
+
+def mlp_spec(mlp: nn.Module, prefix: str, arrays: dict[str, np.ndarray]) -> list[dict[str, str]]:
+    """The MLP as ``[{"linear": name}, {"activation": "Tanh"}, …]``; weights go into ``arrays``."""
+    spec = []
+    for i, layer in enumerate(mlp.layers):
+        if isinstance(layer, nn.Linear):
+            name = f"{prefix}{i}"
+            arrays[name + ".weight"] = layer.weight.detach().cpu().numpy()
+            arrays[name + ".bias"] = layer.bias.detach().cpu().numpy()
+            spec.append({"linear": name})
+        elif hasattr(nn, type(layer).__name__):
+            spec.append({"activation": type(layer).__name__})
+        else:
+            raise SystemExit(f"layer {layer} has no torch.nn counterpart to rebuild in pythae")
+    return spec
+
+
+def export(model: VAEModel) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The architecture (JSON) and weights (arrays) pythae needs to rebuild ``model``."""
+    posterior, prior, likelihood = model.posterior, model.prior, model.likelihood
+    fits = (
+        isinstance(posterior, DiagonalGaussianPosterior)
+        and isinstance(posterior.encoder, MLP)
+        and isinstance(prior, StandardNormalPrior)
+        and isinstance(likelihood, BernoulliLikelihood)
+        and isinstance(likelihood.decoder, MLP)
+    )
+    if not fits:
+        raise SystemExit(
+            "pythae's VAE can only express an MLP VAE with a diagonal Gaussian posterior, a "
+            "standard normal prior and a Bernoulli likelihood; train one with network='mlp', "
+            "posterior='diagonal', prior='normal', likelihood='bernoulli'"
+        )
+    arrays = {"offset": likelihood.offset.detach().cpu().numpy()}
+    spec = {
+        "data_shape": list(likelihood.data_shape),
+        "latent_dim": posterior.latent_dim,
+        "encoder": mlp_spec(posterior.encoder, "enc", arrays),
+        "decoder": mlp_spec(likelihood.decoder, "dec", arrays),
+    }
+    return spec, arrays
+
+
+# ------------------------------------------------------------------------------ the two sides
+
+
+@torch.no_grad()
+def sanity_check(
+    model: VAEModel, x: torch.Tensor, spec: dict[str, Any], weights: dict[str, np.ndarray], k: int
+) -> dict[str, Any]:
+    """Both libraries on the same ε: per-example ELBO (one sample) and IWAE-k estimate."""
+    generator = torch.Generator().manual_seed(1)
+    eps = torch.randn(x.shape[0], model.posterior.latent_dim, generator=generator)
+    eps_iw = torch.randn(k, *eps.shape, generator=generator)
+    ours_elbo = model.elbo(x, samples=1, noise=eps[None]).elbo
+    q = model.posterior(x)
+    ours_iw = log_likelihood_with_proposal(x, q, model.prior(), model.likelihood, k, noise=eps_iw)
+    arrays = {**weights, "x": x.numpy(), "eps": eps.numpy(), "eps_iw": eps_iw.numpy()}
+    theirs = peers.run(PEER_SCRIPT, arrays=arrays, args={**spec, "job": "sanity"}).result
+    elbo_diff = np.abs(np.array(theirs["elbo"]) - ours_elbo.double().numpy()).max()
+    iw_diff = np.abs(np.array(theirs["log_px"]) - ours_iw.log_px.numpy()).max()
+    return {
+        "examples": int(x.shape[0]),
+        "k": k,
+        "vaelab_elbo": ours_elbo.tolist(),
+        "pythae_elbo": theirs["elbo"],
+        "vaelab_iwae": ours_iw.log_px.tolist(),
+        "pythae_iwae": theirs["log_px"],
+        "max_abs_diff_elbo": float(elbo_diff),
+        "max_abs_diff_iwae": float(iw_diff),
+        "passed": bool(max(elbo_diff, iw_diff) < SANITY_TOLERANCE),
+    }
+
+
+def time_pythae(
+    spec: dict[str, Any], weights: dict[str, np.ndarray], x: torch.Tensor, args: argparse.Namespace
+) -> dict[str, Any]:
+    job = {
+        **spec,
+        "job": "time",
+        "k": args.k,
+        "batch_size": args.pythae_batch_size,
+        "grad": args.pythae_grad,
+        "seed": args.seed,
+        "threads": args.threads,
+    }
+    peer = peers.run(PEER_SCRIPT, arrays={**weights, "x": x.numpy()}, args=job)
+    return {**peer.result, "process_seconds": peer.wall_seconds}
+
+
+def time_vaelab(model: VAEModel, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(args.seed)
+    cpu = time.process_time()
+    start = time.perf_counter()
+    estimate = log_likelihood(
+        model, x, k=args.k, batch_size=args.vaelab_batch_size, chunk_size=args.vaelab_chunk_size
+    )
+    seconds = time.perf_counter() - start
+    return {
+        "seconds": seconds,
+        "cpu_seconds": time.process_time() - cpu,
+        "mean_log_px": estimate.mean,
+        "standard_error": estimate.standard_error,
+        "mean_mc_standard_error": float(estimate.mc_standard_error.mean()),
+        "examples": int(x.shape[0]),
+    }
+
+
+# ------------------------------------------------------------------------------- reporting
+
+
+def busiest_processes(count: int = 5) -> list[str]:
+    """The processes using most CPU right now (``top``'s %CPU, not ``ps``'s lifetime average):
+    who else shares the cores during the measurement."""
+    try:
+        lines = subprocess.run(
+            ["top", "-b", "-c", "-n", "1", "-o", "%CPU", "-w", "200"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return []
+    header = next((i for i, line in enumerate(lines) if line.split()[:1] == ["PID"]), None)
+    if header is None:
+        return []
+    rows = [line.split(None, 11) for line in lines[header + 1 :]]
+    busy = [row for row in rows[:count] if len(row) == 12 and float(row[8]) > 0]
+    return [f"{row[8]}% {row[11][:80]}" for row in busy]
+
+
+def print_table(report: dict[str, Any]) -> None:
+    n = report["examples"]
+    p, v = report["pythae"], report["vaelab"]
+    rows = [
+        ("", f"pythae {report['versions']['pythae']} get_nll", f"vaelab {vaelab.__version__}"),
+        ("samples / image", f"{p['samples']:.0f}", f"{report['k']}"),
+        ("batch size", f"{report['pythae_batch_size']} samples", f"{report['vaelab_batch_size']} images"),
+        ("runs, s (N images)", " ".join(f"{s:.2f}" for s in p["runs"]), " ".join(f"{s:.2f}" for s in v["runs"])),
+        ("median, s", f"{p['median']:.3f}", f"{v['median']:.3f}"),
+        ("median CPU time, s", f"{p['median_cpu']:.3f}", f"{v['median_cpu']:.3f}"),
+        ("median, ms / image", f"{1e3 * p['median'] / n:.1f}", f"{1e3 * v['median'] / n:.1f}"),
+        ("mean log p(x), nats", f"{p['mean_log_px']:.2f}", f"{v['mean_log_px']:.2f} ± {v['standard_error']:.2f}"),
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    print()
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    print(
+        f"\nratio pythae / vaelab (median time, same {n} images, k={report['k']}): "
+        f"{report['ratio']:.2f}x   load average {report['load_average_start'][0]:.2f} → "
+        f"{report['load_average_end'][0]:.2f} on {os.cpu_count()} cores, "
+        f"torch threads per side: {report['threads']}"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()
+    busy_start = busiest_processes()
+    data_dir = (
+        args.data_dir or os.environ.get("VAELAB_DATA") or peers.REPO_DIR.parent / "shared" / "data"
+    )
+    splits = load_data("binarized-mnist", data_dir=data_dir)
+    # The test file is sorted by digit: a seeded random subset, never the first N.
+    order = np.random.default_rng(args.seed).permutation(len(splits.test))
+    test = torch.from_numpy(np.asarray(splits.test)[order[: args.examples]]).float()
+    model, source = trained_or_loaded(args, splits)
+    model = model.cpu().eval()
+    spec, weights = export(model)
+    peers.ensure_venv()
+
+    sanity = sanity_check(model, test[: args.sanity_examples], spec, weights, args.sanity_k)
+    print(
+        f"sanity ({sanity['examples']} images, shared ε): max |Δ ELBO| "
+        f"{sanity['max_abs_diff_elbo']:.2e}, max |Δ IWAE-{sanity['k']}| "
+        f"{sanity['max_abs_diff_iwae']:.2e} nats"
+    )
+    if not sanity["passed"]:
+        raise SystemExit("the two networks disagree: fix the export before timing anything")
+
+    log_likelihood(model, test[:1], k=min(args.k, 500))  # warm-up, as the peer warms up
+    runs: dict[str, list[dict[str, Any]]] = {"pythae": [], "vaelab": []}
+    for round_ in range(args.rounds):
+        for side in ("pythae", "vaelab"):
+            load = os.getloadavg()[0]
+            if side == "pythae":
+                run = time_pythae(spec, weights, test, args)
+            else:
+                run = time_vaelab(model, test, args)
+            run["load1_before"] = load
+            runs[side].append(run)
+            print(
+                f"round {round_ + 1} {side}: {run['seconds']:.2f} s (load {load:.2f})", flush=True
+            )
+
+    def summary(side: str) -> dict[str, Any]:
+        seconds = [r["seconds"] for r in runs[side]]
+        return {
+            "runs": seconds,
+            "median": statistics.median(seconds),
+            "median_cpu": statistics.median(r["cpu_seconds"] for r in runs[side]),
+            "mean_log_px": statistics.fmean(r["mean_log_px"] for r in runs[side]),
+            "details": runs[side],
+        }
+
+    pythae, ours = summary("pythae"), summary("vaelab")
+    pythae["samples"] = runs["pythae"][0]["decoded_per_example"]
+    pythae["autograd"] = args.pythae_grad
+    ours["standard_error"] = runs["vaelab"][0]["standard_error"]
+    report: dict[str, Any] = {
+        "benchmark": "loglik",
+        "examples": args.examples,
+        "k": args.k,
+        "pythae_batch_size": args.pythae_batch_size,
+        "vaelab_batch_size": args.vaelab_batch_size,
+        "vaelab_chunk_size": args.vaelab_chunk_size,
+        "model": source,
+        "seed": args.seed,
+        "sanity": sanity,
+        "pythae": pythae,
+        "vaelab": ours,
+        "ratio": pythae["median"] / ours["median"],
+        "threads": torch.get_num_threads(),
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
+        "busiest_processes_start": busy_start,
+        "busiest_processes_end": busiest_processes(),
+        "versions": {
+            "vaelab": vaelab.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "pythae": runs["pythae"][0]["versions"]["pythae"],
+            "peers_torch": runs["pythae"][0]["versions"]["torch"],
+        },
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    print_table(report)
+    out = args.out or RESULTS_DIR / time.strftime("loglik-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
