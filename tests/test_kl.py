@@ -22,6 +22,7 @@ from torch.distributions import (
 from torch.distributions.kl import _KL_REGISTRY, kl_divergence
 
 from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
+from vaelab.priors import StandardNormal
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -278,9 +279,10 @@ REGISTERED_PAIRS: list[tuple[Builder, Builder]] = [
 PAIR_IDS = ["indep-mvn", "mvn-indep", "indep-lowrank", "lowrank-indep"]
 
 
-def test_registration_adds_the_four_pairs_and_leaves_torch_pairs_alone():
+def test_registration_adds_the_missing_pairs_and_leaves_torch_pairs_alone():
     ours = {pair for pair, fn in _KL_REGISTRY.items() if fn.__module__ == "vaelab.kl"}
     assert ours == {
+        (Independent, StandardNormal),
         (Independent, MultivariateNormal),
         (MultivariateNormal, Independent),
         (Independent, LowRankMultivariateNormal),
@@ -500,3 +502,18 @@ def test_kl_gaussian_rejects_asymmetric_covariance():
 def test_kl_gaussian_tril_rejects_non_cholesky_factor(tril):
     with pytest.raises(ValueError, match=r"scale_tril2 must be a Cholesky factor"):
         kl_gaussian_tril(torch.zeros(2), torch.eye(2), torch.zeros(2), tril)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_kl_against_the_standard_normal_prior_matches_torch(batch, latent, seed):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(batch, latent, generator=g, dtype=torch.float64) * 3
+    scale = torch.exp(torch.randn(batch, latent, generator=g, dtype=torch.float64))
+    q = Independent(Normal(loc, scale), 1)
+    prior = StandardNormal(torch.zeros(latent, dtype=torch.float64))
+    zeros, ones = torch.zeros(latent, dtype=torch.float64), torch.ones(latent, dtype=torch.float64)
+    # torch's own Independent-Independent path, the same distribution under its plain type.
+    reference = kl_divergence(q, Independent(Normal(zeros, ones), 1))
+    assert torch.allclose(kl_divergence(q, prior), reference, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(prior.log_prob(loc), Normal(zeros, ones).log_prob(loc).sum(-1))

@@ -35,6 +35,8 @@ from torch.distributions import (
 )
 from torch.distributions.kl import _KL_REGISTRY, register_kl
 
+from vaelab.priors import StandardNormal
+
 __all__ = ["kl_gaussian", "kl_gaussian_tril", "kl_standard_normal"]
 
 
@@ -257,7 +259,14 @@ def _kl_full_independent(p: _FullGaussian, q: Independent) -> Tensor:
     return _kl_tril_vs_diag(p.loc, p.scale_tril, loc, scale)
 
 
+def _kl_diagonal_standard_normal(p: Independent, q: StandardNormal) -> Tensor:
+    loc, scale = _diagonal_normal(p)
+    _check_event_shapes(p, q)
+    return kl_standard_normal(loc, 2.0 * scale.log())
+
+
 _REGISTRATIONS: tuple[tuple[type[Distribution], type[Distribution], Callable[..., Tensor]], ...] = (
+    (Independent, StandardNormal, _kl_diagonal_standard_normal),
     (Independent, MultivariateNormal, _kl_independent_full),
     (MultivariateNormal, Independent, _kl_full_independent),
     (Independent, LowRankMultivariateNormal, _kl_independent_full),

@@ -46,6 +46,9 @@ class Likelihood(nn.Module):
         """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
         lead = z.shape[:-1]
         h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
+        if self.params_per_dim == 1:
+            # A view: unbind's backward would stack the gradient into a fresh copy.
+            return (h.squeeze(len(lead)) + self.offset,)
         first, *rest = h.unbind(dim=len(lead))
         return (first + self.offset, *rest)
 
@@ -64,7 +67,11 @@ class Likelihood(nn.Module):
 
     def forward(self, z: torch.Tensor) -> Distribution:
         """p(x|z) with ``batch_shape z.shape[:-1]`` and ``event_shape data_shape``."""
-        return Independent(self.distribution(self.decoder_params(z)), len(self.data_shape))
+        # Not validated: check_support already vetted the data where it enters; validating here
+        # would re-scan every batch at every step.
+        return Independent(
+            self.distribution(self.decoder_params(z)), len(self.data_shape), validate_args=False
+        )
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z], ``[*lead, *data_shape]``."""

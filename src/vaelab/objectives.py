@@ -101,11 +101,12 @@ def elbo(
     z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
     reconstruction = likelihood(z).log_prob(x).mean(0)  # [batch]
     kl_value, _ = kl_term(q, prior(), z, kl)
+    bound = reconstruction - kl_value
     return ElboTerms(
         reconstruction=reconstruction,
         kl=kl_value,
-        elbo=reconstruction - kl_value,
-        objective=reconstruction - beta * kl_value,
+        elbo=bound,
+        objective=bound if beta == 1.0 else reconstruction - beta * kl_value,
     )
 
 

@@ -28,7 +28,10 @@ class DiagonalGaussianPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Distribution:
         mu, log_var = self.encoder(x).split(self.latent_dim, dim=-1)  # [batch, latent] each
-        return Independent(Normal(mu, torch.exp(0.5 * log_var)), 1)
+        # Not validated: built from network outputs at every step, where the trainer's finite
+        # check on the loss catches the same overflow for less.
+        scale = torch.exp(0.5 * log_var)
+        return Independent(Normal(mu, scale, validate_args=False), 1, validate_args=False)
 
 
 class FullCovariancePosterior(nn.Module):

@@ -15,19 +15,28 @@ from torch import nn
 from torch.distributions import Categorical, Distribution, Independent, MixtureSameFamily, Normal
 
 
+class StandardNormal(Independent):
+    """N(0, I) over ``[latent]``: ``Independent(Normal(0, 1), 1)`` under its own type, so that
+    ``kl_divergence(q, p)`` for a diagonal Gaussian q dispatches to the closed form
+    ½ Σⱼ (μⱼ² + σⱼ² − log σⱼ² − 1) registered in ``vaelab.kl``. ``zeros`` (``[latent]``) sets the
+    size, dtype and device."""
+
+    def __init__(self, zeros: torch.Tensor) -> None:
+        base = Normal(zeros, torch.ones_like(zeros), validate_args=False)
+        super().__init__(base, 1, validate_args=False)
+
+
 class StandardNormalPrior(nn.Module):
     """p(z) = N(0, I)."""
 
     loc: torch.Tensor
-    scale: torch.Tensor
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
-        self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self) -> Distribution:
-        return Independent(Normal(self.loc, self.scale), 1)
+        return StandardNormal(self.loc)
 
 
 class LearnableGaussianPrior(nn.Module):

@@ -533,8 +533,9 @@ class Trainer:
                         raise
                     reason = str(error).split(", but found")[0][:200]
                     raise self._diverged(f"NaN or infinite ({reason})", epoch, i, steps) from error
-                if not torch.isfinite(loss):
-                    raise self._diverged(float(loss), epoch, i, steps)
+                value = loss.item()  # one read of the loss: cheaper than an isfinite kernel
+                if not math.isfinite(value):
+                    raise self._diverged(value, epoch, i, steps)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if self.config.grad_clip:
@@ -543,9 +544,8 @@ class Trainer:
                 self.step += 1
                 self.batch = i + 1
                 with torch.no_grad():
-                    self.sums += torch.stack(
-                        [terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]
-                    ).double()
+                    # One reduction for the three sums: [3, batch] → [3], accumulated in float64.
+                    self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl]).sum(1)
                 self.count += x.shape[0]
                 self.observer.step(self, x.shape[0])
                 if self._stop_requested:
