@@ -1,0 +1,885 @@
+"""Seconds per epoch: vaelab's ``Trainer`` against a minimal hand-written PyTorch loop, side by side.
+
+Issue 3 asks that in-memory data be batched by indexing tensors and that the trainer's epoch time be
+within 10% of a minimal hand-written loop for the same model and batch size. This script measures
+that, in one process, on the same core, alternating the two sides:
+
+- **A, vaelab**: the training path of ``VAE.fit`` and ``vaelab train``: ``build_model(ModelConfig)``,
+  ``likelihood.initialise`` on the training data, ``IndexedBatches`` over one in-memory float32
+  tensor and ``Trainer(...).fit``. No observer (so no progress bar), no checkpoint, no validation
+  data (``vaelab train`` also evaluates a validation split after each epoch; that is not timed
+  here): what is left is the trainer itself (learning-rate schedule, β, the non-finite check, the
+  epoch's metric sums, the end-of-epoch parameter check).
+- **B, by hand**: ``nn.Sequential`` encoder and decoder with the same layer sizes, starting from the
+  same weights (the decoder's data-mean offset folded into its last bias, which is the same
+  function), ``Adam`` with the same learning rate, ``torch.randperm`` and tensor indexing for the
+  batches, z = μ + σ ε, the closed-form KL against N(0, I) and
+  ``binary_cross_entropy_with_logits(reduction="sum")``; ``backward``, ``step``. Nothing else: no
+  validation, no metrics, no checks, a constant learning rate.
+- **C, vaelab with its run log** (``--no-run-log`` to skip): A plus what ``vaelab train`` adds to
+  every epoch: the ``RunLog`` observer (quiet, so no bar, but ``metrics.jsonl`` and TensorBoard
+  scalars written each epoch) and a checkpoint at every epoch end (60 s mid-epoch, the default),
+  in a temporary folder. Reported as its own line and as the overhead C / A.
+
+Before any timing, A and B must give the same loss on a shared batch and shared ε (float32
+precision): same network, same objective, so a time difference is the implementation's alone.
+
+Each configuration warms up one unit of each side, then runs ``--rounds`` rounds of A, B (, C); a
+unit is one epoch on MNIST and ``--digits-epochs`` epochs on the digits (15 batches an epoch are too
+few to time alone). Every unit starts a new ``Trainer`` (A, C) or a new ``Adam`` (B) outside the
+timer, on weights that carry on from the unit before. Medians of wall-clock seconds per epoch are
+compared; CPU seconds (``time.process_time``) are recorded too, since on a shared machine wall time
+also counts waiting for a core, and so is the spread of the per-round ratios A / B.
+
+When A / B is above ``--threshold`` (1.10), the step is taken apart: each phase of ``Trainer.fit``'s
+step (batch, schedule, forward and loss, non-finite check, backward, optimiser step, bookkeeping)
+is timed against the same phase of B, and so is each line of the forward pass, with a third
+column for A with ``torch.distributions`` argument validation switched off; the two losses'
+autograd nodes and ATen calls are counted; and a cProfile of A's real ``fit`` lists the functions
+that cost most.
+
+One torch thread by default (``--threads``): the machine has two cores and others use them; one
+thread per side keeps runs comparable. The load average and the processes that used CPU during the
+run are recorded with the results in ``bench/results/trainer-<time>.json``.
+
+Usage (from the repository root, in vaelab's venv)::
+
+    .venv/bin/python bench/bench_trainer.py                     # digits, MNIST, MNIST Burda et al.
+    .venv/bin/python bench/bench_trainer.py --configs digits --rounds 9
+    .venv/bin/python bench/bench_trainer.py --breakdown always --no-run-log
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import cProfile
+import io
+import json
+import math
+import os
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Distribution
+
+import vaelab
+from vaelab.checkpoint import CHECKPOINT_FILE
+from vaelab.data import DataError, load_data
+from vaelab.estimator import INIT_EXAMPLES
+from vaelab.model import VAEModel
+from vaelab.objectives import ElboTerms, kl_term
+from vaelab.registry import ModelConfig, build_model
+from vaelab.runconfig import RunConfig
+from vaelab.runs import RunLog
+from vaelab.training import CheckpointPolicy, IndexedBatches, TrainConfig, Trainer, learning_rate
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
+DEVICE = torch.device("cpu")
+CPU_ACTIVITY = torch.profiler.ProfilerActivity.CPU
+# Two float32 sums over ~800 terms in different orders agree to ~1e-5 relative; a different
+# network, offset or objective is off by far more.
+SANITY_TOLERANCE = 1e-4
+SIDES = {"A": "vaelab Trainer", "B": "hand-written loop", "C": "vaelab + run log"}
+# Plain torch.nn activations for the hand-written side: it must not borrow vaelab's modules.
+HAND_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One benchmarked configuration: a data set and an architecture (Bernoulli likelihood,
+    diagonal Gaussian posterior, N(0, I) prior, MLP: the vaelab defaults)."""
+
+    name: str
+    data: str
+    latent_dim: int
+    hidden: tuple[int, ...]
+    activation: str
+
+    def describe(self) -> str:
+        hidden = ",".join(map(str, self.hidden))
+        return f"{self.data}: latent {self.latent_dim}, hidden {hidden} {self.activation}"
+
+
+SETTINGS = {
+    "digits": Setting("digits", "digits", 8, (256,), "relu"),
+    "mnist": Setting("mnist", "mnist", 8, (256,), "relu"),
+    # Burda et al. (2016), one stochastic layer: 784-200-200-50, tanh.
+    "mnist-burda": Setting("mnist-burda", "mnist", 50, (200, 200), "tanh"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=list(SETTINGS),
+        default=list(SETTINGS),
+        help="configurations to run (default: all)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per side (default 5)")
+    parser.add_argument(
+        "--digits-epochs", type=int, default=20, help="epochs per timed unit on digits (default 20)"
+    )
+    parser.add_argument(
+        "--mnist-epochs", type=int, default=1, help="epochs per timed unit on MNIST (default 1)"
+    )
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1; 0: torch's default)"
+    )
+    parser.add_argument(
+        "--no-run-log", action="store_true", help="skip side C (RunLog observer + checkpoints)"
+    )
+    parser.add_argument(
+        "--breakdown",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="per-step breakdown and profile: when A/B > --threshold (auto), always or never",
+    )
+    parser.add_argument("--threshold", type=float, default=1.10)
+    parser.add_argument(
+        "--breakdown-steps", type=int, default=150, help="steps per side in the breakdown"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", type=Path, help="default: $VAELAB_DATA or ../shared/data")
+    parser.add_argument("--out", type=Path, help="result JSON (default: bench/results/...)")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.digits_epochs < 1 or args.mnist_epochs < 1:
+        parser.error("--rounds, --digits-epochs and --mnist-epochs must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------------------------ the sides
+
+
+def vaelab_model(setting: Setting, x: torch.Tensor, seed: int) -> VAEModel:
+    """The model as ``VAE.fit`` builds it: ``build_model`` then the decoder's start at the data."""
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        data_shape=tuple(int(s) for s in x.shape[1:]),
+        latent_dim=setting.latent_dim,
+        hidden=setting.hidden,
+        likelihood="bernoulli",
+        activation=setting.activation,
+    )
+    model = build_model(config).to(DEVICE)
+    model.likelihood.initialise(x[:INIT_EXAMPLES])
+    return model
+
+
+def sequential(sizes: list[int], activation: str) -> nn.Sequential:
+    """``Linear`` layers of ``sizes`` with ``activation`` between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        if i:
+            layers.append(HAND_ACTIVATIONS[activation]())
+        layers.append(nn.Linear(fan_in, fan_out))
+    return nn.Sequential(*layers)
+
+
+def hand_networks(setting: Setting, model: VAEModel) -> tuple[nn.Sequential, nn.Sequential]:
+    """Encoder ``[batch, D] → [batch, 2 · latent]`` and decoder ``[batch, latent] → [batch, D]`` of
+    the same sizes as ``model``, with its weights. vaelab adds a fixed offset (the data-mean logits)
+    to the decoder output; here it goes into the last bias, which computes the same function."""
+    data_dim = math.prod(model.likelihood.data_shape)
+    latent, hidden = setting.latent_dim, list(setting.hidden)
+    encoder = sequential([data_dim, *hidden, 2 * latent], setting.activation)
+    decoder = sequential([latent, *reversed(hidden), data_dim], setting.activation)
+    with torch.no_grad():
+        encoder.load_state_dict(model.posterior.encoder.layers.state_dict())
+        decoder.load_state_dict(model.likelihood.decoder.layers.state_dict())
+        decoder[-1].bias += model.likelihood.offset.reshape(-1)
+    return encoder, decoder
+
+
+def hand_loss(
+    encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, eps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The negative ELBO averaged over the batch, ``x: [batch, D]``, one sample of z."""
+    mu, log_var = encoder(x).chunk(2, dim=-1)  # [batch, latent] each
+    std = torch.exp(0.5 * log_var)
+    z = mu + std * (torch.randn_like(std) if eps is None else eps)
+    reconstruction = F.binary_cross_entropy_with_logits(decoder(z), x, reduction="sum")
+    # KL(N(μ, σ²) ‖ N(0, 1)) = ½ (μ² + σ² − 1 − log σ²), summed over dimensions and examples.
+    kl = 0.5 * (mu.square() + std.square() - 1 - log_var).sum()
+    return (reconstruction + kl) / x.shape[0]
+
+
+def hand_epochs(
+    encoder: nn.Module,
+    decoder: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    batch_size: int,
+    epochs: int,
+    generator: torch.Generator,
+) -> None:
+    """The minimal loop: ``x: [n, D]`` in memory, a permutation per epoch, one slice per batch."""
+    n = x.shape[0]
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=generator)
+        for lo in range(0, n, batch_size):
+            loss = hand_loss(encoder, decoder, x[order[lo : lo + batch_size]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+
+@torch.no_grad()
+def sanity_check(
+    model: VAEModel, encoder: nn.Module, decoder: nn.Module, x: torch.Tensor, latent: int
+) -> dict[str, Any]:
+    """A's and B's loss on the same batch and the same ε."""
+    eps = torch.randn(x.shape[0], latent, generator=torch.Generator().manual_seed(1))
+    ours = float(-model.elbo(x, noise=eps[None]).objective.mean())
+    hand = float(hand_loss(encoder, decoder, x.reshape(x.shape[0], -1), eps))
+    relative = abs(ours - hand) / abs(hand)
+    return {"vaelab_loss": ours, "hand_loss": hand, "relative_diff": relative}
+
+
+# ---------------------------------------------------------------------------------------- timing
+
+
+def timed(run: Callable[[], object]) -> dict[str, float]:
+    load = os.getloadavg()[0]
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    return {
+        "wall": time.perf_counter() - wall,
+        "cpu": time.process_time() - cpu,
+        "load1_before": load,
+    }
+
+
+class Bench:
+    """The three sides of one configuration, each keeping its own weights across units."""
+
+    def __init__(self, setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> None:
+        self.setting, self.x, self.args = setting, x, args
+        self.flat = x.reshape(x.shape[0], -1)  # B's view of the same memory
+        self.model = vaelab_model(setting, x, args.seed)
+        self.encoder, self.decoder = hand_networks(setting, self.model)
+        self.sanity = sanity_check(
+            self.model, self.encoder, self.decoder, x[: args.batch_size], setting.latent_dim
+        )
+        self.run_model = copy.deepcopy(self.model)
+        self.generators = {side: torch.Generator().manual_seed(args.seed + 1) for side in SIDES}
+        self.epochs = args.digits_epochs if setting.data == "digits" else args.mnist_epochs
+        self.train_config = TrainConfig(epochs=self.epochs, batch_size=args.batch_size, lr=args.lr)
+
+    def unit(self, side: str) -> dict[str, float]:
+        """``self.epochs`` epochs of one side; set-up outside the timer, seconds per epoch."""
+        if side == "B":
+            optimizer = torch.optim.Adam(
+                [*self.encoder.parameters(), *self.decoder.parameters()], lr=self.args.lr
+            )
+            result = timed(
+                lambda: hand_epochs(
+                    self.encoder,
+                    self.decoder,
+                    optimizer,
+                    self.flat,
+                    self.args.batch_size,
+                    self.epochs,
+                    self.generators["B"],
+                )
+            )
+        else:
+            source = IndexedBatches(self.x, self.args.batch_size, self.generators[side])
+            if side == "A":
+                trainer = Trainer(self.model, copy.copy(self.train_config), DEVICE)
+                result = timed(lambda: trainer.fit(source))
+            else:
+                with tempfile.TemporaryDirectory(prefix="bench-trainer-") as folder:
+                    trainer = Trainer(
+                        self.run_model,
+                        copy.copy(self.train_config),
+                        DEVICE,
+                        checkpoint=CheckpointPolicy(
+                            path=Path(folder) / CHECKPOINT_FILE,
+                            every_seconds=RunConfig().checkpoint_seconds or None,
+                            extra={"run": {"benchmark": "trainer"}},
+                        ),
+                    )
+                    run_log = RunLog(Path(folder), self.epochs, quiet=True, log=io.StringIO())
+                    trainer.observer = run_log
+                    try:
+                        result = timed(lambda: trainer.fit(source))
+                    finally:
+                        run_log.close()
+            # The trainer's own clock: the batch loop only, without the epoch-end work.
+            result["trainer_seconds"] = sum(m.seconds for m in trainer.history)
+        for key in ("wall", "cpu", "trainer_seconds"):
+            if key in result:
+                result[key] /= self.epochs
+        return result
+
+
+def run_setting(setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    bench = Bench(setting, x, args)
+    steps = -(-x.shape[0] // args.batch_size)
+    print(
+        f"\n{setting.describe()}; {x.shape[0]} examples, {steps} batches of {args.batch_size} an "
+        f"epoch, {bench.epochs} epoch(s) per unit; sanity: |Δ loss| / loss = "
+        f"{bench.sanity['relative_diff']:.1e}",
+        flush=True,
+    )
+    if bench.sanity["relative_diff"] > SANITY_TOLERANCE:
+        raise SystemExit("A and B compute different losses: fix the hand-written side first")
+    sides = ["A", "B"] if args.no_run_log else ["A", "B", "C"]
+    for side in sides:  # warm-up: allocator, kernels, Adam state, TensorBoard writer
+        bench.unit(side)
+    runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+    for round_ in range(args.rounds):
+        for side in sides:
+            runs[side].append(bench.unit(side))
+        line = "  ".join(f"{side} {runs[side][-1]['wall']:.4f}" for side in sides)
+        print(f"  round {round_ + 1}: s/epoch {line}", flush=True)
+
+    def summary(side: str) -> dict[str, Any]:
+        walls = [r["wall"] for r in runs[side]]
+        found = {
+            "name": SIDES[side],
+            "runs": runs[side],
+            "median_seconds_per_epoch": statistics.median(walls),
+            "min_seconds_per_epoch": min(walls),
+            "median_cpu_seconds_per_epoch": statistics.median(r["cpu"] for r in runs[side]),
+            "median_ms_per_step": 1e3 * statistics.median(walls) / steps,
+        }
+        if side != "B":
+            found["median_trainer_seconds_per_epoch"] = statistics.median(
+                r["trainer_seconds"] for r in runs[side]
+            )
+        return found
+
+    result: dict[str, Any] = {
+        "setting": setting.__dict__ | {"hidden": list(setting.hidden)},
+        "examples": int(x.shape[0]),
+        "steps_per_epoch": steps,
+        "epochs_per_unit": bench.epochs,
+        "sanity": bench.sanity,
+        "sides": {side: summary(side) for side in sides},
+    }
+    a, b = result["sides"]["A"], result["sides"]["B"]
+    result["ratio_a_b"] = a["median_seconds_per_epoch"] / b["median_seconds_per_epoch"]
+    result["ratio_a_b_cpu"] = a["median_cpu_seconds_per_epoch"] / b["median_cpu_seconds_per_epoch"]
+    # The ratio of per-round pairs is robust to slow drifts in the machine's load.
+    pairs = [ra["wall"] / rb["wall"] for ra, rb in zip(runs["A"], runs["B"], strict=True)]
+    result["ratio_a_b_paired_median"] = statistics.median(pairs)
+    result["ratio_a_b_paired_range"] = [min(pairs), max(pairs)]
+    if "C" in runs:
+        c = result["sides"]["C"]
+        result["ratio_c_a"] = c["median_seconds_per_epoch"] / a["median_seconds_per_epoch"]
+    wanted = args.breakdown == "always" or (
+        args.breakdown == "auto" and result["ratio_a_b"] > args.threshold
+    )
+    if wanted:
+        result["breakdown"] = breakdown(bench, args.breakdown_steps)
+        result["profile"] = profile_trainer(bench, args.breakdown_steps)
+    return result
+
+
+# ------------------------------------------------------------------------------------ breakdown
+
+PHASES = ("batch", "schedule", "forward", "finite check", "backward", "optimizer", "bookkeeping")
+
+
+FORWARD = ("encoder, q(z|x)", "sample z", "decoder, p(x|z)", "log p(x|z)", "KL", "combine")
+
+
+class Clock:
+    """Seconds spent in named phases, accumulated over steps."""
+
+    def __init__(self, phases: tuple[str, ...] = PHASES) -> None:
+        self.seconds = dict.fromkeys(phases, 0.0)
+        self.last = time.perf_counter()
+
+    def restart(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.last
+        self.last = now
+
+
+def vaelab_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
+    """``steps`` optimiser steps with the body of ``Trainer.fit``'s loop (training.py, the
+    ``for i, x in enumerate(train.batches(...))`` block), cut into phases. It calls the trainer's
+    own ``_loss``, schedule and optimiser; only the order of the calls is written out here."""
+    trainer = Trainer(copy.deepcopy(bench.model), copy.copy(bench.train_config), DEVICE)
+    per_epoch = -(-bench.x.shape[0] // bench.args.batch_size)
+    total = per_epoch * bench.epochs  # as fit's total_steps; it only sets the learning rate
+    clock = Clock()
+    for i in range(steps):
+        x = next(batches).to(DEVICE)
+        clock.lap("batch")
+        lr = learning_rate(trainer.config, trainer.step, total)
+        for group in trainer.optimizer.param_groups:
+            group["lr"] = lr
+        kl_weight = trainer._kl_weight(0, (i % per_epoch) / per_epoch)
+        clock.lap("schedule")
+        loss, terms = trainer._loss(x, kl_weight)
+        clock.lap("forward")
+        if not torch.isfinite(loss):
+            raise SystemExit("the loss diverged during the breakdown")
+        clock.lap("finite check")
+        trainer.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.lap("backward")
+        trainer.optimizer.step()
+        clock.lap("optimizer")
+        trainer.step += 1
+        with torch.no_grad():
+            trainer.sums += torch.stack(
+                [terms.elbo.sum(), terms.reconstruction.sum(), terms.kl.sum()]
+            ).double()
+        trainer.count += x.shape[0]
+        trainer.observer.step(trainer, x.shape[0])
+        trainer._checkpoint_due()
+        clock.lap("bookkeeping")
+    return clock.seconds
+
+
+def hand_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
+    encoder, decoder = copy.deepcopy(bench.encoder), copy.deepcopy(bench.decoder)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=bench.args.lr)
+    clock = Clock()
+    for _ in range(steps):
+        x = next(batches)
+        clock.lap("batch")
+        loss = hand_loss(encoder, decoder, x)
+        clock.lap("forward")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clock.lap("backward")
+        optimizer.step()
+        clock.lap("optimizer")
+    return clock.seconds
+
+
+def vaelab_forward(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
+    """A's forward pass cut into the lines of ``vaelab.objectives.elbo`` (one sample, β = 1, the
+    KL chosen by ``kl_term``), with autograd recording as in training."""
+    model = bench.model
+    clock = Clock(FORWARD)
+    for _ in range(steps):
+        x = next(batches)
+        clock.restart()
+        q = model.posterior(x)
+        clock.lap("encoder, q(z|x)")
+        z = q.rsample((1,))
+        clock.lap("sample z")
+        p_x = model.likelihood(z)
+        clock.lap("decoder, p(x|z)")
+        reconstruction = p_x.log_prob(x).mean(0)
+        clock.lap("log p(x|z)")
+        kl, _ = kl_term(q, model.prior(), z)
+        clock.lap("KL")
+        terms = ElboTerms(reconstruction, kl, reconstruction - kl, reconstruction - 1.0 * kl)
+        _ = -terms.objective.mean()
+        clock.lap("combine")
+    return clock.seconds
+
+
+def hand_forward(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
+    """B's forward pass (``hand_loss``) cut into the same pieces."""
+    encoder, decoder = bench.encoder, bench.decoder
+    clock = Clock(FORWARD)
+    for _ in range(steps):
+        x = next(batches)
+        clock.restart()
+        mu, log_var = encoder(x).chunk(2, dim=-1)
+        std = torch.exp(0.5 * log_var)
+        clock.lap("encoder, q(z|x)")
+        z = mu + std * torch.randn_like(std)
+        clock.lap("sample z")
+        logits = decoder(z)
+        clock.lap("decoder, p(x|z)")
+        reconstruction = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+        clock.lap("log p(x|z)")
+        kl = 0.5 * (mu.square() + std.square() - 1 - log_var).sum()
+        clock.lap("KL")
+        _ = (reconstruction + kl) / x.shape[0]
+        clock.lap("combine")
+    return clock.seconds
+
+
+def endless(x: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled batches by indexing, epoch after epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(x.shape[0], generator=generator)
+        for lo in range(0, x.shape[0] - batch_size + 1, batch_size):
+            yield x[order[lo : lo + batch_size]]
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null: torch.profiler's C++ side logs its start and stop
+    there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def graph_size(bench: Bench) -> dict[str, dict[str, int]]:
+    """How much work each side's loss is made of, on one batch: autograd nodes that backward
+    visits (parameters' gradient accumulators not counted) and ATen calls in the forward pass."""
+    x = bench.x[: bench.args.batch_size]
+    trainer = Trainer(bench.model, copy.copy(bench.train_config), DEVICE)
+    losses = {
+        "A": lambda: trainer._loss(x, bench.train_config.beta)[0],
+        "B": lambda: hand_loss(bench.encoder, bench.decoder, x.reshape(x.shape[0], -1)),
+    }
+    found: dict[str, dict[str, int]] = {"autograd_nodes": {}, "aten_calls_forward": {}}
+    for side, loss in losses.items():
+        seen, stack = set(), [loss().grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or type(node).__name__ == "AccumulateGrad":
+                continue
+            seen.add(node)
+            stack.extend(parent for parent, _ in node.next_functions)
+        found["autograd_nodes"][side] = len(seen)
+        with quiet_stderr(), torch.profiler.profile(activities=[CPU_ACTIVITY]) as profiler:
+            loss()
+        events = profiler.key_averages()
+        found["aten_calls_forward"][side] = sum(
+            e.count for e in events if e.key.startswith("aten::")
+        )
+    nodes, calls = found["autograd_nodes"], found["aten_calls_forward"]
+    print(
+        f"  one loss: {nodes['A']} autograd nodes in A, {nodes['B']} in B; "
+        f"{calls['A']} ATen calls in A's forward, {calls['B']} in B's"
+    )
+    return found
+
+
+def breakdown(bench: Bench, steps: int) -> dict[str, Any]:
+    """Milliseconds per step in each phase: A, B and A without distribution argument checks,
+    interleaved in blocks of ``steps // 5`` steps, summed."""
+    block = max(1, steps // 5)
+    size, seed = bench.args.batch_size, bench.args.seed
+    kinds = {
+        "A": lambda: vaelab_steps(bench, endless(bench.x, size, seed), block),
+        "B": lambda: hand_steps(bench, endless(bench.flat, size, seed), block),
+        "A, validate_args=False": lambda: unvalidated(
+            lambda: vaelab_steps(bench, endless(bench.x, size, seed), block)
+        ),
+    }
+    totals = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
+    for _ in range(5):
+        for kind, run in kinds.items():
+            for phase, seconds in run().items():
+                totals[kind][phase] += seconds
+    ms = {
+        kind: {phase: 1e3 * s / (5 * block) for phase, s in phases.items()}
+        for kind, phases in totals.items()
+    }
+    for phases in ms.values():
+        phases["step"] = sum(phases[p] for p in PHASES)
+    print("  per-step breakdown, ms (A's phases follow Trainer.fit's loop body):")
+    print_phases(ms, (*PHASES, "step"))
+
+    forward_kinds = {
+        "A": lambda: vaelab_forward(bench, endless(bench.x, size, seed), block),
+        "B": lambda: hand_forward(bench, endless(bench.flat, size, seed), block),
+        "A, validate_args=False": lambda: unvalidated(
+            lambda: vaelab_forward(bench, endless(bench.x, size, seed), block)
+        ),
+    }
+    forward = {kind: dict.fromkeys(FORWARD, 0.0) for kind in forward_kinds}
+    for _ in range(5):
+        for kind, run in forward_kinds.items():
+            for piece, seconds in run().items():
+                forward[kind][piece] += seconds
+    forward_ms = {
+        kind: {piece: 1e3 * s / (5 * block) for piece, s in pieces.items()}
+        for kind, pieces in forward.items()
+    }
+    for pieces in forward_ms.values():
+        pieces["forward"] = sum(pieces[p] for p in FORWARD)
+    print("  forward pass, ms per step (A's pieces follow vaelab.objectives.elbo):")
+    print_phases(forward_ms, (*FORWARD, "forward"))
+    return {
+        "ms_per_step": ms,
+        "forward_ms_per_step": forward_ms,
+        "steps_per_kind": 5 * block,
+        "graph": graph_size(bench),
+    }
+
+
+def unvalidated(run: Callable[[], dict[str, float]]) -> dict[str, float]:
+    """``run`` with torch.distributions' argument validation off (it is on by default)."""
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        return run()
+    finally:
+        Distribution.set_default_validate_args(before)
+
+
+def print_phases(ms: dict[str, dict[str, float]], rows: tuple[str, ...]) -> None:
+    kinds = list(ms)
+    print("  " + "".ljust(16) + "".join(k.rjust(24) for k in kinds) + "A - B".rjust(9))
+    for row in rows:
+        cells = "".join(f"{ms[k][row]:24.3f}" for k in kinds)
+        print(f"  {row:16}{cells}{ms['A'][row] - ms['B'][row]:9.3f}")
+
+
+def profile_trainer(bench: Bench, steps: int) -> dict[str, Any]:
+    """cProfile of A's real ``Trainer.fit`` over about ``steps`` steps: a prefix of the data when
+    it has more batches, several epochs when it has fewer."""
+    size = bench.args.batch_size
+    source = IndexedBatches(
+        bench.x[: steps * size], size, torch.Generator().manual_seed(bench.args.seed)
+    )
+    epochs = max(1, round(steps / len(source)))
+    config = TrainConfig(epochs=epochs, batch_size=size, lr=bench.args.lr)
+    trainer = Trainer(copy.deepcopy(bench.model), config, DEVICE)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    trainer.fit(source)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, function), (_, calls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = function
+        if line:
+            where = f"{Path(filename).name}:{line}({function})"
+        if "site-packages/torch/" in filename:
+            where = "torch/" + filename.split("site-packages/torch/")[1] + f":{line}({function})"
+        rows.append({"function": where, "calls": calls, "tottime": tottime, "cumtime": cumtime})
+    steps_run = trainer.step
+
+    def show(title: str, chosen: list[dict[str, Any]]) -> None:
+        print(f"  cProfile of Trainer.fit ({steps_run} steps), {title}, µs per step:")
+        for row in chosen:
+            print(
+                f"    {1e6 * row['tottime'] / steps_run:8.1f} own "
+                f"{1e6 * row['cumtime'] / steps_run:8.1f} cumulative "
+                f"{row['calls'] / steps_run:5.1f} calls/step  {row['function'][:80]}"
+            )
+
+    by_own = sorted(rows, key=lambda r: r["tottime"], reverse=True)
+    # Python-level code between the kernels: vaelab's and torch.distributions'.
+    ours = sorted(
+        (r for r in rows if r["function"].startswith(("torch/distributions", *VAELAB_FILES))),
+        key=lambda r: r["cumtime"],
+        reverse=True,
+    )
+    show("top by own time", by_own[:12])
+    show("vaelab and torch.distributions by cumulative time", ours[:16])
+    return {"steps": steps_run, "top_by_tottime": by_own[:40], "vaelab_and_distributions": ours}
+
+
+# ------------------------------------------------------------------------------------- machine
+
+
+def process_cpu() -> dict[int, tuple[float, str]]:
+    """CPU seconds used so far by every process, from ``ps``: pid → (seconds, command)."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pid=,cputimes=,args="], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            found[int(parts[0])] = (float(parts[1]), parts[2][:120])
+    return found
+
+
+class ProcessWatch:
+    """Which other processes use the CPU during the run, from ``ps`` snapshots taken at the start,
+    after each configuration and at the end: a process's share is the CPU time it gained between
+    the first and the last snapshot it appears in (from zero if it started after the first), over
+    the run's wall time."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[float, str]] = {}
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        initial = not self.last
+        for pid, (cpu, command) in process_cpu().items():
+            self.first.setdefault(pid, cpu if initial else 0.0)
+            self.last[pid] = (cpu, command)
+
+    def busy(self, threshold: float = 0.05) -> list[dict[str, Any]]:
+        """Other processes that used at least ``threshold`` of a core, busiest first."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        busy = []
+        for pid, (cpu, command) in self.last.items():
+            share = (cpu - self.first[pid]) / seconds
+            if pid != os.getpid() and share >= threshold:
+                busy.append(
+                    {"pid": pid, "percent_of_a_core": round(100 * share), "command": command}
+                )
+        return sorted(busy, key=lambda p: p["percent_of_a_core"], reverse=True)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = (
+        "config",
+        "steps",
+        "A vaelab",
+        "B hand",
+        "A/B",
+        "A/B cpu",
+        "pairs: median",
+        "min-max",
+        "C +log",
+        "C/A",
+    )
+    rows = [header]
+    for name, r in report["results"].items():
+        if "skipped" in r:
+            rows.append((name, "skipped", *[""] * (len(header) - 2)))
+            continue
+        sides = r["sides"]
+        c = sides.get("C")
+        rows.append(
+            (
+                name,
+                str(r["steps_per_epoch"]),
+                f"{sides['A']['median_seconds_per_epoch']:.4f}",
+                f"{sides['B']['median_seconds_per_epoch']:.4f}",
+                f"{r['ratio_a_b']:.3f}",
+                f"{r['ratio_a_b_cpu']:.3f}",
+                f"{r['ratio_a_b_paired_median']:.3f}",
+                "{:.3f}-{:.3f}".format(*r["ratio_a_b_paired_range"]),
+                f"{c['median_seconds_per_epoch']:.4f}" if c else "-",
+                f"{r['ratio_c_a']:.3f}" if c else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print("\nmedian seconds per epoch (wall clock), ratios of medians:")
+    for row in rows:
+        print(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+    start, end = report["load_average_start"], report["load_average_end"]
+    print(
+        f"load average (1 min) {start[0]:.2f} → {end[0]:.2f} on {os.cpu_count()} cores; "
+        f"torch threads {report['threads']}; {report['total_seconds']:.0f} s in all"
+    )
+    if not report["other_processes"]:
+        print("  no other process used 5% of a core or more")
+    for p in report["other_processes"]:
+        print(
+            f"  also running: {p['percent_of_a_core']}% of a core, pid {p['pid']}: {p['command'][:100]}"
+        )
+
+
+def mnist_missing(data_dir: Path) -> str | None:
+    if (data_dir / "mnist").is_dir():
+        return None
+    return (
+        f"skipping MNIST: no mnist/ folder in {data_dir}; pass --data-dir or set VAELAB_DATA to "
+        "the folder that holds mnist/"
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data_dir = Path(
+        args.data_dir or os.environ.get("VAELAB_DATA") or REPO_DIR.parent / "shared" / "data"
+    )
+    started = time.perf_counter()
+    load_start, watch = os.getloadavg(), ProcessWatch()
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
+        f"{load_start[0]:.2f} on {os.cpu_count()} cores; A = {SIDES['A']}, B = {SIDES['B']}, "
+        f"C = {SIDES['C']} (no progress bar on any side)"
+    )
+    results: dict[str, Any] = {}
+    cache: dict[str, torch.Tensor] = {}
+    for name in args.configs:
+        setting = SETTINGS[name]
+        if setting.data == "mnist" and (reason := mnist_missing(data_dir)):
+            print(reason)
+            results[name] = {"skipped": reason}
+            continue
+        if setting.data not in cache:
+            try:
+                splits = load_data(setting.data, data_dir=data_dir)
+            except DataError as error:
+                print(f"skipping {name}: {error}")
+                results[name] = {"skipped": str(error)}
+                continue
+            # As `vaelab train` holds an in-memory split: one float32 tensor.
+            cache[setting.data] = torch.from_numpy(np.asarray(splits.train, dtype=np.float32))
+        results[name] = run_setting(setting, cache[setting.data], args)
+        watch.snapshot()
+    total = time.perf_counter() - started
+    report: dict[str, Any] = {
+        "benchmark": "trainer",
+        "results": results,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "rounds": args.rounds,
+        "seed": args.seed,
+        "total_seconds": total,
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
+        "other_processes": watch.busy(),
+        "versions": {
+            "vaelab": vaelab.__version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+    print_table(report)
+    out = args.out or RESULTS_DIR / time.strftime("trainer-%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
