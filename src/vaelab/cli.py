@@ -190,11 +190,7 @@ def build_parser() -> Parser:
             "full-covariance family, in nats per example with standard errors."
         ),
     )
-    gap.add_argument("model", metavar="DIR", help="a model folder")
-    gap.add_argument(
-        "--data", metavar="DATA", help="examples (default: the training data's test split)"
-    )
-    _data_dir_option(gap)
+    _model_and_data_options(gap, "examples")
     gap.add_argument("--n", type=int, default=500, metavar="N", help="examples (default: 500)")
     gap.add_argument(
         "--k", type=int, default=5000, metavar="K",
@@ -221,11 +217,7 @@ def build_parser() -> Parser:
             "label, the 2-D latent manifold, interpolations and the KL per dimension."
         ),
     )
-    report.add_argument("model", metavar="DIR", help="a model folder")
-    report.add_argument(
-        "--data", metavar="DATA", help="examples (default: the training data's test split)"
-    )
-    _data_dir_option(report)
+    _model_and_data_options(report, "examples")
     report.add_argument(
         "--out", "-o", metavar="FILE.html", help="output file (default: DIR/report.html)"
     )
@@ -262,13 +254,7 @@ def build_parser() -> Parser:
             "the posterior mean, as a PNG; or a [2, N, ...] .npy array (originals, reconstructions)."
         ),
     )
-    reconstruct.add_argument("model", metavar="DIR", help="a model folder")
-    reconstruct.add_argument(
-        "--data",
-        metavar="DATA",
-        help="examples to reconstruct (default: the training data's test split)",
-    )
-    _data_dir_option(reconstruct)
+    _model_and_data_options(reconstruct, "examples to reconstruct")
     reconstruct.add_argument(
         "--out", "-o", required=True, metavar="FILE.png", help="output .png or .npy"
     )
@@ -283,16 +269,21 @@ def build_parser() -> Parser:
         help="posterior means of every example, as .npy",
         description="Posterior means E_q[z|x] of every example of DATA, [n, latent] float32, in file order.",
     )
-    encode.add_argument("model", metavar="DIR", help="a model folder")
-    encode.add_argument(
-        "--data",
-        metavar="DATA",
-        help="examples to encode (default: the training data's test split)",
-    )
-    _data_dir_option(encode)
+    _model_and_data_options(encode, "examples to encode")
     encode.add_argument("--out", "-o", required=True, metavar="Z.npy", help="output .npy file")
     encode.set_defaults(handler=cmd_encode)
     return parser
+
+
+def _model_and_data_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """DIR, --data and --data-dir: the options of every command that reads a model and data."""
+    parser.add_argument(
+        "model", metavar="DIR", help="a model folder (vaelab train --out / VAE.save)"
+    )
+    parser.add_argument(
+        "--data", metavar="DATA", help=f"{what} (default: the training data's test split)"
+    )
+    _data_dir_option(parser)
 
 
 def _data_dir_option(parser: argparse.ArgumentParser) -> None:

@@ -112,16 +112,7 @@ class RunConfig:
         )
 
     def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
-        return ModelConfig(
-            data_shape=tuple(data_shape),
-            latent_dim=self.latent_dim,
-            hidden=tuple(self.hidden),
-            likelihood=self.likelihood,
-            prior=self.prior,
-            posterior=self.posterior,
-            network=self.network,
-            activation=self.activation,
-        )
+        return self.estimator().model_config(data_shape)
 
     def estimator(self) -> VAE:
         """The ``vaelab.VAE`` these options describe (what ``vaelab.load`` of the run gives back)."""
