@@ -98,7 +98,7 @@ def test_datasets_and_dataloaders_are_accepted():
     assert from_dataset.transform(X).shape == (400, 2)
     loader = DataLoader(TensorDataset(torch.from_numpy(X)), batch_size=64, shuffle=True)
     from_loader = vaelab.VAE(**SMALL).fit(loader)
-    assert from_loader.data_shape_ == (64,)
+    assert from_loader.data_shape_ == (64,) and from_loader.n_features_in_ == 64
     assert len(from_loader.history_) == 2
 
 

@@ -176,7 +176,7 @@ class VAE(TransformerMixin, BaseEstimator):
                 batches = LoaderBatches(loader)
                 first = next(iter(batches.batches(0)))
                 data_shape = tuple(first.shape[1:])
-                self.n_features_in_ = int(np.prod(data_shape))
+                self.n_features_in_ = int(data_shape[0])  # as for arrays: X.shape[1]
                 check = first
             else:
                 x = torch.from_numpy(self._validate(X, reset=True))
