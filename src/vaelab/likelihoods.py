@@ -45,10 +45,10 @@ class Likelihood(nn.Module):
     def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
         lead = z.shape[:-1]
-        h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
         if self.params_per_dim == 1:
-            # A view: unbind's backward would stack the gradient into a fresh copy.
-            return (h.squeeze(len(lead)) + self.offset,)
+            # One view: unbind's backward would stack the gradient into a fresh copy.
+            return (self.decoder(z).reshape(*lead, *self.data_shape) + self.offset,)
+        h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
         first, *rest = h.unbind(dim=len(lead))
         return (first + self.offset, *rest)
 
