@@ -31,7 +31,6 @@ Usage (from the repository root, in vaelab's venv)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -56,7 +55,6 @@ from vaelab.posteriors import DiagonalGaussianPosterior
 from vaelab.priors import StandardNormalPrior
 
 PEER_SCRIPT = peers.BENCH_DIR / "pythae_loglik_peer.py"
-RESULTS_DIR = peers.BENCH_DIR / "results"
 # float32 sums of ~800 log-probabilities in two orders agree to ~1e-4 nats; a different network,
 # offset or likelihood is off by whole nats.
 SANITY_TOLERANCE = 1e-3
@@ -358,10 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv[1:] if argv is None else argv,
     }
     print_table(report)
-    out = args.out or RESULTS_DIR / time.strftime("loglik-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    peers.save_result(report, "loglik", args.out)
     return report
 
 

@@ -56,7 +56,6 @@ import contextlib
 import copy
 import cProfile
 import io
-import json
 import math
 import os
 import platform
@@ -77,6 +76,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 
+import peers  # bench/peers.py, beside this script
 import vaelab
 from vaelab.checkpoint import CHECKPOINT_FILE
 from vaelab.data import DataError, load_data
@@ -90,7 +90,6 @@ from vaelab.training import CheckpointPolicy, IndexedBatches, TrainConfig, Train
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
-RESULTS_DIR = BENCH_DIR / "results"
 VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
 DEVICE = torch.device("cpu")
 CPU_ACTIVITY = torch.profiler.ProfilerActivity.CPU
@@ -874,10 +873,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "argv": sys.argv[1:] if argv is None else argv,
     }
     print_table(report)
-    out = args.out or RESULTS_DIR / time.strftime("trainer-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    peers.save_result(report, "trainer", args.out)
     return report
 
 

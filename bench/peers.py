@@ -206,3 +206,12 @@ def write_result(
     if arrays:
         np.savez(folder / OUTPUTS, **arrays)
     (folder / RESULT).write_text(json.dumps(result))
+
+
+def save_result(report: dict[str, Any], kind: str, out: Path | None = None) -> Path:
+    """Write a benchmark's report as JSON to ``out`` or ``bench/results/<kind>-<time>.json``."""
+    target = out or BENCH_DIR / "results" / time.strftime(f"{kind}-%Y%m%d-%H%M%S.json")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {target}")
+    return target
