@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch import nn
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
     draw,
@@ -203,7 +203,7 @@ class _State(NamedTuple):
 class _Target:
     """log p(z) and log p(x|z) for fixed x, evaluated with their gradients in z."""
 
-    def __init__(self, x: torch.Tensor, prior: Distribution, likelihood: nn.Module) -> None:
+    def __init__(self, x: torch.Tensor, prior: Distribution, likelihood: Likelihood) -> None:
         self.x, self.prior, self.likelihood = x, prior, likelihood
 
     def __call__(self, z: torch.Tensor) -> _State:
@@ -213,7 +213,7 @@ class _Target:
             z_prior = z.detach().requires_grad_(True)
             z_lik = z.detach().requires_grad_(True)
             log_prior = self.prior.log_prob(z_prior)  # [chains, batch]
-            log_lik = self.likelihood(z_lik).log_prob(self.x)  # [chains, batch]
+            log_lik = self.likelihood.log_prob(self.x, z_lik)  # [chains, batch]
             grad_prior, grad_lik = torch.autograd.grad(
                 log_prior.sum() + log_lik.sum(), (z_prior, z_lik)
             )

@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from tqdm.auto import tqdm
 
+from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
     auto_chunk,
@@ -239,7 +240,7 @@ def estimate_elbo(
     x: torch.Tensor,
     posteriors: list[Distribution],
     prior: Distribution,
-    likelihood: nn.Module,
+    likelihood: Likelihood,
     samples: int = 1000,
     *,
     chunk_size: int | None = None,
@@ -267,7 +268,7 @@ def estimate_elbo(
             z = location_scale_sample(q, eps) if eps is not None else q.sample((size,))
             kl, exact[i] = kl_term(q, prior, z)
             if exact[i]:
-                values = likelihood(z).log_prob(x) - kl
+                values = likelihood.log_prob(x, z) - kl
             else:
                 values = log_importance_weights(x, q, prior, likelihood, z)
             values = values.double()  # [size, n]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import (
     Bernoulli,
@@ -46,8 +47,10 @@ class Likelihood(nn.Module):
         """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
         lead = z.shape[:-1]
         if self.params_per_dim == 1:
-            # One view: unbind's backward would stack the gradient into a fresh copy.
-            return (self.decoder(z).reshape(*lead, *self.data_shape) + self.offset,)
+            # One view at most: unbind's backward would stack the gradient into a fresh copy.
+            h = self.decoder(z)
+            shape = (*lead, *self.data_shape)
+            return ((h if h.shape == shape else h.reshape(shape)) + self.offset,)
         h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
         first, *rest = h.unbind(dim=len(lead))
         return (first + self.offset, *rest)
@@ -72,6 +75,12 @@ class Likelihood(nn.Module):
         return Independent(
             self.distribution(self.decoder_params(z)), len(self.data_shape), validate_args=False
         )
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) in nats, summed over data dimensions: ``x: [batch, *data_shape]`` and
+        ``z: [*lead, batch, latent]`` → ``[*lead, batch]``. The one entry point of the bounds, so
+        a likelihood may compute it without building a distribution object."""
+        return self(z).log_prob(x)
 
     def mean(self, z: torch.Tensor) -> torch.Tensor:
         """E[x|z], ``[*lead, *data_shape]``."""
@@ -103,6 +112,15 @@ class BernoulliLikelihood(Likelihood):
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         # validate_args=False lets grey values through; check_support guards the range.
         return Bernoulli(logits=params[0], validate_args=False)
+
+    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) = Σᵢ [xᵢ log σ(lᵢ) + (1 − xᵢ) log σ(−lᵢ)] for logits l: the arithmetic of
+        ``Bernoulli(logits=l).log_prob(x)``, without the distribution objects' per-call cost."""
+        (logits,) = self.decoder_params(z)  # [*lead, batch, *data_shape]
+        cross_entropy = F.binary_cross_entropy_with_logits(
+            logits, x.expand_as(logits), reduction="none"
+        )
+        return -cross_entropy.flatten(start_dim=logits.dim() - len(self.data_shape)).sum(-1)
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "bernoulli")

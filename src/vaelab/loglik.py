@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from tqdm.auto import tqdm
 
+from vaelab.likelihoods import Likelihood
 from vaelab.model import VAEModel
 from vaelab.objectives import location_scale_sample, log_importance_weights
 
@@ -239,7 +239,7 @@ def log_likelihood_with_proposal(
     x: torch.Tensor,
     proposal: Distribution,
     prior: Distribution,
-    likelihood: nn.Module,
+    likelihood: Likelihood,
     k: int,
     *,
     chunk_size: int | None = None,

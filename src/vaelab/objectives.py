@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
 
 from vaelab import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
+from vaelab.likelihoods import Likelihood
 
 KL_METHODS = ("auto", "analytic", "monte_carlo")
 
@@ -83,7 +84,7 @@ def elbo(
     x: torch.Tensor,
     posterior: nn.Module,
     prior: nn.Module,
-    likelihood: nn.Module,
+    likelihood: Likelihood,
     *,
     samples: int = 1,
     beta: float = 1.0,
@@ -99,7 +100,7 @@ def elbo(
     """
     q = posterior(x)
     z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
-    reconstruction = likelihood(z).log_prob(x).mean(0)  # [batch]
+    reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
     kl_value, _ = kl_term(q, prior(), z, kl)
     bound = reconstruction - kl_value
     return ElboTerms(
@@ -122,21 +123,21 @@ def location_scale_sample(q: Distribution, noise: torch.Tensor) -> torch.Tensor:
 
 
 def log_importance_weights(
-    x: torch.Tensor, q: Distribution, p: Distribution, likelihood: nn.Module, z: torch.Tensor
+    x: torch.Tensor, q: Distribution, p: Distribution, likelihood: Likelihood, z: torch.Tensor
 ) -> torch.Tensor:
     """log w = log p(x|z) − [log q(z|x) − log p(z)] for ``z: [k, batch, latent]`` → ``[k, batch]``.
 
     Written in the same order as the Monte Carlo ELBO so that with one sample the two agree to the
     last bit.
     """
-    return likelihood(z).log_prob(x) - (q.log_prob(z) - p.log_prob(z))
+    return likelihood.log_prob(x, z) - (q.log_prob(z) - p.log_prob(z))
 
 
 def iwae_bound(
     x: torch.Tensor,
     posterior: nn.Module,
     prior: nn.Module,
-    likelihood: nn.Module,
+    likelihood: Likelihood,
     *,
     k: int = 1,
 ) -> IwaeTerms:
