@@ -22,6 +22,7 @@ from torch.distributions import (
 from torch.distributions.kl import _KL_REGISTRY, kl_divergence
 
 from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
+from vaelab.posteriors import DiagonalNormal
 from vaelab.priors import StandardNormal
 
 F64 = torch.float64
@@ -283,6 +284,7 @@ def test_registration_adds_the_missing_pairs_and_leaves_torch_pairs_alone():
     ours = {pair for pair, fn in _KL_REGISTRY.items() if fn.__module__ == "vaelab.kl"}
     assert ours == {
         (Independent, StandardNormal),
+        (DiagonalNormal, StandardNormal),
         (Independent, MultivariateNormal),
         (MultivariateNormal, Independent),
         (Independent, LowRankMultivariateNormal),
@@ -517,3 +519,23 @@ def test_kl_against_the_standard_normal_prior_matches_torch(batch, latent, seed)
     reference = kl_divergence(q, Independent(Normal(zeros, ones), 1))
     assert torch.allclose(kl_divergence(q, prior), reference, rtol=1e-10, atol=1e-12)
     assert torch.allclose(prior.log_prob(loc), Normal(zeros, ones).log_prob(loc).sum(-1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.floats(0.0, 4.0), st.integers(0, 2**31 - 1))
+def test_kl_of_the_diagonal_posterior_from_its_log_variance_matches_torch(
+    batch, latent, log_var_scale, seed
+):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(batch, latent, generator=g, dtype=torch.float64) * 3
+    log_var = torch.randn(batch, latent, generator=g, dtype=torch.float64) * log_var_scale
+    q = DiagonalNormal(loc, log_var)
+    # The same distribution under torch's plain types, and torch's own KL between them.
+    plain = Independent(Normal(loc, torch.exp(0.5 * log_var)), 1)
+    zeros, ones = torch.zeros(latent, dtype=torch.float64), torch.ones(latent, dtype=torch.float64)
+    reference = kl_divergence(plain, Independent(Normal(zeros, ones), 1))
+    prior = StandardNormal(zeros)
+    assert torch.allclose(kl_divergence(q, prior), reference, rtol=1e-10, atol=1e-12)
+    z = torch.randn(3, batch, latent, generator=g, dtype=torch.float64)
+    assert torch.equal(q.log_prob(z), plain.log_prob(z))
+    assert q.batch_shape == (batch,) and q.event_shape == (latent,)

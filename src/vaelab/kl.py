@@ -35,6 +35,7 @@ from torch.distributions import (
 )
 from torch.distributions.kl import _KL_REGISTRY, register_kl
 
+from vaelab.posteriors import DiagonalNormal
 from vaelab.priors import StandardNormal
 
 __all__ = ["kl_gaussian", "kl_gaussian_tril", "kl_standard_normal"]
@@ -265,8 +266,14 @@ def _kl_diagonal_standard_normal(p: Independent, q: StandardNormal) -> Tensor:
     return kl_standard_normal(loc, 2.0 * scale.log())
 
 
+def _kl_posterior_standard_normal(p: DiagonalNormal, q: StandardNormal) -> Tensor:
+    _check_event_shapes(p, q)
+    return kl_standard_normal(p.base_dist.loc, p.log_var)
+
+
 _REGISTRATIONS: tuple[tuple[type[Distribution], type[Distribution], Callable[..., Tensor]], ...] = (
     (Independent, StandardNormal, _kl_diagonal_standard_normal),
+    (DiagonalNormal, StandardNormal, _kl_posterior_standard_normal),
     (Independent, MultivariateNormal, _kl_independent_full),
     (MultivariateNormal, Independent, _kl_full_independent),
     (Independent, LowRankMultivariateNormal, _kl_independent_full),

@@ -13,6 +13,19 @@ from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 
 
+class DiagonalNormal(Independent):
+    """N(μ, diag σ²) over ``[latent]``: ``Independent(Normal(μ, σ), 1)`` that also keeps log σ²,
+    the encoder's own output, so that the KL against N(0, I) starts from it instead of from
+    log σ (one fewer rounding, two fewer operations per step). ``loc, log_var: [batch, latent]``."""
+
+    def __init__(self, loc: torch.Tensor, log_var: torch.Tensor) -> None:
+        # Not validated: built from network outputs at every step, where the trainer's finite
+        # check on the loss catches the same overflow for less.
+        scale = torch.exp(0.5 * log_var)
+        super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
+        self.log_var = log_var
+
+
 class DiagonalGaussianPosterior(nn.Module):
     """q(z|x) = N(μ(x), diag σ²(x)), parameterised by μ and log σ² (the features' two halves)."""
 
@@ -28,10 +41,7 @@ class DiagonalGaussianPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Distribution:
         mu, log_var = self.encoder(x).split(self.latent_dim, dim=-1)  # [batch, latent] each
-        # Not validated: built from network outputs at every step, where the trainer's finite
-        # check on the loss catches the same overflow for less.
-        scale = torch.exp(0.5 * log_var)
-        return Independent(Normal(mu, scale, validate_args=False), 1, validate_args=False)
+        return DiagonalNormal(mu, log_var)
 
 
 class FullCovariancePosterior(nn.Module):
