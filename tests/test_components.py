@@ -106,6 +106,22 @@ def test_laplace_matches_scipy():
     )
 
 
+@pytest.mark.parametrize("data_shape", [(6,), (1, 3, 2)])
+@pytest.mark.parametrize("name", sorted(LIKELIHOODS))
+def test_log_prob_of_x_given_z_is_the_distributions_log_prob(name, data_shape):
+    """``likelihood.log_prob(x, z)``, the bounds' entry point, computes exactly what the
+    distribution ``likelihood(z)`` gives, for one and for several samples of z."""
+    torch.manual_seed(0)
+    config = ModelConfig(data_shape=data_shape, latent_dim=3, hidden=(8,), likelihood=name)
+    likelihood = build_model(config).likelihood
+    x = torch.rand(5, *data_shape).round()
+    likelihood.initialise(torch.rand(20, *data_shape))
+    for z in (torch.randn(5, 3), torch.randn(4, 5, 3)):
+        expected = likelihood(z).log_prob(x)
+        assert expected.shape == z.shape[:-1]
+        assert torch.equal(likelihood.log_prob(x, z), expected), name
+
+
 @pytest.mark.parametrize("cls", [BernoulliLikelihood, ContinuousBernoulliLikelihood])
 def test_unit_interval_likelihoods_refuse_data_outside_it(cls):
     lik = likelihood_with(cls, torch.zeros(3))
@@ -226,7 +242,23 @@ def test_mlp_with_no_hidden_layers_is_one_affine_map():
 def test_mlp_flattens_trailing_dimensions_and_keeps_leading_ones():
     net = MLP((1, 4, 4), (8,), 3)
     assert net(torch.rand(5, 1, 4, 4)).shape == (5, 3)
-    assert MLP((3,), (8,), 2)(torch.rand(7, 5, 3)).shape == (7, 5, 2)
+    net = MLP((3,), (8,), 2)
+    z = torch.rand(7, 5, 3)
+    out = net(z)
+    assert out.shape == (7, 5, 2)
+    # Each leading position gets the same map as alone: folding them is only a layout.
+    for i in range(7):
+        assert torch.allclose(out[i], net(z[i]), rtol=1e-6, atol=1e-7)
+    assert net(z[0, 0]).shape == (2,)
+
+
+def test_standard_normal_prior_is_built_once_and_follows_the_module_to_a_dtype():
+    prior = StandardNormalPrior(3)
+    assert prior() is prior()
+    prior.double()
+    p = prior()
+    assert p.base_dist.loc.dtype == torch.float64 and p.base_dist.scale.dtype == torch.float64
+    assert p is prior()
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 7, 5)])

@@ -51,7 +51,8 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         self.in_shape = tuple(in_shape)
-        sizes = [math.prod(self.in_shape), *hidden]
+        self.in_features = math.prod(self.in_shape)
+        sizes = [self.in_features, *hidden]
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(fan_in, fan_out), activation_module(activation)]
@@ -59,9 +60,14 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[*lead, *in_shape] → [*lead, out_features]``."""
-        flat = x.reshape(*x.shape[: x.dim() - len(self.in_shape)], -1)
-        return self.layers(flat)
+        """``[*lead, *in_shape] → [*lead, out_features]``.
+
+        The leading dimensions are folded into one for the layers: matrix products of 2-D inputs,
+        instead of a fold and an unfold around every layer as ``Linear`` does for more dimensions.
+        """
+        lead = x.shape[: x.dim() - len(self.in_shape)]
+        out = self.layers(x.reshape(-1, self.in_features))  # [prod(lead), out_features]
+        return out if len(lead) == 1 else out.reshape(*lead, -1)
 
 
 def _conv_size(size: int) -> int:

@@ -34,9 +34,14 @@ class StandardNormalPrior(nn.Module):
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
         self.register_buffer("loc", torch.zeros(latent_dim))
+        self._distribution: StandardNormal | None = None
 
     def forward(self) -> Distribution:
-        return StandardNormal(self.loc)
+        # Built once and reused: it has no parameters, and the training loop asks for it at every
+        # step. ``.to()`` replaces the buffer, which makes a new one on the new device or dtype.
+        if self._distribution is None or self._distribution.base_dist.loc is not self.loc:
+            self._distribution = StandardNormal(self.loc)
+        return self._distribution
 
 
 class LearnableGaussianPrior(nn.Module):

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 from vaelab.checkpoint import Tensors, capture_rng, restore_rng, save_checkpoint
 from vaelab.data import binarize_batch
 from vaelab.model import VAEModel
-from vaelab.objectives import kl_per_dimension
+from vaelab.objectives import ElboTerms, kl_per_dimension
 
 LR_SCHEDULES = ("constant", "cosine")
 # Validation noise comes from this seed, so the validation ELBO depends on the weights alone.
@@ -338,7 +338,7 @@ class Trainer:
             return self.config.beta
         return self.config.beta * min(1.0, (epoch + fraction) / self.config.kl_warmup_epochs)
 
-    def _loss(self, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, Any]:
+    def _loss(self, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, ElboTerms]:
         terms = self.model.elbo(x, samples=self.config.samples, beta=kl_weight)
         if self.config.free_bits > 0:
             # Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at least λ.
@@ -351,6 +351,13 @@ class Trainer:
             kl = per_dim.mean(0).clamp(min=self.config.free_bits).sum()
             return -(terms.reconstruction.mean() - kl_weight * kl), terms
         return -terms.objective.mean(), terms
+
+    @torch.no_grad()
+    def _record(self, terms: ElboTerms, examples: int) -> None:
+        """Add one step's per-example terms to the epoch's sums."""
+        # One reduction for the three sums: [3, batch] → [3], accumulated in float64.
+        self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl]).sum(1)
+        self.count += examples
 
     def check(self, x: torch.Tensor) -> None:
         """Compute the training loss once on ``x`` (a few examples) without a step, so that a
@@ -545,10 +552,7 @@ class Trainer:
                 self.optimizer.step()
                 self.step += 1
                 self.batch = i + 1
-                with torch.no_grad():
-                    # One reduction for the three sums: [3, batch] → [3], accumulated in float64.
-                    self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl]).sum(1)
-                self.count += x.shape[0]
+                self._record(terms, x.shape[0])
                 self.observer.step(self, x.shape[0])
                 if self._stop_requested:
                     self.epoch_seconds += time.perf_counter() - started
