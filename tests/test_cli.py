@@ -100,13 +100,24 @@ def test_evaluate_sample_reconstruct_encode(trained, tmp_path, capsys):
     assert np.array_equal(z, vaelab.load(trained).transform(pixels / np.float32(16)))
 
 
+def test_threads_sets_torchs_thread_count(trained, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        args = ("sample", trained, "-n", "4", "--out", tmp_path / "s.npy", "--threads", "1")
+        assert vaelab_cli(capsys, *args)[0] == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_help_documents_every_option(capsys):
     code, out, _ = vaelab_cli(capsys, "train", "--help")
     assert code == 0
     for name in runconfig.OPTIONS:
         if name != "data":
             assert f"--{name.replace('_', '-')}" in out, name
-    for flag in ("--out", "--config", "--resume", "--quiet", "--debug", "DATA"):
+    for flag in ("--out", "--config", "--resume", "--quiet", "--debug", "--threads", "DATA"):
         assert flag in out
     code, out, _ = vaelab_cli(capsys, "--help")
     assert code == 0
@@ -331,6 +342,7 @@ BAD: dict[str, Case] = {
     "sample zero examples": lambda t, r: (["sample", r, "-n", "0", "--out", t / "s.png"], t),
     "output folder missing": lambda t, r: (["sample", r, "--out", t / "no" / "s.png"], t),
     "encode to a png": lambda t, r: (["encode", r, "--data", "digits", "--out", t / "z.png"], t),
+    "zero threads": lambda t, r: (["sample", r, "--out", t / "s.png", "--threads", "0"], t),
 }
 
 

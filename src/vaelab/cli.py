@@ -22,6 +22,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
+import torch
+
 from vaelab import apply, runconfig, runs
 from vaelab.data import DATA_ENV, SOURCES
 from vaelab.training import NonFiniteLossError, TrainingInterrupted
@@ -100,6 +102,13 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> Parser:
     common = Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core); on a machine others "
+        "share, 1 keeps small models from waiting on busy cores",
+    )
     parser = Parser(
         prog=PROG,
         description="Variational autoencoders from the command line.",
@@ -454,12 +463,21 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C)."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in arguments
     try:
         args = build_parser().parse_args(arguments)
+        _set_threads(args.threads)
         return int(args.handler(args))
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
