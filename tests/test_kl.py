@@ -539,3 +539,6 @@ def test_kl_of_the_diagonal_posterior_from_its_log_variance_matches_torch(
     z = torch.randn(3, batch, latent, generator=g, dtype=torch.float64)
     assert torch.equal(q.log_prob(z), plain.log_prob(z))
     assert q.batch_shape == (batch,) and q.event_shape == (latent,)
+    wide = q.expand((2, batch))
+    assert isinstance(wide, DiagonalNormal) and wide.batch_shape == (2, batch)
+    assert torch.equal(wide.log_prob(z[:2]), plain.expand((2, batch)).log_prob(z[:2]))

@@ -8,6 +8,8 @@ gradients flow through ``rsample``. Returned distributions have ``batch_shape [b
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
@@ -24,6 +26,10 @@ class DiagonalNormal(Independent):
         scale = torch.exp(0.5 * log_var)
         super().__init__(Normal(loc, scale, validate_args=False), 1, validate_args=False)
         self.log_var = log_var
+
+    def expand(self, batch_shape: Sequence[int], _instance: object = None) -> DiagonalNormal:
+        shape = torch.Size(batch_shape) + self.event_shape
+        return DiagonalNormal(self.base_dist.loc.expand(shape), self.log_var.expand(shape))
 
 
 class DiagonalGaussianPosterior(nn.Module):
