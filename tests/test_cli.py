@@ -123,7 +123,7 @@ def test_help_documents_every_option(capsys):
     assert code == 0
     assert all(c in out for c in ("train", "evaluate", "sample", "reconstruct", "encode"))
     expected = {
-        "evaluate": ("--data", "--json", "--data-dir", "--samples"),
+        "evaluate": ("--data", "--json", "--data-dir", "--samples", "--k", "--ais", "--ais-chains"),
         "sample": ("-n", "--out", "--seed"),
         "reconstruct": ("--data", "--out", "-n"),
         "encode": ("--data", "--out"),

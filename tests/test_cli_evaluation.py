@@ -7,9 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from browser import browser_unavailable, check_page_in_browser
-from vaelab import cli
+from vaelab import apply, cli
+from vaelab.ais import ais
+from vaelab.estimator import EVAL_SEED
 
 TINY = ["--epochs", "30", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64"]
 
@@ -46,6 +49,25 @@ def test_evaluate_with_k_reports_iwae_above_the_elbo_and_diagnostics(trained, ca
     assert code == 0 and "IWAE-50" in out and "active units" in out
 
 
+def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, capsys):
+    argv = ["--ais", "30", "--ais-chains", "4", "--examples", "12", "--no-diagnostics"]
+    code, out, _ = run(capsys, "evaluate", trained, *argv, "--json")
+    assert code == 0
+    found = json.loads(out)["ais"]
+    assert (found["steps"], found["chains"], found["examples"]) == (30, 4, 12)
+    assert found["bound"] == "AIS-30" and 0 < found["acceptance_rate"] <= 1
+    assert 1 <= found["mean_effective_sample_size"] <= 4
+    estimator, document = apply.open_model(trained)
+    x = apply.load_examples(apply.model_data(estimator, document, None, None), 12)
+    direct = ais(
+        estimator.model_, x, chains=4, steps=30, generator=torch.Generator().manual_seed(EVAL_SEED)
+    )
+    assert found["mean"] == pytest.approx(direct.mean, abs=1e-9)
+    assert found["standard_error"] == pytest.approx(direct.standard_error, abs=1e-9)
+    code, out, _ = run(capsys, "evaluate", trained, *argv)
+    assert code == 0 and "AIS-30" in out and "4 chains" in out
+
+
 def test_evaluate_on_the_first_examples_only(trained, capsys):
     code, out, _ = run(
         capsys, "evaluate", trained, "--examples", "40", "--json", "--no-diagnostics"
@@ -78,6 +100,11 @@ def test_gap_splits_the_total_gap(trained, capsys):
     [
         (["evaluate", "{run}", "--k", "0"], "--k must be at least 1"),
         (["evaluate", "{run}", "--examples", "0"], "--examples must be at least 1"),
+        (["evaluate", "{run}", "--ais", "0"], "--ais must be at least 1"),
+        (
+            ["evaluate", "{run}", "--ais", "5", "--ais-chains", "0"],
+            "--ais-chains must be at least 1",
+        ),
         (["gap", "{run}", "--n", "1"], "--n must be at least 2"),
         (["report", "{run}", "--k", "-1"], "must not be negative"),
         (["report", "{tmp}/missing"], "does not exist"),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -140,16 +140,23 @@ def evaluate(
     examples_limit: int | None = None,
     diagnostics: bool = True,
     progress: bool = False,
+    ais_steps: int | None = None,
+    ais_chains: int = 16,
 ) -> dict[str, Any]:
     """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
     data (see ``model_data``), with the standard error of the ELBO; with ``k``, the IWAE-k
-    log-likelihood estimate (and bits per dimension for images); with ``diagnostics``, the
-    posterior-collapse diagnostics on the first ``DIAGNOSTIC_EXAMPLES`` examples.
-    ``examples_limit`` evaluates only the first examples."""
+    log-likelihood estimate (and bits per dimension for images); with ``ais_steps``, the AIS
+    estimate with that many intermediate distributions and ``ais_chains`` chains per example;
+    with ``diagnostics``, the posterior-collapse diagnostics on the first ``DIAGNOSTIC_EXAMPLES``
+    examples. ``examples_limit`` evaluates only the first examples."""
     if samples < 1:
         raise RunError(f"--samples must be at least 1, got {samples}")
     if k is not None and k < 1:
         raise RunError(f"--k must be at least 1 importance sample, got {k}")
+    if ais_steps is not None and ais_steps < 1:
+        raise RunError(f"--ais must be at least 1 intermediate distribution, got {ais_steps}")
+    if ais_chains < 1:
+        raise RunError(f"--ais-chains must be at least 1, got {ais_chains}")
     if examples_limit is not None and examples_limit < 1:
         raise RunError(f"--examples must be at least 1, got {examples_limit}")
     estimator, document = open_model(folder)
@@ -161,6 +168,8 @@ def evaluate(
     result["model"] = str(folder)
     if k is not None:
         result["iwae"] = iwae_summary(estimator, examples, k, n, document, progress)
+    if ais_steps is not None:
+        result["ais"] = ais_summary(estimator, examples, ais_steps, ais_chains, n, progress)
     if diagnostics:
         result["diagnostics"] = diagnostics_summary(estimator, examples, n)
     return result
@@ -172,6 +181,27 @@ DIAGNOSTIC_EXAMPLES = 10_000  # collapse diagnostics need the examples in memory
 def load_examples(examples: ModelData, n: int) -> torch.Tensor:
     """The first ``n`` prepared examples as one float32 tensor ``[n, *data_shape]``."""
     return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
+
+
+def _per_chunk(
+    examples: ModelData, n: int, estimate: Callable[[torch.Tensor, torch.Generator], Any]
+) -> list[Any]:
+    """``estimate(x, generator)`` on each chunk of the first ``n`` examples, every chunk with a
+    fresh generator at the evaluation seed, so a result does not depend on other runs."""
+    return [
+        estimate(torch.from_numpy(x), torch.Generator().manual_seed(EVAL_SEED))
+        for x in examples.chunks(limit=n)
+    ]
+
+
+def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
+    """Examples, mean and standard error of the mean of per-example estimates ``[n]``."""
+    n = log_px.numel()
+    return {
+        "examples": int(n),
+        "mean": float(log_px.mean()),
+        "standard_error": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+    }
 
 
 def iwae_summary(
@@ -186,27 +216,49 @@ def iwae_summary(
     tightens with k; Burda et al. 2016), with bits per dimension for image data."""
     from vaelab.loglik import log_likelihood
 
-    parts = []
-    for x in examples.chunks(limit=n):
-        generator = torch.Generator().manual_seed(EVAL_SEED)
-        parts.append(
-            log_likelihood(
-                estimator.model_, torch.from_numpy(x), k, generator=generator, progress=progress
-            )
-        )
+    parts = _per_chunk(
+        examples,
+        n,
+        lambda x, generator: log_likelihood(
+            estimator.model_, x, k, generator=generator, progress=progress
+        ),
+    )
     log_px = torch.cat([p.log_px for p in parts])
-    summary: dict[str, Any] = {
-        "k": k,
-        "examples": int(log_px.numel()),
-        "mean": float(log_px.mean()),
-        "standard_error": float(log_px.std() / math.sqrt(log_px.numel())) if n > 1 else math.nan,
-        "bound": f"IWAE-{k}",
-    }
+    summary: dict[str, Any] = {"k": k, **_mean_and_error(log_px), "bound": f"IWAE-{k}"}
     shape = tuple(document["model"]["data_shape"])
     if len(shape) == 3:  # images: bits per dimension on the modelled (scaled) values
         dims = math.prod(shape)
         summary["bits_per_dim"] = -summary["mean"] / (dims * math.log(2))
     return summary
+
+
+def ais_summary(
+    estimator: VAE, examples: ModelData, steps: int, chains: int, n: int, progress: bool = False
+) -> dict[str, Any]:
+    """AIS estimate of log p(x) over the first ``n`` examples (Neal 2001; HMC transitions on the
+    sigmoid schedule, as Wu et al. 2017): a stochastic lower bound that tightens with ``steps``."""
+    from vaelab.ais import ais
+
+    parts = _per_chunk(
+        examples,
+        n,
+        lambda x, generator: ais(
+            estimator.model_, x, chains=chains, steps=steps, generator=generator, progress=progress
+        ),
+    )
+    counts = [p.log_px.numel() for p in parts]
+    return {
+        "steps": steps,
+        "chains": chains,
+        **_mean_and_error(torch.cat([p.log_px for p in parts])),
+        "mean_effective_sample_size": float(
+            torch.cat([p.effective_sample_size for p in parts]).mean()
+        ),
+        # Each chunk's rate is a mean over its examples: weight chunks by their size.
+        "acceptance_rate": sum(c * p.acceptance_rate for c, p in zip(counts, parts, strict=True))
+        / sum(counts),
+        "bound": f"AIS-{steps}",
+    }
 
 
 def diagnostics_summary(estimator: VAE, examples: ModelData, n: int) -> dict[str, Any]:
