@@ -111,6 +111,12 @@ def test_threads_sets_torchs_thread_count(trained, tmp_path, capsys):
         torch.set_num_threads(before)
 
 
+def test_version_names_vaelab_and_torch(capsys):
+    code, out, _ = vaelab_cli(capsys, "--version")
+    assert code == 0
+    assert out.strip() == f"vaelab {vaelab.__version__} (torch {torch.__version__})"
+
+
 def test_help_documents_every_option(capsys):
     code, out, _ = vaelab_cli(capsys, "train", "--help")
     assert code == 0

@@ -24,7 +24,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from vaelab import apply, runconfig, runs
+from vaelab import __version__, apply, runconfig, runs
 from vaelab.data import DATA_ENV, SOURCES
 from vaelab.training import NonFiniteLossError, TrainingInterrupted
 
@@ -114,6 +114,12 @@ def build_parser() -> Parser:
         description="Variational autoencoders from the command line.",
         formatter_class=_formatter,
         epilog=f"Run `{PROG} COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {__version__} (torch {torch.__version__})",
+        help="print the versions of vaelab and torch",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
