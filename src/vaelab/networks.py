@@ -66,7 +66,8 @@ class MLP(nn.Module):
         instead of a fold and an unfold around every layer as ``Linear`` does for more dimensions.
         """
         lead = x.shape[: x.dim() - len(self.in_shape)]
-        out = self.layers(x.reshape(-1, self.in_features))  # [prod(lead), out_features]
+        flat = x if x.dim() == 2 and len(lead) == 1 else x.reshape(-1, self.in_features)
+        out = self.layers(flat)  # [prod(lead), out_features]
         return out if len(lead) == 1 else out.reshape(*lead, -1)
 
 

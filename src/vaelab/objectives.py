@@ -99,8 +99,15 @@ def elbo(
     draws (see ``vaelab.noise.example_noise`` for noise that is a function of each example).
     """
     q = posterior(x)
-    z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
-    reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
+    if noise is None and samples == 1:
+        # The default, and the training loop's: one draw [batch, latent], so nothing to average
+        # and no sample dimension to fold in and out of the decoder at every step.
+        z = q.rsample()
+        reconstruction = likelihood.log_prob(x, z)  # [batch]
+        z = z.unsqueeze(0)  # [1, batch, latent], for a Monte Carlo KL
+    else:
+        z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
+        reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
     kl_value, _ = kl_term(q, prior(), z, kl)
     bound = reconstruction - kl_value
     return ElboTerms(
