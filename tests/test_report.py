@@ -167,6 +167,13 @@ def test_format_number(value, expected):
     assert format_number(value) == expected
 
 
+def test_format_number_can_keep_a_columns_precision():
+    assert format_number(-23.1996, trim=False) == "-23.20"
+    assert format_number(2.0, trim=False) == "2.000"
+    assert format_number(0.06286, trim=False) == "0.06286"
+    assert format_number(7, trim=False) == "7"
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -181,12 +181,14 @@ def render_report(content: ReportContent) -> str:
     )
 
 
-def format_number(value: SupportsFloat) -> str:
+def format_number(value: SupportsFloat, trim: bool = True) -> str:
     """Format a metric for people: integers as integers, floats to about four significant digits.
 
     Floats keep a decimal point and drop trailing zeros (``-98.3123 -> "-98.31"``,
-    ``0.01 -> "0.01"``, ``2.0 -> "2.0"``); very large or small magnitudes use scientific notation
-    (``3.2e-6``); ``nan``, ``inf`` and ``-inf`` are spelled out.
+    ``0.01 -> "0.01"``, ``2.0 -> "2.0"``) unless ``trim`` is false, which keeps a column of
+    measurements at one precision (``-23.1996 -> "-23.20"`` beside ``-23.44``); very large or
+    small magnitudes use scientific notation (``3.2e-6``); ``nan``, ``inf`` and ``-inf`` are
+    spelled out.
     """
     if isinstance(value, bool):
         return str(value).lower()
@@ -204,7 +206,8 @@ def format_number(value: SupportsFloat) -> str:
         mantissa, exponent = f"{v:.3e}".split("e")
         return f"{_trim_zeros(mantissa)}e{int(exponent)}"
     decimals = max(2, 3 - math.floor(math.log10(magnitude)))
-    return _trim_zeros(f"{v:.{decimals}f}")
+    number = f"{v:.{decimals}f}"
+    return _trim_zeros(number) if trim else number
 
 
 def _trim_zeros(number: str) -> str:
@@ -258,7 +261,7 @@ def _metrics_table(metrics: Sequence[Metric | tuple[Any, ...]]) -> str:
         metric = Metric(*row)
         rows.append(
             f"<tr><th>{_esc(metric.name)}</th>"
-            f'<td class="num">{_esc(format_number(metric.value))}</td>'
+            f'<td class="num">{_esc(format_number(metric.value, trim=False))}</td>'
             f'<td class="note">{_esc(metric.note)}</td></tr>'
         )
     return f'<table class="metrics">{"".join(rows)}</table>'
