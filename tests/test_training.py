@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pickle
 import random
@@ -23,6 +24,7 @@ from vaelab.objectives import kl_per_dimension
 from vaelab.registry import ModelConfig, build_model
 from vaelab.training import (
     CheckpointPolicy,
+    EpochMetrics,
     IndexedBatches,
     NonFiniteLossError,
     TrainConfig,
@@ -377,3 +379,14 @@ def test_early_stopping_keeps_the_best_weights(monkeypatch):
     assert [m.epoch for m in history] == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2
     assert trainer.finished and trainer.best_valid == 3.0
     assert_same_weights(weights(trainer.model), snapshots[2])
+
+
+def test_epoch_metrics_to_dict_is_asdict_without_shared_state():
+    metrics = EpochMetrics(
+        epoch=3, elbo=-1.5, reconstruction=-1.0, kl=0.5, lr=1e-3, seconds=2.0,
+        examples_per_second=10.0, valid_elbo=None, step=30, kl_weight=0.5, extra={"a": 1.0},
+    )  # fmt: skip
+    found = metrics.to_dict()
+    assert found == dataclasses.asdict(metrics)
+    found["extra"]["a"] = 2.0
+    assert metrics.extra == {"a": 1.0}

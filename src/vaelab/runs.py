@@ -18,7 +18,6 @@ behind.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import os
@@ -273,6 +272,7 @@ class RunLog(TrainingObserver):
         )
         self.bar: Any = None
         self._shown, self._logged = 0.0, -math.inf
+        self._lines: list[str] = []  # metrics.jsonl, one line per epoch of trainer.history
 
     def epoch_start(self, trainer: Trainer, epoch: int, start: int, steps: int) -> None:
         if self.quiet:
@@ -322,8 +322,10 @@ class RunLog(TrainingObserver):
                 file=self.log,
                 flush=True,
             )
-        lines = "".join(json.dumps(dataclasses.asdict(m)) + "\n" for m in trainer.history)
-        atomic_write_bytes(self.folder / METRICS_FILE, lines.encode())
+        # History only grows: each epoch is serialised once, the file rewritten whole (atomically).
+        for m in trainer.history[len(self._lines) :]:
+            self._lines.append(json.dumps(m.to_dict()) + "\n")
+        atomic_write_bytes(self.folder / METRICS_FILE, "".join(self._lines).encode())
         scalars = {
             "train/elbo": metrics.elbo,
             "train/reconstruction": metrics.reconstruction,
