@@ -22,6 +22,7 @@ import torch
 from vaelab.data import SOURCES, Split, binarize_batch, load_data
 from vaelab.estimator import EVAL_SEED, VAE
 from vaelab.files import atomic_write_bytes
+from vaelab.loglik import standard_error
 from vaelab.runconfig import RunError
 from vaelab.runs import RUN_CONFIG_FILE
 from vaelab.serialization import CONFIG_FILE, ModelFileError, load, read_model_document
@@ -196,11 +197,10 @@ def _per_chunk(
 
 def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
     """Examples, mean and standard error of the mean of per-example estimates ``[n]``."""
-    n = log_px.numel()
     return {
-        "examples": int(n),
+        "examples": int(log_px.numel()),
         "mean": float(log_px.mean()),
-        "standard_error": float(log_px.std() / math.sqrt(n)) if n > 1 else math.nan,
+        "standard_error": standard_error(log_px),
     }
 
 
