@@ -326,12 +326,6 @@ def _anneal(
     return log_w, acceptance / max(transitions, 1), used_tensor
 
 
-def _resolve_betas(steps: int, schedule: str | torch.Tensor) -> torch.Tensor:
-    if isinstance(schedule, str):
-        return annealing_schedule(steps, schedule)
-    return _check_betas(schedule)
-
-
 def _run(
     model: VAEModel,
     x: torch.Tensor,
@@ -394,11 +388,28 @@ def _run(
     )
 
 
-def _check_counts(chains: int, batch_size: int) -> None:
+def _checked_inputs(
+    model: VAEModel,
+    x: Any,
+    chains: int,
+    batch_size: int,
+    steps: int,
+    schedule: str | torch.Tensor,
+    hmc: HmcSettings | None,
+) -> tuple[torch.Tensor, torch.Tensor, HmcSettings]:
+    """What both directions of AIS check and resolve first: the data ``[n, *data_shape]``, the
+    schedule β and the HMC settings."""
     if chains < 1:
         raise ValueError(f"chains must be a positive number, got {chains}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}")
+    settings = hmc if hmc is not None else HmcSettings()
+    settings.validate()
+    if isinstance(schedule, str):
+        betas = annealing_schedule(steps, schedule)
+    else:
+        betas = _check_betas(schedule)
+    return prepare_data(model, x), betas, settings
 
 
 def ais(
@@ -422,11 +433,7 @@ def ais(
     ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
     leapfrog_steps`` decoder forward and backward passes.
     """
-    _check_counts(chains, batch_size)
-    settings = hmc if hmc is not None else HmcSettings()
-    settings.validate()
-    betas = _resolve_betas(steps, schedule)
-    x = prepare_data(model, x)
+    x, betas, settings = _checked_inputs(model, x, chains, batch_size, steps, schedule, hmc)
     with torch.no_grad():
         prior = model.prior()
 
@@ -479,11 +486,7 @@ def reverse_ais(
     from ``z`` adapt the step sizes; those then depend on the starting codes, a small departure
     from the conditions of the bound.
     """
-    _check_counts(chains, batch_size)
-    settings = hmc if hmc is not None else HmcSettings()
-    settings.validate()
-    betas = _resolve_betas(steps, schedule)
-    x = prepare_data(model, x)
+    x, betas, settings = _checked_inputs(model, x, chains, batch_size, steps, schedule, hmc)
     z = torch.as_tensor(z).to(device=x.device, dtype=x.dtype)
     latent = model.prior().event_shape
     if tuple(z.shape) == (x.shape[0], *latent):
