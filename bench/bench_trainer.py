@@ -585,50 +585,50 @@ def graph_size(bench: Bench) -> dict[str, dict[str, int]]:
     return found
 
 
+def interleaved_ms(
+    kinds: dict[str, Callable[[], dict[str, float]]],
+    pieces: tuple[str, ...],
+    steps: int,
+    total: str,
+) -> dict[str, dict[str, float]]:
+    """Run each kind (``steps`` steps, seconds per piece) 5 times, interleaved; milliseconds per
+    step for every piece, and their sum under ``total``."""
+    seconds = {kind: dict.fromkeys(pieces, 0.0) for kind in kinds}
+    for _ in range(5):
+        for kind, run in kinds.items():
+            for piece, s in run().items():
+                seconds[kind][piece] += s
+    ms = {
+        kind: {piece: 1e3 * s / (5 * steps) for piece, s in found.items()}
+        for kind, found in seconds.items()
+    }
+    for found in ms.values():
+        found[total] = sum(found[p] for p in pieces)
+    return ms
+
+
 def breakdown(bench: Bench, steps: int) -> dict[str, Any]:
     """Milliseconds per step in each phase: A, B and A without distribution argument checks,
     interleaved in blocks of ``steps // 5`` steps, summed."""
     block = max(1, steps // 5)
     size, seed = bench.args.batch_size, bench.args.seed
-    kinds = {
-        "A": lambda: vaelab_steps(bench, endless(bench.x, size, seed), block),
-        "B": lambda: hand_steps(bench, endless(bench.flat, size, seed), block),
-        "A, validate_args=False": lambda: unvalidated(
-            lambda: vaelab_steps(bench, endless(bench.x, size, seed), block)
-        ),
-    }
-    totals = {kind: dict.fromkeys(PHASES, 0.0) for kind in kinds}
-    for _ in range(5):
-        for kind, run in kinds.items():
-            for phase, seconds in run().items():
-                totals[kind][phase] += seconds
-    ms = {
-        kind: {phase: 1e3 * s / (5 * block) for phase, s in phases.items()}
-        for kind, phases in totals.items()
-    }
-    for phases in ms.values():
-        phases["step"] = sum(phases[p] for p in PHASES)
+
+    def kinds(
+        vaelab_side: Callable[[Bench, Iterator[torch.Tensor], int], dict[str, float]],
+        hand_side: Callable[[Bench, Iterator[torch.Tensor], int], dict[str, float]],
+    ) -> dict[str, Callable[[], dict[str, float]]]:
+        return {
+            "A": lambda: vaelab_side(bench, endless(bench.x, size, seed), block),
+            "B": lambda: hand_side(bench, endless(bench.flat, size, seed), block),
+            "A, validate_args=False": lambda: unvalidated(
+                lambda: vaelab_side(bench, endless(bench.x, size, seed), block)
+            ),
+        }
+
+    ms = interleaved_ms(kinds(vaelab_steps, hand_steps), PHASES, block, "step")
     print("  per-step breakdown, ms (A's phases follow Trainer.fit's loop body):")
     print_phases(ms, (*PHASES, "step"))
-
-    forward_kinds = {
-        "A": lambda: vaelab_forward(bench, endless(bench.x, size, seed), block),
-        "B": lambda: hand_forward(bench, endless(bench.flat, size, seed), block),
-        "A, validate_args=False": lambda: unvalidated(
-            lambda: vaelab_forward(bench, endless(bench.x, size, seed), block)
-        ),
-    }
-    forward = {kind: dict.fromkeys(FORWARD, 0.0) for kind in forward_kinds}
-    for _ in range(5):
-        for kind, run in forward_kinds.items():
-            for piece, seconds in run().items():
-                forward[kind][piece] += seconds
-    forward_ms = {
-        kind: {piece: 1e3 * s / (5 * block) for piece, s in pieces.items()}
-        for kind, pieces in forward.items()
-    }
-    for pieces in forward_ms.values():
-        pieces["forward"] = sum(pieces[p] for p in FORWARD)
+    forward_ms = interleaved_ms(kinds(vaelab_forward, hand_forward), FORWARD, block, "forward")
     print("  forward pass, ms per step (A's pieces follow vaelab.objectives.elbo):")
     print_phases(forward_ms, (*FORWARD, "forward"))
     return {
@@ -651,10 +651,11 @@ def unvalidated(run: Callable[[], dict[str, float]]) -> dict[str, float]:
 
 def print_phases(ms: dict[str, dict[str, float]], rows: tuple[str, ...]) -> None:
     kinds = list(ms)
-    print("  " + "".ljust(16) + "".join(k.rjust(24) for k in kinds) + "A - B".rjust(9))
+    width = max(16, *(len(row) + 1 for row in rows))
+    print("  " + "".ljust(width) + "".join(k.rjust(24) for k in kinds) + "A - B".rjust(9))
     for row in rows:
         cells = "".join(f"{ms[k][row]:24.3f}" for k in kinds)
-        print(f"  {row:16}{cells}{ms['A'][row] - ms['B'][row]:9.3f}")
+        print(f"  {row:{width}}{cells}{ms['A'][row] - ms['B'][row]:9.3f}")
 
 
 def profile_trainer(bench: Bench, steps: int) -> dict[str, Any]:
