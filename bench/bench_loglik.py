@@ -35,9 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -254,26 +252,6 @@ def decoder_flops(model: VAEModel, k: int) -> int:
 # ------------------------------------------------------------------------------- reporting
 
 
-def busiest_processes(count: int = 5) -> list[str]:
-    """The processes using most CPU right now (``top``'s %CPU, not ``ps``'s lifetime average):
-    who else shares the cores during the measurement."""
-    try:
-        lines = subprocess.run(
-            ["top", "-b", "-c", "-n", "1", "-o", "%CPU", "-w", "200"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    header = next((i for i, line in enumerate(lines) if line.split()[:1] == ["PID"]), None)
-    if header is None:
-        return []
-    rows = [line.split(None, 11) for line in lines[header + 1 :]]
-    busy = [row for row in rows[:count] if len(row) == 12 and float(row[8]) > 0]
-    return [f"{row[8]}% {row[11][:80]}" for row in busy]
-
-
 def print_table(report: dict[str, Any]) -> None:
     n = report["examples"]
     p, v = report["pythae"], report["vaelab"]
@@ -309,11 +287,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    load_start = os.getloadavg()
-    busy_start = busiest_processes()
-    data_dir = (
-        args.data_dir or os.environ.get("VAELAB_DATA") or peers.REPO_DIR.parent / "shared" / "data"
-    )
+    load_start, watch = os.getloadavg(), peers.ProcessWatch()
+    data_dir = peers.data_dir(args.data_dir)
     splits = load_data("binarized-mnist", data_dir=data_dir)
     # The test file is sorted by digit: a seeded random subset, never the first N.
     order = np.random.default_rng(args.seed).permutation(len(splits.test))
@@ -386,12 +361,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "load_average_start": list(load_start),
         "load_average_end": list(os.getloadavg()),
-        "busiest_processes_start": busy_start,
-        "busiest_processes_end": busiest_processes(),
+        "other_processes": watch.busy(),
         "versions": {
-            "vaelab": vaelab.__version__,
-            "torch": torch.__version__,
-            "python": platform.python_version(),
+            **peers.versions(),
             "pythae": runs["pythae"][0]["versions"]["pythae"],
             "peers_torch": runs["pythae"][0]["versions"]["torch"],
         },

@@ -61,7 +61,6 @@ import os
 import platform
 import pstats
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -88,8 +87,6 @@ from vaelab.runconfig import RunConfig
 from vaelab.runs import RunLog
 from vaelab.training import CheckpointPolicy, IndexedBatches, TrainConfig, Trainer, learning_rate
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_DIR = BENCH_DIR.parent
 VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
 DEVICE = torch.device("cpu")
 CPU_ACTIVITY = torch.profiler.ProfilerActivity.CPU
@@ -707,53 +704,6 @@ def profile_trainer(bench: Bench, steps: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- machine
 
 
-def process_cpu() -> dict[int, tuple[float, str]]:
-    """CPU seconds used so far by every process, from ``ps``: pid → (seconds, command)."""
-    try:
-        out = subprocess.run(
-            ["ps", "-eo", "pid=,cputimes=,args="], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    found = {}
-    for line in out.splitlines():
-        parts = line.split(None, 2)
-        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
-            found[int(parts[0])] = (float(parts[1]), parts[2][:120])
-    return found
-
-
-class ProcessWatch:
-    """Which other processes use the CPU during the run, from ``ps`` snapshots taken at the start,
-    after each configuration and at the end: a process's share is the CPU time it gained between
-    the first and the last snapshot it appears in (from zero if it started after the first), over
-    the run's wall time."""
-
-    def __init__(self) -> None:
-        self.started = time.perf_counter()
-        self.first: dict[int, float] = {}
-        self.last: dict[int, tuple[float, str]] = {}
-        self.snapshot()
-
-    def snapshot(self) -> None:
-        initial = not self.last
-        for pid, (cpu, command) in process_cpu().items():
-            self.first.setdefault(pid, cpu if initial else 0.0)
-            self.last[pid] = (cpu, command)
-
-    def busy(self, threshold: float = 0.05) -> list[dict[str, Any]]:
-        """Other processes that used at least ``threshold`` of a core, busiest first."""
-        seconds = max(time.perf_counter() - self.started, 1e-9)
-        busy = []
-        for pid, (cpu, command) in self.last.items():
-            share = (cpu - self.first[pid]) / seconds
-            if pid != os.getpid() and share >= threshold:
-                busy.append(
-                    {"pid": pid, "percent_of_a_core": round(100 * share), "command": command}
-                )
-        return sorted(busy, key=lambda p: p["percent_of_a_core"], reverse=True)
-
-
 # ------------------------------------------------------------------------------------ reporting
 
 
@@ -826,11 +776,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_dir = Path(
-        args.data_dir or os.environ.get("VAELAB_DATA") or REPO_DIR.parent / "shared" / "data"
-    )
+    data_dir = peers.data_dir(args.data_dir)
     started = time.perf_counter()
-    load_start, watch = os.getloadavg(), ProcessWatch()
+    load_start, watch = os.getloadavg(), peers.ProcessWatch()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
         f"{load_start[0]:.2f} on {os.cpu_count()} cores; A = {SIDES['A']}, B = {SIDES['B']}, "
@@ -869,12 +817,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_start": list(load_start),
         "load_average_end": list(os.getloadavg()),
         "other_processes": watch.busy(),
-        "versions": {
-            "vaelab": vaelab.__version__,
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": peers.versions(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "argv": sys.argv[1:] if argv is None else argv,
     }

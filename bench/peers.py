@@ -10,6 +10,10 @@ Both sides of this module are used:
 - the benchmark (vaelab's venv) calls :func:`ensure_venv` and :func:`run`;
 - the peer script (peers venv) calls :func:`read_job` and :func:`write_result`.
 
+It also holds what every benchmark script records the same way: where the data are
+(:func:`data_dir`), which other processes shared the CPU (:class:`ProcessWatch`), the versions
+(:func:`versions`) and the result file (:func:`save_result`).
+
 Arrays travel as one uncompressed ``.npz`` (numpy's own format, read with ``allow_pickle=False``),
 everything else as JSON, through a temporary folder; nothing is pickled in either direction. This
 file imports only the standard library and numpy, which both environments have.
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -215,3 +221,66 @@ def save_result(report: dict[str, Any], kind: str, out: Path | None = None) -> P
     target.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {target}")
     return target
+
+
+def data_dir(given: Path | None) -> Path:
+    """The data folder: ``given``, else ``$VAELAB_DATA``, else ``../shared/data`` beside the repo."""
+    return Path(given or os.environ.get("VAELAB_DATA") or REPO_DIR.parent / "shared" / "data")
+
+
+def versions() -> dict[str, str]:
+    """Versions of what the measured side runs on (read from package metadata, no imports)."""
+    found = {"python": platform.python_version()}
+    for package in ("vaelab", "torch", "numpy"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def process_cpu() -> dict[int, tuple[float, str]]:
+    """CPU seconds used so far by every process, from ``ps``: pid → (seconds, command)."""
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pid=,cputimes=,args="], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    found = {}
+    for line in out.splitlines():
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[0].isdigit() and parts[1].isdigit():
+            found[int(parts[0])] = (float(parts[1]), parts[2][:120])
+    return found
+
+
+class ProcessWatch:
+    """Which other processes use the CPU during the run, from ``ps`` snapshots taken at the start,
+    after each configuration and at the end: a process's share is the CPU time it gained between
+    the first and the last snapshot it appears in (from zero if it started after the first), over
+    the run's wall time."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[float, str]] = {}
+        self.snapshot()
+
+    def snapshot(self) -> None:
+        initial = not self.last
+        for pid, (cpu, command) in process_cpu().items():
+            self.first.setdefault(pid, cpu if initial else 0.0)
+            self.last[pid] = (cpu, command)
+
+    def busy(self, threshold: float = 0.05) -> list[dict[str, Any]]:
+        """Other processes that used at least ``threshold`` of a core, busiest first."""
+        seconds = max(time.perf_counter() - self.started, 1e-9)
+        busy = []
+        for pid, (cpu, command) in self.last.items():
+            share = (cpu - self.first[pid]) / seconds
+            if pid != os.getpid() and share >= threshold:
+                busy.append(
+                    {"pid": pid, "percent_of_a_core": round(100 * share), "command": command}
+                )
+        return sorted(busy, key=lambda p: p["percent_of_a_core"], reverse=True)
