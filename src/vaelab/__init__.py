@@ -1,9 +1,13 @@
 """vaelab: variational inference and variational autoencoders you can trust.
 
 The public surface is small: the estimator ``VAE``, ``load``, the closed-form Gaussian KLs, the
-objectives and the components a model is composed of.
+objectives and the components a model is composed of. The evaluation modules are public too, as
+attributes after ``import vaelab``: ``vaelab.loglik`` (IWAE-k), ``vaelab.ais`` (annealed importance
+sampling, BDMC), ``vaelab.gap`` (inference gaps), ``vaelab.diagnostics`` (posterior collapse) and
+``vaelab.ppca`` (linear-Gaussian models in closed form).
 """
 
+from vaelab import ais, diagnostics, gap, loglik, ppca
 from vaelab.estimator import VAE
 from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
 from vaelab.likelihoods import (
