@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import scipy.stats
 import torch
 from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
+import vaelab
 from vaelab.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -294,3 +296,27 @@ def test_unknown_names_are_refused_with_the_choices():
         build_model(ModelConfig(data_shape=(4,), latent_dim=0))
     with pytest.raises(ValueError, match="hidden must be a tuple of positive integers"):
         build_model(ModelConfig(data_shape=(4,), hidden=(8, -1)))
+
+
+@pytest.mark.parametrize("likelihood", ["gaussian-per-dimension", "gaussian", "laplace"])
+def test_a_constant_dimension_cannot_make_the_elbo_unbounded(likelihood):
+    """A pixel that never varies: σ stays above the floor (10⁻³, as for ``gaussian-decoder``),
+    so the log-density, and the ELBO, stay bounded; and it starts at a tenth of the typical
+    deviation, so the first epochs are not thousands of nats below (once: σ started at 10⁻³
+    and fell, the ELBO −102,396 at epoch 1)."""
+    from vaelab.likelihoods import SCALE_FLOOR
+
+    rng = np.random.default_rng(0)
+    x = rng.random((500, 10)).astype(np.float32)
+    x[:, 3] = 0.5
+    model = vaelab.VAE(
+        likelihood=likelihood, latent_dim=2, hidden=(16,), epochs=10, lr=0.02, seed=0, device="cpu"
+    ).fit(x)
+    with torch.no_grad():
+        scale = model.model_.likelihood(torch.zeros(1, 2)).base_dist.scale
+    assert float(scale.min()) >= SCALE_FLOOR
+    # Bounded above: each dimension's density is at most its peak, 1 / (√(2π) σ_min) (Gaussian)
+    # or 1 / (2 b) (Laplace), both below 1 / σ_min.
+    peak = 10 * -math.log(SCALE_FLOOR)
+    assert all(epoch.reconstruction < peak for epoch in model.history_)
+    assert model.history_[0].elbo > -1000.0

@@ -147,6 +147,9 @@ class ContinuousBernoulliLikelihood(Likelihood):
 
 
 GAUSSIAN_SCALES = ("fixed", "shared", "per-dimension", "decoder")
+# No learned scale falls below this: a dimension that never varies (an always-black pixel) would
+# otherwise drive σ → 0 and the density, and so the ELBO, to infinity.
+SCALE_FLOOR = 1e-3
 
 
 class GaussianLikelihood(Likelihood):
@@ -156,8 +159,10 @@ class GaussianLikelihood(Likelihood):
     - ``"fixed"``: σ = ``sigma`` for every dimension, not learned;
     - ``"shared"``: one learned σ for all dimensions (isotropic; the pPCA noise model);
     - ``"per-dimension"``: one learned σᵢ per data dimension;
-    - ``"decoder"``: σᵢ(z) predicted by the decoder alongside μ(z), through softplus plus a small floor
-      so that a pixel that never varies cannot drive the density to infinity.
+    - ``"decoder"``: σᵢ(z) predicted by the decoder alongside μ(z), through softplus.
+
+    Every σ is at least ``SCALE_FLOOR`` (10⁻³): a pixel that never varies cannot drive the density,
+    and with it the ELBO, to infinity.
     """
 
     def __init__(
@@ -180,27 +185,36 @@ class GaussianLikelihood(Likelihood):
 
     @torch.no_grad()
     def initialise(self, x: torch.Tensor) -> None:
-        """Start at the data mean, and learned σ at the data's standard deviation."""
+        """Start at the data mean, and learned σ at the data's standard deviation. A dimension
+        that barely varies starts at a tenth of the typical deviation instead of its own: the
+        decoder does not yet predict it exactly, and a σ of 10⁻³ would turn that first error into
+        thousands of nats that swamp every other gradient. σ then falls as the fit improves."""
         super().initialise(x)
-        std = x.std(0).clamp(min=1e-3)
+        std = x.std(0)
+        typical = std.square().mean().sqrt().clamp(min=SCALE_FLOOR)
         if self.scale == "shared":
-            self.log_sigma.copy_(std.square().mean().sqrt().log())
+            self.log_sigma.copy_(typical.log())
         elif self.scale == "per-dimension":
-            self.log_sigma.copy_(std.log())
+            self.log_sigma.copy_(std.clamp(min=0.1 * typical).log())
+
+    def sigma(self) -> torch.Tensor:
+        """σ of a fixed, shared or per-dimension scale (``[]`` or ``data_shape``), at least
+        ``SCALE_FLOOR``; below the floor the gradient stops, so σ rests there."""
+        return self.log_sigma.exp().clamp(min=SCALE_FLOOR)
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         if self.scale == "decoder":
             loc, raw_scale = params
-            sigma = nn.functional.softplus(raw_scale) + 1e-3
+            sigma = nn.functional.softplus(raw_scale) + SCALE_FLOOR
         else:
             (loc,) = params
-            sigma = self.log_sigma.exp().expand_as(loc)
+            sigma = self.sigma().expand_as(loc)
         return Normal(loc, sigma)
 
 
 class LaplaceLikelihood(Likelihood):
-    """p(x|z) = Πᵢ (1 / 2b) exp(−|xᵢ − μᵢ(z)| / b) with one learned scale b: an L1 reconstruction
-    error with its normalising constant."""
+    """p(x|z) = Πᵢ (1 / 2b) exp(−|xᵢ − μᵢ(z)| / b) with one learned scale b ≥ ``SCALE_FLOOR``: an
+    L1 reconstruction error with its normalising constant."""
 
     def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
         super().__init__(decoder, data_shape)
@@ -214,4 +228,4 @@ class LaplaceLikelihood(Likelihood):
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         (loc,) = params
-        return Laplace(loc, self.log_scale.exp().expand_as(loc))
+        return Laplace(loc, self.log_scale.exp().clamp(min=SCALE_FLOOR).expand_as(loc))
