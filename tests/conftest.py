@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
+from vaelab import VAE
 from vaelab.model import VAEModel
-from vaelab.ppca import LinearGaussianModel
+from vaelab.ppca import LinearGaussianModel, random_linear_gaussian
 from vaelab.registry import ModelConfig, build_model
 
 # Tests use tiny tensors: one thread avoids thread hand-off costs and contention on 2 shared cores.
@@ -51,3 +53,19 @@ def exact_posterior_vae(truth: LinearGaussianModel) -> VAEModel:
     at_units = truth.optimal_diagonal_q(eye)
     weight = (at_units.mean - at_zero.mean).T
     return linear_vae(truth, weight, at_zero.mean[0], at_zero.variance[0].log())
+
+
+@pytest.fixture(scope="session")
+def fitted_linear() -> tuple[VAE, torch.Tensor]:
+    """A linear-Gaussian VAE made the way users make one, ``VAE.fit`` (float32, the decoder offset
+    set to the data mean), on pPCA data whose mean is far from 0 (about 5), and 200 further
+    examples from the same data, float32 ``[200, 6]``. Exact answers for it come from
+    ``vaelab.linear.linear_gaussian_from_vae``, itself checked against the model's outputs."""
+    truth = random_linear_gaussian(6, 2, noise_var=0.3, seed=11)
+    shifted = LinearGaussianModel(truth.weight, truth.bias + 5.0, truth.noise_var)
+    x, _ = shifted.sample(1400, torch.Generator().manual_seed(12))
+    x = x.float()
+    estimator = VAE(
+        hidden=(), likelihood="gaussian", latent_dim=2, epochs=15, seed=0, device="cpu"
+    ).fit(x[:1200].numpy())
+    return estimator, x[1200:]

@@ -3,8 +3,11 @@
 A ``VAEModel`` with ``hidden=()`` (one affine decoder layer), a Gaussian likelihood with a σ that
 does not depend on z, and a diagonal Gaussian prior is exactly the model of ``vaelab.ppca``:
 
-    z ~ N(m, diag s²),  x | z ~ N(W z + b, diag σ²)
-    ⇔  u ~ N(0, I),  x | u ~ N(W diag(s) u + (b + W m), diag σ²),   z = m + s ⊙ u,
+    z ~ N(m, diag s²),  x | z ~ N(W z + b + o, diag σ²)
+    ⇔  u ~ N(0, I),  x | u ~ N(W diag(s) u + (b + o + W m), diag σ²),   z = m + s ⊙ u,
+
+where o is the likelihood's ``offset`` (the data mean that ``fit`` and ``vaelab train`` start the
+decoder at) and σ the likelihood's own ``sigma()`` (floored, as the model uses it),
 
 so the prior is absorbed into the weights. ``log p(x)`` and every Gaussian ELBO are then available
 in closed form (Lucas et al. 2019), which the estimators of ``vaelab.loglik``, ``vaelab.ais`` and
@@ -63,9 +66,10 @@ def linear_gaussian_from_vae(model: VAEModel) -> LinearGaussianModel:
     data_dim = math.prod(likelihood.data_shape)
     with torch.no_grad():
         weight = layers[0].weight.detach().double()  # [data, latent]
-        bias = layers[0].bias.detach().double()  # [data]
+        # The decoder's mean is layer(z) + offset: the offset is part of the bias.
+        bias = layers[0].bias.detach().double() + likelihood.offset.detach().double().reshape(-1)
         loc = prior.base_dist.loc.detach().double()
         scale = prior.base_dist.scale.detach().double()
-        noise_var = (2.0 * likelihood.log_sigma.detach().double()).exp().reshape(-1)
+        noise_var = likelihood.sigma().detach().double().square().reshape(-1)
         noise_var = noise_var.expand(data_dim).clone()
     return LinearGaussianModel(weight * scale, bias + weight @ loc, noise_var)
