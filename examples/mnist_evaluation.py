@@ -75,7 +75,7 @@ def main() -> None:
         lambda: ais(
             estimator.model_,
             x,
-            generator=torch.Generator().manual_seed(EVAL_SEED),
+            seed=EVAL_SEED,
             progress=True,
             **settings,
         ),
@@ -105,7 +105,7 @@ def main() -> None:
         lambda: bdmc(
             estimator.model_,
             args.bdmc_examples,
-            generator=torch.Generator().manual_seed(EVAL_SEED),
+            seed=EVAL_SEED,
             **settings,
         ),
     )

@@ -50,14 +50,14 @@ def exact_gaps(truth, model, x, family):
 @pytest.fixture(scope="module")
 def diagonal(setting):
     truth, x, model = setting
-    estimate = inference_gap(model, x, generator=torch.Generator().manual_seed(0), **FIT)
+    estimate = inference_gap(model, x, seed=0, **FIT)
     return estimate, exact_gaps(truth, model, x, "diagonal")
 
 
 @pytest.fixture(scope="module")
 def full(setting):
     truth, x, model = setting
-    estimate = inference_gap(model, x, "full", generator=torch.Generator().manual_seed(1), **FIT)
+    estimate = inference_gap(model, x, "full", seed=1, **FIT)
     return estimate, exact_gaps(truth, model, x, "full")
 
 
@@ -98,9 +98,7 @@ def test_the_diagonal_family_has_an_approximation_gap_and_the_full_family_none(d
 def test_an_optimal_encoder_has_no_amortisation_gap(setting):
     truth, x, _ = setting
     model = exact_posterior_vae(truth)
-    estimate = inference_gap(
-        model, x[:60], generator=torch.Generator().manual_seed(2), steps=300, samples=16, k=200
-    )
+    estimate = inference_gap(model, x[:60], seed=2, steps=300, samples=16, k=200)
     mean, se = estimate.summary()["amortisation_gap"]
     # Common random numbers make the error bar tiny, so the few 10⁻³ nats by which stochastic
     # optimisation falls short of the optimum (fit_local_posteriors) show: allow them.

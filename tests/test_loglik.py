@@ -17,7 +17,8 @@ from vaelab.loglik import (
     log_likelihood_with_proposal,
     summarise_log_weights,
 )
-from vaelab.objectives import elbo, location_scale_sample, log_importance_weights
+from vaelab.noise import location_scale_sample
+from vaelab.objectives import elbo, log_importance_weights
 from vaelab.ppca import random_linear_gaussian
 from vaelab.registry import ModelConfig, build_model
 
@@ -49,7 +50,7 @@ def test_iwae_agrees_with_the_exact_log_likelihood(setting):
     truth, x, model = setting
     exact = truth.log_marginal(x)
     # k = 5000: IWAE's downward bias (≈ 0.02 nats at k = 1000 here) is then below the error bar.
-    estimate = log_likelihood(model, x, k=5000, generator=torch.Generator().manual_seed(0))
+    estimate = log_likelihood(model, x, k=5000, seed=0)
     assert isinstance(estimate, LogLikelihoodEstimate)
     assert estimate.log_px.shape == (300,) and estimate.log_px.dtype == F64
     error = estimate.log_px - exact
@@ -68,10 +69,9 @@ def test_elbo_below_iwae_below_exact_and_iwae_grows_with_k(setting):
     truth, x, model = setting
     exact = float(truth.log_marginal(x).mean())
     elbo_value = float(exact_elbo(truth, model, x).mean())
-    generator = torch.Generator().manual_seed(1)
     means, errors = [], []
     for k in (1, 10, 100, 1000):
-        estimate = log_likelihood(model, x, k=k, generator=generator)
+        estimate = log_likelihood(model, x, k=k, seed=k)
         means.append(estimate.mean)
         errors.append(standard_error(estimate.log_px - truth.log_marginal(x)))
     assert means == sorted(means), means
@@ -139,9 +139,9 @@ def test_summary_statistics_of_known_weights():
 
 def test_reproducible_with_a_seeded_generator(setting):
     _, x, model = setting
-    first = log_likelihood(model, x[:50], k=20, generator=torch.Generator().manual_seed(5))
-    again = log_likelihood(model, x[:50], k=20, generator=torch.Generator().manual_seed(5))
-    other = log_likelihood(model, x[:50], k=20, generator=torch.Generator().manual_seed(6))
+    first = log_likelihood(model, x[:50], k=20, seed=5)
+    again = log_likelihood(model, x[:50], k=20, seed=5)
+    other = log_likelihood(model, x[:50], k=20, seed=6)
     assert torch.equal(first.log_px, again.log_px)
     assert not torch.equal(first.log_px, other.log_px)
 
@@ -202,3 +202,21 @@ def test_bad_arguments_are_refused(setting):
     bernoulli = build_model(ModelConfig(data_shape=(12,), latent_dim=3, hidden=()))
     with pytest.raises(ValueError, match="needs data in"):
         log_likelihood(bernoulli, torch.full((2, 12), 3.0), k=5)
+
+
+def test_an_examples_estimate_depends_on_nothing_but_the_example(setting):
+    """Per-example seeding: the same number for an example whatever else is passed with it, in
+    whatever order, batch size or chunk size (once, a shared generator made ``x[:5]`` and
+    ``x[1:6]`` disagree on the four examples they share)."""
+    _, x, model = setting
+    first = log_likelihood(model, x[:5], k=300, seed=7).log_px
+    shifted = log_likelihood(model, x[1:6], k=300, seed=7).log_px
+    assert torch.equal(first[1:], shifted[:4])
+    whole = log_likelihood(model, x[:40], k=300, seed=7).log_px
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    shuffled = log_likelihood(model, x[order], k=300, seed=7, batch_size=7, chunk_size=13)
+    # The same draws; only the order of float64 sums differs (other batch and chunk sizes).
+    assert torch.allclose(shuffled.log_px, whole[order], rtol=0, atol=1e-10)
+    # Distinct examples get distinct draws: their errors are independent, not shared.
+    other_seed = log_likelihood(model, x[:40], k=300, seed=8).log_px
+    assert not torch.equal(whole, other_seed)

@@ -7,7 +7,11 @@ sampling, BDMC), ``vaelab.gap`` (inference gaps), ``vaelab.diagnostics`` (poster
 ``vaelab.ppca`` (linear-Gaussian models in closed form).
 """
 
-from vaelab import ais, diagnostics, gap, loglik, ppca
+from vaelab import ais as ais
+from vaelab import diagnostics as diagnostics
+from vaelab import gap as gap
+from vaelab import loglik as loglik
+from vaelab import ppca as ppca
 from vaelab.estimator import VAE
 from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
 from vaelab.likelihoods import (

@@ -47,12 +47,12 @@ from tqdm.auto import tqdm
 from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
-    draw,
+    model_device_dtype,
     prepare_data,
-    standard_normal,
     summarise_log_weights,
 )
 from vaelab.model import VAEModel
+from vaelab.noise import ExampleNoise, seeded
 
 __all__ = [
     "SCHEDULES",
@@ -233,7 +233,7 @@ def _hmc(
     step_size: torch.Tensor,
     target: _Target,
     leapfrog_steps: int,
-    generator: torch.Generator | None,
+    noise: ExampleNoise,
 ) -> tuple[_State, torch.Tensor]:
     """One HMC transition leaving p(z) p(x|z)^β invariant, step size ``[batch]`` per example;
     returns the new state and each chain's acceptance probability min(1, e^{−ΔH}),
@@ -243,7 +243,7 @@ def _hmc(
     def grad(s: _State) -> torch.Tensor:
         return s.grad_prior + beta * s.grad_lik
 
-    momentum0 = standard_normal(tuple(state.z.shape), state.z, generator)
+    momentum0 = noise.normal(state.z.shape[0], state.z.shape[2:], like=state.z)
     momentum = momentum0 + 0.5 * eps * grad(state)
     proposal = state
     for step in range(leapfrog_steps):
@@ -258,13 +258,7 @@ def _hmc(
         log_f0 - 0.5 * momentum0.square().sum(-1)
     )
     log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf, posinf=-math.inf)
-    uniform = torch.rand(
-        log_ratio.shape,
-        generator=generator,
-        dtype=log_ratio.dtype,
-        device=generator.device if generator is not None else log_ratio.device,
-    ).to(log_ratio.device)
-    accept = uniform.log() < log_ratio
+    accept = noise.uniform(log_ratio.shape[0], like=log_ratio).log() < log_ratio
     return _where(accept, proposal, state), log_ratio.clamp(max=0.0).exp()
 
 
@@ -283,7 +277,7 @@ def _anneal(
     target: _Target,
     settings: HmcSettings,
     step_sizes: torch.Tensor | None,
-    generator: torch.Generator | None,
+    noise: ExampleNoise,
     bar: Any,
 ) -> tuple[torch.Tensor, float, torch.Tensor]:
     """Run the chains along ``betas`` (increasing for AIS, decreasing for reverse AIS).
@@ -304,7 +298,7 @@ def _anneal(
     acceptance = 0.0
     leapfrog = settings.leapfrog_steps
     for _ in range(settings.warmup if adapt else 0):
-        state, accept_prob = _hmc(state, betas[0], step_size, target, leapfrog, generator)
+        state, accept_prob = _hmc(state, betas[0], step_size, target, leapfrog, noise)
         pilot_rate = accept_prob[chains:].mean(0)
         step_size = _adapt(step_size, pilot_rate, settings.warmup_adaptation, settings)
     for t in range(1, len(betas)):
@@ -315,7 +309,7 @@ def _anneal(
         if step_sizes is not None:
             step_size = step_sizes[t - 1]
         used.append(step_size)
-        state, accept_prob = _hmc(state, betas[t], step_size, target, leapfrog, generator)
+        state, accept_prob = _hmc(state, betas[t], step_size, target, leapfrog, noise)
         acceptance += float(accept_prob[:chains].mean())
         if adapt:
             decay = settings.acceptance_decay
@@ -329,7 +323,7 @@ def _anneal(
 def _run(
     model: VAEModel,
     x: torch.Tensor,
-    start: Callable[[slice, int], torch.Tensor],
+    start: Callable[[slice, int, ExampleNoise], torch.Tensor],
     *,
     reverse: bool,
     chains: int,
@@ -337,12 +331,15 @@ def _run(
     settings: HmcSettings,
     step_sizes: torch.Tensor | None,
     batch_size: int,
-    generator: torch.Generator | None,
+    seed: int | None,
     progress: bool,
 ) -> AisEstimate:
     """Shared driver of forward and reverse AIS over batches of examples. ``start(index,
-    pilots)`` gives the initial codes ``[chains + pilots, batch, latent]`` of those examples;
-    ``step_sizes`` is in forward order."""
+    pilots, noise)`` gives the initial codes ``[chains + pilots, batch, latent]`` of those
+    examples; ``step_sizes`` is in forward order. Every draw of an example (start, momenta,
+    acceptance tests) comes from its own stream (``vaelab.noise.ExampleNoise`` keyed by
+    ``seed``), and its step sizes adapt on its own pilots, so its estimate does not depend on
+    the other examples or on ``batch_size``."""
     with torch.no_grad():
         prior = model.prior()
     pilots = 0 if step_sizes is not None else settings.pilots
@@ -356,13 +353,14 @@ def _run(
         for first in range(0, n, batch_size):
             index = slice(first, min(first + batch_size, n))
             target = _Target(x[index], prior, model.likelihood)
-            state = target(start(index, pilots))
+            noise = ExampleNoise(x[index], seed)
+            state = target(start(index, pilots, noise))
             fixed = None
             if step_sizes is not None:
                 fixed = step_sizes[:, index].to(device=x.device, dtype=x.dtype)
                 fixed = fixed.flip(0) if reverse else fixed
             log_w, acceptance, used = _anneal(
-                state, path, chains, target, settings, fixed, generator, bar
+                state, path, chains, target, settings, fixed, noise, bar
             )
             # Forward: the weights estimate p(x). Reverse: they estimate 1 / p(x), and the
             # bound is −log of their mean; the delta-method error of a log is the same.
@@ -421,11 +419,13 @@ def ais(
     schedule: str | torch.Tensor = "sigmoid",
     hmc: HmcSettings | None = None,
     batch_size: int = 100,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> AisEstimate:
     """AIS estimate of each example's log p(x) under a ``VAEModel``, in nats: a stochastic lower
-    bound, log of the mean over ``chains`` independent chains of their weights.
+    bound, log of the mean over ``chains`` independent chains of their weights. With a ``seed``,
+    each example's chains draw from streams keyed by its values (``vaelab.noise``): reproducible,
+    and independent of the other examples passed with it.
 
     ``steps`` intermediate distributions on the ``schedule`` (``"sigmoid"``, ``"linear"`` or an
     explicit non-decreasing tensor of β from 0 to 1), HMC transitions configured by ``hmc``.
@@ -437,10 +437,8 @@ def ais(
     with torch.no_grad():
         prior = model.prior()
 
-    def start(index: slice, pilots: int) -> torch.Tensor:
-        batch = x[index].shape[0]
-        codes = draw(prior, (chains + pilots) * batch, generator)
-        return codes.reshape(chains + pilots, batch, *prior.event_shape)
+    def start(index: slice, pilots: int, noise: ExampleNoise) -> torch.Tensor:
+        return noise.sample(prior, chains + pilots)  # [chains + pilots, batch, latent]
 
     return _run(
         model,
@@ -452,7 +450,7 @@ def ais(
         settings=settings,
         step_sizes=None,
         batch_size=batch_size,
-        generator=generator,
+        seed=seed,
         progress=progress,
     )
 
@@ -468,7 +466,7 @@ def reverse_ais(
     hmc: HmcSettings | None = None,
     step_sizes: torch.Tensor | None = None,
     batch_size: int = 100,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> AisEstimate:
     """Reverse AIS: a stochastic *upper* bound on each example's log p(x), in nats.
@@ -504,7 +502,7 @@ def reverse_ais(
                 f"ais run with the same steps and schedule), got {tuple(step_sizes.shape)}"
             )
 
-    def start(index: slice, pilots: int) -> torch.Tensor:
+    def start(index: slice, pilots: int, noise: ExampleNoise) -> torch.Tensor:
         codes = z[:, index]
         cycle = torch.arange(pilots, device=codes.device) % chains
         return torch.cat([codes, codes[cycle]])
@@ -519,21 +517,21 @@ def reverse_ais(
         settings=settings,
         step_sizes=step_sizes,
         batch_size=batch_size,
-        generator=generator,
+        seed=seed,
         progress=progress,
     )
 
 
 @torch.no_grad()
-def simulate(
-    model: VAEModel, n: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def simulate(model: VAEModel, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` draws from the model's joint: z ~ p(z), x ~ p(x|z). Returns ``(x [n, *data_shape],
-    z [n, latent])``; each z is an exact sample of p(z | x) for its x."""
+    z [n, latent])``; each z is an exact sample of p(z | x) for its x. ``seed`` makes the draws
+    reproducible (``None``: fresh ones); the caller's random state is left as it was."""
     if n < 1:
         raise ValueError(f"n must be a positive number of examples, got {n}")
-    z = draw(model.prior(), n, generator)
-    x = draw(model.likelihood(z), 1, generator)[0]
+    with seeded(seed, model_device_dtype(model)[0]):
+        z = model.prior().sample((n,))
+        x = model.likelihood(z).sample()
     return x, z
 
 
@@ -557,14 +555,14 @@ def bdmc(
     model: VAEModel,
     n: int = 100,
     *,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     **settings: Any,
 ) -> BdmcResult:
     """Sandwich log p(x) on ``n`` examples simulated from the model: forward AIS from the prior
     and reverse AIS from the generating latent codes, with the same ``settings`` (the keyword
     arguments of :func:`ais`) and the forward run's step sizes, so that both directions apply
     the same transitions."""
-    x, z = simulate(model, n, generator)
-    lower = ais(model, x, generator=generator, **settings)
-    upper = reverse_ais(model, x, z, step_sizes=lower.step_sizes, generator=generator, **settings)
+    x, z = simulate(model, n, seed)
+    lower = ais(model, x, seed=seed, **settings)
+    upper = reverse_ais(model, x, z, step_sizes=lower.step_sizes, seed=seed, **settings)
     return BdmcResult(lower, upper, x, z)

@@ -184,15 +184,10 @@ def load_examples(examples: ModelData, n: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
 
 
-def _per_chunk(
-    examples: ModelData, n: int, estimate: Callable[[torch.Tensor, torch.Generator], Any]
-) -> list[Any]:
-    """``estimate(x, generator)`` on each chunk of the first ``n`` examples, every chunk with a
-    fresh generator at the evaluation seed, so a result does not depend on other runs."""
-    return [
-        estimate(torch.from_numpy(x), torch.Generator().manual_seed(EVAL_SEED))
-        for x in examples.chunks(limit=n)
-    ]
+def _per_chunk(examples: ModelData, n: int, estimate: Callable[[torch.Tensor], Any]) -> list[Any]:
+    """``estimate(x)`` on each chunk of the first ``n`` examples (the estimators key every
+    example's draws by its own values and ``EVAL_SEED``, so chunking changes nothing)."""
+    return [estimate(torch.from_numpy(x)) for x in examples.chunks(limit=n)]
 
 
 def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
@@ -219,9 +214,7 @@ def iwae_summary(
     parts = _per_chunk(
         examples,
         n,
-        lambda x, generator: log_likelihood(
-            estimator.model_, x, k, generator=generator, progress=progress
-        ),
+        lambda x: log_likelihood(estimator.model_, x, k, seed=EVAL_SEED, progress=progress),
     )
     log_px = torch.cat([p.log_px for p in parts])
     summary: dict[str, Any] = {"k": k, **_mean_and_error(log_px), "bound": f"IWAE-{k}"}
@@ -242,8 +235,8 @@ def ais_summary(
     parts = _per_chunk(
         examples,
         n,
-        lambda x, generator: ais(
-            estimator.model_, x, chains=chains, steps=steps, generator=generator, progress=progress
+        lambda x: ais(
+            estimator.model_, x, chains=chains, steps=steps, seed=EVAL_SEED, progress=progress
         ),
     )
     counts = [p.log_px.numel() for p in parts]
@@ -266,9 +259,8 @@ def diagnostics_summary(estimator: VAE, examples: ModelData, n: int) -> dict[str
     from vaelab.diagnostics import collapse_diagnostics
 
     x = load_examples(examples, min(n, DIAGNOSTIC_EXAMPLES))
-    generator = torch.Generator().manual_seed(EVAL_SEED)
     with torch.no_grad():
-        found = collapse_diagnostics(estimator.model_, x, generator=generator)
+        found = collapse_diagnostics(estimator.model_, x, seed=EVAL_SEED)
     return {"examples": int(x.shape[0]), **found.to_dict()}
 
 
@@ -432,15 +424,14 @@ def gap(
     if len(examples) < 2:
         raise RunError(f"{examples.description} holds fewer than 2 examples")
     x = load_examples(examples, min(n, len(examples)))
-    generator = torch.Generator().manual_seed(EVAL_SEED)
     model = estimator.model_
     log_px = None
     if use_ais:
         from vaelab.ais import ais
 
-        log_px = ais(model, x, generator=generator, progress=progress)
+        log_px = ais(model, x, seed=EVAL_SEED, progress=progress)
     full = inference_gap(
-        model, x, "full", log_px=log_px, k=k, steps=steps, generator=generator, progress=progress
+        model, x, "full", log_px=log_px, k=k, steps=steps, seed=EVAL_SEED, progress=progress
     )
     diagonal = inference_gap(
         model,
@@ -449,7 +440,7 @@ def gap(
         log_px=full.log_px_estimate,
         k=k,
         steps=steps,
-        generator=generator,
+        seed=EVAL_SEED,
         progress=progress,
     )
     return {

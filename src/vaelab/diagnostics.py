@@ -32,8 +32,9 @@ from typing import Any, NamedTuple
 import torch
 from torch.distributions import Distribution, Independent, Normal
 
-from vaelab.loglik import draw, is_location_scale, prepare_data, standard_error, standard_normal
+from vaelab.loglik import prepare_data, standard_error
 from vaelab.model import VAEModel
+from vaelab.noise import ExampleNoise, fresh_seed, is_location_scale
 from vaelab.objectives import elbo, kl_per_dimension, kl_term
 
 __all__ = [
@@ -54,13 +55,13 @@ ACTIVITY_THRESHOLD = 1e-2  # Burda et al. (2016)
 _MI_ELEMENTS = 2**22
 
 
-def _posterior_mean(q: Distribution, generator: torch.Generator | None) -> torch.Tensor:
+def _posterior_mean(q: Distribution, x: torch.Tensor, seed: int | None) -> torch.Tensor:
     """E_q[z], ``[batch, latent]``: exact where the distribution knows it, else a 1000-sample
-    average."""
+    average with each example's own draws (``x`` keys them)."""
     try:
         return q.mean
     except NotImplementedError:
-        return draw(q, 1000, generator).mean(0)
+        return ExampleNoise(x, seed).sample(q, 1000).mean(0)
 
 
 @torch.no_grad()
@@ -69,7 +70,7 @@ def activity(
     x: Any,
     *,
     batch_size: int = 1000,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> torch.Tensor:
     """A_u = Var_x(E_q[z_u | x]) for every latent unit, float64 ``[latent]`` (Burda et al. 2016).
 
@@ -79,7 +80,9 @@ def activity(
         raise ValueError("activity is a variance over examples and needs at least two")
     means = torch.cat(
         [
-            _posterior_mean(model.posterior(x[i : i + batch_size]), generator).double()
+            _posterior_mean(
+                model.posterior(x[i : i + batch_size]), x[i : i + batch_size], seed
+            ).double()
             for i in range(0, x.shape[0], batch_size)
         ]
     )
@@ -122,10 +125,11 @@ def rate_distortion(
     *,
     samples: int = 16,
     batch_size: int = 1000,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> RateDistortion:
     """Rate and distortion of each example (Alemi et al. 2018): the ELBO's two terms, with
-    ``samples`` draws for the distortion and the exact KL where one is registered."""
+    ``samples`` draws for the distortion (from each example's own stream, keyed by ``seed``)
+    and the exact KL where one is registered."""
     if samples < 1:
         raise ValueError(f"samples must be a positive number, got {samples}")
     x = prepare_data(model, x)
@@ -134,8 +138,8 @@ def rate_distortion(
         batch = x[i : i + batch_size]
         q = model.posterior(batch)
         noise = None
-        if generator is not None and is_location_scale(q):
-            noise = standard_normal((samples, batch.shape[0], *q.event_shape), batch, generator)
+        if is_location_scale(q):
+            noise = ExampleNoise(batch, seed).normal(samples, q.event_shape, like=batch)
         terms = elbo(
             batch, model.posterior, model.prior, model.likelihood, samples=samples, noise=noise
         )
@@ -187,7 +191,7 @@ def mutual_information(
     x: Any,
     *,
     samples: int = 10,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> MutualInformation:
     """I(x; z) under the aggregate posterior of the N examples ``x`` (see the module docstring):
     mean over n and ``samples`` draws z ~ q(z|x_n) of log q(z|x_n) − log (1/N) Σ_m q(z|x_m).
@@ -200,7 +204,7 @@ def mutual_information(
     x = prepare_data(model, x)
     n = x.shape[0]
     q = model.posterior(x)  # batch_shape [N]
-    z = draw(q, samples, generator)  # [S, N, latent]
+    z = ExampleNoise(x, seed).sample(q, samples)  # [S, N, latent]
     flat = z.reshape(-1, *q.event_shape)  # [S·N, latent]; code i belongs to example i mod N
     latent = max(1, math.prod(q.event_shape))
     chunk = max(1, _MI_ELEMENTS // (n * latent))
@@ -281,28 +285,28 @@ def collapse_diagnostics(
     samples: int = 16,
     mi_examples: int = 1000,
     mi_samples: int = 10,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> CollapseDiagnostics:
     """All diagnostics on ``x``: activity (active units above ``threshold``), mean KL per
     dimension, rate and distortion (``samples`` draws per example) and the mutual information on
-    a random subset of ``mi_examples`` examples (``mi_samples`` draws each)."""
+    a random subset of ``mi_examples`` examples (``mi_samples`` draws each); ``seed`` keys every
+    example's draws and picks the subset (``None``: fresh randomness)."""
     x = prepare_data(model, x)
     if mi_examples < 2:
         raise ValueError(f"mi_examples must be at least 2, got {mi_examples}")
-    terms = rate_distortion(model, x, samples=samples, generator=generator)
+    terms = rate_distortion(model, x, samples=samples, seed=seed)
     n = x.shape[0]
     subset = x
     if n > mi_examples:
-        subset = x[torch.randperm(n, generator=generator)[:mi_examples].to(x.device)]
+        chooser = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
+        subset = x[torch.randperm(n, generator=chooser)[:mi_examples].to(x.device)]
     return CollapseDiagnostics(
-        activity=activity(model, x, generator=generator),
+        activity=activity(model, x, seed=seed),
         threshold=threshold,
         kl_per_dimension=mean_kl_per_dimension(model, x),
         rate=float(terms.rate.mean()),
         rate_standard_error=standard_error(terms.rate),
         distortion=float(terms.distortion.mean()),
         distortion_standard_error=standard_error(terms.distortion),
-        mutual_information=mutual_information(
-            model, subset, samples=mi_samples, generator=generator
-        ),
+        mutual_information=mutual_information(model, subset, samples=mi_samples, seed=seed),
     )

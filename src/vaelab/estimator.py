@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.model import VAEModel
-from vaelab.noise import example_noise
+from vaelab.noise import ExampleNoise
 from vaelab.objectives import ElboTerms
 from vaelab.registry import ModelConfig, build_model
 from vaelab.training import (
@@ -256,7 +256,7 @@ class VAE(TransformerMixin, BaseEstimator):
         x = self._tensor(X)
         parts = []
         for chunk in self._chunks(x):
-            noise = example_noise(chunk, samples, self.latent_dim, salt=EVAL_SEED)
+            noise = ExampleNoise(chunk, EVAL_SEED).normal(samples, (self.latent_dim,), like=chunk)
             parts.append(self.model_.elbo(chunk, samples=samples, noise=noise))
         return ElboTerms(*(torch.cat([p[i].cpu() for p in parts]).double() for i in range(4)))
 
@@ -273,12 +273,13 @@ class VAE(TransformerMixin, BaseEstimator):
         log p̂(x) = log (1/k) Σᵢ p(x, zᵢ) / q(zᵢ|x),  zᵢ ~ q(z|x)
 
         (Burda et al. 2016), a stochastic lower bound that tightens as ``k`` grows, computed in
-        bounded memory for any ``k`` (``vaelab.loglik``). Seeded, so repeated calls agree."""
+        bounded memory for any ``k`` (``vaelab.loglik``). The draws are seeded by each example's
+        own values, so repeated calls agree and an example's estimate does not depend on the
+        others passed with it."""
         from vaelab.loglik import log_likelihood
 
         x = self._tensor(X)
-        generator = torch.Generator().manual_seed(EVAL_SEED)
-        found = log_likelihood(self.model_, x, k, batch_size=batch_size, generator=generator)
+        found = log_likelihood(self.model_, x, k, batch_size=batch_size, seed=EVAL_SEED)
         return found.log_px.double().numpy()
 
     def score_samples(self, X: Any) -> np.ndarray:

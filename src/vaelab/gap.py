@@ -34,14 +34,13 @@ from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
     auto_chunk,
-    is_location_scale,
     log_likelihood_with_proposal,
     prepare_data,
     standard_error,
-    standard_normal,
 )
 from vaelab.model import VAEModel
-from vaelab.objectives import elbo, kl_term, location_scale_sample, log_importance_weights
+from vaelab.noise import ExampleNoise, is_location_scale, location_scale_sample
+from vaelab.objectives import elbo, kl_term, log_importance_weights
 
 __all__ = [
     "FAMILIES",
@@ -168,7 +167,7 @@ def fit_local_posteriors(
     steps: int = 2000,
     lr: float = 1e-2,
     samples: int = 8,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> LocalGaussianPosterior:
     """Optimise a separate Gaussian q_n(z) for each example of ``x`` with the model frozen.
@@ -199,10 +198,11 @@ def fit_local_posteriors(
     optimiser = torch.optim.Adam(params, lr=lr)
     shape = (samples, *local.loc.shape)
     fixed_prior = _Fixed(prior)
+    noise_streams = ExampleNoise(x, seed)  # each example's q* sees its own draws only
     for step in tqdm(range(steps), desc=f"q* ({family})", unit="step", disable=not progress):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(lr, step, steps)
-        half = standard_normal((-(-samples // 2), *shape[1:]), local.loc, generator)
+        half = noise_streams.normal(-(-samples // 2), shape[2:], like=local.loc)
         noise = torch.cat([half, -half])[:samples]  # antithetic pairs
         with torch.enable_grad():
             terms = elbo(x, local, fixed_prior, model.likelihood, samples=samples, noise=noise)
@@ -244,14 +244,15 @@ def estimate_elbo(
     samples: int = 1000,
     *,
     chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
 ) -> list[ElboEstimate]:
     """ELBO of each q in ``posteriors`` (each ``batch_shape [n]``) for ``x: [n, *data_shape]``.
 
     Per sample s the integrand is log p(x|z_s) − KL(q ‖ p) with the exact KL where registered,
     else log p(x|z_s) − log q(z_s) + log p(z_s); its mean and standard error over ``samples``
     draws are accumulated in chunks. Gaussian posteriors share the same ε (common random
-    numbers), so differences between their ELBOs are far more precise than either ELBO.
+    numbers), so differences between their ELBOs are far more precise than either ELBO. Each
+    example draws from its own stream (``vaelab.noise.ExampleNoise`` keyed by ``seed``).
     """
     n = x.shape[0]
     chunk = chunk_size or auto_chunk(n, math.prod(x.shape[1:]))
@@ -261,11 +262,12 @@ def estimate_elbo(
     squares = [torch.zeros_like(t) for t in totals]
     shifts: list[torch.Tensor | None] = [None for _ in posteriors]
     exact: list[bool] = [False for _ in posteriors]
+    streams = [ExampleNoise(x, seed) for _ in (posteriors[:1] if shared else posteriors)]
     for start in range(0, samples, chunk):
         size = min(chunk, samples - start)
-        eps = standard_normal((size, n, *latent), x, generator) if shared else None
+        eps = streams[0].normal(size, latent, like=x) if shared else None
         for i, q in enumerate(posteriors):
-            z = location_scale_sample(q, eps) if eps is not None else q.sample((size,))
+            z = location_scale_sample(q, eps) if eps is not None else streams[i].sample(q, size)
             kl, exact[i] = kl_term(q, prior, z)
             if exact[i]:
                 values = likelihood.log_prob(x, z) - kl
@@ -359,7 +361,7 @@ def inference_gap(
     lr: float = 1e-2,
     samples: int = 8,
     eval_samples: int = 1000,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> InferenceGap:
     """Approximation and amortisation gaps of a ``VAEModel`` on the examples ``x``.
@@ -394,7 +396,7 @@ def inference_gap(
             steps=steps,
             lr=lr,
             samples=samples,
-            generator=generator,
+            seed=seed,
             progress=progress,
         )
 
@@ -402,14 +404,14 @@ def inference_gap(
     with torch.no_grad():
         optimal = local.distribution()
         optimal_elbo, amortised_elbo = estimate_elbo(
-            x, [optimal, amortised], prior, model.likelihood, eval_samples, generator=generator
+            x, [optimal, amortised], prior, model.likelihood, eval_samples, seed=seed
         )
         if log_px is None:
             proposal = optimal
             if family != "full":
                 proposal = fit("full").distribution()
             log_px = log_likelihood_with_proposal(
-                x, proposal, prior, model.likelihood, k, generator=generator, method="iwae-q*"
+                x, proposal, prior, model.likelihood, k, seed=seed, method="iwae-q*"
             )
     return InferenceGap(
         family=family,

@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
 from vaelab.likelihoods import Likelihood
 from vaelab.model import VAEModel
-from vaelab.objectives import location_scale_sample, log_importance_weights
+from vaelab.noise import ExampleNoise, is_location_scale, location_scale_sample
+from vaelab.objectives import log_importance_weights
 
 __all__ = [
     "LogLikelihoodEstimate",
@@ -186,50 +187,6 @@ def prepare_data(model: VAEModel, x: Any) -> torch.Tensor:
     return x
 
 
-def is_location_scale(q: Distribution) -> bool:
-    """Whether ``q`` is a Gaussian that ``location_scale_sample`` can draw from with given ε."""
-    return isinstance(q, MultivariateNormal) or (
-        isinstance(q, Independent) and isinstance(q.base_dist, Normal)
-    )
-
-
-def draw(
-    q: Distribution,
-    samples: int,
-    generator: torch.Generator | None = None,
-    *,
-    reparameterised: bool = False,
-) -> torch.Tensor:
-    """``samples`` draws from ``q``: ``[samples, *batch_shape, *event_shape]``.
-
-    With a ``generator`` the draws are reproducible: a Gaussian is sampled as μ + L ε with ε from
-    the generator; any other distribution is sampled under torch's global generator forked and
-    seeded from ``generator``, leaving the caller's global random state untouched.
-    """
-    shape = torch.Size((samples,))
-    if generator is None:
-        return q.rsample(shape) if reparameterised else q.sample(shape)
-    if is_location_scale(q):
-        eps = standard_normal((samples, *q.batch_shape, *q.event_shape), q.mean, generator)
-        z = location_scale_sample(q, eps)
-        return z if reparameterised else z.detach()
-    seed = int(torch.randint(0, 2**62, (), generator=generator))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return q.rsample(shape) if reparameterised else q.sample(shape)
-
-
-def standard_normal(
-    shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """N(0, I) noise of ``shape`` with ``like``'s dtype and device, drawn from ``generator``
-    (on the generator's device, then moved)."""
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    eps = torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device)
-    return eps.to(like.device)
-
-
 def auto_chunk(batch: int, data_dim: int, budget: int = CHUNK_ELEMENTS) -> int:
     """Samples per chunk so that ``chunk · batch · data_dim`` stays within ``budget``."""
     return max(1, budget // max(1, batch * data_dim))
@@ -245,15 +202,17 @@ def log_likelihood_with_proposal(
     *,
     chunk_size: int | None = None,
     noise: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     method: str = "iwae",
 ) -> LogLikelihoodEstimate:
     """Importance-sampled log p(x) for one batch ``x: [batch, *data_shape]`` with proposal
     ``proposal`` (``batch_shape [batch]``, e.g. the amortised q(z|x) or an optimised q*).
 
     The k samples are drawn ``chunk_size`` at a time (default: bounded memory, see
-    :data:`CHUNK_ELEMENTS`). ``noise``, if given, is the standard normal ε ``[k, batch, latent]``
-    of a Gaussian proposal: the result then does not depend on ``chunk_size`` at all.
+    :data:`CHUNK_ELEMENTS`) from each example's own stream (``vaelab.noise.ExampleNoise`` keyed
+    by ``seed``; ``None``: fresh draws), so an example's estimate depends neither on the other
+    examples of the batch nor on the chunk size. ``noise``, if given, is the standard normal ε
+    ``[k, batch, latent]`` of a Gaussian proposal to use instead.
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
@@ -272,10 +231,11 @@ def log_likelihood_with_proposal(
         raise ValueError(f"chunk_size must be a positive number of samples, got {chunk_size}")
     log_sum = torch.full((batch,), -math.inf, dtype=torch.float64, device=x.device)
     log_sum_sq = log_sum.clone()
+    streams = ExampleNoise(x, seed)
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
         if noise is None:
-            z = draw(proposal, size, generator)
+            z = streams.sample(proposal, size)
         else:
             z = location_scale_sample(proposal, noise[start : start + size].to(x.device))
         log_w = log_importance_weights(x, proposal, prior, likelihood, z).double()  # [size, batch]
@@ -293,7 +253,7 @@ def log_likelihood(
     *,
     batch_size: int = 100,
     chunk_size: int | None = None,
-    generator: torch.Generator | None = None,
+    seed: int | None = None,
     progress: bool = False,
 ) -> LogLikelihoodEstimate:
     """The IWAE-k estimate of each example's log p(x) under a ``VAEModel``, in nats.
@@ -301,8 +261,9 @@ def log_likelihood(
     Examples are processed ``batch_size`` at a time and each batch's k samples from the
     amortised q(z|x) in chunks (:func:`log_likelihood_with_proposal`), so one decoder call
     evaluates ``chunk · batch`` latent codes and memory does not grow with k. A tqdm bar over
-    batches is shown when ``progress``. Pass a seeded ``generator`` for reproducible numbers
-    (for a fixed ``batch_size`` and ``chunk_size``).
+    batches is shown when ``progress``. With a ``seed`` every example draws from its own stream
+    keyed by its values (``vaelab.noise``): its estimate is reproducible and does not depend on
+    the other examples, their order, ``batch_size`` or ``chunk_size``.
 
     Returns per-example estimates; ``.mean`` and ``.standard_error`` summarise a data set.
     """
@@ -324,7 +285,7 @@ def log_likelihood(
                 model.likelihood,
                 k,
                 chunk_size=chunk_size,
-                generator=generator,
+                seed=seed,
             )
         )
     return LogLikelihoodEstimate(

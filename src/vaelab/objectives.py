@@ -20,10 +20,11 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal, kl_divergence
+from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelab import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
 from vaelab.likelihoods import Likelihood
+from vaelab.noise import location_scale_sample
 
 KL_METHODS = ("auto", "analytic", "monte_carlo")
 
@@ -96,7 +97,7 @@ def elbo(
     ELBO(x) = (1/L) Σₗ log p(x | zₗ) − KL(q(z|x) ‖ p(z)),  zₗ = μ + σ ⊙ εₗ,  εₗ ~ N(0, I).
 
     ``noise``, if given, is the standard normal ε ``[samples, batch, latent]`` to use instead of fresh
-    draws (see ``vaelab.noise.example_noise`` for noise that is a function of each example).
+    draws (see ``vaelab.noise.ExampleNoise`` for noise that is a function of each example).
     """
     q = posterior(x)
     if noise is None and samples == 1:
@@ -116,17 +117,6 @@ def elbo(
         elbo=bound,
         objective=bound if beta == 1.0 else reconstruction - beta * kl_value,
     )
-
-
-def location_scale_sample(q: Distribution, noise: torch.Tensor) -> torch.Tensor:
-    """z = μ + L ε for a Gaussian q with ``batch_shape [batch]`` and ε ``[samples, batch, latent]``
-    → ``[samples, batch, latent]``, differentiable in q's parameters."""
-    eps = noise
-    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
-        return q.base_dist.loc + q.base_dist.scale * eps
-    if isinstance(q, MultivariateNormal):
-        return q.loc + (q.scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
-    raise NotImplementedError(f"no location-scale form for {type(q).__name__}")
 
 
 def log_importance_weights(
