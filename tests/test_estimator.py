@@ -58,7 +58,24 @@ def test_outputs_have_documented_shapes(fitted):
     assert fitted.reconstruct(X[:4]).shape == (4, 64)
     assert fitted.sample(6).shape == (6, 64)
     assert fitted.elbo(X[:3]).shape == (3,) and fitted.elbo(X[:3]).dtype == np.float64
-    assert fitted.score(X) == pytest.approx(float(np.mean(fitted.score_samples(X))))
+
+
+def test_scores_are_the_elbo_of_the_closed_form(fitted_linear):
+    """score_samples is each example's ELBO and score their mean: on a fitted linear-Gaussian
+    model both agree with the ELBO in closed form (``LinearGaussianModel.elbo`` of the encoder's
+    q) within the Monte Carlo error of the reconstruction term."""
+    from vaelab.linear import linear_gaussian_from_vae
+
+    estimator, x = fitted_linear
+    with torch.no_grad():
+        q = estimator.model_.posterior(x)
+        exact = linear_gaussian_from_vae(estimator.model_).elbo(
+            x.double(), q.mean.double(), q_var=q.variance.double()
+        )
+    estimated = torch.from_numpy(estimator.score_samples(x.numpy()))
+    error = estimated - exact
+    assert abs(float(error.mean())) < 4 * float(error.std()) / len(error) ** 0.5
+    assert estimator.score(x.numpy()) == pytest.approx(float(exact.mean()), abs=0.05)
 
 
 def test_scores_do_not_depend_on_batch_composition_or_order(fitted):
@@ -78,6 +95,32 @@ def test_same_seed_same_model_and_global_random_state_untouched():
     assert np.array_equal(a.transform(X), b.transform(X))
     c = vaelab.VAE(**{**SMALL, "seed": 1}).fit(X)
     assert not np.array_equal(a.transform(X), c.transform(X))
+
+
+def test_seed_none_means_fresh_randomness_and_leaves_the_caller_alone():
+    """``seed=None``: two fits differ, two samples differ (once, both repeated: None forked the
+    global generator and restored it, so every run started from the same state)."""
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    a = vaelab.VAE(**{**SMALL, "seed": None}).fit(X)
+    b = vaelab.VAE(**{**SMALL, "seed": None}).fit(X)
+    assert not np.array_equal(a.transform(X), b.transform(X))
+    assert not np.array_equal(a.sample(4), a.sample(4))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_seeding_never_touches_the_callers_cuda_generators(fitted, monkeypatch):
+    """``torch.manual_seed`` reseeds every CUDA device; vaelab seeds only the device it trains
+    on, and forks it."""
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("a CUDA generator was reseeded")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refuse)
+    monkeypatch.setattr(torch.cuda, "manual_seed", refuse)
+    vaelab.VAE(**{**SMALL, "device": "cpu"}).fit(X[:100])
+    fitted.sample(2, seed=3)
+    fitted.sample(2)
 
 
 def test_sample_is_reproducible_with_a_seed(fitted):
@@ -100,6 +143,86 @@ def test_datasets_and_dataloaders_are_accepted():
     from_loader = vaelab.VAE(**SMALL).fit(loader)
     assert from_loader.data_shape_ == (64,) and from_loader.n_features_in_ == 64
     assert len(from_loader.history_) == 2
+
+
+def test_every_dataloader_batch_is_checked_as_it_streams():
+    """Not only the first batch: a value outside the support or a NaN in the sixth batch is
+    refused naming that batch, before it reaches the model."""
+    outside, missing = X.copy(), X.copy()
+    outside[350, 3], missing[350, 3] = 2.0, np.nan
+    for bad, problem in (
+        (outside, r"bernoulli likelihood needs data in \[0, 1\]"),
+        (missing, "NaN"),
+    ):
+        loader = DataLoader(TensorDataset(torch.from_numpy(bad)), batch_size=64)
+        with pytest.raises(
+            ValueError, match=rf"batch 6 of the DataLoader \(epoch 1\).*{problem}"
+        ):
+            vaelab.VAE(**SMALL).fit(loader)
+
+
+def test_the_decoder_starts_at_the_mean_of_many_batches_not_the_first():
+    """Examples ordered from faint to bold: the first batch's mean is far from the data's; the
+    offset must be the data's (the first INIT_EXAMPLES examples, streamed)."""
+    order = np.argsort(X.mean(1))
+    loader = DataLoader(TensorDataset(torch.from_numpy(X[order])), batch_size=50)
+    model = vaelab.VAE(**{**SMALL, "likelihood": "gaussian", "epochs": 1}).fit(loader)
+    # The offset is the data mean; the learned σ started at the data's deviation.
+    fresh = vaelab.VAE(**{**SMALL, "likelihood": "gaussian", "epochs": 1})
+    reference = fresh.fit(X[order])  # arrays: moments of all 400 examples at once
+    offset = model.model_.likelihood.offset
+    assert torch.allclose(offset, torch.from_numpy(X.mean(0)), atol=1e-6)
+    assert torch.allclose(offset, reference.model_.likelihood.offset, atol=1e-6)
+
+
+def test_float64_and_integer_tensors_follow_the_rules_of_arrays():
+    """float64 and uint8 batches are converted to float32 with their values kept, as arrays are:
+    the same model as from float32, and 0..16 pixels refused by the Bernoulli naming the batch."""
+
+    def loader(x: torch.Tensor) -> DataLoader:
+        return DataLoader(TensorDataset(x), batch_size=64, shuffle=False)
+
+    options = {**SMALL, "likelihood": "gaussian", "device": "cpu"}
+    single = vaelab.VAE(**options).fit(loader(torch.from_numpy(X)))
+    double = vaelab.VAE(**options).fit(loader(torch.from_numpy(X.astype(np.float64))))
+    assert np.array_equal(single.transform(X), double.transform(X))
+    pixels = torch.from_numpy(DIGITS.data[:400].astype(np.uint8))
+    integers = vaelab.VAE(**options).fit(loader(pixels))
+    floats = vaelab.VAE(**options).fit(loader(pixels.float()))
+    assert np.array_equal(integers.transform(pixels.numpy()), floats.transform(pixels.numpy()))
+    with pytest.raises(ValueError, match=r"batch 1 of the DataLoader .*needs data in \[0, 1\]"):
+        vaelab.VAE(**SMALL).fit(loader(pixels))
+
+
+def test_image_models_take_flat_rows_and_name_both_shapes():
+    """An MLP on images [1, 8, 8] reads rows [n, 64] as the same examples (once: "X has 64
+    features, but VAE is expecting 1 features"); any other shape is refused naming both."""
+    images = X.reshape(-1, 1, 8, 8)
+    model = vaelab.VAE(latent_dim=2, hidden=(16,), epochs=1, seed=0).fit(images)
+    assert np.array_equal(model.transform(X[:5]), model.transform(images[:5]))
+    assert np.array_equal(model.score_samples(X[:5]), model.score_samples(images[:5]))
+    assert model.reconstruct(X[:5]).shape == (5, 64)
+    with pytest.raises(ValueError, match=r"pass an array \[n, 1, 8, 8\] or flat rows \[n, 64\]"):
+        model.transform(X[:, :10])
+
+
+def test_a_model_saved_on_a_gpu_opens_on_a_machine_without_one(fitted, tmp_path):
+    """The file says cuda; loading defaults to a device that exists here."""
+    import json
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the file's device exists")
+    fitted.save(tmp_path / "m")
+    path = tmp_path / "m" / "vaelab.json"
+    document = json.loads(path.read_text())
+    document["estimator"]["device"] = "cuda"
+    path.write_text(json.dumps(document))
+    loaded = vaelab.load(tmp_path / "m")
+    assert loaded.device_.type == "cpu" and loaded.device == "cpu"
+    assert np.array_equal(loaded.transform(X[:5]), fitted.transform(X[:5]))
+    assert vaelab.load(tmp_path / "m", device="cpu").device_.type == "cpu"
+    with pytest.raises(ValueError, match="'cuda' is not available here"):
+        vaelab.load(tmp_path / "m", device="cuda")
 
 
 def test_hidden_empty_gives_linear_maps():

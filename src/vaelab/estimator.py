@@ -7,7 +7,7 @@ in ``_``. ``score_samples`` gives each example's ELBO (a lower bound on log p(x)
 
 from __future__ import annotations
 
-import contextlib
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +18,10 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
+from vaelab.data import DataError
+from vaelab.likelihoods import DataMoments
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise
+from vaelab.noise import ExampleNoise, seeded
 from vaelab.objectives import ElboTerms
 from vaelab.registry import ModelConfig, build_model
 from vaelab.training import (
@@ -37,22 +39,25 @@ EVAL_SEED = 20131220  # salt of the per-example evaluation noise (vaelab.noise)
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` is CUDA when available, else the CPU; anything else is passed to ``torch.device``
+    and must exist here (a ``ValueError`` says so, rather than torch failing at the first
+    tensor moved there)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
-    except RuntimeError:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
         raise ValueError(f"unknown device {device!r}; use 'auto', 'cpu' or 'cuda'") from None
-
-
-@contextlib.contextmanager
-def seeded(seed: int | None) -> Iterator[None]:
-    """Run with torch's global generator seeded, leaving the caller's random state untouched."""
-    with torch.random.fork_rng(devices=[]):
-        if seed is not None:
-            torch.manual_seed(seed)
-        yield
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} is not available here (torch sees no CUDA GPU); "
+            "use device='cpu' or 'auto'"
+        )
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+        )
+    return resolved
 
 
 class VAE(TransformerMixin, BaseEstimator):
@@ -135,9 +140,15 @@ class VAE(TransformerMixin, BaseEstimator):
 
     # ----------------------------------------------------------------------------------- inputs
     def _validate(self, X: Any, reset: bool) -> np.ndarray:
-        """``X`` as a float32 array ``[n, *data_shape]``; NaN, inf and wrong shapes are refused."""
+        """``X`` as a float32 array ``[n, *data_shape]``; NaN, inf and wrong shapes are refused.
+
+        A fitted model of image-shaped data ``[C, H, W]`` also takes flat rows ``[n, C·H·W]``
+        (each example flattened in C order, as ``x.reshape(n, -1)`` gives), which it reshapes.
+        """
         if isinstance(X, torch.Tensor):
             X = X.detach().cpu().numpy()
+        if not reset:
+            X = self._as_data_shape(X)
         # Two examples at least: one has no spread to start the decoder's scale from.
         X = validate_data(
             self,
@@ -154,6 +165,26 @@ class VAE(TransformerMixin, BaseEstimator):
             )
         return X
 
+    def _as_data_shape(self, X: Any) -> Any:
+        """Flat rows of a multi-dimensional data shape reshaped to it; any other shape that does
+        not match is refused naming both accepted shapes. Tabular data is left to
+        ``validate_data``, whose message scikit-learn's checks expect."""
+        check_is_fitted(self, "data_shape_")
+        shape = self.data_shape_
+        if len(shape) < 2:
+            return X
+        found = np.shape(X)
+        size = math.prod(shape)
+        if len(found) == 2 and found[1] == size:
+            return np.reshape(np.asarray(X), (found[0], *shape))
+        if tuple(found[1:]) != tuple(shape):
+            dims = ", ".join(map(str, shape))
+            raise ValueError(
+                f"X has examples of shape {tuple(found[1:])}, but this VAE was fitted on examples "
+                f"of shape {tuple(shape)}: pass an array [n, {dims}] or flat rows [n, {size}]"
+            )
+        return X
+
     def _tensor(self, X: Any) -> torch.Tensor:
         check_is_fitted(self, "model_")
         x = torch.from_numpy(self._validate(X, reset=False))
@@ -167,34 +198,53 @@ class VAE(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         train_config = self.train_config()
         train_config.validate()
-        with seeded(self.seed):
+        with seeded(self.seed, device):
             generator = torch.Generator()
             generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
             batches: BatchSource
             if isinstance(X, (Dataset, DataLoader)):
                 loader = X if isinstance(X, DataLoader) else self._loader(X, generator)
                 batches = LoaderBatches(loader)
-                first = next(iter(batches.batches(0)))
-                data_shape = tuple(first.shape[1:])
-                self.n_features_in_ = int(data_shape[0])  # as for arrays: X.shape[1]
-                check = first
+                model, config = self._start_from_stream(batches, device)
+                self.n_features_in_ = int(config.data_shape[0])  # as for arrays: X.shape[1]
             else:
                 x = torch.from_numpy(self._validate(X, reset=True))
-                data_shape = tuple(x.shape[1:])
+                config = self.model_config(tuple(x.shape[1:]))
+                model = build_model(config).to(device)
+                model.likelihood.check_support(x)
+                model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
                 batches = IndexedBatches(x, self.batch_size, generator)
-                check = x
-            config = self.model_config(data_shape)
-            model = build_model(config).to(device)
-            model.likelihood.check_support(check)
-            model.likelihood.initialise(check[:INIT_EXAMPLES].to(device))
             trainer = Trainer(model, train_config, device, on_epoch=self._report)
             history = trainer.fit(batches)
         self.model_: VAEModel = model
         self.model_config_ = config
-        self.data_shape_ = data_shape
+        self.data_shape_ = config.data_shape
         self.history_: list[EpochMetrics] = history
         self.device_ = device
         return self
+
+    def _start_from_stream(
+        self, batches: LoaderBatches, device: torch.device
+    ) -> tuple[VAEModel, ModelConfig]:
+        """Build the model from the first batch's shape and start its decoder at the moments of
+        the first ``INIT_EXAMPLES`` examples of the stream; from the model's creation on, every
+        batch is checked against its likelihood's support as it streams."""
+        moments = DataMoments()
+        model: VAEModel | None = None
+        config: ModelConfig | None = None
+        for x in batches.batches(0):
+            if model is None:
+                config = self.model_config(tuple(x.shape[1:]))
+                model = build_model(config).to(device)
+                batches.check = model.likelihood.check_support
+                x = batches.prepare(x, "batch 1 of the DataLoader (epoch 1)")
+            moments.update(x)
+            if moments.count >= INIT_EXAMPLES:
+                break
+        if model is None or config is None:
+            raise DataError("the DataLoader yields no batches; give it data")
+        model.likelihood.initialise(moments)
+        return model, config
 
     def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator)
@@ -238,7 +288,7 @@ class VAE(TransformerMixin, BaseEstimator):
         """``n`` examples from the model, ``[n, *data_shape]``: z ~ p(z), then E[x|z] when ``mean``
         (what figures show), else x ~ p(x|z)."""
         check_is_fitted(self, "model_")
-        with seeded(seed):
+        with seeded(seed, self.device_):
             z = self.model_.sample_latent(n)
             p = self.model_.decode(z)
             x = p.mean if mean else p.sample()

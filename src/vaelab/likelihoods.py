@@ -10,6 +10,7 @@ Bernoulli's log C(λ)). ``check_support(x)`` refuses data the distribution canno
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,58 @@ from torch.distributions import (
     Laplace,
     Normal,
 )
+
+
+@dataclass
+class DataMoments:
+    """Per-dimension mean and variance of training data, accumulated batch by batch in float64
+    with the pairwise update of Chan, Golub & LeVeque (1979): merging a batch of n_b examples with
+    mean m_b and sum of squared deviations M_b into (n, m, M) gives
+    n' = n + n_b,  m' = m + (m_b − m) n_b / n',  M' = M + M_b + (m_b − m)² n n_b / n'.
+    So a ``DataLoader`` sets the decoder's start from many batches, not from its first one.
+    ``mean`` and ``std`` are ``[*data_shape]``."""
+
+    count: int = 0
+    total_mean: torch.Tensor | None = None
+    squares: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> DataMoments:
+        """The moments of ``x: [batch, *data_shape]``."""
+        moments = cls()
+        moments.update(x)
+        return moments
+
+    def update(self, x: torch.Tensor) -> None:
+        """Merge the examples ``x: [batch, *data_shape]``."""
+        x = x.detach().double()
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(0)
+        squares_b = (x - mean_b).square().sum(0)
+        if self.total_mean is None or self.squares is None:
+            self.count, self.total_mean, self.squares = n_b, mean_b, squares_b
+            return
+        total = self.count + n_b
+        delta = mean_b.to(self.total_mean.device) - self.total_mean
+        self.total_mean = self.total_mean + delta * (n_b / total)
+        self.squares = self.squares + squares_b.to(self.squares.device)
+        self.squares = self.squares + delta.square() * (self.count * n_b / total)
+        self.count = total
+
+    @property
+    def mean(self) -> torch.Tensor:
+        if self.total_mean is None:
+            raise ValueError("no examples seen: the data moments are undefined")
+        return self.total_mean
+
+    @property
+    def std(self) -> torch.Tensor:
+        """Standard deviation with the n − 1 denominator (0 for a single example)."""
+        if self.squares is None:
+            raise ValueError("no examples seen: the data moments are undefined")
+        return (self.squares / max(self.count - 1, 1)).sqrt()
 
 
 class Likelihood(nn.Module):
@@ -56,9 +109,17 @@ class Likelihood(nn.Module):
         return (first + self.offset, *rest)
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor) -> None:
-        """Start the decoder at the data: ``x: [batch, *data_shape]``, a sample of training data."""
-        self.offset.copy_(self.location_of_mean(x.mean(0)))
+    def initialise(self, data: torch.Tensor | DataMoments) -> None:
+        """Start the decoder at the data: a sample of training data ``[batch, *data_shape]`` or
+        the moments of a stream of it."""
+        moments = data if isinstance(data, DataMoments) else DataMoments.of(data)
+        self.start_at(moments)
+
+    def start_at(self, moments: DataMoments) -> None:
+        """Set the starting point from the data's moments; subclasses with learned scales add
+        theirs."""
+        mean = moments.mean.to(self.offset.device, self.offset.dtype)
+        self.offset.copy_(self.location_of_mean(mean))
 
     def location_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
         """The first distribution parameter whose distribution has (about) this mean."""
@@ -184,13 +245,13 @@ class GaussianLikelihood(Likelihood):
             self.register_buffer("log_sigma", log_sigma)
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor) -> None:
+    def start_at(self, moments: DataMoments) -> None:
         """Start at the data mean, and learned σ at the data's standard deviation. A dimension
         that barely varies starts at a tenth of the typical deviation instead of its own: the
         decoder does not yet predict it exactly, and a σ of 10⁻³ would turn that first error into
         thousands of nats that swamp every other gradient. σ then falls as the fit improves."""
-        super().initialise(x)
-        std = x.std(0)
+        super().start_at(moments)
+        std = moments.std.to(self.log_sigma.device, self.log_sigma.dtype)
         typical = std.square().mean().sqrt().clamp(min=SCALE_FLOOR)
         if self.scale == "shared":
             self.log_sigma.copy_(typical.log())
@@ -221,10 +282,12 @@ class LaplaceLikelihood(Likelihood):
         self.log_scale = nn.Parameter(torch.zeros(()))
 
     @torch.no_grad()
-    def initialise(self, x: torch.Tensor) -> None:
-        """Start at the data mean, the scale at the mean absolute deviation from it."""
-        super().initialise(x)
-        self.log_scale.copy_((x - x.mean(0)).abs().mean().clamp(min=1e-3).log())
+    def start_at(self, moments: DataMoments) -> None:
+        """Start at the data mean, the scale where a Laplace has the data's variance: 2b² = the
+        mean variance over dimensions."""
+        super().start_at(moments)
+        variance = moments.std.square().mean().to(self.log_scale.device, self.log_scale.dtype)
+        self.log_scale.copy_((0.5 * variance).sqrt().clamp(min=SCALE_FLOOR).log())
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         (loc,) = params

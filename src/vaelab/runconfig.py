@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vaelab.data import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator import VAE, resolve_device
 from vaelab.networks import ACTIVATIONS, NETWORKS
@@ -140,13 +138,9 @@ class RunConfig:
         try:
             self.train_config().validate()
             self.model_config((1,)).validate()
-            device = resolve_device(self.device)
+            resolve_device(self.device)
         except ValueError as error:
             raise RunError(str(error)) from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RunError(
-                "--device cuda, but CUDA is not available here; use --device cpu or auto"
-            )
         for name in ("checkpoint_every", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise RunError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")

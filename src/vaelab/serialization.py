@@ -116,8 +116,14 @@ def load_weights(folder: Path, document: dict[str, Any]) -> dict[str, torch.Tens
         raise ModelFileError(f"{weights_path} is not a safetensors file ({error})") from None
 
 
-def load(path: str | os.PathLike[str]) -> VAE:
-    """A fitted ``vaelab.VAE`` read from folder ``path`` (as written by ``VAE.save``)."""
+def load(path: str | os.PathLike[str], device: str | None = None) -> VAE:
+    """A fitted ``vaelab.VAE`` read from folder ``path`` (as written by ``VAE.save``), on
+    ``device`` (``"auto"``, ``"cpu"``, ``"cuda"``, ...).
+
+    By default the model goes where it was trained when that device exists here, else on the CPU:
+    a model trained on a GPU opens on a machine without one. The estimator's ``device`` parameter
+    then names the device it is on, so a refit or a save stays possible here.
+    """
     from vaelab.estimator import VAE, resolve_device
 
     folder, document = read_model_document(path)
@@ -139,12 +145,20 @@ def load(path: str | os.PathLike[str]) -> VAE:
         raise ModelFileError(
             f"the weights in {folder} do not fit the described model: {first}"
         ) from None
-    device = resolve_device(estimator.device)
-    estimator.model_ = model.to(device).eval()
+    try:
+        chosen = resolve_device(estimator.device if device is None else device)
+    except ValueError:
+        if device is not None:
+            raise
+        chosen = torch.device("cpu")  # trained on a device this machine lacks
+        estimator.device = "cpu"
+    if device is not None:
+        estimator.device = device
+    estimator.model_ = model.to(chosen).eval()
     estimator.model_config_ = config
     estimator.data_shape_ = config.data_shape
     # As validate_data counts features in fit: X.shape[1] (the channels of images [n, C, H, W]).
     estimator.n_features_in_ = int(config.data_shape[0])
     estimator.history_ = []
-    estimator.device_ = device
+    estimator.device_ = chosen
     return estimator

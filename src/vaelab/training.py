@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from vaelab.checkpoint import Tensors, capture_rng, restore_rng, save_checkpoint
-from vaelab.data import binarize_batch
+from vaelab.data import DataError, binarize_batch
 from vaelab.model import VAEModel
 from vaelab.objectives import ElboTerms, kl_per_dimension
 
@@ -242,10 +242,18 @@ class IndexedBatches:
 
 class LoaderBatches:
     """Minibatches from a ``DataLoader``; of an ``(x, y, …)`` item only x is used. Its order lives
-    in the loader's sampler, so a run on a loader resumes only at epoch boundaries."""
+    in the loader's sampler, so a run on a loader resumes only at epoch boundaries.
 
-    def __init__(self, loader: DataLoader) -> None:
+    Every batch is prepared as it streams, by the rules arrays follow in ``VAE.fit``: converted to
+    float32 with its values kept (float64, integer and boolean tensors alike), and refused, naming
+    the batch, when its examples change shape, hold NaN or infinite values, or fail ``check``
+    (the likelihood's support check, set once the model exists).
+    """
+
+    def __init__(self, loader: DataLoader, check: Callable[[torch.Tensor], None] | None = None):
         self.loader = loader
+        self.check = check
+        self.data_shape: tuple[int, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -253,8 +261,43 @@ class LoaderBatches:
     def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         if start:
             raise ValueError("a DataLoader cannot resume mid-epoch; use IndexedBatches")
-        for item in self.loader:
-            yield item[0] if isinstance(item, (tuple, list)) else item
+        for i, item in enumerate(self.loader):
+            x = item[0] if isinstance(item, (tuple, list)) else item
+            yield self.prepare(x, f"batch {i + 1} of the DataLoader (epoch {epoch + 1})")
+
+    def prepare(self, x: Any, where: str) -> torch.Tensor:
+        """``x`` as float32 ``[batch, *data_shape]``, checked; ``where`` names it in errors."""
+        x = torch.as_tensor(x)
+        if x.is_complex() or x.dtype not in _REAL_DTYPES:
+            raise DataError(f"{where} holds {x.dtype} values; vaelab needs real numbers")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise DataError(
+                f"{where} has shape {tuple(x.shape)}; a batch must be [batch, *data_shape] with "
+                "at least one example of at least one value"
+            )
+        x = x.to(torch.float32)
+        shape = tuple(x.shape[1:])
+        if self.data_shape is None:
+            self.data_shape = shape
+        elif shape != self.data_shape:
+            raise DataError(
+                f"{where} has examples of shape {shape}, but the first batch had {self.data_shape}; "
+                "every example must have the same shape"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise DataError(f"{where} contains NaN or infinite values; clean or impute them")
+        if self.check is not None:
+            try:
+                self.check(x)
+            except ValueError as error:
+                raise DataError(f"{where}: {error}") from None
+        return x
+
+
+_REAL_DTYPES = (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+    torch.int16, torch.int32, torch.int64, torch.bool,
+)  # fmt: skip
 
 
 @torch.no_grad()
