@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vaelab import data
+from vaelab import cli, data
 from vaelab.data import DataError, DataSplits, binarize_batch, describe, load_data
 
 # The repository is <root>/main; the shared real data lives in <root>/shared/data.
@@ -454,6 +454,40 @@ def test_binarisation_needs_values_in_unit_interval(tmp_path: Path) -> None:
     fails(r"use scale='unit'", str(tmp_path / "x.npy"), binarize="threshold")
     splits = load_data(str(tmp_path / "x.npy"), binarize="dynamic", scale="unit")
     assert set(np.unique(np.asarray(splits.test))) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("binarize", ["threshold", "dynamic"])
+def test_unit_scaled_binary_data_trains_when_evaluation_rows_overshoot_the_train_range(
+    tmp_path: Path, binarize: str
+) -> None:
+    """``--scale unit`` maps the TRAIN range to [0, 1], so valid / test rows may fall outside it;
+    after binarisation they are 0 / 1 all the same, and a Bernoulli model must accept them."""
+    x = np.random.default_rng(7).random((60, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    first = load_data(str(tmp_path / "x.npy"))  # the split depends on n and the seed only
+    x[first.valid.index] = 1.5
+    x[first.test.index] = -0.5
+    np.save(tmp_path / "x.npy", x)
+
+    splits = load_data(str(tmp_path / "x.npy"), scale="unit", binarize=binarize)
+    low, high = splits.record["scaled_range"]
+    assert low < 0.0 and high > 1.0  # before binarisation: beyond [0, 1] off the train split
+    seen = np.concatenate(
+        [np.asarray(s).ravel() for s in (splits.train, splits.valid, splits.test)]
+    )
+    assert splits.record["range"] == [float(seen.min()), float(seen.max())]
+    assert seen.min() >= 0.0 and seen.max() <= 1.0
+    assert f"values in [{low:.4g}, {high:.4g}]); binarisation" in describe(splits)
+    assert describe(splits).endswith("(values in [0, 1])")
+    plain = load_data(str(tmp_path / "x.npy"), scale="unit")  # unbinarised: what scaling leaves
+    assert plain.record["range"] == plain.record["scaled_range"] == [low, high]
+
+    code = cli.main(
+        ["train", str(tmp_path / "x.npy"), "--out", str(tmp_path / "run"), "--quiet"]
+        + ["--scale", "unit", "--binarize", binarize, "--epochs", "1", "--hidden", "8"]
+        + ["--latent-dim", "2", "--batch-size", "16"]
+    )
+    assert code == 0
 
 
 # --------------------------------------------------------------------------------------------------

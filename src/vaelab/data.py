@@ -53,7 +53,8 @@ Scaling (``scale=``), recorded exactly in ``DataSplits.record``:
 - ``"unit"``: min-max to ``[0, 1]`` with the TRAIN split's minimum and maximum, so ``valid`` and
   ``test`` may fall slightly outside ``[0, 1]``.
 
-Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]``:
+Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]`` (under
+``"unit"``, those of ``train``; ``valid`` / ``test`` values beyond it count as 0 or 1):
 
 - ``"none"``.
 - ``"threshold"``: ``x > threshold`` becomes 1, else 0, the same every epoch.
@@ -61,6 +62,11 @@ Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]`
   ``binarize_batch(x, generator)`` anew for every batch (Burda et al. 2015). ``valid`` and ``test``
   get ONE fixed Bernoulli draw, from ``numpy.random.default_rng([seed, 1])`` and
   ``default_rng([seed, 2])``, so evaluation is repeatable.
+
+Ranges in the record, each ``[min, max]`` over all splits: ``raw_range`` of the stored values,
+``scaled_range`` after scaling, and ``range`` of what the splits return, after binarisation (for
+``"dynamic"``: the train intensities and the valid / test draws). ``range`` is what a model is
+given, so support checks read it.
 """
 
 from __future__ import annotations
@@ -189,9 +195,10 @@ class DataSplits:
     ``shape`` is the per-example shape, ``(C, H, W)`` for images and ``(features,)`` for tables;
     ``binarize`` is ``"none"``, ``"threshold"`` or ``"dynamic"``; under ``"dynamic"`` a trainer
     calls ``binarize_batch`` on every training batch. ``record`` is a JSON-serialisable dict of
-    what was loaded and done (source, split rule, sizes, scaling with its offset / divisor and
-    ranges, binarisation); ``load_data(**record["arguments"], data_dir=...)`` loads the same splits
-    again.
+    what was loaded and done (source, split rule, sizes, scaling with its offset / divisor,
+    binarisation, and the ranges ``raw_range`` / ``scaled_range`` / ``range`` before scaling, after
+    scaling and as the splits return them); ``load_data(**record["arguments"], data_dir=...)``
+    loads the same splits again.
     """
 
     train: Split
@@ -220,10 +227,11 @@ def binarize_batch(x: torch.Tensor, generator: torch.Generator | None = None) ->
 
 
 def describe(splits: DataSplits) -> str:
-    """One line for people: sizes, example shape, scaling and binarisation."""
+    """One line for people: sizes, example shape, scaling and binarisation, each with the range of
+    the values it leaves."""
     r = splits.record
     shape = "×".join(str(s) for s in splits.shape)
-    low, high = r["range"]
+    low, high = r["scaled_range"]
     text = (
         f"{splits.name}: {len(splits.train):,} train / {len(splits.valid):,} valid / "
         f"{len(splits.test):,} test examples of shape {shape}; scaling: {r['scaling']} "
@@ -233,6 +241,9 @@ def describe(splits: DataSplits) -> str:
         text += f" at {r['threshold']:g}"
     elif splits.binarize == "dynamic":
         text += f" (valid/test drawn once with seed {r['arguments']['seed']})"
+    if splits.binarize != "none":
+        low, high = r["range"]
+        text += f" (values in [{low:.4g}, {high:.4g}])"
     if splits.train.labels is not None:
         text += f"; labels: {len(np.unique(splits.train.labels))} classes"
     return text
@@ -314,7 +325,10 @@ def load_data(
         low, high = min(low, part_low), max(high, part_high)
 
     train, valid, test, split_rule = _split(loaded, parts, valid_fraction, test_fraction, seed)
-    offset, divisor, scaling = _scaling(scale, loaded, parts[0].x.dtype, low, high, train)
+    train_range = None
+    if scale == "unit" or binarize == "dynamic":
+        train_range = _scan(train[0], train[1], "the train split")
+    offset, divisor, scaling = _scaling(scale, loaded, parts[0].x.dtype, low, high, train_range)
     scaled = _transform(np.array([low, high]), offset, divisor)
     scaled_low, scaled_high = float(scaled[0]), float(scaled[1])
 
@@ -339,6 +353,10 @@ def load_data(
             "valid and test binarised once: valid from numpy.random.default_rng([seed, 1]), "
             "test from default_rng([seed, 2])"
         )
+    train_scaled = None
+    if train_range is not None:
+        train_scaled = _transform(np.array(train_range), offset, divisor)
+    seen = _seen_range(scaled, binarize, threshold, train_scaled, splits[1:])
 
     record: dict[str, Any] = {
         "arguments": {
@@ -360,7 +378,8 @@ def load_data(
         "offset": offset,
         "divisor": divisor,
         "raw_range": [float(low), float(high)],
-        "range": [scaled_low, scaled_high],
+        "scaled_range": [scaled_low, scaled_high],
+        "range": seen,
         "binarize": binarize,
         "threshold": float(threshold) if binarize == "threshold" else None,
         "eval_binarization": eval_draws,
@@ -546,14 +565,15 @@ def _scaling(
     dtype: np.dtype,
     low: float,
     high: float,
-    train: _Rows,
+    train_range: tuple[float, float] | None,
 ) -> tuple[float, float, str]:
-    """``(offset, divisor, description)`` of the transform ``(x - offset) / divisor``."""
+    """``(offset, divisor, description)`` of the transform ``(x - offset) / divisor``;
+    ``train_range`` (the train split's stored minimum and maximum) is needed for ``"unit"``."""
     if scale == "none":
         return 0.0, 1.0, "none: values as stored"
     if scale == "unit":
-        stored, index, _ = train
-        train_low, train_high = _scan(stored, index, "the train split")
+        assert train_range is not None
+        train_low, train_high = train_range
         # Computed in float32 like the transform itself, so the train maximum maps to exactly 1.
         offset = float(np.float32(train_low))
         divisor = float(np.float32(train_high) - np.float32(train_low))
@@ -575,6 +595,35 @@ def _scaling(
     if dtype == np.uint8:
         return 0.0, 255.0, "divide by 255 (uint8 data)"
     return 0.0, 1.0, f"none: values left as they are (range [{low:g}, {high:g}])"
+
+
+def _seen_range(
+    scaled: np.ndarray,
+    binarize: str,
+    threshold: float,
+    train: np.ndarray | None,
+    draws: Sequence[Split],
+) -> list[float]:
+    """Minimum and maximum of what ``split[...]`` returns over all splits: the values a model is
+    given, which binarisation keeps in [0, 1] even where ``scale="unit"`` overshoots it off train.
+
+    ``scaled``: float32 ``[2]``, the scaled minimum and maximum over all splits, which is the answer
+    without binarisation. A threshold is monotone, so it maps them to the thresholded minimum and
+    maximum. Under dynamic binarisation the train split holds intensities (``train``: float32
+    ``[2]``, its own scaled minimum and maximum; ``binarize_batch`` draws from them) and ``draws``,
+    the valid and test splits, their fixed 0 / 1 draws.
+    """
+    if binarize == "threshold":
+        return [float(v) for v in (scaled > np.float32(threshold))]
+    if binarize == "none":
+        return [float(scaled[0]), float(scaled[1])]
+    assert train is not None  # load_data scans the train split under "dynamic"
+    lows, highs = [float(train[0])], [float(train[1])]
+    for split in draws:
+        if len(split):
+            lows.append(float(split.stored.min()))
+            highs.append(float(split.stored.max()))
+    return [min(lows), max(highs)]
 
 
 def _fixed_draw(split: Split, seed: int, stream: int) -> Split:
