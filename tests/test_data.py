@@ -14,11 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import SHARED_DATA as DATA_DIR
 from vaelab import cli, data
 from vaelab.data import DataError, DataSplits, binarize_batch, describe, load_data
-
-# The repository is <root>/main; the shared real data lives in <root>/shared/data.
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def needs(folder: str) -> None:
@@ -180,7 +178,11 @@ def test_named_sets_need_a_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path
     message = fails("MNIST folder .* does not exist", "mnist", data_dir=tmp_path)
     assert "--data-dir" in message and "VAELAB_DATA" in message
     (tmp_path / "mnist").mkdir()
-    fails(r"train-images-idx3-ubyte\.gz' does not exist", "mnist", data_dir=tmp_path)
+    fails(
+        r"MNIST folder .* holds no IDX images named like train-images-idx3",
+        "mnist",
+        data_dir=tmp_path,
+    )
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
     fails("binarized MNIST folder", "binarized-mnist")
 
@@ -381,6 +383,146 @@ def test_corrupt_idx_is_refused(tmp_path: Path) -> None:
     fails(r"not an IDX file \(magic number 0x12340803", str(tmp_path / "magic-ubyte"))
     (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:-10])
     fails(r"cut\.gz' is not a valid gzip file", str(tmp_path / "cut.gz"))
+
+
+def write_idx_set(
+    folder: Path, prefix: str = "", names: str = "gzip", n: tuple[int, int] = (20, 7), seed: int = 0
+) -> dict[str, np.ndarray]:
+    """An MNIST-format data set of uint8 images ``[n, 3, 4]`` and labels in ``folder``: its four
+    files named ``PREFIX{train,t10k}-{images-idx3,labels-idx1}-ubyte`` and written as ``names``
+    says (``"gzip"``: ``.gz``; ``"plain"``: LeCun's ``train-images.idx3-ubyte`` names,
+    uncompressed; ``"pieces"``: ``.gz``, the train images in ``.part00`` / ``.part01`` pieces)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, size in zip(("train", "t10k"), n, strict=True):
+        arrays[f"{split}-images"] = rng.integers(0, 256, (size, 3, 4), dtype=np.uint8)
+        arrays[f"{split}-labels"] = rng.integers(0, 10, size, dtype=np.uint8)
+    for stem, array in arrays.items():
+        kind = "idx3" if "images" in stem else "idx1"
+        if names == "plain":
+            write_idx(folder / f"{prefix}{stem}.{kind}-ubyte", array)
+            continue
+        path = folder / f"{prefix}{stem}-{kind}-ubyte.gz"
+        raw = gzip.compress(write_idx(path, array))
+        path.write_bytes(raw)
+        if names == "pieces" and stem == "train-images":
+            path.unlink()
+            Path(f"{path}.part00").write_bytes(raw[:40])
+            Path(f"{path}.part01").write_bytes(raw[40:])
+    return arrays
+
+
+@pytest.mark.parametrize("names", ["gzip", "plain", "pieces"])
+def test_a_folder_of_idx_files_is_a_data_set_with_its_official_test_split(
+    tmp_path: Path, names: str
+) -> None:
+    arrays = write_idx_set(tmp_path / "toy", names=names)
+    splits = load_data(str(tmp_path / "toy"))
+    # valid = the last round(20 * 0.1) = 2 rows of the train file; test = the t10k file, whole.
+    assert splits.sizes == {"train": 18, "valid": 2, "test": 7}
+    assert splits.shape == (1, 3, 4) and splits.name == "toy"
+    images, labels = arrays["train-images"], arrays["train-labels"]
+    np.testing.assert_array_equal(np.asarray(splits.train)[:, 0], images[:18] / np.float32(255))
+    np.testing.assert_array_equal(np.asarray(splits.valid)[:, 0], images[18:] / np.float32(255))
+    np.testing.assert_array_equal(
+        np.asarray(splits.test)[:, 0], arrays["t10k-images"] / np.float32(255)
+    )
+    for split, expected in (
+        (splits.train, labels[:18]),
+        (splits.valid, labels[18:]),
+        (splits.test, arrays["t10k-labels"]),
+    ):
+        assert split.labels is not None
+        np.testing.assert_array_equal(split.labels, expected)
+    record = splits.record
+    assert record["format"] == "idx" and record["scaling"] == "divide by 255 (uint8 data)"
+    assert record["split"] == (
+        "official test set; valid = the last 2 of the 20 rows of the train file, in file order "
+        "(valid_fraction=0.1)"
+    )
+    (note,) = record["notes"]
+    assert "test t10k-images" in note and "with labels t10k-labels" in note
+    assert ("(from .partNN pieces)" in note) == (names == "pieces")
+    assert isinstance(splits.train.stored, np.memmap) == (names == "plain")
+    again = load_data(str(tmp_path / "toy"), valid_fraction=0.25, seed=5)
+    assert again.sizes == {"train": 15, "valid": 5, "test": 7}  # seed plays no part
+
+
+def test_an_idx_folder_with_both_plain_and_gzipped_files_reads_the_plain_ones(
+    tmp_path: Path,
+) -> None:
+    arrays = write_idx_set(tmp_path / "raw")
+    for stem, array in arrays.items():  # torchvision's raw/ folders keep both
+        write_idx(
+            tmp_path / "raw" / f"{stem}-{'idx3' if 'images' in stem else 'idx1'}-ubyte", array
+        )
+    splits = load_data(str(tmp_path / "raw"))
+    assert isinstance(splits.train.stored, np.memmap) and isinstance(splits.test.stored, np.memmap)
+    np.testing.assert_array_equal(splits.test.stored[:, 0], arrays["t10k-images"])
+
+
+def test_emnist_style_prefixes_and_an_ambiguous_idx_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "emnist"
+    arrays = write_idx_set(folder, prefix="emnist-balanced-", n=(10, 4))
+    for stem in ("train", "t10k"):  # EMNIST says "test", not "t10k"
+        for kind in ("images-idx3", "labels-idx1"):
+            old = folder / f"emnist-balanced-{stem}-{kind}-ubyte.gz"
+            old.rename(folder / old.name.replace("t10k", "test"))
+    (folder / "emnist-balanced-mapping.txt").write_text("0 48\n")
+    splits = load_data(str(folder))
+    assert splits.sizes == {"train": 9, "valid": 1, "test": 4}
+    np.testing.assert_array_equal(splits.test.stored[:, 0], arrays["t10k-images"])
+    assert splits.test.labels is not None
+    np.testing.assert_array_equal(splits.test.labels, arrays["t10k-labels"])
+
+    write_idx_set(folder, prefix="emnist-letters-", n=(10, 4))
+    message = fails(r"holds 2 IDX data sets \(", str(folder))
+    assert "emnist-balanced-train-images-idx3-ubyte.gz, emnist-letters-train-images" in message
+    assert message.endswith("into a folder of their own and pass that folder")
+
+
+def test_idx_folder_mistakes(tmp_path: Path) -> None:
+    write_idx_set(tmp_path / "no-test")
+    for path in (tmp_path / "no-test").glob("t10k-*"):
+        path.unlink()
+    fails(
+        r"holds IDX train images \(train-images-idx3-ubyte\.gz\) but no test images "
+        r"\(t10k- or test-images-idx3-ubyte, with the same prefix\); add them, or pass the train "
+        r"file itself",
+        str(tmp_path / "no-test"),
+    )
+    write_idx_set(tmp_path / "no-train")
+    (tmp_path / "no-train" / "train-images-idx3-ubyte.gz").unlink()
+    fails(r"holds IDX test images .* but no train images", str(tmp_path / "no-train"))
+
+    write_idx_set(tmp_path / "labels")
+    write_idx(tmp_path / "labels" / "train-labels-idx1-ubyte.gz", np.zeros(19, np.uint8))
+    fails(
+        r"train-labels-idx1-ubyte\.gz' holds uint8 \(19,\), not one integer label for each of "
+        r"the 20 images",
+        str(tmp_path / "labels"),
+    )
+    write_idx_set(tmp_path / "shapes")
+    write_idx(tmp_path / "shapes" / "t10k-images-idx3-ubyte.gz", np.zeros((7, 4, 4), np.uint8))
+    fails(
+        r"test images .* are uint8 \(4, 4\) but the train images .* are uint8 \(3, 4\)",
+        str(tmp_path / "shapes"),
+    )
+
+
+def test_mnist_by_name_and_by_path_agree(mnist: DataSplits) -> None:
+    by_path = load_data(str(DATA_DIR / "mnist"))
+    assert by_path.name == mnist.name == "mnist"
+    assert by_path.sizes == mnist.sizes and by_path.shape == mnist.shape
+    for key in ("split", "format", "offset", "divisor", "raw_range", "range", "notes"):
+        assert by_path.record[key] == mnist.record[key], key
+    for name in ("train", "valid", "test"):
+        ours, theirs = getattr(by_path, name), getattr(mnist, name)
+        np.testing.assert_array_equal(ours.stored, theirs.stored)
+        np.testing.assert_array_equal(ours.labels, theirs.labels)
+    assert mnist.record["scaling"] == "divide by 255 (MNIST pixels are 0..255)"
+    assert by_path.record["scaling"] == "divide by 255 (uint8 data)"
 
 
 # --------------------------------------------------------------------------------------------------
