@@ -13,6 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from scipy.io import loadmat
 
 from conftest import SHARED_DATA as DATA_DIR
 from vaelab import cli, data
@@ -114,61 +115,89 @@ def mnist() -> DataSplits:
     return load_data("mnist", data_dir=DATA_DIR)
 
 
+def read_mnist_file(stem: str, header: int) -> np.ndarray:
+    """An MNIST file read as ``shared/data/README.md`` shows, without vaelab: the ``.gz`` file or
+    its joined ``.partNN`` pieces, gunzipped, the IDX header skipped."""
+    path = DATA_DIR / "mnist" / f"{stem}.gz"
+    pieces = sorted(path.parent.glob(f"{path.name}.part*"))
+    packed = path.read_bytes() if path.is_file() else b"".join(p.read_bytes() for p in pieces)
+    return np.frombuffer(gzip.decompress(packed), np.uint8, offset=header)
+
+
 def test_mnist_counts_labels_and_pixels(mnist: DataSplits) -> None:
     assert mnist.shape == (1, 28, 28)
     assert mnist.sizes == {"train": 54000, "valid": 6000, "test": 10000}
-    assert len(mnist.train) + len(mnist.valid) == 60000
-    assert mnist.train.labels is not None and mnist.valid.labels is not None
-    assert mnist.train.labels[:5].tolist() == [5, 0, 4, 1, 9]
-    # valid is the last 6000 rows of the train file, in file order.
-    file_labels = np.frombuffer(
-        gzip.decompress((DATA_DIR / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()),
-        np.uint8,
-        offset=8,
-    )
-    np.testing.assert_array_equal(
-        np.concatenate([mnist.train.labels, mnist.valid.labels]), file_labels
-    )
-    counts = np.bincount(np.concatenate([mnist.train.labels, mnist.valid.labels]))
-    assert counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    # MNIST stays uint8 in memory; batches come out as float32 in [0, 1].
-    assert mnist.train.stored.dtype == np.uint8
-    step = 10000
-    total = sum(
-        float(s[i : i + step].sum(dtype=np.float64))
-        for s in (mnist.train, mnist.valid)
-        for i in range(0, len(s), step)
-    )
-    assert total / (60000 * 784) == pytest.approx(33.3184 / 255, abs=1e-6)
-    test = np.asarray(mnist.test)
-    assert test.dtype == np.float32 and test.min() == 0.0 and test.max() == 1.0
-    assert test.mean(dtype=np.float64) == pytest.approx(33.7912 / 255, abs=1e-6)
     assert mnist.record["split"].startswith("official test set")
     assert "mnist: 54,000 train / 6,000 valid / 10,000 test" in describe(mnist)
+    # Against the files read independently: valid is the last 6000 rows of the train file, in
+    # file order, and test is the t10k file; MNIST stays uint8 in memory.
+    x_train = read_mnist_file("train-images-idx3-ubyte", 16).reshape(60000, 1, 28, 28)
+    x_test = read_mnist_file("t10k-images-idx3-ubyte", 16).reshape(10000, 1, 28, 28)
+    y_train = read_mnist_file("train-labels-idx1-ubyte", 8)
+    assert mnist.train.stored.dtype == np.uint8
+    np.testing.assert_array_equal(mnist.train.stored, x_train[:54000])
+    np.testing.assert_array_equal(mnist.valid.stored, x_train[54000:])
+    np.testing.assert_array_equal(mnist.test.stored, x_test)
+    assert mnist.train.labels is not None and mnist.valid.labels is not None
+    np.testing.assert_array_equal(mnist.train.labels, y_train[:54000])
+    np.testing.assert_array_equal(mnist.valid.labels, y_train[54000:])
+    assert mnist.test.labels is not None
+    np.testing.assert_array_equal(mnist.test.labels, read_mnist_file("t10k-labels-idx1-ubyte", 8))
+    # Batches come out as float32 pixels / 255.
+    np.testing.assert_array_equal(mnist.test[:500], x_test[:500] / np.float32(255))
+    # The published statistics of these files, as shared/data/README.md gives them ("MNIST":
+    # first labels 5 0 4 1 9, train label counts, mean pixel 33.3184 train / 33.7912 test).
+    assert y_train[:5].tolist() == [5, 0, 4, 1, 9]
+    assert np.bincount(y_train).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
+    assert x_train.mean(dtype=np.float64) == pytest.approx(33.3184, abs=5e-5)
+    assert x_test.mean(dtype=np.float64) == pytest.approx(33.7912, abs=5e-5)
 
 
-def test_binarized_mnist_has_its_own_binary_split() -> None:
-    needs("binarized_mnist")
+def test_binarized_mnist_is_its_stored_source() -> None:
+    needs("binarized_mnist/source")
     splits = load_data("binarized-mnist", data_dir=DATA_DIR, binarize="dynamic")
     assert splits.sizes == {"train": 50000, "valid": 10000, "test": 10000}
     assert splits.shape == (1, 28, 28)
     assert splits.train.labels is None
-    batch = splits.train[:1000]
-    assert set(np.unique(batch)) == {0.0, 1.0}
-    assert splits.train.stored.mean() == pytest.approx(0.130562, abs=1e-6)
-    # Already binary: the fixed draw of valid/test changes nothing.
-    assert splits.valid.stored.sum() == 1_028_036 and splits.test.stored.sum() == 1_038_896
+    # The .npz files vaelab reads against the independent copy shared/data/README.md stores:
+    # ARM-gradient's MATLAB files, read with scipy. Already binary, so the fixed draws of valid
+    # and test change nothing (a Bernoulli(0 or 1) draw is its parameter).
+    for name in ("train", "valid", "test"):
+        source = loadmat(DATA_DIR / "binarized_mnist" / "source" / f"binarized_mnist_{name}.mat")
+        expected = source["X"].reshape(-1, 1, 28, 28)
+        split = getattr(splits, name)
+        np.testing.assert_array_equal(split.stored, expected)
+        np.testing.assert_array_equal(split[:2000], expected[:2000].astype(np.float32))
+    assert set(np.unique(splits.train[:1000])) == {0.0, 1.0}
     assert any("already binary" in note for note in splits.record["notes"])
 
 
-def test_frey_face() -> None:
+def test_frey_face_is_the_matlab_variable_ff() -> None:
     needs("frey_face")
     splits = load_data("frey-face", data_dir=DATA_DIR)
     assert splits.shape == (1, 28, 20)
     assert sum(splits.sizes.values()) == 1965
+    # vaelab reads raw bytes at offset 184; scipy reads the MATLAB file's variable ff, [560, 1965],
+    # one image per column, row-major 28 x 20 (shared/data/README.md, "Frey Face").
+    faces = loadmat(DATA_DIR / "frey_face" / "frey_rawface.mat")["ff"].T.reshape(-1, 1, 28, 20)
+    rows, values = everything(splits)
+    np.testing.assert_array_equal(rows, np.arange(1965))
+    np.testing.assert_array_equal(values, faces / np.float32(255))
+    assert splits.record["raw_range"] == [float(faces.min()), float(faces.max())]
+    # README: "uint8 (min 8, max 238, mean 154.4609)".
     assert splits.record["raw_range"] == [8.0, 238.0]
-    _, values = everything(splits)
-    assert values.mean(dtype=np.float64) == pytest.approx(154.4609 / 255, abs=1e-6)
+    assert faces.mean(dtype=np.float64) == pytest.approx(154.4609, abs=5e-5)
 
 
 def test_named_sets_need_a_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
