@@ -24,8 +24,8 @@ Paths (a name wins over a file of the same name in the working directory):
   subfolder in sorted order).
 - an IDX file (``*.idx``, ``*-ubyte``, ``*.gz``; gzip is recognised by its magic bytes); plain files
   are memory-mapped. A sibling ``*-labels-idx1-*`` of an ``*-images-idx3-*`` file gives labels.
-- an IDX folder: a folder holding an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST,
-  QMNIST), ``[PREFIX-]{train,t10k,test}-{images-idx3,labels-idx1}-ubyte[.gz]`` (also LeCun's
+- an IDX folder: a folder holding an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST),
+  ``[PREFIX-]{train,t10k,test}-{images-idx3,labels-idx1}-ubyte[.gz]`` (also LeCun's
   ``train-images.idx3-ubyte``), is read as the data set named after the folder, with its official
   test split and its labels from the ``labels-idx1`` files. A file there both plain and gzipped
   (torchvision's ``raw/`` folders) is read plain, memory-mapped. A folder holding several data
@@ -984,7 +984,7 @@ def _load_image_folder(folder: Path) -> _Loaded:
     )
 
 
-# The files of an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST, QMNIST):
+# The files of an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST):
 # [PREFIX-]SPLIT-KIND-idxN-ubyte[.gz], SPLIT train, t10k or test, KIND images (idx3) or labels
 # (idx1); LeCun's uncompressed names put a dot before idxN (train-images.idx3-ubyte). EMNIST names
 # each of its data sets by a prefix (emnist-balanced-train-images-idx3-ubyte.gz).
