@@ -13,12 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from scipy.io import loadmat
 
-from vaelab import data
+from conftest import SHARED_DATA as DATA_DIR
+from vaelab import cli, data
 from vaelab.data import DataError, DataSplits, binarize_batch, describe, load_data
-
-# The repository is <root>/main; the shared real data lives in <root>/shared/data.
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def needs(folder: str) -> None:
@@ -116,61 +115,89 @@ def mnist() -> DataSplits:
     return load_data("mnist", data_dir=DATA_DIR)
 
 
+def read_mnist_file(stem: str, header: int) -> np.ndarray:
+    """An MNIST file read as ``shared/data/README.md`` shows, without vaelab: the ``.gz`` file or
+    its joined ``.partNN`` pieces, gunzipped, the IDX header skipped."""
+    path = DATA_DIR / "mnist" / f"{stem}.gz"
+    pieces = sorted(path.parent.glob(f"{path.name}.part*"))
+    packed = path.read_bytes() if path.is_file() else b"".join(p.read_bytes() for p in pieces)
+    return np.frombuffer(gzip.decompress(packed), np.uint8, offset=header)
+
+
 def test_mnist_counts_labels_and_pixels(mnist: DataSplits) -> None:
     assert mnist.shape == (1, 28, 28)
     assert mnist.sizes == {"train": 54000, "valid": 6000, "test": 10000}
-    assert len(mnist.train) + len(mnist.valid) == 60000
-    assert mnist.train.labels is not None and mnist.valid.labels is not None
-    assert mnist.train.labels[:5].tolist() == [5, 0, 4, 1, 9]
-    # valid is the last 6000 rows of the train file, in file order.
-    file_labels = np.frombuffer(
-        gzip.decompress((DATA_DIR / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()),
-        np.uint8,
-        offset=8,
-    )
-    np.testing.assert_array_equal(
-        np.concatenate([mnist.train.labels, mnist.valid.labels]), file_labels
-    )
-    counts = np.bincount(np.concatenate([mnist.train.labels, mnist.valid.labels]))
-    assert counts.tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
-    # MNIST stays uint8 in memory; batches come out as float32 in [0, 1].
-    assert mnist.train.stored.dtype == np.uint8
-    step = 10000
-    total = sum(
-        float(s[i : i + step].sum(dtype=np.float64))
-        for s in (mnist.train, mnist.valid)
-        for i in range(0, len(s), step)
-    )
-    assert total / (60000 * 784) == pytest.approx(33.3184 / 255, abs=1e-6)
-    test = np.asarray(mnist.test)
-    assert test.dtype == np.float32 and test.min() == 0.0 and test.max() == 1.0
-    assert test.mean(dtype=np.float64) == pytest.approx(33.7912 / 255, abs=1e-6)
     assert mnist.record["split"].startswith("official test set")
     assert "mnist: 54,000 train / 6,000 valid / 10,000 test" in describe(mnist)
+    # Against the files read independently: valid is the last 6000 rows of the train file, in
+    # file order, and test is the t10k file; MNIST stays uint8 in memory.
+    x_train = read_mnist_file("train-images-idx3-ubyte", 16).reshape(60000, 1, 28, 28)
+    x_test = read_mnist_file("t10k-images-idx3-ubyte", 16).reshape(10000, 1, 28, 28)
+    y_train = read_mnist_file("train-labels-idx1-ubyte", 8)
+    assert mnist.train.stored.dtype == np.uint8
+    np.testing.assert_array_equal(mnist.train.stored, x_train[:54000])
+    np.testing.assert_array_equal(mnist.valid.stored, x_train[54000:])
+    np.testing.assert_array_equal(mnist.test.stored, x_test)
+    assert mnist.train.labels is not None and mnist.valid.labels is not None
+    np.testing.assert_array_equal(mnist.train.labels, y_train[:54000])
+    np.testing.assert_array_equal(mnist.valid.labels, y_train[54000:])
+    assert mnist.test.labels is not None
+    np.testing.assert_array_equal(mnist.test.labels, read_mnist_file("t10k-labels-idx1-ubyte", 8))
+    # Batches come out as float32 pixels / 255.
+    np.testing.assert_array_equal(mnist.test[:500], x_test[:500] / np.float32(255))
+    # The published statistics of these files, as shared/data/README.md gives them ("MNIST":
+    # first labels 5 0 4 1 9, train label counts, mean pixel 33.3184 train / 33.7912 test).
+    assert y_train[:5].tolist() == [5, 0, 4, 1, 9]
+    assert np.bincount(y_train).tolist() == [
+        5923,
+        6742,
+        5958,
+        6131,
+        5842,
+        5421,
+        5918,
+        6265,
+        5851,
+        5949,
+    ]
+    assert x_train.mean(dtype=np.float64) == pytest.approx(33.3184, abs=5e-5)
+    assert x_test.mean(dtype=np.float64) == pytest.approx(33.7912, abs=5e-5)
 
 
-def test_binarized_mnist_has_its_own_binary_split() -> None:
-    needs("binarized_mnist")
+def test_binarized_mnist_is_its_stored_source() -> None:
+    needs("binarized_mnist/source")
     splits = load_data("binarized-mnist", data_dir=DATA_DIR, binarize="dynamic")
     assert splits.sizes == {"train": 50000, "valid": 10000, "test": 10000}
     assert splits.shape == (1, 28, 28)
     assert splits.train.labels is None
-    batch = splits.train[:1000]
-    assert set(np.unique(batch)) == {0.0, 1.0}
-    assert splits.train.stored.mean() == pytest.approx(0.130562, abs=1e-6)
-    # Already binary: the fixed draw of valid/test changes nothing.
-    assert splits.valid.stored.sum() == 1_028_036 and splits.test.stored.sum() == 1_038_896
+    # The .npz files vaelab reads against the independent copy shared/data/README.md stores:
+    # ARM-gradient's MATLAB files, read with scipy. Already binary, so the fixed draws of valid
+    # and test change nothing (a Bernoulli(0 or 1) draw is its parameter).
+    for name in ("train", "valid", "test"):
+        source = loadmat(DATA_DIR / "binarized_mnist" / "source" / f"binarized_mnist_{name}.mat")
+        expected = source["X"].reshape(-1, 1, 28, 28)
+        split = getattr(splits, name)
+        np.testing.assert_array_equal(split.stored, expected)
+        np.testing.assert_array_equal(split[:2000], expected[:2000].astype(np.float32))
+    assert set(np.unique(splits.train[:1000])) == {0.0, 1.0}
     assert any("already binary" in note for note in splits.record["notes"])
 
 
-def test_frey_face() -> None:
+def test_frey_face_is_the_matlab_variable_ff() -> None:
     needs("frey_face")
     splits = load_data("frey-face", data_dir=DATA_DIR)
     assert splits.shape == (1, 28, 20)
     assert sum(splits.sizes.values()) == 1965
+    # vaelab reads raw bytes at offset 184; scipy reads the MATLAB file's variable ff, [560, 1965],
+    # one image per column, row-major 28 x 20 (shared/data/README.md, "Frey Face").
+    faces = loadmat(DATA_DIR / "frey_face" / "frey_rawface.mat")["ff"].T.reshape(-1, 1, 28, 20)
+    rows, values = everything(splits)
+    np.testing.assert_array_equal(rows, np.arange(1965))
+    np.testing.assert_array_equal(values, faces / np.float32(255))
+    assert splits.record["raw_range"] == [float(faces.min()), float(faces.max())]
+    # README: "uint8 (min 8, max 238, mean 154.4609)".
     assert splits.record["raw_range"] == [8.0, 238.0]
-    _, values = everything(splits)
-    assert values.mean(dtype=np.float64) == pytest.approx(154.4609 / 255, abs=1e-6)
+    assert faces.mean(dtype=np.float64) == pytest.approx(154.4609, abs=5e-5)
 
 
 def test_named_sets_need_a_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -180,7 +207,11 @@ def test_named_sets_need_a_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path
     message = fails("MNIST folder .* does not exist", "mnist", data_dir=tmp_path)
     assert "--data-dir" in message and "VAELAB_DATA" in message
     (tmp_path / "mnist").mkdir()
-    fails(r"train-images-idx3-ubyte\.gz' does not exist", "mnist", data_dir=tmp_path)
+    fails(
+        r"MNIST folder .* holds no IDX images named like train-images-idx3",
+        "mnist",
+        data_dir=tmp_path,
+    )
     monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
     fails("binarized MNIST folder", "binarized-mnist")
 
@@ -383,6 +414,146 @@ def test_corrupt_idx_is_refused(tmp_path: Path) -> None:
     fails(r"cut\.gz' is not a valid gzip file", str(tmp_path / "cut.gz"))
 
 
+def write_idx_set(
+    folder: Path, prefix: str = "", names: str = "gzip", n: tuple[int, int] = (20, 7), seed: int = 0
+) -> dict[str, np.ndarray]:
+    """An MNIST-format data set of uint8 images ``[n, 3, 4]`` and labels in ``folder``: its four
+    files named ``PREFIX{train,t10k}-{images-idx3,labels-idx1}-ubyte`` and written as ``names``
+    says (``"gzip"``: ``.gz``; ``"plain"``: LeCun's ``train-images.idx3-ubyte`` names,
+    uncompressed; ``"pieces"``: ``.gz``, the train images in ``.part00`` / ``.part01`` pieces)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, size in zip(("train", "t10k"), n, strict=True):
+        arrays[f"{split}-images"] = rng.integers(0, 256, (size, 3, 4), dtype=np.uint8)
+        arrays[f"{split}-labels"] = rng.integers(0, 10, size, dtype=np.uint8)
+    for stem, array in arrays.items():
+        kind = "idx3" if "images" in stem else "idx1"
+        if names == "plain":
+            write_idx(folder / f"{prefix}{stem}.{kind}-ubyte", array)
+            continue
+        path = folder / f"{prefix}{stem}-{kind}-ubyte.gz"
+        raw = gzip.compress(write_idx(path, array))
+        path.write_bytes(raw)
+        if names == "pieces" and stem == "train-images":
+            path.unlink()
+            Path(f"{path}.part00").write_bytes(raw[:40])
+            Path(f"{path}.part01").write_bytes(raw[40:])
+    return arrays
+
+
+@pytest.mark.parametrize("names", ["gzip", "plain", "pieces"])
+def test_a_folder_of_idx_files_is_a_data_set_with_its_official_test_split(
+    tmp_path: Path, names: str
+) -> None:
+    arrays = write_idx_set(tmp_path / "toy", names=names)
+    splits = load_data(str(tmp_path / "toy"))
+    # valid = the last round(20 * 0.1) = 2 rows of the train file; test = the t10k file, whole.
+    assert splits.sizes == {"train": 18, "valid": 2, "test": 7}
+    assert splits.shape == (1, 3, 4) and splits.name == "toy"
+    images, labels = arrays["train-images"], arrays["train-labels"]
+    np.testing.assert_array_equal(np.asarray(splits.train)[:, 0], images[:18] / np.float32(255))
+    np.testing.assert_array_equal(np.asarray(splits.valid)[:, 0], images[18:] / np.float32(255))
+    np.testing.assert_array_equal(
+        np.asarray(splits.test)[:, 0], arrays["t10k-images"] / np.float32(255)
+    )
+    for split, expected in (
+        (splits.train, labels[:18]),
+        (splits.valid, labels[18:]),
+        (splits.test, arrays["t10k-labels"]),
+    ):
+        assert split.labels is not None
+        np.testing.assert_array_equal(split.labels, expected)
+    record = splits.record
+    assert record["format"] == "idx" and record["scaling"] == "divide by 255 (uint8 data)"
+    assert record["split"] == (
+        "official test set; valid = the last 2 of the 20 rows of the train file, in file order "
+        "(valid_fraction=0.1)"
+    )
+    (note,) = record["notes"]
+    assert "test t10k-images" in note and "with labels t10k-labels" in note
+    assert ("(from .partNN pieces)" in note) == (names == "pieces")
+    assert isinstance(splits.train.stored, np.memmap) == (names == "plain")
+    again = load_data(str(tmp_path / "toy"), valid_fraction=0.25, seed=5)
+    assert again.sizes == {"train": 15, "valid": 5, "test": 7}  # seed plays no part
+
+
+def test_an_idx_folder_with_both_plain_and_gzipped_files_reads_the_plain_ones(
+    tmp_path: Path,
+) -> None:
+    arrays = write_idx_set(tmp_path / "raw")
+    for stem, array in arrays.items():  # torchvision's raw/ folders keep both
+        write_idx(
+            tmp_path / "raw" / f"{stem}-{'idx3' if 'images' in stem else 'idx1'}-ubyte", array
+        )
+    splits = load_data(str(tmp_path / "raw"))
+    assert isinstance(splits.train.stored, np.memmap) and isinstance(splits.test.stored, np.memmap)
+    np.testing.assert_array_equal(splits.test.stored[:, 0], arrays["t10k-images"])
+
+
+def test_emnist_style_prefixes_and_an_ambiguous_idx_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "emnist"
+    arrays = write_idx_set(folder, prefix="emnist-balanced-", n=(10, 4))
+    for stem in ("train", "t10k"):  # EMNIST says "test", not "t10k"
+        for kind in ("images-idx3", "labels-idx1"):
+            old = folder / f"emnist-balanced-{stem}-{kind}-ubyte.gz"
+            old.rename(folder / old.name.replace("t10k", "test"))
+    (folder / "emnist-balanced-mapping.txt").write_text("0 48\n")
+    splits = load_data(str(folder))
+    assert splits.sizes == {"train": 9, "valid": 1, "test": 4}
+    np.testing.assert_array_equal(splits.test.stored[:, 0], arrays["t10k-images"])
+    assert splits.test.labels is not None
+    np.testing.assert_array_equal(splits.test.labels, arrays["t10k-labels"])
+
+    write_idx_set(folder, prefix="emnist-letters-", n=(10, 4))
+    message = fails(r"holds 2 IDX data sets \(", str(folder))
+    assert "emnist-balanced-train-images-idx3-ubyte.gz, emnist-letters-train-images" in message
+    assert message.endswith("into a folder of their own and pass that folder")
+
+
+def test_idx_folder_mistakes(tmp_path: Path) -> None:
+    write_idx_set(tmp_path / "no-test")
+    for path in (tmp_path / "no-test").glob("t10k-*"):
+        path.unlink()
+    fails(
+        r"holds IDX train images \(train-images-idx3-ubyte\.gz\) but no test images "
+        r"\(t10k- or test-images-idx3-ubyte, with the same prefix\); add them, or pass the train "
+        r"file itself",
+        str(tmp_path / "no-test"),
+    )
+    write_idx_set(tmp_path / "no-train")
+    (tmp_path / "no-train" / "train-images-idx3-ubyte.gz").unlink()
+    fails(r"holds IDX test images .* but no train images", str(tmp_path / "no-train"))
+
+    write_idx_set(tmp_path / "labels")
+    write_idx(tmp_path / "labels" / "train-labels-idx1-ubyte.gz", np.zeros(19, np.uint8))
+    fails(
+        r"train-labels-idx1-ubyte\.gz' holds uint8 \(19,\), not one integer label for each of "
+        r"the 20 images",
+        str(tmp_path / "labels"),
+    )
+    write_idx_set(tmp_path / "shapes")
+    write_idx(tmp_path / "shapes" / "t10k-images-idx3-ubyte.gz", np.zeros((7, 4, 4), np.uint8))
+    fails(
+        r"test images .* are uint8 \(4, 4\) but the train images .* are uint8 \(3, 4\)",
+        str(tmp_path / "shapes"),
+    )
+
+
+def test_mnist_by_name_and_by_path_agree(mnist: DataSplits) -> None:
+    by_path = load_data(str(DATA_DIR / "mnist"))
+    assert by_path.name == mnist.name == "mnist"
+    assert by_path.sizes == mnist.sizes and by_path.shape == mnist.shape
+    for key in ("split", "format", "offset", "divisor", "raw_range", "range", "notes"):
+        assert by_path.record[key] == mnist.record[key], key
+    for name in ("train", "valid", "test"):
+        ours, theirs = getattr(by_path, name), getattr(mnist, name)
+        np.testing.assert_array_equal(ours.stored, theirs.stored)
+        np.testing.assert_array_equal(ours.labels, theirs.labels)
+    assert mnist.record["scaling"] == "divide by 255 (MNIST pixels are 0..255)"
+    assert by_path.record["scaling"] == "divide by 255 (uint8 data)"
+
+
 # --------------------------------------------------------------------------------------------------
 # Scaling and binarisation
 
@@ -454,6 +625,40 @@ def test_binarisation_needs_values_in_unit_interval(tmp_path: Path) -> None:
     fails(r"use scale='unit'", str(tmp_path / "x.npy"), binarize="threshold")
     splits = load_data(str(tmp_path / "x.npy"), binarize="dynamic", scale="unit")
     assert set(np.unique(np.asarray(splits.test))) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("binarize", ["threshold", "dynamic"])
+def test_unit_scaled_binary_data_trains_when_evaluation_rows_overshoot_the_train_range(
+    tmp_path: Path, binarize: str
+) -> None:
+    """``--scale unit`` maps the TRAIN range to [0, 1], so valid / test rows may fall outside it;
+    after binarisation they are 0 / 1 all the same, and a Bernoulli model must accept them."""
+    x = np.random.default_rng(7).random((60, 4), dtype=np.float32)
+    np.save(tmp_path / "x.npy", x)
+    first = load_data(str(tmp_path / "x.npy"))  # the split depends on n and the seed only
+    x[first.valid.index] = 1.5
+    x[first.test.index] = -0.5
+    np.save(tmp_path / "x.npy", x)
+
+    splits = load_data(str(tmp_path / "x.npy"), scale="unit", binarize=binarize)
+    low, high = splits.record["scaled_range"]
+    assert low < 0.0 and high > 1.0  # before binarisation: beyond [0, 1] off the train split
+    seen = np.concatenate(
+        [np.asarray(s).ravel() for s in (splits.train, splits.valid, splits.test)]
+    )
+    assert splits.record["range"] == [float(seen.min()), float(seen.max())]
+    assert seen.min() >= 0.0 and seen.max() <= 1.0
+    assert f"values in [{low:.4g}, {high:.4g}]); binarisation" in describe(splits)
+    assert describe(splits).endswith("(values in [0, 1])")
+    plain = load_data(str(tmp_path / "x.npy"), scale="unit")  # unbinarised: what scaling leaves
+    assert plain.record["range"] == plain.record["scaled_range"] == [low, high]
+
+    code = cli.main(
+        ["train", str(tmp_path / "x.npy"), "--out", str(tmp_path / "run"), "--quiet"]
+        + ["--scale", "unit", "--binarize", binarize, "--epochs", "1", "--hidden", "8"]
+        + ["--latent-dim", "2", "--batch-size", "16"]
+    )
+    assert code == 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Named data sets (``DATA`` is the ``data_dir`` argument, else the ``VAELAB_DATA``
 
 - ``digits``: scikit-learn's 1,797 digits, pixels 0..16, shape ``(1, 8, 8)``, labels 0-9.
 - ``mnist``: ``DATA/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``, shape ``(1, 28, 28)``,
-  labels 0-9; ``NAME.partNN`` pieces of a file are joined in memory, in numeric order.
+  labels 0-9, read as an IDX folder (below).
 - ``binarized-mnist``: ``DATA/binarized_mnist/binarized_mnist_{train,valid,test}.npz``
   (key ``images``), the fixed binarisation of Larochelle & Murray (2011), shape ``(1, 28, 28)``,
   no labels.
@@ -24,6 +24,14 @@ Paths (a name wins over a file of the same name in the working directory):
   subfolder in sorted order).
 - an IDX file (``*.idx``, ``*-ubyte``, ``*.gz``; gzip is recognised by its magic bytes); plain files
   are memory-mapped. A sibling ``*-labels-idx1-*`` of an ``*-images-idx3-*`` file gives labels.
+- an IDX folder: a folder holding an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST),
+  ``[PREFIX-]{train,t10k,test}-{images-idx3,labels-idx1}-ubyte[.gz]`` (also LeCun's
+  ``train-images.idx3-ubyte``), is read as the data set named after the folder, with its official
+  test split and its labels from the ``labels-idx1`` files. A file there both plain and gzipped
+  (torchvision's ``raw/`` folders) is read plain, memory-mapped. A folder holding several data
+  sets (EMNIST's splits, told apart by PREFIX) is refused.
+
+IDX files may be plain, gzipped, or in ``NAME.partNN`` pieces, joined in memory in numeric order.
 
 Shapes: images are ``(channels, H, W)`` (a 3-D array ``[n, H, W]`` is read as one-channel images);
 tabular data is ``(features,)``.
@@ -31,9 +39,10 @@ tabular data is ``(features,)``.
 Splits depend on the arguments only:
 
 - ``binarized-mnist``: its own 50,000 / 10,000 / 10,000 files; the fractions are ignored.
-- ``mnist``: the official 10,000 test images; ``valid`` is the LAST
-  ``round(60000 * valid_fraction)`` rows of the 60,000-image train file, in file order (6,000 by
-  default; ``valid_fraction=1/6`` gives the classic 50,000 / 10,000 cut). ``seed`` does not matter.
+- ``mnist`` and IDX folders: the official test file; ``valid`` is the LAST
+  ``round(n * valid_fraction)`` rows of the n-image train file, in file order (for MNIST, 6,000 of
+  60,000 by default; ``valid_fraction=1/6`` gives the classic 50,000 / 10,000 cut). ``seed`` does
+  not matter.
 - everything else: a permutation from ``numpy.random.default_rng(seed)`` sends its last
   ``round(n * test_fraction)`` entries to ``test``, the ``round(n * valid_fraction)`` before them
   to ``valid`` and the rest to ``train``; a non-zero fraction gets at least one example. Within a
@@ -53,7 +62,8 @@ Scaling (``scale=``), recorded exactly in ``DataSplits.record``:
 - ``"unit"``: min-max to ``[0, 1]`` with the TRAIN split's minimum and maximum, so ``valid`` and
   ``test`` may fall slightly outside ``[0, 1]``.
 
-Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]``:
+Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]`` (under
+``"unit"``, those of ``train``; ``valid`` / ``test`` values beyond it count as 0 or 1):
 
 - ``"none"``.
 - ``"threshold"``: ``x > threshold`` becomes 1, else 0, the same every epoch.
@@ -61,6 +71,11 @@ Binarisation (``binarize=``) works on scaled values, which must lie in ``[0, 1]`
   ``binarize_batch(x, generator)`` anew for every batch (Burda et al. 2015). ``valid`` and ``test``
   get ONE fixed Bernoulli draw, from ``numpy.random.default_rng([seed, 1])`` and
   ``default_rng([seed, 2])``, so evaluation is repeatable.
+
+Ranges in the record, each ``[min, max]`` over all splits: ``raw_range`` of the stored values,
+``scaled_range`` after scaling, and ``range`` of what the splits return, after binarisation (for
+``"dynamic"``: the train intensities and the valid / test draws). ``range`` is what a model is
+given, so support checks read it.
 """
 
 from __future__ import annotations
@@ -74,7 +89,7 @@ import re
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,9 +204,10 @@ class DataSplits:
     ``shape`` is the per-example shape, ``(C, H, W)`` for images and ``(features,)`` for tables;
     ``binarize`` is ``"none"``, ``"threshold"`` or ``"dynamic"``; under ``"dynamic"`` a trainer
     calls ``binarize_batch`` on every training batch. ``record`` is a JSON-serialisable dict of
-    what was loaded and done (source, split rule, sizes, scaling with its offset / divisor and
-    ranges, binarisation); ``load_data(**record["arguments"], data_dir=...)`` loads the same splits
-    again.
+    what was loaded and done (source, split rule, sizes, scaling with its offset / divisor,
+    binarisation, and the ranges ``raw_range`` / ``scaled_range`` / ``range`` before scaling, after
+    scaling and as the splits return them); ``load_data(**record["arguments"], data_dir=...)``
+    loads the same splits again.
     """
 
     train: Split
@@ -220,10 +236,11 @@ def binarize_batch(x: torch.Tensor, generator: torch.Generator | None = None) ->
 
 
 def describe(splits: DataSplits) -> str:
-    """One line for people: sizes, example shape, scaling and binarisation."""
+    """One line for people: sizes, example shape, scaling and binarisation, each with the range of
+    the values it leaves."""
     r = splits.record
     shape = "×".join(str(s) for s in splits.shape)
-    low, high = r["range"]
+    low, high = r["scaled_range"]
     text = (
         f"{splits.name}: {len(splits.train):,} train / {len(splits.valid):,} valid / "
         f"{len(splits.test):,} test examples of shape {shape}; scaling: {r['scaling']} "
@@ -233,6 +250,9 @@ def describe(splits: DataSplits) -> str:
         text += f" at {r['threshold']:g}"
     elif splits.binarize == "dynamic":
         text += f" (valid/test drawn once with seed {r['arguments']['seed']})"
+    if splits.binarize != "none":
+        low, high = r["range"]
+        text += f" (values in [{low:.4g}, {high:.4g}])"
     if splits.train.labels is not None:
         text += f"; labels: {len(np.unique(splits.train.labels))} classes"
     return text
@@ -291,12 +311,13 @@ def load_data(
     """Load a named data set or a file / folder and split, scale and binarise it deterministically.
 
     ``source``: one of ``SOURCES`` or a path (``.npy``, ``.npz`` or ``file.npz:key``, ``.csv``, an
-    image folder, an IDX file). ``data_dir``: folder holding ``mnist/``, ``binarized_mnist/``,
-    ``frey_face/`` (default: ``$VAELAB_DATA``). ``binarize``: ``"none"``, ``"threshold"`` (fixed
-    ``x > threshold``) or ``"dynamic"`` (see ``binarize_batch``). ``valid_fraction`` /
-    ``test_fraction``: shares of a data set without its own split (MNIST uses ``valid_fraction``
-    of its train file; binarized MNIST ignores both). ``seed``: the split permutation and the fixed
-    valid / test draws under ``"dynamic"``. ``scale``: ``"auto"``, ``"none"`` or ``"unit"``.
+    image folder, an IDX file or an IDX folder). ``data_dir``: folder holding ``mnist/``,
+    ``binarized_mnist/``, ``frey_face/`` (default: ``$VAELAB_DATA``). ``binarize``: ``"none"``,
+    ``"threshold"`` (fixed ``x > threshold``) or ``"dynamic"`` (see ``binarize_batch``).
+    ``valid_fraction`` / ``test_fraction``: shares of a data set without its own split (MNIST and
+    an IDX folder use ``valid_fraction`` of their train file; binarized MNIST ignores both).
+    ``seed``: the split permutation and the fixed valid / test draws under ``"dynamic"``.
+    ``scale``: ``"auto"``, ``"none"`` or ``"unit"``.
     The module docstring gives the exact split and scaling rules. Raises ``DataError`` for any
     problem with the options or the data.
     """
@@ -314,7 +335,10 @@ def load_data(
         low, high = min(low, part_low), max(high, part_high)
 
     train, valid, test, split_rule = _split(loaded, parts, valid_fraction, test_fraction, seed)
-    offset, divisor, scaling = _scaling(scale, loaded, parts[0].x.dtype, low, high, train)
+    train_range = None
+    if scale == "unit" or binarize == "dynamic":
+        train_range = _scan(train[0], train[1], "the train split")
+    offset, divisor, scaling = _scaling(scale, loaded, parts[0].x.dtype, low, high, train_range)
     scaled = _transform(np.array([low, high]), offset, divisor)
     scaled_low, scaled_high = float(scaled[0]), float(scaled[1])
 
@@ -339,6 +363,10 @@ def load_data(
             "valid and test binarised once: valid from numpy.random.default_rng([seed, 1]), "
             "test from default_rng([seed, 2])"
         )
+    train_scaled = None
+    if train_range is not None:
+        train_scaled = _transform(np.array(train_range), offset, divisor)
+    seen = _seen_range(scaled, binarize, threshold, train_scaled, splits[1:])
 
     record: dict[str, Any] = {
         "arguments": {
@@ -360,7 +388,8 @@ def load_data(
         "offset": offset,
         "divisor": divisor,
         "raw_range": [float(low), float(high)],
-        "range": [scaled_low, scaled_high],
+        "scaled_range": [scaled_low, scaled_high],
+        "range": seen,
         "binarize": binarize,
         "threshold": float(threshold) if binarize == "threshold" else None,
         "eval_binarization": eval_draws,
@@ -546,14 +575,15 @@ def _scaling(
     dtype: np.dtype,
     low: float,
     high: float,
-    train: _Rows,
+    train_range: tuple[float, float] | None,
 ) -> tuple[float, float, str]:
-    """``(offset, divisor, description)`` of the transform ``(x - offset) / divisor``."""
+    """``(offset, divisor, description)`` of the transform ``(x - offset) / divisor``;
+    ``train_range`` (the train split's stored minimum and maximum) is needed for ``"unit"``."""
     if scale == "none":
         return 0.0, 1.0, "none: values as stored"
     if scale == "unit":
-        stored, index, _ = train
-        train_low, train_high = _scan(stored, index, "the train split")
+        assert train_range is not None
+        train_low, train_high = train_range
         # Computed in float32 like the transform itself, so the train maximum maps to exactly 1.
         offset = float(np.float32(train_low))
         divisor = float(np.float32(train_high) - np.float32(train_low))
@@ -575,6 +605,35 @@ def _scaling(
     if dtype == np.uint8:
         return 0.0, 255.0, "divide by 255 (uint8 data)"
     return 0.0, 1.0, f"none: values left as they are (range [{low:g}, {high:g}])"
+
+
+def _seen_range(
+    scaled: np.ndarray,
+    binarize: str,
+    threshold: float,
+    train: np.ndarray | None,
+    draws: Sequence[Split],
+) -> list[float]:
+    """Minimum and maximum of what ``split[...]`` returns over all splits: the values a model is
+    given, which binarisation keeps in [0, 1] even where ``scale="unit"`` overshoots it off train.
+
+    ``scaled``: float32 ``[2]``, the scaled minimum and maximum over all splits, which is the answer
+    without binarisation. A threshold is monotone, so it maps them to the thresholded minimum and
+    maximum. Under dynamic binarisation the train split holds intensities (``train``: float32
+    ``[2]``, its own scaled minimum and maximum; ``binarize_batch`` draws from them) and ``draws``,
+    the valid and test splits, their fixed 0 / 1 draws.
+    """
+    if binarize == "threshold":
+        return [float(v) for v in (scaled > np.float32(threshold))]
+    if binarize == "none":
+        return [float(scaled[0]), float(scaled[1])]
+    assert train is not None  # load_data scans the train split under "dynamic"
+    lows, highs = [float(train[0])], [float(train[1])]
+    for split in draws:
+        if len(split):
+            lows.append(float(split.stored.min()))
+            highs.append(float(split.stored.max()))
+    return [min(lows), max(highs)]
 
 
 def _fixed_draw(split: Split, seed: int, stream: int) -> Split:
@@ -625,32 +684,15 @@ def _load_digits(data_dir: str | os.PathLike[str] | None) -> _Loaded:
 @_named("mnist")
 def _load_mnist(data_dir: str | os.PathLike[str] | None) -> _Loaded:
     folder = _data_folder(data_dir, "mnist", "MNIST")
-
-    def read(stem: str, shape: tuple[int, ...]) -> np.ndarray:
-        array = _read_idx(folder / f"{stem}.gz")
-        if array.shape[1:] != shape[1:] or array.dtype != np.uint8:
+    loaded = _load_idx_folder(folder, "MNIST")
+    for part in (loaded.train, loaded.test):
+        assert part is not None  # an IDX folder always has its test part
+        if part.x.dtype != np.uint8 or part.x.shape[1:] != (28, 28):
             raise DataError(
-                f"'{folder / stem}.gz' holds {array.dtype} {array.shape}, not uint8 MNIST data "
-                f"of shape [n, {', '.join(map(str, shape[1:]))}]; download it again"
+                f"{part.origin} holds {part.x.dtype} {part.x.shape}, not uint8 MNIST images of "
+                f"shape [n, 28, 28]; download it again"
             )
-        return array
-
-    images, pixels = (-1, 28, 28), (-1,)
-    return _Loaded(
-        name="mnist",
-        format="idx",
-        train=_Part(
-            read("train-images-idx3-ubyte", images),
-            read("train-labels-idx1-ubyte", pixels),
-            "the MNIST train file",
-        ),
-        test=_Part(
-            read("t10k-images-idx3-ubyte", images),
-            read("t10k-labels-idx1-ubyte", pixels),
-            "the MNIST test file",
-        ),
-        scale=(255.0, "divide by 255 (MNIST pixels are 0..255)"),
-    )
+    return replace(loaded, name="mnist", scale=(255.0, "divide by 255 (MNIST pixels are 0..255)"))
 
 
 @_named("binarized-mnist")
@@ -733,7 +775,7 @@ def _load_path(source: str | os.PathLike[str]) -> _Loaded:
         text, key = match.group(1), match.group(2)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _load_image_folder(path)
+        return _load_idx_folder(path) if _idx_sets(path) else _load_image_folder(path)
     name = path.name.lower()
     idx = re.search(r"(ubyte|\.idx\d?)(\.gz)?$|\.gz$", name) is not None
     if not path.is_file() and not (idx and _pieces(path)):  # only IDX files come in pieces
@@ -940,6 +982,112 @@ def _load_image_folder(folder: Path) -> _Loaded:
         train=_Part(x, labels, f"'{folder}'"),
         classes=tuple(classes) if classes else None,
     )
+
+
+# The files of an MNIST-format data set (MNIST, Fashion-MNIST, KMNIST, EMNIST):
+# [PREFIX-]SPLIT-KIND-idxN-ubyte[.gz], SPLIT train, t10k or test, KIND images (idx3) or labels
+# (idx1); LeCun's uncompressed names put a dot before idxN (train-images.idx3-ubyte). EMNIST names
+# each of its data sets by a prefix (emnist-balanced-train-images-idx3-ubyte.gz).
+_IDX_SET_FILE = re.compile(
+    r"(?P<prefix>(?:.*[-_.])?)(?P<split>train|t10k|test)[-_]"
+    r"(?P<kind>images[-_.]idx3|labels[-_.]idx1)[-_.]ubyte(?P<gz>\.gz)?",
+    flags=re.IGNORECASE,
+)
+_IdxSet = dict[tuple[str, str], Path]  # ("train" | "test", "images" | "labels") -> file
+
+
+def _idx_sets(folder: Path) -> dict[str, _IdxSet]:
+    """The MNIST-format data sets in a folder, by file-name prefix; only those with images count.
+
+    A file may be whole, gzipped or in ``.partNN`` pieces (``_read_idx`` reads each). Where one
+    file is there twice (torchvision keeps both ``x-ubyte.gz`` and ``x-ubyte``), the plain whole
+    one is read, because it can be memory-mapped.
+    """
+    found: dict[str, dict[tuple[str, str], list[tuple[bool, bool, str]]]] = {}
+    for entry in sorted(folder.iterdir()):
+        piece = re.fullmatch(r"(.+)\.part\d+", entry.name)
+        name = piece.group(1) if piece else entry.name
+        match = _IDX_SET_FILE.fullmatch(name)
+        if match is None or not entry.is_file():
+            continue
+        split = "train" if match["split"].lower() == "train" else "test"
+        kind = match["kind"][:6].lower()  # "images" or "labels"
+        rank = (match["gz"] is not None, piece is not None, name)
+        found.setdefault(match["prefix"], {}).setdefault((split, kind), []).append(rank)
+    return {
+        prefix: {key: folder / min(ranks)[2] for key, ranks in files.items()}
+        for prefix, files in found.items()
+        if ("train", "images") in files or ("test", "images") in files
+    }
+
+
+def _load_idx_folder(folder: Path, title: str = "") -> _Loaded:
+    """An MNIST-format data set in ``folder``: its train file and its official test file, each
+    with the labels of the matching ``labels-idx1`` file when there is one."""
+    what = f"{title} folder" if title else "folder"
+    sets = _idx_sets(folder)
+    if not sets:
+        raise DataError(
+            f"{what} '{folder}' holds no IDX images named like train-images-idx3-ubyte.gz and "
+            f"t10k-images-idx3-ubyte.gz; put them there (plain, gzipped or in .partNN pieces)"
+        )
+    if len(sets) > 1:
+        names = sorted(
+            _idx_name(files.get(("train", "images")) or files[("test", "images")])
+            for files in sets.values()
+        )
+        raise DataError(
+            f"{what} '{folder}' holds {len(sets)} IDX data sets ({', '.join(names)}); move the "
+            f"files of the one to train on into a folder of their own and pass that folder"
+        )
+    (files,) = sets.values()
+    for split, other in (("train", "test"), ("test", "train")):
+        if (split, "images") not in files:
+            wanted = {"train": "train-", "test": "t10k- or test-"}[split] + "images-idx3-ubyte"
+            raise DataError(
+                f"{what} '{folder}' holds IDX {other} images "
+                f"({_idx_name(files[(other, 'images')])}) but no {split} images ({wanted}, with "
+                f"the same prefix); add them, or pass the {other} file itself to split it at random"
+            )
+    parts = []
+    for split in ("train", "test"):
+        images = files[(split, "images")]
+        x = _read_idx(images)
+        labels = None
+        if (split, "labels") in files:
+            labels = _read_idx(files[(split, "labels")])
+            if labels.dtype.kind not in "iu" or labels.shape != x.shape[:1]:
+                raise DataError(
+                    f"'{files[(split, 'labels')]}' holds {labels.dtype} {labels.shape}, not one "
+                    f"integer label for each of the {x.shape[0]:,} images of '{images}'; restore "
+                    f"the matching labels file or remove it"
+                )
+        parts.append(_Part(x, labels, f"'{images}'"))
+    train, test = parts
+    if test.x.shape[1:] != train.x.shape[1:] or test.x.dtype != train.x.dtype:
+        raise DataError(
+            f"the test images {test.origin} are {test.x.dtype} {test.x.shape[1:]} but the train "
+            f"images {train.origin} are {train.x.dtype} {train.x.shape[1:]}; the two files must "
+            f"come from one data set"
+        )
+    read = []
+    for split in ("train", "test"):
+        text = f"{split} {_idx_name(files[(split, 'images')])}"
+        if (split, "labels") in files:
+            text += f" with labels {_idx_name(files[(split, 'labels')])}"
+        read.append(text)
+    return _Loaded(
+        name=Path(os.path.abspath(folder)).name,  # abspath: '.' gets a name, links stay as named
+        format="idx",
+        train=train,
+        test=test,
+        notes=(f"IDX files read: {'; '.join(read)}",),
+    )
+
+
+def _idx_name(path: Path) -> str:
+    """A file's name for messages, saying when it is read from ``.partNN`` pieces."""
+    return path.name if path.is_file() else f"{path.name} (from .partNN pieces)"
 
 
 def _load_idx(path: Path) -> _Loaded:
