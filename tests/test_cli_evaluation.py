@@ -39,13 +39,41 @@ def test_evaluate_with_k_reports_iwae_above_the_elbo_and_diagnostics(trained, ca
     # IWAE-k ≥ ELBO on average (Burda et al. 2016; tested against closed forms in
     # test_loglik.py); a 2-D latent leaves only a few hundredths of a nat between them.
     assert iwae["mean"] > result["elbo"]
-    assert iwae["bits_per_dim"] == pytest.approx(-iwae["mean"] / (64 * np.log(2)))
+    # Grey digits under a Bernoulli: log p is a cross-entropy, so no bits per dimension (once,
+    # every image model showed one, even Gaussian densities: "-2.229 bits/dim").
+    assert iwae["bits_per_dim"] is None and "cross-entropy" in iwae["bits_per_dim_note"]
     found = result["diagnostics"]
     assert 0 <= found["active_units"] <= found["latent_dim"] == 2
     assert sum(found["kl_per_dimension"]) == pytest.approx(found["rate"]["mean"], rel=1e-4)
     assert found["rate"]["mean"] == pytest.approx(result["kl"], rel=1e-4)
     code, out, _ = run(capsys, "evaluate", trained, "--k", "50")
     assert code == 0 and "IWAE-50" in out and "active units" in out
+    assert "bits/dim" in out and "not defined" in out
+
+
+@pytest.mark.parametrize(
+    ("likelihood", "binarize", "defined"),
+    [
+        ("bernoulli", "threshold", True),
+        ("gaussian", "none", False),
+        ("continuous-bernoulli", "none", False),
+    ],
+)
+def test_bits_per_dimension_only_where_they_are_a_code_length(
+    tmp_path, capsys, likelihood, binarize, defined
+):
+    """A probability of the stored values (a Bernoulli on binary pixels) has bits per dimension,
+    −log₂ p / D; a density on [0, 1] pixels has none, and the output says why."""
+    folder = tmp_path / "run"
+    options = ["--likelihood", likelihood, "--binarize", binarize, "--epochs", "2", "-q"]
+    assert cli.main(["train", "digits", "--out", str(folder), *options]) == 0
+    capsys.readouterr()
+    code, out, _ = run(capsys, "evaluate", folder, "--k", "20", "--json", "--no-diagnostics")
+    iwae = json.loads(out)["iwae"]
+    if defined:
+        assert iwae["bits_per_dim"] == pytest.approx(-iwae["mean"] / (64 * np.log(2)))
+    else:
+        assert iwae["bits_per_dim"] is None and "density" in iwae["bits_per_dim_note"]
 
 
 def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, capsys):
@@ -57,7 +85,7 @@ def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, cap
     assert found["bound"] == "AIS-30" and 0 < found["acceptance_rate"] <= 1
     assert 1 <= found["mean_effective_sample_size"] <= 4
     estimator, document = apply.open_model(trained)
-    x = apply.load_examples(apply.model_data(estimator, document, None, None), 12)
+    x = apply.load_examples(apply.model_data(estimator, document).subset(12))
     direct = ais(estimator.model_, x, chains=4, steps=30, seed=EVAL_SEED)
     assert found["mean"] == pytest.approx(direct.mean, abs=1e-9)
     assert found["standard_error"] == pytest.approx(direct.standard_error, abs=1e-9)
@@ -65,12 +93,14 @@ def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, cap
     assert code == 0 and "AIS-30" in out and "4 chains" in out
 
 
-def test_evaluate_on_the_first_examples_only(trained, capsys):
-    code, out, _ = run(
-        capsys, "evaluate", trained, "--examples", "40", "--json", "--no-diagnostics"
-    )
+def test_evaluate_on_a_random_subset(trained, capsys):
+    """--examples N: a seeded random N of the test split, the same every time, said so."""
+    argv = ("evaluate", trained, "--examples", "40", "--json", "--no-diagnostics")
+    code, out, _ = run(capsys, *argv)
     result = json.loads(out)
     assert code == 0 and result["count"] == 40 and "diagnostics" not in result
+    assert "a random 40 of its 180 examples" in result["examples_described"]
+    assert json.loads(run(capsys, *argv)[1])["elbo"] == result["elbo"]
 
 
 def test_gap_splits_the_total_gap(trained, capsys):
@@ -79,15 +109,20 @@ def test_gap_splits_the_total_gap(trained, capsys):
     )
     assert code == 0
     result = json.loads(out)
-    assert result["examples"] == 30
-    for family in ("diagonal", "full"):
-        found = result["families"][family]
-        total = found["approximation_gap"]["mean"] + found["amortisation_gap"]["mean"]
-        assert total == pytest.approx(found["total_gap"]["mean"], abs=1e-9)
-        assert found["total_gap"]["mean"] > 0  # the amortised ELBO is below log p(x)
-    # Both families are measured against the same log p(x).
+    assert result["examples"] == 30 and list(result["families"]) == ["diagonal", "full"]
+    # The seam: gap reads the same 30 examples evaluate does with --examples 30, so its
+    # amortised ELBO is evaluate's ELBO there (independent Monte Carlo draws: within 4 standard
+    # errors), and its log p(x), by IWAE with q*, agrees with IWAE-2000 with the encoder.
+    argv = ("evaluate", trained, "--examples", "30", "--k", "2000", "--json", "--no-diagnostics")
+    evaluation = json.loads(run(capsys, *argv)[1])
     diagonal, full = result["families"]["diagonal"], result["families"]["full"]
     assert diagonal["log_px"]["mean"] == full["log_px"]["mean"]
+    amortised = diagonal["elbo_amortised"]["mean"]
+    assert abs(amortised - evaluation["elbo"]) < 0.1  # Monte Carlo noise only: the same examples
+    iwae = evaluation["iwae"]
+    assert abs(full["log_px"]["mean"] - iwae["mean"]) < 0.05
+    for found in (diagonal, full):
+        assert found["elbo_optimal"]["mean"] >= amortised - 1e-3  # q* starts at q, climbs
     code, out, _ = run(capsys, "gap", trained, "--n", "10", "--k", "100", "--steps", "50")
     assert code == 0 and "approximation_gap" in out and "amortisation_gap" in out
 
@@ -104,6 +139,11 @@ def test_gap_splits_the_total_gap(trained, capsys):
         ),
         (["gap", "{run}", "--n", "1"], "--n must be at least 2"),
         (["report", "{run}", "--k", "-1"], "must not be negative"),
+        (["report", "{run}", "--iwae-examples", "many"], "a number of examples or 'all'"),
+        (["report", "{run}", "--gap-steps", "0"], "--gap-steps must be at least 1"),
+        (["evaluate", "{run}", "--split", "everything"], "invalid choice: 'everything'"),
+        (["evaluate", "{run}", "--data", "digits", "--split", "all"], "choose --split train"),
+        (["evaluate", "{run}", "--device", "cuda"], "not available here"),
         (["report", "{tmp}/missing"], "does not exist"),
     ],
 )
@@ -112,6 +152,15 @@ def test_bad_evaluation_options_are_one_line_and_exit_2(trained, tmp_path, capsy
     code, out, err = run(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_report_without_iwae_still_has_its_gaps(trained, capsys, tmp_path):
+    """--k 0 leaves IWAE out and nothing else (once it failed unless --gap-examples 0 too)."""
+    out = tmp_path / "r.html"
+    code, _, err = run(capsys, "report", trained, "--k", "0", "--gap-examples", "5", "-o", out)
+    assert code == 0, err
+    html = out.read_text()
+    assert "IWAE-" not in html and "approximation gap (diagonal)" in html
 
 
 def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
@@ -131,3 +180,95 @@ def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
     problems = check_page_in_browser(page, tmp_path / "report.png")
     assert problems == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_a_model_trained_on_a_file_is_evaluated_on_its_own_test_split(tmp_path, capsys):
+    """Once, `evaluate` of a model trained on a file read all of the file, training rows
+    included; now the test split by default, whatever the source, and every output says which."""
+    x = (np.random.default_rng(0).random((200, 6)) < 0.3).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    folder = tmp_path / "run"
+    train = ["train", tmp_path / "x.npy", "--out", folder, "--epochs", "1", "--hidden", "8", "-q"]
+    assert run(capsys, *train)[0] == 0
+    capsys.readouterr()
+
+    def evaluated(*options: object) -> dict:
+        code, out, err = run(capsys, "evaluate", folder, "--json", "--no-diagnostics", *options)
+        assert code == 0, err
+        return json.loads(out)
+
+    default = evaluated()
+    assert default["count"] == 20 and default["split"] == "test split"
+    assert "x.npy (test split, 20 examples)" in default["examples_described"]
+    assert evaluated("--data", tmp_path / "x.npy")["count"] == 20  # the same file, named
+    assert evaluated("--split", "valid")["split"] == "validation split"
+    assert evaluated("--split", "all")["count"] == 200
+    np.save(tmp_path / "other.npy", x[:30])
+    other = evaluated("--data", tmp_path / "other.npy")
+    assert other["count"] == 30 and other["split"] == "all examples"
+    code, out, _ = run(capsys, "encode", folder, "--out", tmp_path / "z.npy")
+    assert code == 0 and "test split, 20 examples" in out
+    assert np.load(tmp_path / "z.npy").shape == (20, 8)
+    code, out, _ = run(capsys, "evaluate", folder)
+    assert code == 0 and "(test split, 20 examples)" in out
+
+
+def test_gap_and_report_of_a_full_covariance_model(tmp_path, capsys):
+    """A full-covariance encoder lies in the full family only: `gap` reports that family (once
+    both commands failed: the diagonal family 'does not contain' the amortised q)."""
+    folder = tmp_path / "full"
+    train = ["train", "digits", "--out", folder, "--posterior", "full", "--epochs", "2", "-q"]
+    assert run(capsys, *train)[0] == 0
+    capsys.readouterr()
+    argv = ("gap", folder, "--n", "6", "--k", "50", "--steps", "20", "--json")
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    result = json.loads(out)
+    assert list(result["families"]) == ["full"]
+    code, _, err = run(
+        capsys, "report", folder, "--k", "20", "--gap-examples", "4", "--gap-steps", "5"
+    )
+    assert code == 0, err
+    html = (folder / "report.html").read_text()
+    assert "approximation gap (full)" in html and "(diagonal)" not in html
+
+
+def test_long_evaluation_shows_progress_on_a_terminal_and_quiet_hides_it(trained, tmp_path):
+    """Progress bars go to stderr when it is a terminal (a pseudo-terminal here), not with
+    --quiet, and never into --json's stdout."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    def stderr_on_a_terminal(*options: str) -> tuple[str, str]:
+        leader, follower = pty.openpty()
+        # A new pseudo-terminal is 0 columns wide, where tqdm draws nothing: make it 120.
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vaelab", "evaluate", str(trained), "--k", "400", *options],
+            stdout=subprocess.PIPE, stderr=follower, text=True,
+        )  # fmt: skip
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 4096)
+            except OSError:  # the terminal closed: the process is done
+                break
+            if not data:
+                break
+            chunks.append(data)
+        out, _ = process.communicate(timeout=120)
+        os.close(leader)
+        assert process.returncode == 0
+        return out, b"".join(chunks).decode(errors="replace")
+
+    out, err = stderr_on_a_terminal("--json")
+    assert "IWAE-400" in err and "ELBO" in err
+    json.loads(out)  # stdout is the JSON alone
+    _, err = stderr_on_a_terminal("--json", "--quiet")
+    assert "IWAE-400" not in err

@@ -155,9 +155,7 @@ def test_every_dataloader_batch_is_checked_as_it_streams():
         (missing, "NaN"),
     ):
         loader = DataLoader(TensorDataset(torch.from_numpy(bad)), batch_size=64)
-        with pytest.raises(
-            ValueError, match=rf"batch 6 of the DataLoader \(epoch 1\).*{problem}"
-        ):
+        with pytest.raises(ValueError, match=rf"batch 6 of the DataLoader \(epoch 1\).*{problem}"):
             vaelab.VAE(**SMALL).fit(loader)
 
 

@@ -8,6 +8,7 @@ atomically.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -18,11 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
-from vaelab.data import SOURCES, Split, binarize_batch, load_data
+from vaelab.data import SOURCES, Split, load_data
 from vaelab.estimator import EVAL_SEED, VAE
 from vaelab.files import atomic_write_bytes
-from vaelab.loglik import standard_error
+from vaelab.loglik import LogLikelihoodEstimate, standard_error
+from vaelab.noise import ExampleNoise
 from vaelab.runconfig import RunError
 from vaelab.runs import RUN_CONFIG_FILE
 from vaelab.serialization import CONFIG_FILE, ModelFileError, load, read_model_document
@@ -30,51 +33,93 @@ from vaelab.serialization import CONFIG_FILE, ModelFileError, load, read_model_d
 CHUNK = 4096  # rows per evaluation / encoding step
 
 
-def open_model(folder: str | os.PathLike[str]) -> tuple[VAE, dict[str, Any]]:
-    """The fitted ``VAE`` in ``folder`` and its ``vaelab.json``; an unfinished run is named as such."""
+def open_model(
+    folder: str | os.PathLike[str], device: str | None = None
+) -> tuple[VAE, dict[str, Any]]:
+    """The fitted ``VAE`` in ``folder`` (on ``device``; default: see ``vaelab.load``) and its
+    ``vaelab.json``; an unfinished run is named as such."""
     path = Path(folder)
     if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / RUN_CONFIG_FILE).exists():
         raise ModelFileError(
             f"{path} holds a training run that has not finished (no {CONFIG_FILE} yet); finish it "
             f"with `vaelab train --out {path} --resume`"
         )
-    estimator = load(path)
+    estimator = load(path, device=device)
     _, document = read_model_document(path)
     return estimator, document
+
+
+SPLITS = ("test", "valid", "train", "all")
+_SPLIT_NAMES = {
+    "test": "test split",
+    "valid": "validation split",
+    "train": "train split",
+    "all": "all examples",
+}
 
 
 @dataclass
 class ModelData:
     """Examples prepared as the model's training data was, read ``CHUNK`` rows at a time; every
-    chunk is checked against the likelihood's support."""
+    chunk is checked against the likelihood's support. ``binarize_seed``, when set, binarises
+    every example with one Bernoulli draw keyed by its own values (``vaelab.noise``), the same
+    whichever examples are read with it."""
 
     split: Split
     source: str
-    which: str  # "test split" or "all examples"
+    which: str  # "test split", "all examples", ...; see SPLITS
     likelihood: Any
-    fixed_binarize_seed: int | None = None  # dynamic binarisation: one Bernoulli draw per value
+    binarize_seed: int | None = None
+    subset_of: int | None = None  # the size of the set a random subset was drawn from
 
     def __len__(self) -> int:
         return len(self.split)
 
     @property
     def description(self) -> str:
+        if self.subset_of is not None:
+            return (
+                f"{self.source} ({self.which}, a random {len(self):,} of its "
+                f"{self.subset_of:,} examples)"
+            )
         return f"{self.source} ({self.which}, {len(self):,} examples)"
 
     def chunks(self, limit: int | None = None) -> Iterator[np.ndarray]:
         n = len(self.split) if limit is None else min(limit, len(self.split))
-        generator = None
-        if self.fixed_binarize_seed is not None:
-            generator = torch.Generator().manual_seed(self.fixed_binarize_seed)
         for start in range(0, n, CHUNK):
             x = self.split[start : min(start + CHUNK, n)]
+            if self.binarize_seed is not None:
+                # Probabilities, as in training: min-max scaling may overshoot [0, 1] off train.
+                x = np.clip(x, 0.0, 1.0)
             try:
                 self.likelihood.check_support(torch.from_numpy(x))
             except ValueError as error:
                 raise RunError(f"{self.description}: {error}") from None
-            if generator is not None:
-                x = binarize_batch(torch.from_numpy(x), generator).numpy()
+            if self.binarize_seed is not None:
+                x = _keyed_bernoulli(x, self.binarize_seed)
             yield x
+
+    def subset(self, n: int | None) -> ModelData:
+        """A random subset of ``n`` examples (all when ``n`` is None or not smaller), drawn with
+        the evaluation seed and kept in file order: the same subset every time, and not the
+        first ``n`` examples, which can be one class only (binarized MNIST's test file is sorted
+        by digit)."""
+        total = len(self)
+        if n is None or n >= total:
+            return self
+        chosen = np.sort(np.random.default_rng(EVAL_SEED).choice(total, n, replace=False))
+        index = chosen if self.split.index is None else self.split.index[chosen]
+        labels = None if self.split.labels is None else self.split.labels[chosen]
+        split = dataclasses.replace(self.split, index=index, labels=labels)
+        return dataclasses.replace(self, split=split, subset_of=self.subset_of or total)
+
+
+def _keyed_bernoulli(x: np.ndarray, seed: int) -> np.ndarray:
+    """One Bernoulli(x) draw of every value, each example's uniforms from its own stream."""
+    values = torch.from_numpy(x)
+    flat = values.reshape(values.shape[0], -1)
+    uniforms = ExampleNoise(flat, seed).uniform(flat.shape[1], like=flat).T  # [batch, dims]
+    return (uniforms < flat).to(values.dtype).reshape(values.shape).numpy()
 
 
 def model_data(
@@ -82,54 +127,88 @@ def model_data(
     document: dict[str, Any],
     data: str | None = None,
     data_dir: str | None = None,
+    split: str | None = None,
 ) -> ModelData:
-    """The examples to evaluate / reconstruct / encode.
+    """The examples to evaluate / reconstruct / encode, and which split they are.
 
-    - no ``data``: the test split of the data the model was trained on;
-    - a data set name: its test split, loaded with the training run's options;
-    - a path: all its examples in file order, transformed exactly as the training data was:
-      ``(x − offset) / divisor`` with the recorded offset and divisor, then the recorded
-      binarisation (a dynamic one becomes one fixed draw seeded with the recorded seed). A model
-      saved by ``VAE.save`` records nothing, so its data is used as it is.
+    ``data`` defaults to the data the model was trained on; ``split`` (``SPLITS``) to ``"test"``
+    for it and for any named data set, and to ``"all"`` for another path.
+
+    - The training data, or a named data set: loaded with the training run's options (its
+      scaling, split fractions and seed, binarisation), so ``"test"`` is exactly the run's own
+      test split, whatever the source (a named set, a file, a folder).
+    - Another path: its examples transformed exactly as the training data was: ``(x − offset) /
+      divisor`` with the recorded offset and divisor, then the recorded binarisation (a dynamic
+      one becomes one fixed draw per example, keyed by its values); a split other than ``"all"``
+      is cut with the training run's fractions and seed. A model saved by ``VAE.save`` records
+      nothing, so its data is used as it is.
 
     Data of another shape is refused; values outside the likelihood's support are refused as they
     are read.
     """
+    if split is not None and split not in SPLITS:
+        raise RunError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     found = document.get("data")
     record: dict[str, Any] = found if isinstance(found, dict) else {}
     run = document.get("run") or {}
     arguments = dict(record.get("arguments", {}))
+    trained_on = str(arguments["source"]) if arguments else None
     if data is None:
-        if not arguments:
+        if trained_on is None:
             raise RunError("this model records no training data; pass --data DATA")
-        data = str(arguments["source"])
+        data = trained_on
     data_dir = data_dir if data_dir is not None else run.get("data_dir")
     options = {k: v for k, v in arguments.items() if k != "source"}
-    seed = None
-    if data in SOURCES:
-        split = load_data(data, data_dir=data_dir, **options).test
-        which = "test split"
+    own = data in SOURCES or (trained_on is not None and _same_source(data, trained_on))
+    split = split or ("test" if own else "all")
+    binarize_seed = None
+    if own and split != "all":
+        chosen = getattr(load_data(data, data_dir=data_dir, **options), split)
+    elif data in SOURCES:
+        raise RunError(
+            f"{data} is a named data set with its own splits; choose --split train, valid or test"
+        )
     else:
-        raw = load_data(data, scale="none", valid_fraction=0.0, test_fraction=0.0).train
+        whole = split == "all"
+        raw = load_data(
+            data,
+            data_dir=data_dir,
+            scale="none",
+            valid_fraction=0.0 if whole else float(options.get("valid_fraction", 0.1)),
+            test_fraction=0.0 if whole else float(options.get("test_fraction", 0.1)),
+            seed=int(options.get("seed", 0)),
+        )
+        stored = raw.train if split == "all" else getattr(raw, split)
         binarize = record.get("binarize", "none")
-        split = Split(
-            raw.stored,
-            raw.index,
-            raw.labels,
+        chosen = Split(
+            stored.stored,
+            stored.index,
+            stored.labels,
             offset=float(record.get("offset", 0.0)),
             divisor=float(record.get("divisor", 1.0)),
             threshold=record.get("threshold") if binarize == "threshold" else None,
         )
         if binarize == "dynamic":
-            seed = int(options.get("seed", 0))
-        which = "all examples"
+            binarize_seed = int(options.get("seed", 0))
     shape = tuple(document["model"]["data_shape"])
-    if tuple(split.shape[1:]) != shape:
+    if tuple(chosen.shape[1:]) != shape:
         raise RunError(
-            f"{data} has examples of shape {tuple(split.shape[1:])}, but the model was trained on "
-            f"shape {shape}; pass data like the training data"
+            f"{data} has examples of shape {tuple(chosen.shape[1:])}, but the model was trained "
+            f"on shape {shape}; pass data like the training data"
         )
-    return ModelData(split, data, which, estimator.model_.likelihood, seed)
+    which = _SPLIT_NAMES[split]
+    return ModelData(chosen, data, which, estimator.model_.likelihood, binarize_seed)
+
+
+def _same_source(data: str, trained_on: str) -> bool:
+    """Whether ``data`` names the file or folder the model was trained on (paths compared
+    resolved; a run records its data as an absolute path)."""
+    if data == trained_on:
+        return True
+    try:
+        return Path(data).expanduser().resolve() == Path(trained_on).expanduser().resolve()
+    except OSError:
+        return False
 
 
 def evaluate(
@@ -143,51 +222,59 @@ def evaluate(
     progress: bool = False,
     ais_steps: int | None = None,
     ais_chains: int = 16,
+    split: str | None = None,
+    iwae_examples: int | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
-    data (see ``model_data``), with the standard error of the ELBO; with ``k``, the IWAE-k
-    log-likelihood estimate (and bits per dimension for images); with ``ais_steps``, the AIS
-    estimate with that many intermediate distributions and ``ais_chains`` chains per example;
-    with ``diagnostics``, the posterior-collapse diagnostics on the first ``DIAGNOSTIC_EXAMPLES``
-    examples. ``examples_limit`` evaluates only the first examples."""
-    if samples < 1:
-        raise RunError(f"--samples must be at least 1, got {samples}")
-    if k is not None and k < 1:
-        raise RunError(f"--k must be at least 1 importance sample, got {k}")
-    if ais_steps is not None and ais_steps < 1:
-        raise RunError(f"--ais must be at least 1 intermediate distribution, got {ais_steps}")
-    if ais_chains < 1:
-        raise RunError(f"--ais-chains must be at least 1, got {ais_chains}")
-    if examples_limit is not None and examples_limit < 1:
-        raise RunError(f"--examples must be at least 1, got {examples_limit}")
-    estimator, document = open_model(folder)
-    examples = model_data(estimator, document, data, data_dir)
+    data (see ``model_data``; ``split`` picks another), with the standard error of the ELBO;
+    with ``k``, the IWAE-k log-likelihood estimate (and bits per dimension where a model is a
+    probability over the data's values); with ``ais_steps``, the AIS estimate with that many
+    intermediate distributions and ``ais_chains`` chains per example; with ``diagnostics``, the
+    posterior-collapse diagnostics on up to ``DIAGNOSTIC_EXAMPLES`` examples.
+
+    ``examples_limit`` evaluates a random subset of that many examples (seeded, the same every
+    time); ``iwae_examples`` takes a random subset of those for IWAE and AIS only, whose cost
+    grows with k and the number of steps. A tqdm bar shows each long step when ``progress``."""
+    for name, value, least in (
+        ("--samples", samples, 1),
+        ("--k", k, 1),
+        ("--ais", ais_steps, 1),
+        ("--ais-chains", ais_chains, 1),
+        ("--examples", examples_limit, 1),
+        ("--iwae-examples", iwae_examples, 1),
+    ):
+        if value is not None and value < least:
+            raise RunError(f"{name} must be at least {least}, got {value}")
+    estimator, document = open_model(folder, device)
+    examples = model_data(estimator, document, data, data_dir, split).subset(examples_limit)
     if len(examples) == 0:
         raise RunError(f"{examples.description} holds no examples to evaluate")
-    n = len(examples) if examples_limit is None else min(examples_limit, len(examples))
-    result = _elbo_summary(estimator, examples, samples, n)
+    result = _elbo_summary(estimator, examples, samples, progress)
     result["model"] = str(folder)
+    estimated = examples.subset(iwae_examples)
     if k is not None:
-        result["iwae"] = iwae_summary(estimator, examples, k, n, document, progress)
+        result["iwae"] = iwae_summary(estimator, estimated, k, progress)
     if ais_steps is not None:
-        result["ais"] = ais_summary(estimator, examples, ais_steps, ais_chains, n, progress)
+        result["ais"] = ais_summary(estimator, estimated, ais_steps, ais_chains, progress)
     if diagnostics:
-        result["diagnostics"] = diagnostics_summary(estimator, examples, n)
+        result["diagnostics"] = diagnostics_summary(estimator, examples, progress)
     return result
 
 
 DIAGNOSTIC_EXAMPLES = 10_000  # collapse diagnostics need the examples in memory at once
 
 
-def load_examples(examples: ModelData, n: int) -> torch.Tensor:
-    """The first ``n`` prepared examples as one float32 tensor ``[n, *data_shape]``."""
+def load_examples(examples: ModelData, n: int | None = None) -> torch.Tensor:
+    """The first ``n`` (default: all) prepared examples as one float32 tensor
+    ``[n, *data_shape]``."""
     return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
 
 
-def _per_chunk(examples: ModelData, n: int, estimate: Callable[[torch.Tensor], Any]) -> list[Any]:
-    """``estimate(x)`` on each chunk of the first ``n`` examples (the estimators key every
-    example's draws by its own values and ``EVAL_SEED``, so chunking changes nothing)."""
-    return [estimate(torch.from_numpy(x)) for x in examples.chunks(limit=n)]
+def _per_chunk(examples: ModelData, estimate: Callable[[torch.Tensor], Any]) -> list[Any]:
+    """``estimate(x)`` on each chunk of the examples (the estimators key every example's draws
+    by its own values and ``EVAL_SEED``, so chunking changes nothing)."""
+    return [estimate(torch.from_numpy(x)) for x in examples.chunks()]
 
 
 def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
@@ -200,41 +287,63 @@ def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
 
 
 def iwae_summary(
-    estimator: VAE,
-    examples: ModelData,
-    k: int,
-    n: int,
-    document: dict[str, Any],
-    progress: bool = False,
+    estimator: VAE, examples: ModelData, k: int, progress: bool = False
 ) -> dict[str, Any]:
-    """IWAE-k estimate of log p(x) over the first ``n`` examples (a stochastic lower bound that
-    tightens with k; Burda et al. 2016), with bits per dimension for image data."""
+    """IWAE-k estimate of log p(x) over the examples (a stochastic lower bound that tightens with
+    k; Burda et al. 2016), with bits per dimension where they are defined (see
+    ``bits_per_dim_or_why_not``)."""
     from vaelab.loglik import log_likelihood
 
-    parts = _per_chunk(
-        examples,
-        n,
-        lambda x: log_likelihood(estimator.model_, x, k, seed=EVAL_SEED, progress=progress),
-    )
+    binary = True
+    parts = []
+    for x in examples.chunks():
+        binary = binary and bool(np.isin(x, (0.0, 1.0)).all())
+        found = log_likelihood(
+            estimator.model_, torch.from_numpy(x), k, seed=EVAL_SEED, progress=progress
+        )
+        parts.append(found)
     log_px = torch.cat([p.log_px for p in parts])
     summary: dict[str, Any] = {"k": k, **_mean_and_error(log_px), "bound": f"IWAE-{k}"}
-    shape = tuple(document["model"]["data_shape"])
-    if len(shape) == 3:  # images: bits per dimension on the modelled (scaled) values
-        dims = math.prod(shape)
-        summary["bits_per_dim"] = -summary["mean"] / (dims * math.log(2))
+    summary.update(bits_per_dim_or_why_not(estimator, summary["mean"], binary, f"IWAE-{k}"))
     return summary
 
 
-def ais_summary(
-    estimator: VAE, examples: ModelData, steps: int, chains: int, n: int, progress: bool = False
+def bits_per_dim_or_why_not(
+    estimator: VAE, log_px: float, binary: bool, bound: str
 ) -> dict[str, Any]:
-    """AIS estimate of log p(x) over the first ``n`` examples (Neal 2001; HMC transitions on the
-    sigmoid schedule, as Wu et al. 2017): a stochastic lower bound that tightens with ``steps``."""
+    """``{"bits_per_dim": −log p(x) / (D ln 2)}`` where it is a code length: the likelihood is a
+    probability over the data's values (``Likelihood.discrete``) and the data are the values it
+    is a probability of (binary for a Bernoulli). Else ``{"bits_per_dim": None,
+    "bits_per_dim_note": why}``: a density on [0, 1] pixels, or a Bernoulli cross-entropy on grey
+    values, gives a number in "bits" that is no code length and no paper's bits/dim."""
+    likelihood = estimator.model_.likelihood
+    name = estimator.likelihood
+    if not likelihood.discrete:
+        why = (
+            f"not defined: the {name} likelihood is a density over continuous values, not a "
+            "probability of the stored values (use a discrete likelihood: bernoulli on binary "
+            "data)"
+        )
+    elif not binary:
+        why = (
+            f"not defined: the {name} likelihood on grey values is a cross-entropy, not a "
+            "probability (binarise the data, --binarize)"
+        )
+    else:
+        dims = math.prod(estimator.data_shape_)
+        return {"bits_per_dim": -log_px / (dims * math.log(2.0)), "bits_per_dim_from": bound}
+    return {"bits_per_dim": None, "bits_per_dim_note": why}
+
+
+def ais_summary(
+    estimator: VAE, examples: ModelData, steps: int, chains: int, progress: bool = False
+) -> dict[str, Any]:
+    """AIS estimate of log p(x) over the examples (Neal 2001; HMC transitions on the sigmoid
+    schedule, as Wu et al. 2017): a stochastic lower bound that tightens with ``steps``."""
     from vaelab.ais import ais
 
     parts = _per_chunk(
         examples,
-        n,
         lambda x: ais(
             estimator.model_, x, chains=chains, steps=steps, seed=EVAL_SEED, progress=progress
         ),
@@ -254,19 +363,31 @@ def ais_summary(
     }
 
 
-def diagnostics_summary(estimator: VAE, examples: ModelData, n: int) -> dict[str, Any]:
-    """Active units, KL per dimension, I(x; z), rate and distortion (``vaelab.diagnostics``)."""
+def diagnostics_summary(
+    estimator: VAE, examples: ModelData, progress: bool = False
+) -> dict[str, Any]:
+    """Active units, KL per dimension, I(x; z), rate and distortion (``vaelab.diagnostics``) on
+    a random subset of at most ``DIAGNOSTIC_EXAMPLES`` examples."""
     from vaelab.diagnostics import collapse_diagnostics
 
-    x = load_examples(examples, min(n, DIAGNOSTIC_EXAMPLES))
+    x = load_examples(examples.subset(DIAGNOSTIC_EXAMPLES))
     with torch.no_grad():
-        found = collapse_diagnostics(estimator.model_, x, seed=EVAL_SEED)
+        found = collapse_diagnostics(estimator.model_, x, seed=EVAL_SEED, progress=progress)
     return {"examples": int(x.shape[0]), **found.to_dict()}
 
 
-def _elbo_summary(estimator: VAE, examples: ModelData, samples: int, n: int) -> dict[str, Any]:
+def _elbo_summary(
+    estimator: VAE, examples: ModelData, samples: int, progress: bool = False
+) -> dict[str, Any]:
     sums = np.zeros(4)  # ELBO, ELBO², reconstruction, KL
-    for x in examples.chunks(limit=n):
+    chunks = tqdm(
+        examples.chunks(),
+        total=-(-len(examples) // CHUNK),
+        desc="ELBO",
+        unit="chunk",
+        disable=not progress,
+    )
+    for x in chunks:
         terms = estimator.elbo_terms(x, samples=samples)
         sums += [
             float(terms.elbo.sum()),
@@ -274,11 +395,13 @@ def _elbo_summary(estimator: VAE, examples: ModelData, samples: int, n: int) -> 
             float(terms.reconstruction.sum()),
             float(terms.kl.sum()),
         ]
+    n = len(examples)
     elbo = sums[0] / n
     variance = max(sums[1] / n - elbo**2, 0.0) * n / max(n - 1, 1)
     return {
         "data": examples.source,
         "split": examples.which,
+        "examples_described": examples.description,
         "count": n,
         "elbo": elbo,
         "elbo_standard_error": math.sqrt(variance / n),
@@ -334,13 +457,17 @@ def _write_png(path: Path, images: np.ndarray, ncol: int | None = None) -> None:
 
 
 def sample(
-    folder: str | os.PathLike[str], n: int, out: str | os.PathLike[str], seed: int = 0
+    folder: str | os.PathLike[str],
+    n: int,
+    out: str | os.PathLike[str],
+    seed: int = 0,
+    device: str | None = None,
 ) -> Path:
     """``n`` samples (decoder means at z ~ p(z)) as a PNG grid or an ``[n, *shape]`` .npy array."""
     if n < 1:
         raise RunError(f"-n must be at least 1, got {n}")
     target = _output(out, (".png", ".npy"))
-    estimator, document = open_model(folder)
+    estimator, document = open_model(folder, device)
     x = estimator.sample(n, seed=seed).astype(np.float32)
     if target.suffix.lower() == ".npy":
         _save_npy(target, x)
@@ -355,22 +482,28 @@ def reconstruct(
     out: str | os.PathLike[str],
     n: int = 10,
     data_dir: str | None = None,
-) -> Path:
-    """The first ``n`` examples of ``data`` and their reconstructions: a PNG with originals and
-    reconstructions in alternating rows, or an .npy array ``[2, n, *shape]``."""
+    split: str | None = None,
+    device: str | None = None,
+) -> tuple[Path, ModelData]:
+    """``n`` examples of ``data`` (a random subset in file order, the same every time) and their
+    reconstructions: a PNG with originals and reconstructions in alternating rows, or an .npy
+    array ``[2, n, *shape]``. Returns the file and the examples used."""
     if n < 1:
         raise RunError(f"-n must be at least 1, got {n}")
     target = _output(out, (".png", ".npy"))
-    estimator, document = open_model(folder)
-    examples = model_data(estimator, document, data, data_dir)
-    x = np.concatenate(list(examples.chunks(limit=n))) if len(examples) else None
-    if x is None or len(x) == 0:
+    estimator, document = open_model(folder, device)
+    examples = model_data(estimator, document, data, data_dir, split).subset(n)
+    if len(examples) == 0:
         raise RunError(f"{examples.description} holds no examples to reconstruct")
-    r = estimator.reconstruct(x).astype(np.float32)
+    x = load_examples(examples)
+    r = estimator.reconstruct(x.numpy()).astype(np.float32)
     if target.suffix.lower() == ".npy":
-        _save_npy(target, np.stack([x, r]))
-        return target
-    originals, recons = _pictures(x, document, "reconstructions"), _pictures(r, document, "")
+        _save_npy(target, np.stack([x.numpy(), r]))
+        return target, examples
+    originals, recons = (
+        _pictures(x.numpy(), document, "reconstructions"),
+        _pictures(r, document, ""),
+    )
     ncol = min(len(x), 10)
     rows = []
     for start in range(0, len(x), ncol):
@@ -379,7 +512,7 @@ def reconstruct(
             pad = np.full((ncol - len(row), *row.shape[1:]), 1.0, dtype=row.dtype)
             rows.append(np.concatenate([row, pad]))
     _write_png(target, np.concatenate(rows), ncol=ncol)
-    return target
+    return target, examples
 
 
 def encode(
@@ -387,15 +520,18 @@ def encode(
     data: str | None,
     out: str | os.PathLike[str],
     data_dir: str | None = None,
-) -> Path:
-    """Posterior means E_q[z|x] of every example of ``data``, ``[n, latent]`` float32 in .npy."""
+    split: str | None = None,
+    device: str | None = None,
+) -> tuple[Path, ModelData]:
+    """Posterior means E_q[z|x] of every example of ``data``, ``[n, latent]`` float32 in .npy, in
+    file order. Returns the file and the examples encoded."""
     target = _output(out, (".npy",))
-    estimator, document = open_model(folder)
-    examples = model_data(estimator, document, data, data_dir)
+    estimator, document = open_model(folder, device)
+    examples = model_data(estimator, document, data, data_dir, split)
     parts = [estimator.transform(x) for x in examples.chunks()]
     z = np.concatenate(parts) if parts else np.zeros((0, estimator.latent_dim), np.float32)
     _save_npy(target, z.astype(np.float32))
-    return target
+    return target, examples
 
 
 def gap(
@@ -407,48 +543,51 @@ def gap(
     steps: int = 2000,
     use_ais: bool = False,
     progress: bool = False,
+    split: str | None = None,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """The inference gap of Cremer, Li & Duvenaud (2018) on the first ``n`` examples: for the
-    diagonal and the full-covariance Gaussian families, log p̂(x), ELBO(q*) of a per-example
-    optimised q*, ELBO of the amortised q, and the approximation and amortisation gaps, each a
-    mean over examples with its standard error. Both families share one log p̂(x): IWAE-k with the
-    optimised full-covariance q* as proposal, or AIS (``use_ais``)."""
-    from vaelab.gap import inference_gap
+    """The inference gap of Cremer, Li & Duvenaud (2018) on a random subset of ``n`` examples
+    (seeded, the same every time): for each variational family that contains the amortised
+    posterior (``vaelab.gap.families_containing``: the diagonal and the full-covariance Gaussian
+    for a diagonal encoder, only the full one for a full-covariance encoder), log p̂(x), ELBO(q*)
+    of a per-example optimised q*, ELBO of the amortised q, and the approximation and
+    amortisation gaps, each a mean over examples with its standard error. The families share one
+    log p̂(x): IWAE-k with the optimised q* of the richest family as proposal, or AIS
+    (``use_ais``)."""
+    from vaelab.gap import families_containing, inference_gap
 
     if n < 2:
         raise RunError(f"--n must be at least 2 examples, got {n}")
     if k < 1 or steps < 1:
         raise RunError(f"--k and --steps must be positive, got {k} and {steps}")
-    estimator, document = open_model(folder)
-    examples = model_data(estimator, document, data, data_dir)
+    estimator, document = open_model(folder, device)
+    examples = model_data(estimator, document, data, data_dir, split).subset(n)
     if len(examples) < 2:
         raise RunError(f"{examples.description} holds fewer than 2 examples")
-    x = load_examples(examples, min(n, len(examples)))
+    x = load_examples(examples)
     model = estimator.model_
-    log_px = None
+    log_px: LogLikelihoodEstimate | None = None
     if use_ais:
         from vaelab.ais import ais
 
         log_px = ais(model, x, seed=EVAL_SEED, progress=progress)
-    full = inference_gap(
-        model, x, "full", log_px=log_px, k=k, steps=steps, seed=EVAL_SEED, progress=progress
-    )
-    diagonal = inference_gap(
-        model,
-        x,
-        "diagonal",
-        log_px=full.log_px_estimate,
-        k=k,
-        steps=steps,
-        seed=EVAL_SEED,
-        progress=progress,
-    )
+    with torch.no_grad():
+        families = families_containing(model.posterior(x[:2]))
+    found: dict[str, Any] = {}
+    for family in reversed(families):  # the richest first: its q* is the proposal for log p(x)
+        estimate = inference_gap(
+            model, x, family, log_px=log_px, k=k, steps=steps, seed=EVAL_SEED, progress=progress
+        )
+        log_px = estimate.log_px_estimate
+        found[family] = estimate.to_dict()
+    assert log_px is not None
     return {
         "model": str(folder),
         "data": examples.source,
         "split": examples.which,
+        "examples_described": examples.description,
         "examples": int(x.shape[0]),
-        "log_px_method": full.log_px_method,
+        "log_px_method": log_px.method,
         "unit": "nats per example",
-        "families": {"diagonal": diagonal.to_dict(), "full": full.to_dict()},
+        "families": {family: found[family] for family in families},
     }

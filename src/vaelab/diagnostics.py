@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.distributions import Distribution, Independent, Normal
+from tqdm.auto import tqdm
 
 from vaelab.loglik import prepare_data, standard_error
 from vaelab.model import VAEModel
@@ -192,12 +193,14 @@ def mutual_information(
     *,
     samples: int = 10,
     seed: int | None = None,
+    progress: bool = False,
 ) -> MutualInformation:
     """I(x; z) under the aggregate posterior of the N examples ``x`` (see the module docstring):
     mean over n and ``samples`` draws z ~ q(z|x_n) of log q(z|x_n) − log (1/N) Σ_m q(z|x_m).
 
     All N posteriors are built at once and every draw is scored against all of them in chunks,
-    so the cost is O(samples · N² · latent): pass a subset of a large data set.
+    so the cost is O(samples · N² · latent): pass a subset of a large data set. A tqdm bar over
+    the chunks of codes is shown when ``progress``.
     """
     if samples < 1:
         raise ValueError(f"samples must be a positive number, got {samples}")
@@ -209,7 +212,8 @@ def mutual_information(
     latent = max(1, math.prod(q.event_shape))
     chunk = max(1, _MI_ELEMENTS // (n * latent))
     terms = []
-    for i in range(0, flat.shape[0], chunk):
+    starts = range(0, flat.shape[0], chunk)
+    for i in tqdm(starts, desc="I(x; z)", unit="chunk", disable=not progress):
         pairs = pairwise_log_prob(q, flat[i : i + chunk])  # [chunk, N]
         rows = torch.arange(pairs.shape[0], device=pairs.device)
         # log q(z | x_own) read off the same matrix as the mixture, so that each term is
@@ -286,6 +290,7 @@ def collapse_diagnostics(
     mi_examples: int = 1000,
     mi_samples: int = 10,
     seed: int | None = None,
+    progress: bool = False,
 ) -> CollapseDiagnostics:
     """All diagnostics on ``x``: activity (active units above ``threshold``), mean KL per
     dimension, rate and distortion (``samples`` draws per example) and the mutual information on

@@ -141,6 +141,14 @@ class LocalGaussianPosterior(nn.Module):
         return self.distribution()
 
 
+def families_containing(q: Distribution) -> tuple[str, ...]:
+    """The families of ``FAMILIES`` that contain the amortised posterior ``q``, simplest first:
+    only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined. A diagonal q lies in
+    both Gaussian families; a full-covariance q only in the full one."""
+    family = family_of(q)
+    return FAMILIES[FAMILIES.index(family) :]
+
+
 def family_of(q: Distribution) -> str:
     """``"diagonal"`` or ``"full"`` for a Gaussian q; ``ValueError`` otherwise."""
     if isinstance(q, Independent) and isinstance(q.base_dist, Normal):

@@ -88,6 +88,9 @@ class Likelihood(nn.Module):
 
     params_per_dim = 1
     support = "the real line"
+    # Whether log p(x|z) is the log of a probability (a mass function over the data's values),
+    # so that −log p / (D log 2) is a code length in bits per dimension; a density's is not.
+    discrete = False
     offset: torch.Tensor
 
     def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
@@ -169,6 +172,7 @@ class BernoulliLikelihood(Likelihood):
     """
 
     support = "[0, 1]"
+    discrete = True  # on binary data; on grey values log p is a cross-entropy
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         # validate_args=False lets grey values through; check_support guards the range.

@@ -45,10 +45,11 @@ Curve = tuple[Sequence[float], Sequence[float]]
 
 
 class Metric(NamedTuple):
-    """One row of the metrics table, e.g. ``Metric("ELBO", -98.3, "nats/example, test")``."""
+    """One row of the metrics table, e.g. ``Metric("ELBO", -98.3, "nats/example, test")``;
+    ``value=None`` shows a dash: a quantity that is not defined here, the note saying why."""
 
     name: str
-    value: float
+    value: float | None
     note: str = ""
 
 
@@ -259,9 +260,10 @@ def _metrics_table(metrics: Sequence[Metric | tuple[Any, ...]]) -> str:
         if not 2 <= len(row) <= 3:
             raise ValueError(f"each metric is (name, value) or (name, value, note); got {row!r}")
         metric = Metric(*row)
+        value = "—" if metric.value is None else format_number(metric.value, trim=False)
         rows.append(
             f"<tr><th>{_esc(metric.name)}</th>"
-            f'<td class="num">{_esc(format_number(metric.value, trim=False))}</td>'
+            f'<td class="num">{_esc(value)}</td>'
             f'<td class="note">{_esc(metric.note)}</td></tr>'
         )
     return f'<table class="metrics">{"".join(rows)}</table>'
