@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vaelab-installed
 DEMO := demo
 
-.PHONY: demo test test-slow lint format bench clean
+# A second environment with the oldest versions pyproject.toml allows, to prove its floors.
+MIN_VENV := .venv-min
+MIN_PY := $(MIN_VENV)/bin/python
+MIN_STAMP := $(MIN_VENV)/.vaelab-installed
+MIN_VERSIONS := .ci/minimum-versions.txt
+
+.PHONY: demo test test-min test-slow lint format bench clean
 
 # The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -14,11 +20,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# Wheels only: an old release without a Python 3.11 wheel must fail here, not build from source.
+$(MIN_STAMP): pyproject.toml $(MIN_VERSIONS)
+	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PY) -m pip install --quiet torch==2.13.0
+	$(MIN_PY) -m pip install --quiet --only-binary :all: -r $(MIN_VERSIONS)
+	$(MIN_PY) -m pip install --quiet --no-deps -e .
+	touch $(MIN_STAMP)
+
 demo: $(STAMP)
 	$(PY) examples/demo.py --out $(DEMO)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The fast suite against the floors (.ci/minimum-versions.txt); the browser test skips there.
+# The old hypothesis keeps its own example database: it should not replay the new one's.
+test-min: $(MIN_STAMP)
+	OMP_NUM_THREADS=1 HYPOTHESIS_STORAGE_DIRECTORY=$(MIN_VENV)/hypothesis \
+		$(MIN_PY) -m pytest -q -x -p no:cacheprovider
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow
@@ -36,4 +56,4 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache

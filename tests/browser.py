@@ -1,14 +1,14 @@
 """Test helper (not part of the package): open an HTML file in headless Chromium, list its problems.
 
-Used by the report tests and meant for CLI-level tests of the generated report too:
+Used by the report tests and the CLI test of a trained model's report:
 
-    reason = browser_unavailable()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_browser()
     assert check_page_in_browser(html_path, tmp_path / "page.png") == []
 
 Chromium comes from Debian (``apt-get install chromium``); playwright's own browser download is not
-used. Tests import this module as ``from browser import ...`` (``tests/`` has no ``__init__.py``, so
+used. Without Chromium or playwright the browser tests skip, unless ``VAELAB_REQUIRE_BROWSER`` is
+set (to anything but ``0``): then they fail, so that CI cannot pass without rendering the page.
+Tests import this module as ``from browser import ...`` (``tests/`` has no ``__init__.py``, so
 pytest puts it on ``sys.path``).
 """
 
@@ -18,7 +18,10 @@ import importlib.util
 import os
 from pathlib import Path
 
+import pytest
+
 CHROMIUM = Path("/usr/bin/chromium")
+REQUIRE_BROWSER = "VAELAB_REQUIRE_BROWSER"
 LAUNCH_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -42,6 +45,17 @@ def browser_unavailable() -> str | None:
     if importlib.util.find_spec("playwright") is None:
         return "playwright (Python) is not installed; `pip install playwright`"
     return None
+
+
+def skip_unless_browser() -> None:
+    """Skip the calling test when the browser check cannot run here, or fail it where
+    ``VAELAB_REQUIRE_BROWSER`` asks for the browser (CI sets it)."""
+    reason = browser_unavailable()
+    if reason is None:
+        return
+    if os.environ.get(REQUIRE_BROWSER, "") not in ("", "0"):
+        pytest.fail(f"{REQUIRE_BROWSER} is set, but {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 def check_page_in_browser(

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from browser import browser_unavailable, check_page_in_browser
+from browser import check_page_in_browser, skip_unless_browser
 from vaelab import apply, cli
 from vaelab.ais import ais
 from vaelab.estimator import EVAL_SEED
@@ -174,9 +174,7 @@ def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
     assert 'src="http' not in html and "<script" not in html
     # A 2-D latent gets the manifold figure.
     assert "manifold" in html.lower()
-    reason = browser_unavailable()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_browser()
     problems = check_page_in_browser(page, tmp_path / "report.png")
     assert problems == []
     assert (tmp_path / "report.png").stat().st_size > 10_000

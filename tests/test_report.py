@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import browser_unavailable, check_page_in_browser
+from browser import check_page_in_browser, skip_unless_browser
 from vaelab.report import (
     LatentScatter,
     Metric,
@@ -212,9 +212,7 @@ def test_write_report_replaces_atomically(tmp_path):
 
 @pytest.mark.slow
 def test_report_renders_cleanly_in_chromium(report_path, tmp_path):
-    reason = browser_unavailable()
-    if reason:
-        pytest.skip(reason)
+    skip_unless_browser()
     screenshot = tmp_path / "report.png"
     assert check_page_in_browser(report_path, screenshot) == []
     with Image.open(screenshot) as image:
