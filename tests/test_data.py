@@ -628,7 +628,7 @@ def test_binarisation_needs_values_in_unit_interval(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("binarize", ["threshold", "dynamic"])
-def test_unit_scaled_binary_data_trains_when_evaluation_rows_overshoot_the_train_range(
+def test_unit_scaled_binary_data_is_accepted_when_evaluation_rows_overshoot_the_train_range(
     tmp_path: Path, binarize: str
 ) -> None:
     """``--scale unit`` maps the TRAIN range to [0, 1], so valid / test rows may fall outside it;
