@@ -21,10 +21,10 @@ whose gradient is the one ``gradient=`` chooses; the bound itself is always what
   parameters stopped (``vaelab.posteriors.stop_gradient``) while z stays reparameterised, which
   drops the score term ∂ log q_φ(z)/∂φ, zero in expectation. For the ELBO the gradient is
   unbiased and vanishes draw by draw where q is the exact posterior. For the IWAE bound with
-  k > 1 it is biased (Tucker et al. 2018, sec. 3): the weights w̃ᵢ depend on zᵢ, so the dropped
+  k > 1 it is biased (Tucker et al. 2018): the weights w̃ᵢ depend on zᵢ, so the dropped
   term Σᵢ w̃ᵢ ∂ log q_φ(zᵢ)/∂φ no longer averages to zero.
 - ``"dreg"``, doubly reparameterised gradients for the IWAE bound (Tucker, Lawson, Gu & Maddison
-  2018, eq. 5): encoder gradient Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ with q's parameters stopped,
+  2018): encoder gradient Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ with q's parameters stopped,
   decoder gradient Σᵢ w̃ᵢ ∇_θ log wᵢ as in the standard one; unbiased for any k.
 
 With a gradient other than ``"standard"`` every returned term but ``objective`` is detached: the
@@ -231,11 +231,11 @@ def iwae_bound(
     below the largest do not underflow. The same function serves evaluation and training.
 
     Its reparameterised gradient is Σᵢ w̃ᵢ ∇ log wᵢ with the normalised weights
-    w̃ᵢ = wᵢ / Σⱼ wⱼ (Burda et al. 2016, eq. 13). ``gradient`` picks how q's part of it flows:
+    w̃ᵢ = wᵢ / Σⱼ wⱼ (Burda et al. 2016). ``gradient`` picks how q's part of it flows:
 
     - ``"standard"``: through z and through q's parameters in log q(zᵢ).
     - ``"stl"``: through z only, Σᵢ w̃ᵢ ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ: lower variance, biased for k > 1.
-    - ``"dreg"``: Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ, unbiased (Tucker et al. 2018, eq. 5); the
+    - ``"dreg"``: Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ, unbiased (Tucker et al. 2018); the
       decoder's and prior's gradients are the standard ones.
 
     DReG in one backward pass: the surrogate Σᵢ w̃ᵢ log w̄ᵢ, with w̃ = softmax(log w̄) held
