@@ -19,7 +19,15 @@ from torch.distributions import Gamma, Independent, MultivariateNormal, Normal
 
 from conftest import exact_posterior_vae, linear_vae
 from vaelab.model import VAEModel
-from vaelab.objectives import GRADIENTS, elbo, iwae_bound, objective_terms
+from vaelab.objectives import (
+    GRADIENTS,
+    KL_METHODS,
+    OBJECTIVES,
+    check_objective,
+    elbo,
+    iwae_bound,
+    objective_terms,
+)
 from vaelab.posteriors import (
     DiagonalGaussianPosterior,
     DiagonalNormal,
@@ -417,6 +425,23 @@ def test_combinations_without_meaning_are_refused(setting, options, message):
     _, x, model = setting
     with pytest.raises(ValueError, match=message):
         objective_terms(x, model.posterior, model.prior, model.likelihood, **options)
+
+
+def test_check_objective_accepts_exactly_the_meaningful_combinations():
+    accepted = set()
+    for objective in OBJECTIVES:
+        for gradient in GRADIENTS:
+            for kl in KL_METHODS:
+                for beta in (1.0, 0.5):
+                    try:
+                        check_objective(objective, gradient, beta=beta, kl=kl)
+                    except ValueError:
+                        continue
+                    accepted.add((objective, gradient, kl, beta))
+    elbo_kls = {("standard", kl) for kl in KL_METHODS} | {("stl", "auto"), ("stl", "monte_carlo")}
+    expected = {("elbo", g, kl, beta) for g, kl in elbo_kls for beta in (1.0, 0.5)}
+    expected |= {("iwae", g, "auto", 1.0) for g in GRADIENTS}
+    assert accepted == expected
 
 
 def test_objective_terms_dispatches_to_the_bounds(setting):

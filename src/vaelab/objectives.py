@@ -30,8 +30,9 @@ whose gradient is the one ``gradient=`` chooses; the bound itself is always what
 With a gradient other than ``"standard"`` every returned term but ``objective`` is detached: the
 values are the same to the last bit, and only ``objective`` carries the chosen gradient.
 
-Refused, each with a ``ValueError`` saying what to use instead (``objective_terms`` has the
-combinations, ``elbo`` and ``iwae_bound`` the ones within a bound):
+Refused by ``check_objective``, each with a ``ValueError`` saying what to use instead (a
+configuration can call it up front; ``objective_terms``, ``elbo`` and ``iwae_bound`` check what
+their own arguments can get wrong):
 
 - unknown names for ``objective``, ``gradient`` or ``kl``;
 - ``gradient="dreg"`` with the ELBO: with one importance sample w̃ = 1 and DReG is STL;
@@ -87,6 +88,40 @@ class IwaeTerms(NamedTuple):
 def _check_gradient(gradient: str) -> None:
     if gradient not in GRADIENTS:
         raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
+
+
+def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str = "auto") -> None:
+    """Raise a ``ValueError`` for a combination without a meaning (the module docstring lists them
+    and why), so that a configuration can be refused before any data is seen; ``objective_terms``
+    and ``elbo`` make the same checks when called."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    _check_gradient(gradient)
+    if kl not in KL_METHODS:
+        raise ValueError(f"unknown KL method {kl!r}; choose one of {KL_METHODS}")
+    if objective == "elbo":
+        if gradient == "dreg":
+            raise ValueError(
+                "gradient='dreg' is an estimator for the IWAE bound; with the ELBO (one "
+                "importance sample) it equals 'stl', so use gradient='stl'"
+            )
+        if gradient == "stl" and kl == "analytic":
+            raise ValueError(
+                "gradient='stl' differentiates the Monte Carlo KL, log q(z) − log p(z) with q's "
+                "parameters stopped, not the closed form; use kl='auto' (the closed form is "
+                "still reported) or kl='monte_carlo'"
+            )
+        return
+    if beta != 1.0:
+        raise ValueError(
+            f"beta={beta} weighs the ELBO's KL term, which the IWAE bound does not have; use "
+            "beta=1 with objective='iwae', or objective='elbo' for a β-VAE"
+        )
+    if kl != "auto":
+        raise ValueError(
+            f"kl={kl!r} chooses how the ELBO's KL term is computed, and the IWAE bound has "
+            "none; leave kl='auto' with objective='iwae'"
+        )
 
 
 def _value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
@@ -152,18 +187,7 @@ def elbo(
     parameters, whatever ``kl`` reports; ``"dreg"`` and ``kl="analytic"`` with ``"stl"`` are
     refused (see the module docstring).
     """
-    _check_gradient(gradient)
-    if gradient == "dreg":
-        raise ValueError(
-            "gradient='dreg' is an estimator for the IWAE bound; with the ELBO (one importance "
-            "sample) it equals 'stl', so use gradient='stl'"
-        )
-    if gradient == "stl" and kl == "analytic":
-        raise ValueError(
-            "gradient='stl' differentiates the Monte Carlo KL, log q(z) − log p(z) with q's "
-            "parameters stopped, not the closed form; use kl='auto' (the closed form is still "
-            "reported) or kl='monte_carlo'"
-        )
+    check_objective("elbo", gradient, kl=kl)
     q = posterior(x)
     if noise is None and samples == 1:
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
@@ -287,20 +311,9 @@ def objective_terms(
     itself is ``ElboTerms.elbo`` or ``IwaeTerms.bound``. Combinations without a meaning are
     refused with a ``ValueError`` (listed in the module docstring).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    check_objective(objective, gradient, beta=beta, kl=kl)
     if objective == "elbo":
         return elbo(
             x, posterior, prior, likelihood, samples=samples, beta=beta, kl=kl, gradient=gradient
-        )
-    if beta != 1.0:
-        raise ValueError(
-            f"beta={beta} weighs the ELBO's KL term, which the IWAE bound does not have; use "
-            "beta=1 with objective='iwae', or objective='elbo' for a β-VAE"
-        )
-    if kl != "auto":
-        raise ValueError(
-            f"kl={kl!r} chooses how the ELBO's KL term is computed, and the IWAE bound has "
-            "none; leave kl='auto' with objective='iwae'"
         )
     return iwae_bound(x, posterior, prior, likelihood, k=samples, gradient=gradient)
