@@ -11,6 +11,37 @@ The KL term is exact where ``torch.distributions.kl_divergence`` has a closed fo
 registers the Gaussian pairs torch lacks in ``vaelab.kl``) and a Monte Carlo estimate from the same
 samples otherwise: Kingma & Welling's (2014) estimators B and A. That choice is made in ``kl_term``
 and nowhere else.
+
+Training maximises ``objective``, a per-example surrogate whose value is the (β-weighted) bound and
+whose gradient is the one ``gradient=`` chooses; the bound itself is always what is reported:
+
+- ``"standard"``: the reparameterised gradient of the bound (Kingma & Welling 2014; Burda et al.
+  2016). ``objective`` is the bound's own tensor.
+- ``"stl"``, sticking the landing (Roeder, Wu & Duvenaud 2017): log q(z) is evaluated with q's
+  parameters stopped (``vaelab.posteriors.stop_gradient``) while z stays reparameterised, which
+  drops the score term ∂ log q_φ(z)/∂φ, zero in expectation. For the ELBO the gradient is
+  unbiased and vanishes draw by draw where q is the exact posterior. For the IWAE bound with
+  k > 1 it is biased (Tucker et al. 2018): the weights w̃ᵢ depend on zᵢ, so the dropped
+  term Σᵢ w̃ᵢ ∂ log q_φ(zᵢ)/∂φ no longer averages to zero.
+- ``"dreg"``, doubly reparameterised gradients for the IWAE bound (Tucker, Lawson, Gu & Maddison
+  2018): encoder gradient Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ with q's parameters stopped,
+  decoder gradient Σᵢ w̃ᵢ ∇_θ log wᵢ as in the standard one; unbiased for any k.
+
+With a gradient other than ``"standard"`` every returned term but ``objective`` is detached: the
+values are the same to the last bit, and only ``objective`` carries the chosen gradient.
+
+Refused by ``check_objective``, each with a ``ValueError`` saying what to use instead (a
+configuration can call it up front; ``objective_terms``, ``elbo`` and ``iwae_bound`` check what
+their own arguments can get wrong):
+
+- unknown names for ``objective``, ``gradient`` or ``kl``;
+- ``gradient="dreg"`` with the ELBO: with one importance sample w̃ = 1 and DReG is STL;
+- ``gradient="stl"`` with ``kl="analytic"``: STL's gradient comes from the Monte Carlo form
+  log p(x|z) + log p(z) − log q(z), and the closed-form KL's gradient keeps the score term STL
+  removes (``kl="auto"`` still reports the closed form);
+- ``beta ≠ 1`` with the IWAE bound: β weighs the ELBO's KL term, which the IWAE bound does not
+  have;
+- ``kl`` other than ``"auto"`` with the IWAE bound, for the same reason.
 """
 
 from __future__ import annotations
@@ -25,15 +56,19 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 from vaelab import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
 from vaelab.likelihoods import Likelihood
 from vaelab.noise import location_scale_sample
+from vaelab.posteriors import stop_gradient
 
 KL_METHODS = ("auto", "analytic", "monte_carlo")
+OBJECTIVES = ("elbo", "iwae")
+GRADIENTS = ("standard", "stl", "dreg")
 
 
 class ElboTerms(NamedTuple):
     """Per-example terms of the ELBO, each ``[batch]``, in nats.
 
-    ``objective`` is what training maximises: reconstruction − β · KL (Higgins et al. 2017); with
-    β = 1 it equals ``elbo``, which is always the bound itself.
+    ``objective`` is what training maximises: its value is reconstruction − β · KL (Higgins et al.
+    2017), equal to ``elbo`` with β = 1, and its gradient is the chosen estimator's. ``elbo`` is
+    always the bound itself.
     """
 
     reconstruction: torch.Tensor
@@ -43,10 +78,58 @@ class ElboTerms(NamedTuple):
 
 
 class IwaeTerms(NamedTuple):
-    """The importance-weighted bound ``[batch]`` and its log weights ``[k, batch]``."""
+    """The importance-weighted bound ``[batch]``, its log weights ``[k, batch]``, and ``objective``
+    ``[batch]``: what training maximises, the bound's value with the chosen estimator's gradient."""
 
     bound: torch.Tensor
     log_weights: torch.Tensor
+    objective: torch.Tensor
+
+
+def _check_gradient(gradient: str) -> None:
+    if gradient not in GRADIENTS:
+        raise ValueError(f"unknown gradient estimator {gradient!r}; choose one of {GRADIENTS}")
+
+
+def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str = "auto") -> None:
+    """Raise a ``ValueError`` for a combination without a meaning (the module docstring lists them
+    and why), so that a configuration can be refused before any data is seen; ``objective_terms``
+    and ``elbo`` make the same checks when called."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
+    _check_gradient(gradient)
+    if kl not in KL_METHODS:
+        raise ValueError(f"unknown KL method {kl!r}; choose one of {KL_METHODS}")
+    if objective == "elbo":
+        if gradient == "dreg":
+            raise ValueError(
+                "gradient='dreg' is an estimator for the IWAE bound; with the ELBO (one "
+                "importance sample) it equals 'stl', so use gradient='stl'"
+            )
+        if gradient == "stl" and kl == "analytic":
+            raise ValueError(
+                "gradient='stl' differentiates the Monte Carlo KL, log q(z) − log p(z) with q's "
+                "parameters stopped, not the closed form; use kl='auto' (the closed form is "
+                "still reported) or kl='monte_carlo'"
+            )
+        return
+    if beta != 1.0:
+        raise ValueError(
+            f"beta={beta} weighs the ELBO's KL term, which the IWAE bound does not have; use "
+            "beta=1 with objective='iwae', or objective='elbo' for a β-VAE"
+        )
+    if kl != "auto":
+        raise ValueError(
+            f"kl={kl!r} chooses how the ELBO's KL term is computed, and the IWAE bound has "
+            "none; leave kl='auto' with objective='iwae'"
+        )
+
+
+def _value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
+    """``value``'s numbers with ``surrogate``'s gradient. The bracket in
+    value.detach() + (surrogate − surrogate.detach()) is exactly 0 for finite numbers, so the
+    result equals ``value`` to the last bit, while a backward pass sees only ``surrogate``."""
+    return value.detach() + (surrogate - surrogate.detach())
 
 
 def kl_term(
@@ -91,6 +174,7 @@ def elbo(
     beta: float = 1.0,
     kl: str = "auto",
     noise: torch.Tensor | None = None,
+    gradient: str = "standard",
 ) -> ElboTerms:
     """The evidence lower bound with ``samples`` (L) reparameterised draws per example.
 
@@ -98,7 +182,13 @@ def elbo(
 
     ``noise``, if given, is the standard normal ε ``[samples, batch, latent]`` to use instead of fresh
     draws (see ``vaelab.noise.ExampleNoise`` for noise that is a function of each example).
+
+    ``gradient="stl"`` (Roeder et al. 2017) takes the gradient of the Monte Carlo form from the
+    same draws, (1/L) Σₗ [log p(x|zₗ) − β (log q̄(zₗ) − log p(zₗ))] with q̄ = q with stopped
+    parameters, whatever ``kl`` reports; ``"dreg"`` and ``kl="analytic"`` with ``"stl"`` are
+    refused (see the module docstring).
     """
+    check_objective("elbo", gradient, kl=kl)
     q = posterior(x)
     if noise is None and samples == 1:
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
@@ -109,13 +199,21 @@ def elbo(
     else:
         z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
         reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
-    kl_value, _ = kl_term(q, prior(), z, kl)
+    p = prior()
+    kl_value, _ = kl_term(q, p, z, kl)
     bound = reconstruction - kl_value
+    weighted = bound if beta == 1.0 else reconstruction - beta * kl_value
+    if gradient == "standard":
+        return ElboTerms(reconstruction, kl_value, bound, weighted)
+    # STL: the path derivative alone. The score term E_q[∂ log q_φ(z)/∂φ] = 0 is dropped for any
+    # β, so the β-weighted objective's gradient stays unbiased.
+    kl_path = (stop_gradient(q).log_prob(z) - p.log_prob(z)).mean(0)  # [batch]
+    surrogate = reconstruction - beta * kl_path
     return ElboTerms(
-        reconstruction=reconstruction,
-        kl=kl_value,
-        elbo=bound,
-        objective=bound if beta == 1.0 else reconstruction - beta * kl_value,
+        reconstruction=reconstruction.detach(),
+        kl=kl_value.detach(),
+        elbo=bound.detach(),
+        objective=_value_with_gradient_of(weighted, surrogate),
     )
 
 
@@ -137,17 +235,75 @@ def iwae_bound(
     likelihood: Likelihood,
     *,
     k: int = 1,
+    gradient: str = "standard",
 ) -> IwaeTerms:
     """The importance-weighted bound of Burda et al. (2016), eq. (8):
 
     L_k(x) = E[log (1/k) Σᵢ p(x, zᵢ) / q(zᵢ|x)],  zᵢ ~ q(z|x),
 
     with L_1 = ELBO ≤ L_k ≤ L_{k+1} ≤ log p(x). Computed with ``logsumexp`` so that weights far
-    below the largest do not underflow.
+    below the largest do not underflow. The same function serves evaluation and training.
+
+    Its reparameterised gradient is Σᵢ w̃ᵢ ∇ log wᵢ with the normalised weights
+    w̃ᵢ = wᵢ / Σⱼ wⱼ (Burda et al. 2016). ``gradient`` picks how q's part of it flows:
+
+    - ``"standard"``: through z and through q's parameters in log q(zᵢ).
+    - ``"stl"``: through z only, Σᵢ w̃ᵢ ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ: lower variance, biased for k > 1.
+    - ``"dreg"``: Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ, unbiased (Tucker et al. 2018); the
+      decoder's and prior's gradients are the standard ones.
+
+    DReG in one backward pass: the surrogate Σᵢ w̃ᵢ log w̄ᵢ, with w̃ = softmax(log w̄) held
+    constant and log w̄ evaluated with q's parameters stopped, has the gradient Σᵢ w̃ᵢ ∇_θ log wᵢ
+    for every parameter θ that is not reached through z, and sends w̃ᵢ ∂ log w̄ᵢ/∂zᵢ into zᵢ; a
+    hook on z multiplies that by w̃ᵢ once more on its way to φ. With k = 1, w̃ = 1 and DReG is
+    STL.
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
+    _check_gradient(gradient)
     q = posterior(x)
     z = q.rsample((k,))  # [k, batch, latent]
-    log_w = log_importance_weights(x, q, prior(), likelihood, z)
-    return IwaeTerms(bound=torch.logsumexp(log_w, dim=0) - math.log(k), log_weights=log_w)
+    if gradient == "standard":
+        log_w = log_importance_weights(x, q, prior(), likelihood, z)
+        bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+        return IwaeTerms(bound=bound, log_weights=log_w, objective=bound)
+    # The same numbers as the standard log weights; only the gradient through q differs.
+    log_w = log_importance_weights(x, stop_gradient(q), prior(), likelihood, z)  # [k, batch]
+    bound = torch.logsumexp(log_w, dim=0) - math.log(k)
+    if gradient == "stl":
+        objective = bound
+    else:
+        weights = torch.softmax(log_w.detach(), dim=0)  # w̃ [k, batch], constants
+        if z.requires_grad:  # not under torch.no_grad(), where there is nothing to hook
+            z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
+        objective = _value_with_gradient_of(bound, (weights * log_w).sum(0))
+    # Detached: under DReG the hook on z would bend any other gradient that goes through z.
+    return IwaeTerms(bound=bound.detach(), log_weights=log_w.detach(), objective=objective)
+
+
+def objective_terms(
+    x: torch.Tensor,
+    posterior: nn.Module,
+    prior: nn.Module,
+    likelihood: Likelihood,
+    *,
+    objective: str = "elbo",
+    gradient: str = "standard",
+    samples: int = 1,
+    beta: float = 1.0,
+    kl: str = "auto",
+) -> ElboTerms | IwaeTerms:
+    """The training objective by name: ``objective="elbo"`` (``elbo`` with L = ``samples`` draws,
+    ``beta`` and ``kl``) or ``"iwae"`` (``iwae_bound`` with k = ``samples``), with the gradient
+    estimator ``gradient`` (``"standard"``, ``"stl"`` or ``"dreg"``).
+
+    Both results have ``objective`` ``[batch]``, the per-example value to maximise; the bound
+    itself is ``ElboTerms.elbo`` or ``IwaeTerms.bound``. Combinations without a meaning are
+    refused with a ``ValueError`` (listed in the module docstring).
+    """
+    check_objective(objective, gradient, beta=beta, kl=kl)
+    if objective == "elbo":
+        return elbo(
+            x, posterior, prior, likelihood, samples=samples, beta=beta, kl=kl, gradient=gradient
+        )
+    return iwae_bound(x, posterior, prior, likelihood, k=samples, gradient=gradient)
