@@ -290,49 +290,28 @@ def iwae_summary(
     estimator: VAE, examples: ModelData, k: int, progress: bool = False
 ) -> dict[str, Any]:
     """IWAE-k estimate of log p(x) over the examples (a stochastic lower bound that tightens with
-    k; Burda et al. 2016), with bits per dimension where they are defined (see
-    ``bits_per_dim_or_why_not``)."""
+    k; Burda et al. 2016), with bits per dimension where they are a code length: the likelihood
+    is a probability of the values evaluated (``Likelihood.why_not_a_probability``), as for a
+    Bernoulli on binary pixels. A density on [0, 1] pixels, or a Bernoulli cross-entropy on grey
+    values, would give a number in "bits" that is no code length and no paper's bits/dim; the
+    summary then says why it is absent."""
     from vaelab.loglik import log_likelihood
 
-    binary = True
+    why_not = None
     parts = []
     for x in examples.chunks():
-        binary = binary and bool(np.isin(x, (0.0, 1.0)).all())
-        found = log_likelihood(
-            estimator.model_, torch.from_numpy(x), k, seed=EVAL_SEED, progress=progress
-        )
-        parts.append(found)
+        chunk = torch.from_numpy(x)
+        why_not = why_not or estimator.model_.likelihood.why_not_a_probability(chunk)
+        parts.append(log_likelihood(estimator.model_, chunk, k, seed=EVAL_SEED, progress=progress))
     log_px = torch.cat([p.log_px for p in parts])
     summary: dict[str, Any] = {"k": k, **_mean_and_error(log_px), "bound": f"IWAE-{k}"}
-    summary.update(bits_per_dim_or_why_not(estimator, summary["mean"], binary, f"IWAE-{k}"))
-    return summary
-
-
-def bits_per_dim_or_why_not(
-    estimator: VAE, log_px: float, binary: bool, bound: str
-) -> dict[str, Any]:
-    """``{"bits_per_dim": −log p(x) / (D ln 2)}`` where it is a code length: the likelihood is a
-    probability over the data's values (``Likelihood.discrete``) and the data are the values it
-    is a probability of (binary for a Bernoulli). Else ``{"bits_per_dim": None,
-    "bits_per_dim_note": why}``: a density on [0, 1] pixels, or a Bernoulli cross-entropy on grey
-    values, gives a number in "bits" that is no code length and no paper's bits/dim."""
-    likelihood = estimator.model_.likelihood
-    name = estimator.likelihood
-    if not likelihood.discrete:
-        why = (
-            f"not defined: the {name} likelihood is a density over continuous values, not a "
-            "probability of the stored values (use a discrete likelihood: bernoulli on binary "
-            "data)"
-        )
-    elif not binary:
-        why = (
-            f"not defined: the {name} likelihood on grey values is a cross-entropy, not a "
-            "probability (binarise the data, --binarize)"
-        )
-    else:
+    if why_not is None:
         dims = math.prod(estimator.data_shape_)
-        return {"bits_per_dim": -log_px / (dims * math.log(2.0)), "bits_per_dim_from": bound}
-    return {"bits_per_dim": None, "bits_per_dim_note": why}
+        summary["bits_per_dim"] = -summary["mean"] / (dims * math.log(2.0))
+    else:
+        summary["bits_per_dim"] = None
+        summary["bits_per_dim_note"] = f"not defined: {why_not}"
+    return summary
 
 
 def ais_summary(

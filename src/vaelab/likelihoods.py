@@ -10,6 +10,7 @@ Bernoulli's log C(λ)). ``check_support(x)`` refuses data the distribution canno
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,6 @@ class Likelihood(nn.Module):
 
     params_per_dim = 1
     support = "the real line"
-    # Whether log p(x|z) is the log of a probability (a mass function over the data's values),
-    # so that −log p / (D log 2) is a code length in bits per dimension; a density's is not.
-    discrete = False
     offset: torch.Tensor
 
     def __init__(self, decoder: nn.Module, data_shape: tuple[int, ...]) -> None:
@@ -153,6 +151,21 @@ class Likelihood(nn.Module):
     def check_support(self, x: torch.Tensor) -> None:
         """Refuse data outside the support. Real-valued likelihoods accept any finite value."""
 
+    def why_not_a_probability(self, x: torch.Tensor) -> str | None:
+        """``None`` when log p(x|z) is the log of a probability of these values (a mass function
+        over the values ``x`` holds), so that −log₂ p(x) / D is a code length: bits per
+        dimension. Otherwise why not, in words: a density's log p is not a log-probability."""
+        return (
+            f"the {self.name} likelihood is a density over continuous values, not a probability "
+            "of the stored values (a discrete likelihood is: bernoulli on binary data)"
+        )
+
+    @property
+    def name(self) -> str:
+        """The likelihood's kind in words, for messages."""
+        words = re.findall(r"[A-Z][a-z]*", type(self).__name__.removesuffix("Likelihood"))
+        return "-".join(words).lower()
+
 
 def _check_unit_interval(x: torch.Tensor, name: str) -> None:
     low, high = float(x.min()), float(x.max())
@@ -172,7 +185,6 @@ class BernoulliLikelihood(Likelihood):
     """
 
     support = "[0, 1]"
-    discrete = True  # on binary data; on grey values log p is a cross-entropy
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         # validate_args=False lets grey values through; check_support guards the range.
@@ -189,6 +201,15 @@ class BernoulliLikelihood(Likelihood):
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "bernoulli")
+
+    def why_not_a_probability(self, x: torch.Tensor) -> str | None:
+        """A probability of binary values; of grey values log p is a cross-entropy."""
+        if bool(((x == 0) | (x == 1)).all()):
+            return None
+        return (
+            "the bernoulli likelihood on grey values is a cross-entropy, not a probability "
+            "(binarise the data, --binarize)"
+        )
 
     def location_of_mean(self, mean: torch.Tensor) -> torch.Tensor:
         return torch.logit(mean.clamp(1e-3, 1 - 1e-3))
