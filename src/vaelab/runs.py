@@ -244,6 +244,9 @@ def train(
     summary = {
         "epochs_run": len(history),
         "steps": trainer.step,
+        # What this process did: a resumed run continues, it does not redo the finished steps.
+        "resumed_from_step": None if checkpoint is None else checkpoint[1]["position"]["step"],
+        "steps_this_process": trainer.steps_taken,
         "stopped_early": stopped_early,
         "best_epoch": best_epoch,
         "best_valid_elbo": trainer.best_valid,
