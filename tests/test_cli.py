@@ -55,7 +55,8 @@ def trained(tmp_path_factory) -> Path:
 def test_train_writes_a_loadable_model_metrics_and_event_files(trained):
     names = set(os.listdir(trained))
     expected = {"config.json", "checkpoint.safetensors", "metrics.jsonl", "tensorboard"}
-    assert names == expected | {"model.safetensors", "vaelab.json"}
+    assert names == expected | {"model.safetensors", "vaelab.json", ".vaelab.lock"}
+    assert (trained / ".vaelab.lock").read_bytes() == b""  # released: nobody's PID in it
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in metrics] == [1, 2]

@@ -9,15 +9,18 @@ saved model (``vaelab.load(folder)`` opens it):
 - ``metrics.jsonl``: one JSON object per finished epoch; ``tensorboard/``: the same as event files;
 - ``model.safetensors`` and ``vaelab.json``: the final model (the best by validation ELBO), written by
   ``vaelab.serialization.save_model`` when training ends, with the data record, the configuration
-  and a summary of the run in ``vaelab.json``.
+  and a summary of the run in ``vaelab.json``;
+- ``.vaelab.lock``: an OS lock (``flock``) held by the one process training in the folder, with that
+  process's PID inside while it holds it (``RunLock``).
 
 Every option and the data are checked before the folder is created, so a mistake leaves nothing
-behind.
+behind; a second process that finds the folder locked changes nothing and names the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -39,7 +42,7 @@ from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.files import atomic_write_bytes, atomic_write_json
 from vaelab.registry import build_model
 from vaelab.runconfig import RunError, config_from_json, resolve
-from vaelab.serialization import save_model
+from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
 from vaelab.training import (
     CheckpointPolicy,
     EpochMetrics,
@@ -51,6 +54,7 @@ from vaelab.training import (
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".vaelab.lock"
 VALID_BATCH = 1000
 LOG_INTERVAL = 1.0  # seconds between epoch lines
 
@@ -81,6 +85,7 @@ def check_support(model: Any, splits: DataSplits) -> None:
 
 
 def _prepare_folder(folder: Path, resume: bool) -> None:
+    """Refuse a folder that does not fit ``resume``; reads, never writes."""
     if resume:
         if not (folder / RUN_CONFIG_FILE).is_file():
             what = "does not exist" if not folder.exists() else f"has no {RUN_CONFIG_FILE}"
@@ -93,18 +98,98 @@ def _prepare_folder(folder: Path, resume: bool) -> None:
                 f"cannot resume: {folder} has no {CHECKPOINT_FILE} (the run stopped before its first "
                 "checkpoint); delete the folder and train again without --resume"
             )
-        # A process killed while writing leaves the temporary file of an atomic write behind.
-        for name in (CHECKPOINT_FILE, METRICS_FILE):
-            for leftover in folder.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
         return
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    # A lock file alone is what a run that failed before writing anything leaves: still empty.
+    if folder.exists() and (
+        not folder.is_dir() or any(p.name != LOCK_FILE for p in folder.iterdir())
+    ):
         if (folder / RUN_CONFIG_FILE).is_file():
             raise RunError(
                 f"{folder} already holds a training run; pass --resume to continue it, or choose "
                 "another --out"
             )
         raise RunError(f"{folder} already exists and is not empty; choose a new --out folder")
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """A process killed while writing leaves the temporary file of an atomic write behind."""
+    for name in (CHECKPOINT_FILE, METRICS_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE, CONFIG_FILE):
+        for leftover in folder.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive OS lock on a run folder: one process at a time checks, trains in or resumes it.
+
+    The lock is ``flock`` on ``.vaelab.lock`` in the folder, which holds the PID of the process
+    holding it, so another process can say whose it is; it is emptied on release. The OS drops the
+    lock when its holder dies, even by SIGKILL, so a stale file never blocks a run. The file itself
+    is never deleted: a process that opened it just before the deletion would lock a file nobody
+    else can see, and two processes would hold "the" lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, create: bool) -> None:
+        """Take the lock unless it is held already. Without ``create``, a folder without a lock
+        file (or one this user cannot write) is left unlocked, to be locked once it is written.
+        Raises ``RunError`` naming the holder when another process has it; nothing is changed."""
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            if create:
+                raise
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # Only for the others' messages: a full disk may refuse even these few bytes.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # nobody holds it now
+        finally:
+            os.close(fd)  # which drops the lock
+
+
+def _holder(fd: int) -> str:
+    """The process holding the lock open on ``fd``, as its PID written in the file says."""
+    # The holder writes its PID just after locking: give it a moment if we looked in between.
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"process {text}"
+        time.sleep(0.01)
+    return "another process"
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    # Checkpoints are replaced by os.replace, so a new one is a new inode with a new mtime.
+    found = path.stat()
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 @contextlib.contextmanager
@@ -140,13 +225,39 @@ def train(
     With ``resume``, continue the run in ``out`` from its checkpoint with its saved configuration;
     ``settings`` may then only repeat it (or change where data lives, the device and the checkpoint
     cadence). Raises ``RunError`` / ``DataError`` / ``CheckpointError`` (all ``ValueError``) for a
-    mistake, before anything is written; ``TrainingInterrupted`` after Ctrl-C, with a checkpoint
-    saved; ``NonFiniteLossError`` when training diverges, leaving the last good checkpoint.
+    mistake, before anything is written, and ``RunError`` when another process holds the folder;
+    ``TrainingInterrupted`` after Ctrl-C, with a checkpoint saved; ``NonFiniteLossError`` when
+    training diverges, leaving the last good checkpoint.
     """
-    folder = Path(out)
-    log = log or sys.stdout
-    _prepare_folder(folder, resume)
-    saved, checkpoint = None, None
+    lock = RunLock(Path(out))
+    try:
+        return _train_locked(settings, Path(out), lock, resume, quiet, log or sys.stdout)
+    finally:
+        lock.release()
+
+
+def _check_folder(folder: Path, resume: bool, lock: RunLock) -> None:
+    # A folder in use is refused before anything is looked at, and locked while it is checked.
+    lock.acquire(create=False)
+    try:
+        _prepare_folder(folder, resume)
+    except RunError:
+        # A run that started here after the first look has its lock by now: name its process
+        # rather than complain about the files it has begun to write.
+        lock.acquire(create=False)
+        raise
+
+
+def _train_locked(
+    settings: Mapping[str, Any],
+    folder: Path,
+    lock: RunLock,
+    resume: bool,
+    quiet: bool,
+    log: TextIO,
+) -> TrainResult:
+    _check_folder(folder, resume, lock)
+    saved, checkpoint, seen = None, None, None
     if resume:
         path = folder / RUN_CONFIG_FILE
         try:
@@ -156,6 +267,7 @@ def train(
                 f"{path} is not valid JSON ({error}); the run folder is corrupt"
             ) from None
         saved = config_from_json(saved_json, path)
+        seen = _fingerprint(folder / CHECKPOINT_FILE)
         checkpoint = load_checkpoint(folder / CHECKPOINT_FILE)
     config = resolve(settings, saved)
     config.validate()
@@ -215,6 +327,16 @@ def train(
                 ) from None
         # Everything is checked: from here on the folder is written.
         folder.mkdir(parents=True, exist_ok=True)
+        if not lock.held:
+            lock.acquire(create=True)
+            # Another process may have trained here while this one checked.
+            _prepare_folder(folder, resume)
+            if resume and _fingerprint(folder / CHECKPOINT_FILE) != seen:
+                raise RunError(
+                    f"another process trained in {folder} while this one was starting; run the "
+                    "command again to resume from its checkpoint"
+                )
+        _remove_leftovers(folder)
         if not resume:
             atomic_write_json(folder / RUN_CONFIG_FILE, config.to_json())
         run_log = RunLog(folder, config.epochs, quiet, log, resumed_epochs=trainer.epoch)
