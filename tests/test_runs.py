@@ -1,18 +1,22 @@
-"""Run folders under stress: two processes on one folder."""
+"""Run folders under stress: two processes on one folder, a full disk, the every-minute checkpoint."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from vaelab import cli
+from vaelab import cli, files, training
 from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.runconfig import RunConfig
 from vaelab.runs import LOCK_FILE
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64", "-q"]
@@ -105,3 +109,131 @@ def test_the_lock_is_released_when_a_run_ends_and_a_lock_file_alone_is_an_empty_
     assert code == 2 and "already holds a training run" in err
     code, out_text, _ = vaelab_cli(capsys, "train", "--out", out, "--resume", "-q")
     assert code == 0 and "training had finished" in out_text
+
+
+# ------------------------------------------------------------------------------------ full disk
+
+EVERY_5 = [*TINY, "--checkpoint-every", "5"]  # 23 steps per epoch on digits
+
+
+def fill_the_disk(monkeypatch, name: str, nth: int, code: int = errno.ENOSPC) -> dict[str, bytes]:
+    """The disk fills during the ``nth`` write of the file called ``name``, after half of its bytes.
+    Returns, under ``"last"``, the bytes of the last checkpoint written before that."""
+    write = files._write_durably
+    count = 0
+    written: dict[str, bytes] = {}
+
+    def filling(path: Path, f, data: bytes) -> None:
+        nonlocal count
+        if path.name == name:
+            count += 1
+            if count == nth:
+                f.write(data[: len(data) // 2])
+                raise OSError(code, os.strerror(code))
+        write(path, f, data)
+        if path.name == CHECKPOINT_FILE:
+            written["last"] = data
+
+    monkeypatch.setattr(files, "_write_durably", filling)
+    return written
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("runs") / "uninterrupted"
+    assert cli.main(["train", "digits", "--out", str(folder), *EVERY_5]) == 0
+    return folder
+
+
+DISK_FULL = {  # file that cannot be written → what the checkpoint left behind holds
+    "checkpoint": ("checkpoint.safetensors", 3, errno.ENOSPC, "epoch 1, step 10 of 23"),
+    "metrics": ("metrics.jsonl", 2, errno.EDQUOT, "epoch 2, step 22 of 23"),
+    "model": ("model.safetensors", 1, errno.ENOSPC, "the end of training, epoch 2"),
+    "config": ("config.json", 1, errno.ENOSPC, None),
+    "tensorboard": ("tensorboard", 2, errno.ENOSPC, "epoch 2, step 22 of 23"),
+}
+
+
+@pytest.mark.parametrize("case", DISK_FULL.values(), ids=DISK_FULL.keys())
+def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_says_how_to_resume(
+    case, uninterrupted, tmp_path, capsys, monkeypatch
+):
+    name, nth, code, holds = case
+    out = tmp_path / "run"
+    written = fill_the_disk(monkeypatch, name, nth, code)
+    if name == "tensorboard":  # its writer thread reports the error at the next flush
+        from torch.utils.tensorboard import SummaryWriter
+
+        flush, flushes = SummaryWriter.flush, []
+
+        def failing_flush(writer: SummaryWriter) -> None:
+            flushes.append(1)
+            if len(flushes) == nth:
+                raise OSError(code, os.strerror(code))
+            flush(writer)
+
+        monkeypatch.setattr(SummaryWriter, "flush", failing_flush)
+    exit_code, _, err = vaelab_cli(capsys, "train", "digits", "--out", out, *EVERY_5)
+    assert exit_code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"vaelab: error: cannot write {out / name}: {os.strerror(code)}")
+    assert not list(out.rglob("*.tmp"))  # the half-written temporary file is gone
+    assert (out / LOCK_FILE).read_bytes() == b""
+    monkeypatch.undo()  # space is freed
+
+    if holds is None:
+        assert not (out / CHECKPOINT_FILE).exists()
+        assert f"no checkpoint had been written: free some space, delete {out}" in err
+        assert vaelab_cli(capsys, "train", "digits", "--out", out, *EVERY_5)[0] == 0
+    else:
+        # The checkpoint before the failure is there, byte for byte, and it loads.
+        assert (out / CHECKPOINT_FILE).read_bytes() == written["last"]
+        _, state = load_checkpoint(out / CHECKPOINT_FILE)
+        step = state["position"]["step"]
+        assert f"the last checkpoint, {out / CHECKPOINT_FILE}, is intact" in err
+        assert f"it holds {holds} (optimiser step {step})" in err
+        assert f"continue with `vaelab train --out {out} --resume`" in err
+        assert vaelab_cli(capsys, "train", "--out", out, "--resume", "-q")[0] == 0
+        summary = json.loads((out / "vaelab.json").read_text())["training"]
+        assert summary["resumed_from_step"] == step and summary["steps_this_process"] == 46 - step
+    model = (out / "model.safetensors").read_bytes()
+    assert model == (uninterrupted / "model.safetensors").read_bytes()
+
+
+# ------------------------------------------------------------------------ every-minute checkpoint
+
+
+class SecondPerReading:
+    """Stands in for the ``time`` module in ``vaelab.training``: each reading is a second later."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def test_vaelab_train_checkpoints_mid_epoch_every_minute_by_default(tmp_path, monkeypatch, capsys):
+    assert RunConfig().checkpoint_seconds == 60.0 and RunConfig().checkpoint_every == 0
+    clock = SecondPerReading()
+    monkeypatch.setattr(training, "time", clock)
+    written: list[tuple[float, int]] = []
+    save = training.save_checkpoint
+
+    def recording_save(path, tensors, state):
+        written.append((clock.now, state["position"]["batch"]))
+        save(path, tensors, state)
+
+    monkeypatch.setattr(training, "save_checkpoint", recording_save)
+    one_long_epoch = ["--epochs", "1", "--batch-size", "8", "--hidden", "8", "-q"]
+    assert vaelab_cli(capsys, "train", "digits", "--out", tmp_path / "a", *one_long_epoch)[0] == 0
+    # 180 steps, the clock read about once a step: a checkpoint a minute, then the epoch's end.
+    mid_epoch = [(t, batch) for t, batch in written if batch > 0]
+    assert len(mid_epoch) >= 2 and written[-1][1] == 0
+    times = [t for t, _ in written]
+    assert all(60 <= b - a < 70 for a, b in zip(times[:-2], times[1:-1], strict=True))
+
+    written.clear()
+    args = ("train", "digits", "--out", tmp_path / "b", *one_long_epoch, "--checkpoint-seconds", 0)
+    assert vaelab_cli(capsys, *args)[0] == 0
+    assert [batch for _, batch in written] == [0]  # only the epoch's end

@@ -39,7 +39,7 @@ import torch
 from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaelab.data import DataSplits, Split, load_data
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
-from vaelab.files import atomic_write_bytes, atomic_write_json
+from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
 from vaelab.registry import build_model
 from vaelab.runconfig import RunError, config_from_json, resolve
 from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
@@ -192,6 +192,31 @@ def _fingerprint(path: Path) -> tuple[int, int, int]:
     return found.st_ino, found.st_size, found.st_mtime_ns
 
 
+def describe_position(position: Mapping[str, Any]) -> str:
+    """Where a checkpoint's ``position`` stands, in words: "epoch 2, step 5 of 23 (optimiser step
+    28)", "the end of epoch 1 (...)" or "the end of training, epoch 2 (...)"."""
+    epoch, batch = position["epoch"], position["batch"]
+    if position["finished"]:
+        where = f"the end of training, epoch {epoch}"
+    elif batch == 0:
+        where = f"the end of epoch {epoch}"
+    else:
+        where = f"epoch {epoch + 1}, step {batch} of {position['steps_per_epoch']}"
+    return f"{where} (optimiser step {position['step']})"
+
+
+def describe_checkpoint(folder: str | os.PathLike[str]) -> str | None:
+    """The run's checkpoint, read back and checked, in words for a message after a failure; None
+    when there is none. Raises ``CheckpointError`` when it cannot be used."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    _, state = load_checkpoint(path)
+    return (
+        f"the last checkpoint, {path}, is intact: it holds {describe_position(state['position'])}"
+    )
+
+
 @contextlib.contextmanager
 def _stop_on_signals(trainer: Trainer) -> Iterator[None]:
     """Ctrl-C (SIGINT) and SIGTERM ask the trainer to checkpoint and stop after the current step; a
@@ -227,7 +252,8 @@ def train(
     cadence). Raises ``RunError`` / ``DataError`` / ``CheckpointError`` (all ``ValueError``) for a
     mistake, before anything is written, and ``RunError`` when another process holds the folder;
     ``TrainingInterrupted`` after Ctrl-C, with a checkpoint saved; ``NonFiniteLossError`` when
-    training diverges, leaving the last good checkpoint.
+    training diverges, leaving the last good checkpoint; ``vaelab.files.DiskFullError`` when the
+    disk fills, leaving the last checkpoint intact.
     """
     lock = RunLock(Path(out))
     try:
@@ -343,9 +369,9 @@ def _train_locked(
         trainer.observer = run_log
         if resume and trainer.finished:
             print(f"{folder}: training had finished; writing the model again", file=log)
-        elif resume:
-            where = f"epoch {trainer.epoch + 1}, step {trainer.batch} of {len(source)}"
-            print(f"resuming {folder} at {where}", file=log, flush=True)
+        elif checkpoint is not None:
+            where = describe_position(checkpoint[1]["position"])
+            print(f"resuming {folder} from {where}", file=log, flush=True)
         try:
             with _stop_on_signals(trainer):
                 history = trainer.fit(source, valid)
@@ -461,12 +487,26 @@ class RunLog(TrainingObserver):
         }
         if metrics.valid_elbo is not None:
             scalars["valid/elbo"] = metrics.valid_elbo
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, metrics.epoch)
-        self.writer.flush()
+        with self._tensorboard():
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, metrics.epoch)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.writer.close()
+        with self._tensorboard():
+            self.writer.close()
+
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """TensorBoard writes from a thread of its own and reports a full disk later, as a bare
+        ``[Errno 28]``: name its folder, as ``atomic_write_bytes`` names its files."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno in DISK_FULL and not isinstance(error, DiskFullError):
+                folder = str(self.folder / TENSORBOARD_DIR)
+                raise DiskFullError(error.errno, error.strerror, folder) from error
+            raise
