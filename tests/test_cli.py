@@ -421,10 +421,10 @@ def binary_data(tmp_path) -> Path:
 
 
 def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
-    tmp_path, binary_data
+    tmp_path, binary_data, capsys
 ):
     """SIGKILL, and Ctrl-C (exit 130, a checkpoint saved), then --resume: the weights of a run
-    never stopped, bit for bit, from a process that ran only the steps its checkpoint had not."""
+    never stopped, bit for bit, and the resumed run takes only the steps its checkpoint had not."""
     env = subprocess_env()
     reference = tmp_path / "reference"
     uninterrupted = subprocess.Popen(
@@ -454,7 +454,7 @@ def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
                 assert victim.poll() is None, victim.communicate()
         assert time.monotonic() < deadline, "no checkpoint appeared"
         time.sleep(0.005)
-    _, err = victims["killed"].communicate(timeout=60)
+    victims["killed"].communicate(timeout=60)
     assert victims["killed"].returncode == -signal.SIGKILL
     _, err = victims["interrupted"].communicate(timeout=60)
     assert victims["interrupted"].returncode == 130, err
@@ -473,22 +473,14 @@ def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
     _, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_FILE)
     assert f"step {state['position']['batch']} of 200" in err  # Ctrl-C saved where it stopped
 
-    resumed = {
-        name: subprocess.Popen(
-            command("train", binary_data, "--out", tmp_path / name, *KILL_ARGS, "--resume"),
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for name in stops
-    }
     _, err = uninterrupted.communicate(timeout=300)
     assert uninterrupted.returncode == 0, err
     final_a = load_file(reference / CHECKPOINT_FILE)
-    for name, process in resumed.items():
-        out, err = process.communicate(timeout=300)
-        assert process.returncode == 0, err
+    for name in stops:
+        # Resumed in this process, whose random streams other tests have moved: the checkpoint's
+        # are restored, so the weights still match the other process's bit for bit.
+        code, out, err = vaelab_cli(capsys, "train", "--out", tmp_path / name, "--resume", "-q")
+        assert code == 0, err
         assert "resuming" in out
         folder = tmp_path / name
         assert (folder / "model.safetensors").read_bytes() == (
