@@ -17,7 +17,7 @@ import pytest
 from vaelab import cli, files, training
 from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaelab.runconfig import RunConfig
-from vaelab.runs import LOCK_FILE
+from vaelab.runs import LOCK_FILE, RunLock
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64", "-q"]
 
@@ -94,6 +94,32 @@ def test_of_two_processes_started_on_one_folder_one_trains_and_the_other_names_i
     assert state["extra"]["run"]["seed"] == winner_seed and not state["position"]["finished"]
     assert (out / LOCK_FILE).read_bytes() == b""
     assert not list(out.glob(".*.tmp"))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("resume", [True, False], ids=["--resume", "new run"])
+def test_a_folder_in_use_is_refused_before_anything_is_read_or_changed(tmp_path, capsys, resume):
+    out = tmp_path / "run"
+    assert vaelab_cli(capsys, "train", "digits", "--out", out, *TINY)[0] == 0
+    (out / "vaelab.json").unlink()  # as if still training, and in the middle of a checkpoint:
+    (out / f".{CHECKPOINT_FILE}.x1y2.tmp").write_bytes(b"half a checkpoint")
+    holder = RunLock(out)
+    holder.acquire(create=True)
+    try:
+        before = _snapshot(out)
+        args = ["--resume"] if resume else ["digits", *TINY]
+        code, printed, err = vaelab_cli(capsys, "train", "--out", out, *args)
+        assert (code, printed) == (2, "")
+        assert err == (
+            f"vaelab: error: {out} is in use by process {os.getpid()}; wait for it to finish or "
+            "stop it\n"
+        )
+        assert _snapshot(out) == before  # the holder's temporary file too
+    finally:
+        holder.release()
 
 
 def test_the_lock_is_released_when_a_run_ends_and_a_lock_file_alone_is_an_empty_folder(
