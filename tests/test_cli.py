@@ -55,7 +55,8 @@ def trained(tmp_path_factory) -> Path:
 def test_train_writes_a_loadable_model_metrics_and_event_files(trained):
     names = set(os.listdir(trained))
     expected = {"config.json", "checkpoint.safetensors", "metrics.jsonl", "tensorboard"}
-    assert names == expected | {"model.safetensors", "vaelab.json"}
+    assert names == expected | {"model.safetensors", "vaelab.json", ".vaelab.lock"}
+    assert (trained / ".vaelab.lock").read_bytes() == b""  # released: nobody's PID in it
     lines = (trained / "metrics.jsonl").read_text().splitlines()
     metrics = [json.loads(line) for line in lines]
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -419,82 +420,85 @@ def binary_data(tmp_path) -> Path:
     return _npy(tmp_path / "x.npy", 0.25 + 0.5 * x)  # grey values: dynamic binarisation draws
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint appeared"
-        time.sleep(0.005)
-
-
-def test_a_run_killed_mid_epoch_resumes_to_bit_identical_weights(tmp_path, binary_data):
+def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
+    tmp_path, binary_data, capsys
+):
+    """SIGKILL, and Ctrl-C (exit 130, a checkpoint saved), then --resume: the weights of a run
+    never stopped, bit for bit, and the resumed run takes only the steps its checkpoint had not."""
     env = subprocess_env()
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    reference = tmp_path / "reference"
     uninterrupted = subprocess.Popen(
         command("train", binary_data, "--out", reference, *KILL_ARGS),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    victim = subprocess.Popen(
-        command("train", binary_data, "--out", killed, *KILL_ARGS),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    _wait_for(killed / CHECKPOINT_FILE, victim)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=60)
-    assert victim.returncode == -signal.SIGKILL
-    _, state = load_checkpoint(killed / CHECKPOINT_FILE)
-    assert state["position"]["epoch"] == 0 and 0 < state["position"]["batch"] < 200
-    assert not (killed / "vaelab.json").exists()
-
-    resumed = subprocess.run(
-        command("train", binary_data, "--out", killed, *KILL_ARGS, "--resume"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    _, err = uninterrupted.communicate(timeout=300)
-    assert uninterrupted.returncode == 0, err
-    assert (killed / "model.safetensors").read_bytes() == (
-        reference / "model.safetensors"
-    ).read_bytes()
-    final_a = load_file(reference / CHECKPOINT_FILE)
-    final_b = load_file(killed / CHECKPOINT_FILE)
-    for key in (k for k in final_a if k.startswith(("model.", "optimizer."))):
-        assert torch.equal(final_a[key], final_b[key]), key
-    metrics = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2]
-    assert not list(killed.glob(".*.tmp"))
-
-
-def test_ctrl_c_saves_a_checkpoint_and_exits_with_130(tmp_path, binary_data):
-    out = tmp_path / "run"
-    args = [*KILL_ARGS, "--epochs", "50"]  # long enough never to finish first
-    process = subprocess.Popen(
-        command("train", binary_data, "--out", out, *args),
-        env=subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(out / CHECKPOINT_FILE, process)
-    process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
-    assert process.returncode == 130
+    stops = {"killed": signal.SIGKILL, "interrupted": signal.SIGINT}
+    victims = {
+        name: subprocess.Popen(
+            command("train", binary_data, "--out", tmp_path / name, *KILL_ARGS),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in stops
+    }
+    waiting, deadline = dict(victims), time.monotonic() + 120
+    while waiting:  # each is stopped as soon as its first checkpoint (step 20 of 400) is there
+        for name, victim in list(waiting.items()):
+            if (tmp_path / name / CHECKPOINT_FILE).exists():
+                victim.send_signal(stops[name])
+                del waiting[name]
+            else:
+                assert victim.poll() is None, victim.communicate()
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.005)
+    victims["killed"].communicate(timeout=60)
+    assert victims["killed"].returncode == -signal.SIGKILL
+    _, err = victims["interrupted"].communicate(timeout=60)
+    assert victims["interrupted"].returncode == 130, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("vaelab: interrupted at epoch") and "--resume" in err
-    _, state = load_checkpoint(out / CHECKPOINT_FILE)
-    position = state["position"]
-    assert not position["finished"]
-    assert position["step"] == position["epoch"] * 200 + position["batch"]
-    assert f"step {position['batch']} of 200" in err
-    assert not (out / "vaelab.json").exists()
+
+    checkpointed = {}
+    for name in stops:
+        _, state = load_checkpoint(tmp_path / name / CHECKPOINT_FILE)
+        position = state["position"]
+        assert position["steps_per_epoch"] == 200  # 1600 training examples in batches of 8
+        assert position["step"] == position["epoch"] * 200 + position["batch"]
+        assert 0 < position["step"] < 400 and not position["finished"]
+        assert not (tmp_path / name / "vaelab.json").exists()
+        checkpointed[name] = position["step"]
+    _, state = load_checkpoint(tmp_path / "interrupted" / CHECKPOINT_FILE)
+    assert f"step {state['position']['batch']} of 200" in err  # Ctrl-C saved where it stopped
+
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err
+    final_a = load_file(reference / CHECKPOINT_FILE)
+    for name in stops:
+        # Resumed in this process, whose random streams other tests have moved: the checkpoint's
+        # are restored, so the weights still match the other process's bit for bit.
+        code, out, err = vaelab_cli(capsys, "train", "--out", tmp_path / name, "--resume", "-q")
+        assert code == 0, err
+        assert "resuming" in out
+        folder = tmp_path / name
+        assert (folder / "model.safetensors").read_bytes() == (
+            reference / "model.safetensors"
+        ).read_bytes()
+        final_b = load_file(folder / CHECKPOINT_FILE)
+        for key in (k for k in final_a if k.startswith(("model.", "optimizer."))):
+            assert torch.equal(final_a[key], final_b[key]), (name, key)
+        metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == [1, 2]
+        assert not list(folder.glob(".*.tmp"))
+        # Continued, not started over: a fresh start with the same seed would end the same.
+        training = json.loads((folder / "vaelab.json").read_text())["training"]
+        assert training["steps"] == 400 and training["resumed_from_step"] == checkpointed[name]
+        assert training["steps_this_process"] == 400 - checkpointed[name]
+    reference_training = json.loads((reference / "vaelab.json").read_text())["training"]
+    assert reference_training["resumed_from_step"] is None
+    assert reference_training["steps_this_process"] == 400
 
 
 def test_the_demo_runs_end_to_end(tmp_path, capsys):

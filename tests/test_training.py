@@ -284,13 +284,55 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
     assert_same_weights(weights(reference.model), weights(resumed.model))
     assert [m.elbo for m in history] == [m.elbo for m in reference.history]
     assert [m.valid_elbo for m in history] == [m.valid_elbo for m in reference.history]
-    assert resumed.step == reference.step == 24
+    assert resumed.step == reference.step == reference.steps_taken == 24
+    assert resumed.steps_taken == 24 - state["position"]["step"]  # continued, not started over
 
 
 def test_checkpoints_do_not_change_the_result(tmp_path):
     plain = run(None)
     checkpointed = run(tmp_path / "c.safetensors", every=1)
     assert_same_weights(weights(plain.model), weights(checkpointed.model))
+
+
+class FakeTime:
+    """Stands in for the ``time`` module in ``vaelab.training``: its clock moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def test_by_default_a_checkpoint_is_written_every_minute_mid_epoch(tmp_path, monkeypatch):
+    clock = FakeTime()
+    monkeypatch.setattr(training, "time", clock)
+    written: list[int] = []
+    save = training.save_checkpoint
+
+    def recording_save(path, tensors, state):
+        written.append(state["position"]["step"])
+        save(path, tensors, state)
+
+    monkeypatch.setattr(training, "save_checkpoint", recording_save)
+
+    class TwentySecondSteps(TrainingObserver):
+        def step(self, trainer: Trainer, batch_size: int) -> None:
+            clock.now += 20.0
+
+    policy = CheckpointPolicy(tmp_path / "c.safetensors")  # the defaults: no rule by steps
+    assert policy.every_steps is None and policy.every_seconds == 60.0
+    train, valid = sources(data(120), data(40, seed=1))
+    trainer = Trainer(
+        model(), TrainConfig(**CONFIG), CPU, observer=TwentySecondSteps(), checkpoint=policy
+    )
+    with torch.random.fork_rng(devices=[]):
+        trainer.fit(train, valid)
+    # 60 s after the last checkpoint is every third step of 20 s; each epoch's end (steps 8, 16
+    # and 24) writes one too, and restarts the minute.
+    assert written == [3, 6, 8, 11, 14, 16, 19, 22, 24]
+    _, state = load_checkpoint(tmp_path / "c.safetensors")
+    assert state["position"]["step"] == 24 and state["position"]["finished"]
 
 
 def test_a_checkpoint_for_other_settings_is_refused(tmp_path):

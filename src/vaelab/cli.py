@@ -8,8 +8,8 @@
     vaelab encode DIR --data DATA --out Z.npy
 
 A user mistake prints one line ``vaelab: error: ...`` and exits with code 2 (``--debug`` shows the
-traceback instead); Ctrl-C during training saves a checkpoint and exits with 130; a diverged run
-exits with 1.
+traceback instead), as do a run folder in use by another process and a full disk; Ctrl-C during
+training saves a checkpoint and exits with 130; a diverged run exits with 1.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from typing import Any, NoReturn
 import torch
 
 from vaelab import __version__, apply, runconfig, runs
+from vaelab.checkpoint import CheckpointError
 from vaelab.data import DATA_ENV, SOURCES
+from vaelab.files import DiskFullError
 from vaelab.model_report import ReportBudget
 from vaelab.training import NonFiniteLossError, TrainingInterrupted
 
@@ -379,6 +381,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         ) from None
     except NonFiniteLossError as error:
         raise NonFiniteLossError(f"{error}; {_last_checkpoint(args.out)}") from None
+    except DiskFullError as error:
+        error.advice = _after_a_full_disk(args.out)
+        raise
     best = ""
     if result.best_epoch is not None:
         best = f" (the weights of epoch {result.best_epoch}, best by validation ELBO)"
@@ -393,6 +398,16 @@ def _last_checkpoint(out: str) -> str:
     if os.path.exists(path):
         return f"the last good checkpoint, {path}, is kept"
     return "no checkpoint had been written"
+
+
+def _after_a_full_disk(out: str) -> str:
+    try:
+        checkpoint = runs.describe_checkpoint(out)
+    except CheckpointError as error:
+        return str(error)
+    if checkpoint is None:
+        return f"no checkpoint had been written: free some space, delete {out} and train again"
+    return f"{checkpoint}; free some space and continue with `vaelab train --out {out} --resume`"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -9,15 +9,18 @@ saved model (``vaelab.load(folder)`` opens it):
 - ``metrics.jsonl``: one JSON object per finished epoch; ``tensorboard/``: the same as event files;
 - ``model.safetensors`` and ``vaelab.json``: the final model (the best by validation ELBO), written by
   ``vaelab.serialization.save_model`` when training ends, with the data record, the configuration
-  and a summary of the run in ``vaelab.json``.
+  and a summary of the run in ``vaelab.json``;
+- ``.vaelab.lock``: an OS lock (``flock``) held by the one process training in the folder, with that
+  process's PID inside while it holds it (``RunLock``).
 
 Every option and the data are checked before the folder is created, so a mistake leaves nothing
-behind.
+behind; a second process that finds the folder locked changes nothing and names the holder.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -36,10 +39,10 @@ import torch
 from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaelab.data import DataSplits, Split, load_data
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
-from vaelab.files import atomic_write_bytes, atomic_write_json
+from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
 from vaelab.registry import build_model
 from vaelab.runconfig import RunError, config_from_json, resolve
-from vaelab.serialization import save_model
+from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
 from vaelab.training import (
     CheckpointPolicy,
     EpochMetrics,
@@ -51,6 +54,7 @@ from vaelab.training import (
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = ".vaelab.lock"
 VALID_BATCH = 1000
 LOG_INTERVAL = 1.0  # seconds between epoch lines
 
@@ -81,6 +85,7 @@ def check_support(model: Any, splits: DataSplits) -> None:
 
 
 def _prepare_folder(folder: Path, resume: bool) -> None:
+    """Refuse a folder that does not fit ``resume``; reads, never writes."""
     if resume:
         if not (folder / RUN_CONFIG_FILE).is_file():
             what = "does not exist" if not folder.exists() else f"has no {RUN_CONFIG_FILE}"
@@ -93,18 +98,123 @@ def _prepare_folder(folder: Path, resume: bool) -> None:
                 f"cannot resume: {folder} has no {CHECKPOINT_FILE} (the run stopped before its first "
                 "checkpoint); delete the folder and train again without --resume"
             )
-        # A process killed while writing leaves the temporary file of an atomic write behind.
-        for name in (CHECKPOINT_FILE, METRICS_FILE):
-            for leftover in folder.glob(f".{name}.*.tmp"):
-                leftover.unlink(missing_ok=True)
         return
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    # A lock file alone is what a run that failed before writing anything leaves: still empty.
+    if folder.exists() and (
+        not folder.is_dir() or any(p.name != LOCK_FILE for p in folder.iterdir())
+    ):
         if (folder / RUN_CONFIG_FILE).is_file():
             raise RunError(
                 f"{folder} already holds a training run; pass --resume to continue it, or choose "
                 "another --out"
             )
         raise RunError(f"{folder} already exists and is not empty; choose a new --out folder")
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """A process killed while writing leaves the temporary file of an atomic write behind."""
+    for name in (CHECKPOINT_FILE, METRICS_FILE, RUN_CONFIG_FILE, WEIGHTS_FILE, CONFIG_FILE):
+        for leftover in folder.glob(f".{name}.*.tmp"):
+            leftover.unlink(missing_ok=True)
+
+
+class RunLock:
+    """An exclusive OS lock on a run folder: one process at a time checks, trains in or resumes it.
+
+    The lock is ``flock`` on ``.vaelab.lock`` in the folder, which holds the PID of the process
+    holding it, so another process can say whose it is; it is emptied on release. The OS drops the
+    lock when its holder dies, even by SIGKILL, so a stale file never blocks a run. The file itself
+    is never deleted: a process that opened it just before the deletion would lock a file nobody
+    else can see, and two processes would hold "the" lock.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_FILE
+        self._fd: int | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, *, create: bool) -> None:
+        """Take the lock unless it is held already. Without ``create``, a folder without a lock
+        file (or one this user cannot write) is left unlocked, to be locked once it is written.
+        Raises ``RunError`` naming the holder when another process has it; nothing is changed."""
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o666)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            if create:
+                raise
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish or stop it"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        # Only for the others' messages: a full disk may refuse even these few bytes.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)  # nobody holds it now
+        finally:
+            os.close(fd)  # which drops the lock
+
+
+def _holder(fd: int) -> str:
+    """The process holding the lock open on ``fd``, as its PID written in the file says."""
+    # The holder writes its PID just after locking: give it a moment if we looked in between.
+    for _ in range(50):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text.isdigit():
+            return f"process {text}"
+        time.sleep(0.01)
+    return "another process"
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int]:
+    # Checkpoints are replaced by os.replace, so a new one is a new inode with a new mtime.
+    found = path.stat()
+    return found.st_ino, found.st_size, found.st_mtime_ns
+
+
+def describe_position(position: Mapping[str, Any]) -> str:
+    """Where a checkpoint's ``position`` stands, in words: "epoch 2, step 5 of 23 (optimiser step
+    28)", "the end of epoch 1 (...)" or "the end of training, epoch 2 (...)"."""
+    epoch, batch = position["epoch"], position["batch"]
+    if position["finished"]:
+        where = f"the end of training, epoch {epoch}"
+    elif batch == 0:
+        where = f"the end of epoch {epoch}"
+    else:
+        where = f"epoch {epoch + 1}, step {batch} of {position['steps_per_epoch']}"
+    return f"{where} (optimiser step {position['step']})"
+
+
+def describe_checkpoint(folder: str | os.PathLike[str]) -> str | None:
+    """The run's checkpoint, read back and checked, in words for a message after a failure; None
+    when there is none. Raises ``CheckpointError`` when it cannot be used."""
+    path = Path(folder) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    _, state = load_checkpoint(path)
+    return (
+        f"the last checkpoint, {path}, is intact: it holds {describe_position(state['position'])}"
+    )
 
 
 @contextlib.contextmanager
@@ -140,13 +250,40 @@ def train(
     With ``resume``, continue the run in ``out`` from its checkpoint with its saved configuration;
     ``settings`` may then only repeat it (or change where data lives, the device and the checkpoint
     cadence). Raises ``RunError`` / ``DataError`` / ``CheckpointError`` (all ``ValueError``) for a
-    mistake, before anything is written; ``TrainingInterrupted`` after Ctrl-C, with a checkpoint
-    saved; ``NonFiniteLossError`` when training diverges, leaving the last good checkpoint.
+    mistake, before anything is written, and ``RunError`` when another process holds the folder;
+    ``TrainingInterrupted`` after Ctrl-C, with a checkpoint saved; ``NonFiniteLossError`` when
+    training diverges, leaving the last good checkpoint; ``vaelab.files.DiskFullError`` when the
+    disk fills, leaving the last checkpoint intact.
     """
-    folder = Path(out)
-    log = log or sys.stdout
-    _prepare_folder(folder, resume)
-    saved, checkpoint = None, None
+    lock = RunLock(Path(out))
+    try:
+        return _train_locked(settings, Path(out), lock, resume, quiet, log or sys.stdout)
+    finally:
+        lock.release()
+
+
+def _check_folder(folder: Path, resume: bool, lock: RunLock) -> None:
+    # A folder in use is refused before anything is looked at, and locked while it is checked.
+    lock.acquire(create=False)
+    try:
+        _prepare_folder(folder, resume)
+    except RunError:
+        # A run that started here after the first look has its lock by now: name its process
+        # rather than complain about the files it has begun to write.
+        lock.acquire(create=False)
+        raise
+
+
+def _train_locked(
+    settings: Mapping[str, Any],
+    folder: Path,
+    lock: RunLock,
+    resume: bool,
+    quiet: bool,
+    log: TextIO,
+) -> TrainResult:
+    _check_folder(folder, resume, lock)
+    saved, checkpoint, seen = None, None, None
     if resume:
         path = folder / RUN_CONFIG_FILE
         try:
@@ -156,6 +293,7 @@ def train(
                 f"{path} is not valid JSON ({error}); the run folder is corrupt"
             ) from None
         saved = config_from_json(saved_json, path)
+        seen = _fingerprint(folder / CHECKPOINT_FILE)
         checkpoint = load_checkpoint(folder / CHECKPOINT_FILE)
     config = resolve(settings, saved)
     config.validate()
@@ -215,15 +353,25 @@ def train(
                 ) from None
         # Everything is checked: from here on the folder is written.
         folder.mkdir(parents=True, exist_ok=True)
+        if not lock.held:
+            lock.acquire(create=True)
+            # Another process may have trained here while this one checked.
+            _prepare_folder(folder, resume)
+            if resume and _fingerprint(folder / CHECKPOINT_FILE) != seen:
+                raise RunError(
+                    f"another process trained in {folder} while this one was starting; run the "
+                    "command again to resume from its checkpoint"
+                )
+        _remove_leftovers(folder)
         if not resume:
             atomic_write_json(folder / RUN_CONFIG_FILE, config.to_json())
         run_log = RunLog(folder, config.epochs, quiet, log, resumed_epochs=trainer.epoch)
         trainer.observer = run_log
         if resume and trainer.finished:
             print(f"{folder}: training had finished; writing the model again", file=log)
-        elif resume:
-            where = f"epoch {trainer.epoch + 1}, step {trainer.batch} of {len(source)}"
-            print(f"resuming {folder} at {where}", file=log, flush=True)
+        elif checkpoint is not None:
+            where = describe_position(checkpoint[1]["position"])
+            print(f"resuming {folder} from {where}", file=log, flush=True)
         try:
             with _stop_on_signals(trainer):
                 history = trainer.fit(source, valid)
@@ -244,6 +392,9 @@ def train(
     summary = {
         "epochs_run": len(history),
         "steps": trainer.step,
+        # What this process did: a resumed run continues, it does not redo the finished steps.
+        "resumed_from_step": None if checkpoint is None else checkpoint[1]["position"]["step"],
+        "steps_this_process": trainer.steps_taken,
         "stopped_early": stopped_early,
         "best_epoch": best_epoch,
         "best_valid_elbo": trainer.best_valid,
@@ -336,12 +487,26 @@ class RunLog(TrainingObserver):
         }
         if metrics.valid_elbo is not None:
             scalars["valid/elbo"] = metrics.valid_elbo
-        for tag, value in scalars.items():
-            self.writer.add_scalar(tag, value, metrics.epoch)
-        self.writer.flush()
+        with self._tensorboard():
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, metrics.epoch)
+            self.writer.flush()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        self.writer.close()
+        with self._tensorboard():
+            self.writer.close()
+
+    @contextlib.contextmanager
+    def _tensorboard(self) -> Iterator[None]:
+        """TensorBoard writes from a thread of its own and reports a full disk later, as a bare
+        ``[Errno 28]``: name its folder, as ``atomic_write_bytes`` names its files."""
+        try:
+            yield
+        except OSError as error:
+            if error.errno in DISK_FULL and not isinstance(error, DiskFullError):
+                folder = str(self.folder / TENSORBOARD_DIR)
+                raise DiskFullError(error.errno, error.strerror, folder) from error
+            raise

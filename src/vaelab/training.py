@@ -365,6 +365,7 @@ class Trainer:
             model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
         )
         self.step = 0  # optimiser steps so far
+        self.steps_taken = 0  # optimiser steps this object took (a restored run's are not counted)
         self.epoch = 0  # epochs completed
         self.batch = 0  # batches done in the current epoch
         self.finished = False
@@ -599,6 +600,7 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
                 self.optimizer.step()
                 self.step += 1
+                self.steps_taken += 1
                 self.batch = i + 1
                 self._record(terms, x.shape[0])
                 self.observer.step(self, x.shape[0])
