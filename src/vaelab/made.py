@@ -1,19 +1,21 @@
 """MADE: a masked multilayer perceptron whose outputs are autoregressive in its inputs.
 
 Germain, Gregor, Murray & Larochelle (2015), "MADE: Masked autoencoder for distribution estimation",
-Sec. 4: give input j the degree j + 1 (1 … D), each hidden unit a degree in 1 … D − 1, and keep a
-weight only where the degrees allow it,
+Sec. 4: give input j the degree j + 1 (1 … D), each hidden unit k a degree m(k), and keep a weight
+only where the degrees allow it,
 
     input j → hidden k:   m(k) ≥ j + 1,      hidden k → hidden k′:  m(k′) ≥ m(k),
     hidden k → output i:  i + 1 > m(k),
 
 so that every path into output i passes only through inputs j < i: output i is a function of
-z₁ … z_{i−1} (and of the context) alone, and ∂(output i)/∂z_j = 0 for j ≥ i. Output 0 depends on
-the context only. Hidden degrees cycle through 1 … D − 1 (the deterministic choice of their
-Sec. 4.1) so that every degree is present in a layer of at least D − 1 units.
+z_0 … z_{i−1} (and of the context) alone, and ∂(output i)/∂z_j = 0 for j ≥ i.
 
-A context vector ``h`` (Kingma et al. 2016's encoder output for inverse autoregressive flows) enters
-the first hidden layer through an unmasked weight: it may influence every output.
+A context vector ``h`` (the encoder's extra output in Kingma et al. 2016's inverse autoregressive
+flow) enters the first hidden layer through an unmasked weight. For it to reach every output,
+hidden degrees here run over 0 … D − 1 rather than MADE's 1 … D − 1: units of degree 0 see no z
+and only the context, and they are the only units output 0 may see (with degrees from 1, output 0
+would be a constant bias, the same for every example). Degrees cycle (MADE's deterministic choice),
+so every degree is present in a layer of at least D units.
 
 The network is kept in two forms: the ``nn.Module`` that owns the learnable weights, and
 :class:`MadeWeights`, the masked tensors themselves, which :func:`made_apply` evaluates. A
@@ -74,15 +76,8 @@ def context_term(weights: MadeWeights, h: torch.Tensor) -> torch.Tensor:
 
 
 def _degrees(features: int, hidden: tuple[int, ...]) -> list[torch.Tensor]:
-    """Degrees of the inputs (1 … D) and of each hidden layer's units (cycling through 1 … D − 1;
-    all 0 when D = 1, where no output may see any input)."""
-    degrees = [torch.arange(1, features + 1)]
-    for size in hidden:
-        if features == 1:
-            degrees.append(torch.zeros(size, dtype=torch.long))
-        else:
-            degrees.append(torch.arange(size) % (features - 1) + 1)
-    return degrees
+    """Degrees of the inputs (1 … D) and of each hidden layer's units (cycling through 0 … D − 1)."""
+    return [torch.arange(1, features + 1)] + [torch.arange(size) % features for size in hidden]
 
 
 class MADE(nn.Module):
