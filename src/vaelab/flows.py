@@ -169,7 +169,11 @@ class FlowDistribution(Distribution, ABC):
             return last[1]
         z0, log_det = self.inverse_and_log_det(value)
         eps = (z0 - self.loc) * torch.exp(-0.5 * self.log_var)
-        return self._log_base(eps) - log_det
+        log_q = self._log_base(eps) - log_det
+        # A preimage beyond the float range (an IAF gate that underflows on the way back) lies
+        # where the base density underflowed long before: q(value) is 0 to float precision,
+        # where ∞ − ∞ would say NaN.
+        return torch.where(torch.isfinite(z0).all(-1), log_q, -math.inf)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -256,7 +260,7 @@ def _planar_root(
     with torch.no_grad():
         lo, hi = c - m.abs(), c + m.abs()
         alpha = c.clone()
-        tolerance = 4.0 * torch.finfo(c.dtype).eps
+        eps = torch.finfo(c.dtype).eps
         for _ in range(_ROOT_ITERATIONS):
             residual = alpha + m * torch.tanh(alpha + b) - c
             lo = torch.where(residual < 0, alpha, lo)
@@ -264,8 +268,13 @@ def _planar_root(
             newton = alpha - residual / planar_log_det(alpha + b, one_plus_m).exp()
             inside = (newton > lo) & (newton < hi)
             following = torch.where(inside, newton, 0.5 * (lo + hi))
-            scale = 1.0 + following.abs()
-            done = ((following - alpha).abs() <= tolerance * scale) | (hi - lo <= tolerance * scale)
+            # Converged when a step moves α by at most one unit in its last place, or the bracket
+            # is down to neighbouring floats. Relative to |α|, not 1 + |α|: û may be ~10⁶ times
+            # larger than α, and z = y − û tanh(α + b) needs α's every digit.
+            size = torch.maximum(following.abs(), alpha.abs())
+            done = ((following - alpha).abs() <= eps * size) | (
+                hi - lo <= eps * torch.maximum(lo.abs(), hi.abs())
+            )
             alpha = following
             if bool(done.all()):
                 break
@@ -371,7 +380,8 @@ class IAFDistribution(FlowDistribution):
 
     ``loc, log_var: [*batch, latent]`` and the context ``h: [*batch, C]`` are per example;
     ``steps`` holds each step's shared :class:`~vaelab.made.MadeWeights`. The inverse is exact:
-    per step, D passes of the MADE, the i-th of which fixes coordinate i (in the step's order).
+    per step, D passes of the MADE, the i-th of which solves coordinate i (in the step's order).
+    Where σ is tiny the preimage is far out, and beyond the float range ``log_prob`` says −∞.
     """
 
     def __init__(
@@ -413,13 +423,19 @@ class IAFDistribution(FlowDistribution):
         latent = self.event_shape[0]
         log_det = z.new_zeros(z.shape[:-1])
         for k in reversed(range(self.flow_steps)):
-            previous = z
-            for _ in range(latent):
-                # z_prev = m + (z − m) / σ, with m, s from the current guess: coordinate i is
-                # exact once the coordinates before it are, so D passes make all of it exact
-                # (and differentiable in z and every parameter through the passes).
+            # Each coordinate's rank in step k's autoregressive order.
+            rank = torch.arange(latent, device=z.device)
+            rank = rank.flip(0) if k % 2 == 1 else rank
+            previous = torch.zeros_like(z)
+            for p in range(latent):
+                # z_prev = m + (z − m) / σ, with m, s from the coordinates solved so far: pass p
+                # solves the coordinate of rank p, exact because everything it depends on is.
+                # The unsolved coordinates stay 0 rather than a guess: a guess far out can
+                # overflow, and a masked weight 0 · ∞ would turn the solved ones into NaN.
                 m, s = self._shift_and_gate(k, previous)
-                previous = m + (z - m) * torch.exp(-F.logsigmoid(s))
+                solved = m + (z - m) * torch.exp(-F.logsigmoid(s))
+                previous = torch.where(rank == p, solved, previous)
+            # s of the last pass saw every coordinate it depends on solved: σ at the preimage.
             log_det = log_det + F.logsigmoid(s).sum(-1)
             z = previous
         return z, log_det
