@@ -568,7 +568,8 @@ def test_local_posteriors_start_at_the_amortised_distribution_and_train_only_the
     q = flow(kind, batch=4)
     local = LocalFlowPosterior(q)
     names = {"planar": {"loc", "log_var", "u", "w", "b"}, "iaf": {"loc", "log_var", "context"}}
-    assert {n for n, _ in local.named_parameters()} == names[kind]
+    assert {n for n, _ in local.named_parameters()} == {f"tensors.{n}" for n in names[kind]}
+    assert local.loc is local.tensors["loc"]
     value = noise(q, 3)
     start = local(torch.zeros(4, 1))
     assert torch.allclose(start.log_prob(value), q.log_prob(value))

@@ -593,18 +593,21 @@ class LocalFlowPosterior(nn.Module):
                 f"{tuple(q.batch_shape)}"
             )
         self._template = q.detached()
-        self._names = tuple(q.local_parameters())
-        for name, tensor in q.local_parameters().items():
-            self.register_parameter(name, nn.Parameter(tensor.detach().clone()))
+        self.tensors = nn.ParameterDict(
+            {name: nn.Parameter(t.detach().clone()) for name, t in q.local_parameters().items()}
+        )
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """μ ``[n, latent]``, the base Gaussian's means (as ``LocalGaussianPosterior.loc``)."""
+        return self.tensors["loc"]
 
     @property
     def n_examples(self) -> int:
         return int(self._template.batch_shape[0])
 
     def distribution(self) -> FlowDistribution:
-        return self._template.with_local_parameters(
-            **{name: getattr(self, name) for name in self._names}
-        )
+        return self._template.with_local_parameters(**dict(self.tensors.items()))
 
     def forward(self, x: torch.Tensor) -> FlowDistribution:
         if x.shape[0] != self.n_examples:

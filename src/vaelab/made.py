@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+__all__ = ["MADE", "MadeWeights", "context_term", "made_apply"]
+
 
 class MadeWeights(NamedTuple):
     """The masked weights of one MADE, ready to evaluate.
