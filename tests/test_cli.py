@@ -350,6 +350,30 @@ BAD: dict[str, Case] = {
     "output folder missing": lambda t, r: (["sample", r, "--out", t / "no" / "s.png"], t),
     "encode to a png": lambda t, r: (["encode", r, "--data", "digits", "--out", t / "z.png"], t),
     "zero threads": lambda t, r: (["sample", r, "--out", t / "s.png", "--threads", "0"], t),
+    "DReG with the ELBO": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--gradient", "dreg"],
+        t / "run",
+    ),
+    "beta with the IWAE objective": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--objective", "iwae", "--k", "5", "--beta", "2"],
+        t / "run",
+    ),
+    "k with the ELBO objective": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--k", "5"],
+        t / "run",
+    ),
+    "free bits with STL": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--gradient", "stl", "--free-bits", "0.1"],
+        t / "run",
+    ),
+    "zero flow steps": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--posterior", "iaf", "--flow-steps", "0"],
+        t / "run",
+    ),
+    "unknown gradient": lambda t, r: (
+        ["train", "digits", "--out", t / "run", "--gradient", "reinforce"],
+        t / "run",
+    ),
 }
 
 

@@ -299,7 +299,7 @@ def test_unknown_names_are_refused_with_the_choices():
     for field, bad in (
         ("likelihood", "poisson"),
         ("prior", "flow"),
-        ("posterior", "iaf"),
+        ("posterior", "realnvp"),
         ("network", "rnn"),
     ):
         with pytest.raises(ValueError, match=f"unknown {field} '{bad}'; choose one of"):

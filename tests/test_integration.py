@@ -21,24 +21,31 @@ from sklearn.datasets import load_digits
 import vaelab
 from vaelab import cli
 from vaelab.networks import NETWORKS
+from vaelab.objectives import GRADIENTS, OBJECTIVES
 from vaelab.registry import LIKELIHOODS, POSTERIORS, PRIORS
 
-# (likelihood, posterior, prior, network): each value of each option at least once.
+# (likelihood, posterior, prior, network, objective, gradient): each value of each option at
+# least once.
 MATRIX = [
-    ("bernoulli", "diagonal", "normal", "mlp"),
-    ("continuous-bernoulli", "full", "learnable", "conv"),
-    ("gaussian", "diagonal", "mixture", "conv"),
-    ("gaussian-fixed", "full", "vamp", "mlp"),
-    ("gaussian-per-dimension", "diagonal", "vamp", "conv"),
-    ("gaussian-decoder", "full", "normal", "conv"),
-    ("laplace", "diagonal", "learnable", "mlp"),
-    ("bernoulli", "full", "mixture", "mlp"),
+    ("bernoulli", "diagonal", "normal", "mlp", "elbo", "standard"),
+    ("continuous-bernoulli", "full", "learnable", "conv", "iwae", "dreg"),
+    ("gaussian", "diagonal", "mixture", "conv", "elbo", "stl"),
+    ("gaussian-fixed", "full", "vamp", "mlp", "iwae", "standard"),
+    ("gaussian-per-dimension", "diagonal", "vamp", "conv", "elbo", "standard"),
+    ("gaussian-decoder", "full", "normal", "conv", "elbo", "stl"),
+    ("laplace", "diagonal", "learnable", "mlp", "iwae", "stl"),
+    ("bernoulli", "full", "mixture", "mlp", "elbo", "standard"),
+    ("bernoulli", "planar", "normal", "mlp", "iwae", "dreg"),
+    ("gaussian", "iaf", "vamp", "conv", "elbo", "stl"),
+    ("laplace", "iaf", "mixture", "mlp", "iwae", "standard"),
+    ("continuous-bernoulli", "planar", "learnable", "conv", "elbo", "standard"),
 ]
 IDS = ["-".join(row) for row in MATRIX]
 
 
 def test_the_matrix_covers_every_option():
-    for column, options in enumerate((LIKELIHOODS, POSTERIORS, PRIORS, NETWORKS)):
+    columns = (LIKELIHOODS, POSTERIORS, PRIORS, NETWORKS, OBJECTIVES, GRADIENTS)
+    for column, options in enumerate(columns):
         assert {row[column] for row in MATRIX} == set(options)
 
 
@@ -54,13 +61,16 @@ def data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=MATRIX, ids=IDS)
 def model(request, data, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
-    likelihood, posterior, prior, network = request.param
+    likelihood, posterior, prior, network, objective, gradient = request.param
     folder = tmp_path_factory.mktemp("runs") / "model"
     argv = [
         "train", str(data), "--out", str(folder), "--quiet", "--epochs", "1",
         "--likelihood", likelihood, "--posterior", posterior, "--prior", prior,
         "--network", network, "--hidden", "16", "--latent-dim", "2", "--batch-size", "40",
+        "--objective", objective, "--gradient", gradient, "--flow-steps", "2",
     ]  # fmt: skip
+    if objective == "iwae":
+        argv += ["--k", "3"]
     assert cli.main(argv) == 0
     return folder, request.param
 
@@ -72,16 +82,14 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
 
 
 def test_train_writes_a_model_that_loads_as_configured(model, capsys):
-    folder, (likelihood, posterior, prior, network) = model
+    folder, (likelihood, posterior, prior, network, objective, gradient) = model
     loaded = vaelab.load(folder)
-    assert (loaded.likelihood, loaded.posterior, loaded.prior, loaded.network) == (
-        likelihood,
-        posterior,
-        prior,
-        network,
-    )
+    options = ("likelihood", "posterior", "prior", "network", "objective", "gradient")
+    assert tuple(getattr(loaded, name) for name in options) == model[1]
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and math.isfinite(history[0]["elbo"])
+    if objective == "iwae":  # the bound trained on, above the ELBO of the same draws
+        assert history[0]["iwae"] >= history[0]["elbo"]
 
 
 def test_evaluate(model, capsys):
@@ -101,11 +109,11 @@ def test_evaluate(model, capsys):
 
 
 def test_gap(model, capsys):
-    folder, (_, posterior, _, _) = model
+    folder, (_, posterior, *_) = model
     code, out, err = run(capsys, "gap", folder, "--n", "6", "--k", "50", "--steps", "10", "--json")
     assert code == 0, err
     result = json.loads(out)
-    expected = ["diagonal", "full"] if posterior == "diagonal" else ["full"]
+    expected = {"diagonal": ["diagonal", "full"], "full": ["full"]}.get(posterior, [posterior])
     assert list(result["families"]) == expected
     for found in result["families"].values():
         assert all(math.isfinite(found[name]["mean"]) for name in ("log_px", "elbo_optimal"))

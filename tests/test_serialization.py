@@ -40,6 +40,8 @@ def saved(fitted, tmp_path) -> Path:
         ("diagonal", "mixture", "continuous-bernoulli"),
         ("full", "learnable", "laplace"),
         ("diagonal", "normal", "gaussian-per-dimension"),
+        ("planar", "learnable", "bernoulli"),
+        ("iaf", "vamp", "gaussian"),
     ],
 )
 def test_round_trip_is_bit_identical(posterior, prior, likelihood, tmp_path):

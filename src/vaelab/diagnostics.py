@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from vaelab.loglik import prepare_data, standard_error
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, fresh_seed, is_location_scale
+from vaelab.noise import ExampleNoise, fresh_seed, is_location_scale, posterior_mean
 from vaelab.objectives import elbo, kl_per_dimension, kl_term
 
 __all__ = [
@@ -56,15 +56,6 @@ ACTIVITY_THRESHOLD = 1e-2  # Burda et al. (2016)
 _MI_ELEMENTS = 2**22
 
 
-def _posterior_mean(q: Distribution, x: torch.Tensor, seed: int | None) -> torch.Tensor:
-    """E_q[z], ``[batch, latent]``: exact where the distribution knows it, else a 1000-sample
-    average with each example's own draws (``x`` keys them)."""
-    try:
-        return q.mean
-    except NotImplementedError:
-        return ExampleNoise(x, seed).sample(q, 1000).mean(0)
-
-
 @torch.no_grad()
 def activity(
     model: VAEModel,
@@ -81,7 +72,7 @@ def activity(
         raise ValueError("activity is a variance over examples and needs at least two")
     means = torch.cat(
         [
-            _posterior_mean(
+            posterior_mean(
                 model.posterior(x[i : i + batch_size]), x[i : i + batch_size], seed
             ).double()
             for i in range(0, x.shape[0], batch_size)

@@ -20,9 +20,10 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.data import DataError
+from vaelab.flows import DEFAULT_FLOW_STEPS
 from vaelab.likelihoods import DataMoments
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, seeded
+from vaelab.noise import ExampleNoise, posterior_mean, seeded
 from vaelab.objectives import ElboTerms
 from vaelab.registry import ModelConfig, build_model
 from vaelab.training import (
@@ -83,8 +84,18 @@ class VAE(TransformerMixin, BaseEstimator):
     likelihood : ``"bernoulli"``, ``"continuous-bernoulli"``, ``"gaussian"`` (one learned σ),
         ``"gaussian-fixed"`` (σ = 1), ``"gaussian-per-dimension"``, ``"gaussian-decoder"``, ``"laplace"``.
     prior : ``"normal"``, ``"learnable"``, ``"mixture"`` or ``"vamp"``.
-    posterior : ``"diagonal"`` or ``"full"`` (full covariance through a Cholesky factor).
-    beta : weight of the KL term in the training objective (β-VAE); reported ELBOs use β = 1.
+    posterior : ``"diagonal"``, ``"full"`` (full covariance through a Cholesky factor),
+        ``"planar"`` (planar flow, Rezende & Mohamed 2015) or ``"iaf"`` (inverse autoregressive
+        flow, Kingma et al. 2016).
+    flow_steps : layers of a flow posterior.
+    objective : the bound training maximises: ``"elbo"`` or ``"iwae"`` (Burda et al. 2016, with
+        ``k`` importance samples).
+    k : importance samples of the IWAE objective.
+    gradient : how the objective's gradient flows: ``"standard"``, ``"stl"`` (sticking the
+        landing, Roeder et al. 2017) or ``"dreg"`` (doubly reparameterised, Tucker et al. 2018;
+        IWAE only). Combinations without a meaning are refused at ``fit``.
+    beta : weight of the KL term in the ELBO objective (β-VAE; the IWAE bound has no KL term to
+        weigh); reported ELBOs use β = 1.
     epochs, batch_size, lr : optimisation; Adam with warm-up and cosine decay (``TrainConfig``).
     seed : seeds initialisation, minibatch order and sampling noise; ``None`` draws fresh ones.
     device : ``"auto"``, ``"cpu"`` or ``"cuda"``.
@@ -111,6 +122,10 @@ class VAE(TransformerMixin, BaseEstimator):
         activation: str = "relu",
         samples: int = 1,
         verbose: bool = False,
+        flow_steps: int = DEFAULT_FLOW_STEPS,
+        objective: str = "elbo",
+        k: int = 1,
+        gradient: str = "standard",
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -127,6 +142,10 @@ class VAE(TransformerMixin, BaseEstimator):
         self.activation = activation
         self.samples = samples
         self.verbose = verbose
+        self.flow_steps = flow_steps
+        self.objective = objective
+        self.k = k
+        self.gradient = gradient
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
@@ -140,6 +159,7 @@ class VAE(TransformerMixin, BaseEstimator):
             posterior=self.posterior,
             network=self.network,
             activation=self.activation,
+            flow_steps=self.flow_steps,
         )
 
     def train_config(self) -> TrainConfig:
@@ -149,6 +169,9 @@ class VAE(TransformerMixin, BaseEstimator):
             lr=self.lr,
             beta=self.beta,
             samples=self.samples,
+            objective=self.objective,
+            k=self.k,
+            gradient=self.gradient,
         )
 
     # ----------------------------------------------------------------------------------- inputs
@@ -264,8 +287,9 @@ class VAE(TransformerMixin, BaseEstimator):
 
     def _report(self, metrics: EpochMetrics) -> None:
         if self.verbose:
+            bound = "" if metrics.iwae is None else f"IWAE-{self.k} {metrics.iwae:.3f}, "
             print(
-                f"epoch {metrics.epoch}/{self.epochs}: ELBO {metrics.elbo:.3f} "
+                f"epoch {metrics.epoch}/{self.epochs}: {bound}ELBO {metrics.elbo:.3f} "
                 f"(reconstruction {metrics.reconstruction:.3f}, KL {metrics.kl:.3f}) nats/example",
                 flush=True,
             )
@@ -277,9 +301,11 @@ class VAE(TransformerMixin, BaseEstimator):
 
     @torch.no_grad()
     def transform(self, X: Any) -> np.ndarray:
-        """Posterior means E_q[z|x], ``[n, latent]``."""
+        """Posterior means E_q[z|x], ``[n, latent]`` (for a flow, whose mean has no closed form,
+        a Monte Carlo average from each example's own draws: ``vaelab.noise.posterior_mean``)."""
         x = torch.from_numpy(self._validate_fitted(X))
-        return torch.cat([self.model_.encode(c).mean.cpu() for c in self._chunks(x)]).numpy()
+        means = [posterior_mean(self.model_.encode(c), c, EVAL_SEED) for c in self._chunks(x)]
+        return torch.cat([m.cpu() for m in means]).numpy()
 
     def _validate_fitted(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")

@@ -76,12 +76,17 @@ _ROOT_ITERATIONS = 200
 class FlowDistribution(Distribution, ABC):
     """A base Gaussian N(μ, diag σ²) over ``[latent]`` pushed through K invertible maps.
 
+    ``family`` names the kind of map (``"planar"``, ``"iaf"``): the variational family, in the
+    inference gap's words.
+
     ``loc, log_var: [*batch, latent]``; ``batch_shape [*batch]``, ``event_shape [latent]``.
     Subclasses give the maps (:meth:`forward_and_log_det`, :meth:`inverse_and_log_det`) and the
     per-example parameters (:meth:`local_parameters`, :meth:`with_local_parameters`,
     :meth:`detached`). Every real value of every parameter is a valid flow (the constraints are
     built into the maps), so there is nothing to validate.
     """
+
+    family = "flow"
 
     arg_constraints: dict[str, constraints.Constraint] = {}
     support = constraints.real_vector
@@ -297,6 +302,8 @@ class PlanarFlowDistribution(FlowDistribution):
     any inverse loses digits in proportion to 1 / (1 + ûᵀψ).
     """
 
+    family = "planar"
+
     def __init__(
         self,
         loc: torch.Tensor,
@@ -383,6 +390,8 @@ class IAFDistribution(FlowDistribution):
     per step, D passes of the MADE, the i-th of which solves coordinate i (in the step's order).
     Where σ is tiny the preimage is far out, and beyond the float range ``log_prob`` says −∞.
     """
+
+    family = "iaf"
 
     def __init__(
         self,

@@ -10,9 +10,9 @@ Then
                                   =  KL(q* ‖ p(z|x))       +  what the encoder loses by sharing
                                                               one network across examples.
 
-Here every example's q* is a Gaussian (diagonal or full covariance) whose parameters start at the
-amortised q(z|x) and are optimised jointly for all examples with Adam: the loss is the sum of the
-examples' ELBOs, so each example's parameters only see their own gradient, and Adam, acting
+Here every example's q* is a Gaussian (diagonal or full covariance), or for a flow posterior the
+same flow with per-example parameters; its parameters start at the amortised q(z|x) and are
+optimised jointly for all examples with Adam: the loss is the sum of the examples' ELBOs, so each example's parameters only see their own gradient, and Adam, acting
 coordinate by coordinate, makes the joint run the same as separate runs. ELBOs are estimated with
 reparameterised samples and the exact KL where one is registered (``vaelab.objectives``). log p(x)
 is the IWAE-k estimate with a full-covariance q* as proposal, or an estimate the caller passes
@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
 from tqdm.auto import tqdm
 
+from vaelab.flows import FlowDistribution, LocalFlowPosterior
 from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
@@ -39,7 +40,7 @@ from vaelab.loglik import (
     standard_error,
 )
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, is_location_scale, location_scale_sample
+from vaelab.noise import ExampleNoise, has_noise_form, reparameterise
 from vaelab.objectives import elbo, kl_term, log_importance_weights
 
 __all__ = [
@@ -142,22 +143,27 @@ class LocalGaussianPosterior(nn.Module):
 
 
 def families_containing(q: Distribution) -> tuple[str, ...]:
-    """The families of ``FAMILIES`` that contain the amortised posterior ``q``, simplest first:
-    only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined. A diagonal q lies in
-    both Gaussian families; a full-covariance q only in the full one."""
+    """The families q* can be fitted in that contain the amortised posterior ``q``, simplest
+    first: only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined. A diagonal q
+    lies in both Gaussian families (``FAMILIES``); a full-covariance q only in the full one; a
+    flow only in its own family (``"planar"``, ``"iaf"``: the same maps with per-example
+    parameters, ``vaelab.flows.LocalFlowPosterior``)."""
     family = family_of(q)
+    if family not in FAMILIES:
+        return (family,)
     return FAMILIES[FAMILIES.index(family) :]
 
 
 def family_of(q: Distribution) -> str:
-    """``"diagonal"`` or ``"full"`` for a Gaussian q; ``ValueError`` otherwise."""
+    """``"diagonal"`` or ``"full"`` for a Gaussian q, the flow's family (``"planar"``, ``"iaf"``)
+    for a flow; ``ValueError`` otherwise."""
     if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
         return "diagonal"
     if isinstance(q, MultivariateNormal):
         return "full"
-    raise ValueError(
-        f"cannot tell the Gaussian family of a {type(q).__name__} posterior; pass family="
-    )
+    if isinstance(q, FlowDistribution):
+        return q.family
+    raise ValueError(f"cannot tell the family of a {type(q).__name__} posterior; pass family=")
 
 
 def _learning_rate(lr: float, step: int, steps: int, floor: float = 0.01) -> float:
@@ -177,8 +183,10 @@ def fit_local_posteriors(
     samples: int = 8,
     seed: int | None = None,
     progress: bool = False,
-) -> LocalGaussianPosterior:
-    """Optimise a separate Gaussian q_n(z) for each example of ``x`` with the model frozen.
+) -> LocalGaussianPosterior | LocalFlowPosterior:
+    """Optimise a separate q_n(z) for each example of ``x`` in ``family`` with the model frozen:
+    a Gaussian (diagonal or full covariance), or for a flow posterior the same flow with
+    per-example parameters (``vaelab.flows.LocalFlowPosterior``).
 
     Starts at the amortised q(z|x); maximises Σ_n ELBO_n(q_n) with Adam (cosine-decayed learning
     rate from ``lr``) for ``steps`` steps, each ELBO estimated with ``samples`` reparameterised
@@ -201,7 +209,16 @@ def fit_local_posteriors(
         amortised = model.posterior(x)
         prior = model.prior()
     family = family_of(amortised) if family is None else family
-    local = LocalGaussianPosterior.from_distribution(amortised, family)
+    local: LocalGaussianPosterior | LocalFlowPosterior
+    if isinstance(amortised, FlowDistribution):
+        if family != amortised.family:
+            raise ValueError(
+                f"the amortised posterior is a {amortised.family} flow, which only its own "
+                f"family contains; use family={amortised.family!r}"
+            )
+        local = LocalFlowPosterior(amortised)
+    else:
+        local = LocalGaussianPosterior.from_distribution(amortised, family)
     params = list(local.parameters())
     optimiser = torch.optim.Adam(params, lr=lr)
     shape = (samples, *local.loc.shape)
@@ -264,7 +281,7 @@ def estimate_elbo(
     """
     n = x.shape[0]
     chunk = chunk_size or auto_chunk(n, math.prod(x.shape[1:]))
-    shared = all(is_location_scale(q) for q in posteriors)
+    shared = all(has_noise_form(q) for q in posteriors)
     latent = posteriors[0].event_shape
     totals = [torch.zeros(n, dtype=torch.float64, device=x.device) for _ in posteriors]
     squares = [torch.zeros_like(t) for t in totals]
@@ -275,12 +292,12 @@ def estimate_elbo(
         size = min(chunk, samples - start)
         eps = streams[0].normal(size, latent, like=x) if shared else None
         for i, q in enumerate(posteriors):
-            z = location_scale_sample(q, eps) if eps is not None else streams[i].sample(q, size)
-            kl, exact[i] = kl_term(q, prior, z)
+            z, log_q = reparameterise(q, eps) if eps is not None else streams[i].draw(q, size)
+            kl, exact[i] = kl_term(q, prior, z, log_q=log_q)
             if exact[i]:
                 values = likelihood.log_prob(x, z) - kl
             else:
-                values = log_importance_weights(x, q, prior, likelihood, z)
+                values = log_importance_weights(x, q, prior, likelihood, z, log_q)
             values = values.double()  # [size, n]
             # Sums of squares around a shift (the first chunk's mean) keep the variance exact.
             shift = shifts[i]
@@ -388,7 +405,7 @@ def inference_gap(
         amortised = model.posterior(x)
         prior = model.prior()
     family = family_of(amortised) if family is None else family
-    if family not in FAMILIES:
+    if family not in families_containing(amortised) and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
     if log_px is not None and log_px.log_px.shape != (x.shape[0],):
         raise ValueError(
@@ -396,7 +413,7 @@ def inference_gap(
             f"got {tuple(log_px.log_px.shape)}"
         )
 
-    def fit(family: str) -> LocalGaussianPosterior:
+    def fit(family: str) -> LocalGaussianPosterior | LocalFlowPosterior:
         return fit_local_posteriors(
             model,
             x,
@@ -415,9 +432,9 @@ def inference_gap(
             x, [optimal, amortised], prior, model.likelihood, eval_samples, seed=seed
         )
         if log_px is None:
-            proposal = optimal
-            if family != "full":
-                proposal = fit("full").distribution()
+            # The diagonal q* is too narrow a proposal (heavy-tailed weights); the full one is
+            # not, and a flow's q* is its own family's best.
+            proposal = fit("full").distribution() if family == "diagonal" else optimal
             log_px = log_likelihood_with_proposal(
                 x, proposal, prior, model.likelihood, k, seed=seed, method="iwae-q*"
             )

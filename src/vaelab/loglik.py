@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from vaelab.likelihoods import Likelihood
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, is_location_scale, location_scale_sample
+from vaelab.noise import ExampleNoise, has_noise_form, reparameterise
 from vaelab.objectives import log_importance_weights
 
 __all__ = [
@@ -222,9 +222,10 @@ def log_likelihood_with_proposal(
         expected = (k, batch, *proposal.event_shape)
         if tuple(noise.shape) != expected:
             raise ValueError(f"noise must be ε of shape {expected}, got {tuple(noise.shape)}")
-        if not is_location_scale(proposal):
+        if not has_noise_form(proposal):
             raise ValueError(
-                f"noise can only be given for a Gaussian proposal, not {type(proposal).__name__}"
+                f"noise can only be given for a proposal with a noise form (a Gaussian, a flow), "
+                f"not {type(proposal).__name__}"
             )
     chunk = chunk_size if chunk_size is not None else auto_chunk(batch, data_dim)
     if chunk < 1:
@@ -235,10 +236,10 @@ def log_likelihood_with_proposal(
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
         if noise is None:
-            z = streams.sample(proposal, size)
+            z, log_q = streams.draw(proposal, size)
         else:
-            z = location_scale_sample(proposal, noise[start : start + size].to(x.device))
-        log_w = log_importance_weights(x, proposal, prior, likelihood, z).double()  # [size, batch]
+            z, log_q = reparameterise(proposal, noise[start : start + size].to(x.device))
+        log_w = log_importance_weights(x, proposal, prior, likelihood, z, log_q).double()
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, 0))
         log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2.0 * log_w, 0))
     log_px, ess, se = summarise_log_weights(log_sum, log_sum_sq, k)

@@ -41,7 +41,9 @@ class VAEModel(nn.Module):
         beta: float = 1.0,
         kl: str = "auto",
         noise: torch.Tensor | None = None,
+        gradient: str = "standard",
     ) -> ElboTerms:
+        """``vaelab.objectives.elbo`` of this model's components."""
         return elbo(
             x,
             self.posterior,
@@ -51,10 +53,12 @@ class VAEModel(nn.Module):
             beta=beta,
             kl=kl,
             noise=noise,
+            gradient=gradient,
         )
 
-    def iwae(self, x: torch.Tensor, k: int) -> IwaeTerms:
-        return iwae_bound(x, self.posterior, self.prior, self.likelihood, k=k)
+    def iwae(self, x: torch.Tensor, k: int, gradient: str = "standard") -> IwaeTerms:
+        """``vaelab.objectives.iwae_bound`` of this model's components."""
+        return iwae_bound(x, self.posterior, self.prior, self.likelihood, k=k, gradient=gradient)
 
     def sample_latent(self, n: int) -> torch.Tensor:
         """``n`` draws from the prior, ``[n, latent]``."""

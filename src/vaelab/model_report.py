@@ -35,6 +35,9 @@ def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]
     elbo: dict[str, tuple[list[float], list[float]]] = {
         "train": (epochs, [m["elbo"] for m in history])
     }
+    if any(m.get("iwae") is not None for m in history):
+        iwae = [m.get("iwae") for m in history]
+        elbo["train (IWAE bound)"] = (epochs, [float("nan") if v is None else v for v in iwae])
     if any(m.get("valid_elbo") is not None for m in history):
         valid = [m.get("valid_elbo") for m in history]
         elbo["validation"] = (epochs, [float("nan") if v is None else v for v in valid])

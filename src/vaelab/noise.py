@@ -26,7 +26,19 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 BLOCK = 64  # rows of normal draws per example and refill
 
-__all__ = ["BLOCK", "ExampleNoise", "example_keys", "fresh_seed", "seeded"]
+__all__ = [
+    "BLOCK",
+    "ExampleNoise",
+    "example_keys",
+    "fresh_seed",
+    "has_noise_form",
+    "is_location_scale",
+    "location_scale_sample",
+    "posterior_mean",
+    "reparameterise",
+    "rsample_with_log_prob",
+    "seeded",
+]
 
 
 def fresh_seed() -> int:
@@ -132,16 +144,23 @@ class ExampleNoise:
         return _like(u, like, self.device)
 
     def sample(self, q: Distribution, samples: int) -> torch.Tensor:
-        """``samples`` draws from ``q``, ``[samples, batch, *event_shape]``, not differentiable.
+        """``samples`` draws from ``q``, ``[samples, batch, *event_shape]``; see :meth:`draw`."""
+        return self.draw(q, samples)[0]
 
-        A Gaussian with ``batch_shape [batch]`` or ``[]`` is sampled as μ + L ε with ε from
-        :meth:`normal`; any other distribution with ``batch_shape []`` (a mixture prior) example
-        by example under torch's global generator, forked and seeded from the example's stream.
+    def draw(self, q: Distribution, samples: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``samples`` draws from ``q``, ``[samples, batch, *event_shape]``, not differentiable,
+        with log q of them ``[samples, batch]`` where the same pass gives it (a flow), else None.
+
+        A distribution with a noise form (:func:`has_noise_form`: a Gaussian, a flow) and
+        ``batch_shape [batch]`` or ``[]`` is sampled from ε drawn with :meth:`normal`; any other
+        distribution with ``batch_shape []`` (a mixture prior) example by example under torch's
+        global generator, forked and seeded from the example's stream.
         """
         event = tuple(q.event_shape)
-        if tuple(q.batch_shape) in ((self.batch,), ()) and is_location_scale(q):
-            eps = self.normal(samples, event, like=q.mean)
-            return location_scale_sample(q, eps).detach()
+        if tuple(q.batch_shape) in ((self.batch,), ()) and has_noise_form(q):
+            like = q.base_dist.loc if isinstance(q, Independent) else _a_parameter(q)
+            z, log_q = reparameterise(q, self.normal(samples, event, like=like))
+            return z.detach(), None if log_q is None else log_q.detach()
         if tuple(q.batch_shape) != ():
             raise ValueError(
                 f"cannot draw per-example noise for a {type(q).__name__} with batch_shape "
@@ -153,13 +172,69 @@ class ExampleNoise:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 draws.append(q.sample((samples,)))
-        return torch.stack(draws, dim=1)
+        return torch.stack(draws, dim=1), None
+
+
+MEAN_SAMPLES = 1000  # draws behind a Monte Carlo posterior mean
+
+
+def posterior_mean(q: Distribution, x: torch.Tensor, seed: int | None) -> torch.Tensor:
+    """E_q[z] ``[batch, latent]`` for q(z|x) with ``batch_shape [batch]``: exact where the
+    distribution knows it (a Gaussian's μ), else the mean of ``MEAN_SAMPLES`` draws from each
+    example's own stream (a flow), so that the number depends on the example alone. ``x`` keys
+    the streams."""
+    try:
+        return q.mean
+    except NotImplementedError:
+        return ExampleNoise(x, seed).sample(q, MEAN_SAMPLES).mean(0)
 
 
 def _like(values: torch.Tensor, like: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     if like is None:
         return values.to(device=device, dtype=torch.float32)
     return values.to(device=like.device, dtype=like.dtype)
+
+
+def _a_parameter(q: Distribution) -> torch.Tensor:
+    """A tensor of ``q``'s dtype and device, to make noise like."""
+    for name in ("loc", "mean_parameter"):
+        value = getattr(q, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError(f"cannot tell the dtype and device of a {type(q).__name__}")
+
+
+def has_noise_form(q: Distribution) -> bool:
+    """Whether ``q``'s samples are a differentiable function of standard normal noise that
+    :func:`reparameterise` can apply to given ε: a Gaussian (location-scale) or a distribution
+    with a ``from_noise`` method (a flow)."""
+    return is_location_scale(q) or callable(getattr(q, "from_noise", None))
+
+
+def reparameterise(
+    q: Distribution, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z from standard normal ε ``[samples, batch, latent]``, differentiable in q's parameters,
+    and log q(z) ``[samples, batch]`` where the same pass gives it: a flow's density comes free
+    with its sample (``from_noise``) and would cost an inverse afterwards; a Gaussian's is left to
+    whoever needs it (None), which the exact KL never does."""
+    from_noise = getattr(q, "from_noise", None)
+    if callable(from_noise):
+        z, log_q = from_noise(noise)
+        return z, log_q
+    return location_scale_sample(q, noise), None
+
+
+def rsample_with_log_prob(
+    q: Distribution, sample_shape: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``q.rsample(sample_shape)`` and, where the same pass gives it (a flow's
+    ``rsample_and_log_prob``), log q of the sample; else None."""
+    both = getattr(q, "rsample_and_log_prob", None)
+    if callable(both):
+        z, log_q = both(torch.Size(sample_shape))
+        return z, log_q
+    return q.rsample(torch.Size(sample_shape)), None
 
 
 def is_location_scale(q: Distribution) -> bool:

@@ -55,7 +55,7 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelab import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
 from vaelab.likelihoods import Likelihood
-from vaelab.noise import location_scale_sample
+from vaelab.noise import reparameterise, rsample_with_log_prob
 from vaelab.posteriors import stop_gradient
 
 KL_METHODS = ("auto", "analytic", "monte_carlo")
@@ -78,12 +78,22 @@ class ElboTerms(NamedTuple):
 
 
 class IwaeTerms(NamedTuple):
-    """The importance-weighted bound ``[batch]``, its log weights ``[k, batch]``, and ``objective``
-    ``[batch]``: what training maximises, the bound's value with the chosen estimator's gradient."""
+    """The importance-weighted bound ``[batch]``, its log weights ``[k, batch]``, ``objective``
+    ``[batch]`` (what training maximises: the bound's value with the chosen estimator's gradient)
+    and the two parts of the k draws' mean log weight, ``reconstruction`` = mean log p(x|zᵢ) and
+    ``kl`` = mean [log q(zᵢ|x) − log p(zᵢ)] (Monte Carlo, ``[batch]``), whose difference
+    ``elbo`` is the ELBO estimated from the same draws."""
 
     bound: torch.Tensor
     log_weights: torch.Tensor
     objective: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+    @property
+    def elbo(self) -> torch.Tensor:
+        """(1/k) Σᵢ log wᵢ, ``[batch]``: the Monte Carlo ELBO from the bound's own draws."""
+        return self.reconstruction - self.kl
 
 
 def _check_gradient(gradient: str) -> None:
@@ -133,12 +143,18 @@ def _value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> tor
 
 
 def kl_term(
-    q: Distribution, p: Distribution, z: torch.Tensor, method: str = "auto"
+    q: Distribution,
+    p: Distribution,
+    z: torch.Tensor,
+    method: str = "auto",
+    log_q: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """KL(q ‖ p) per example, ``[batch]``, and whether it is exact.
 
     ``z: [samples, batch, latent]`` are draws from q, used only for the Monte Carlo estimate
-    (1/L) Σₗ [log q(zₗ) − log p(zₗ)]. ``method="auto"`` takes the closed form when one is registered.
+    (1/L) Σₗ [log q(zₗ) − log p(zₗ)]; ``log_q`` ``[samples, batch]``, when given, is log q(z)
+    from the pass that drew z (a flow's, which would otherwise cost an inverse).
+    ``method="auto"`` takes the closed form when one is registered.
     """
     if method not in KL_METHODS:
         raise ValueError(f"unknown KL method {method!r}; choose one of {KL_METHODS}")
@@ -151,7 +167,7 @@ def kl_term(
                     f"no closed-form KL between {type(q).__name__} and {type(p).__name__}; "
                     "use kl='auto' or kl='monte_carlo'"
                 ) from None
-    return (q.log_prob(z) - p.log_prob(z)).mean(0), False
+    return ((q.log_prob(z) if log_q is None else log_q) - p.log_prob(z)).mean(0), False
 
 
 def kl_per_dimension(q: Distribution, p: Distribution) -> torch.Tensor | None:
@@ -193,14 +209,17 @@ def elbo(
     if noise is None and samples == 1:
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
         # and no sample dimension to fold in and out of the decoder at every step.
-        z = q.rsample()
+        z, log_q = rsample_with_log_prob(q)
         reconstruction = likelihood.log_prob(x, z)  # [batch]
         z = z.unsqueeze(0)  # [1, batch, latent], for a Monte Carlo KL
+        log_q = None if log_q is None else log_q.unsqueeze(0)
     else:
-        z = q.rsample((samples,)) if noise is None else location_scale_sample(q, noise)
+        z, log_q = (
+            rsample_with_log_prob(q, (samples,)) if noise is None else reparameterise(q, noise)
+        )
         reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
     p = prior()
-    kl_value, _ = kl_term(q, p, z, kl)
+    kl_value, _ = kl_term(q, p, z, kl, log_q)
     bound = reconstruction - kl_value
     weighted = bound if beta == 1.0 else reconstruction - beta * kl_value
     if gradient == "standard":
@@ -218,14 +237,35 @@ def elbo(
 
 
 def log_importance_weights(
-    x: torch.Tensor, q: Distribution, p: Distribution, likelihood: Likelihood, z: torch.Tensor
+    x: torch.Tensor,
+    q: Distribution,
+    p: Distribution,
+    likelihood: Likelihood,
+    z: torch.Tensor,
+    log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """log w = log p(x|z) − [log q(z|x) − log p(z)] for ``z: [k, batch, latent]`` → ``[k, batch]``.
+    """log w = log p(x|z) − [log q(z|x) − log p(z)] for ``z: [k, batch, latent]`` → ``[k, batch]``;
+    ``log_q``, when given, is log q(z|x) from the pass that drew z.
 
     Written in the same order as the Monte Carlo ELBO so that with one sample the two agree to the
     last bit.
     """
-    return likelihood.log_prob(x, z) - (q.log_prob(z) - p.log_prob(z))
+    reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)
+    return reconstruction - kl
+
+
+def _log_weight_parts(
+    x: torch.Tensor,
+    q: Distribution,
+    p: Distribution,
+    likelihood: Likelihood,
+    z: torch.Tensor,
+    log_q: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z) and log q(z|x) − log p(z), each ``[k, batch]``: log w is the first minus the
+    second."""
+    log_q = q.log_prob(z) if log_q is None else log_q
+    return likelihood.log_prob(x, z), log_q - p.log_prob(z)
 
 
 def iwae_bound(
@@ -262,13 +302,16 @@ def iwae_bound(
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
     _check_gradient(gradient)
     q = posterior(x)
-    z = q.rsample((k,))  # [k, batch, latent]
+    z, log_q = rsample_with_log_prob(q, (k,))  # [k, batch, latent], [k, batch] or None
+    p = prior()
     if gradient == "standard":
-        log_w = log_importance_weights(x, q, prior(), likelihood, z)
+        reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)
+        log_w = reconstruction - kl  # [k, batch]
         bound = torch.logsumexp(log_w, dim=0) - math.log(k)
-        return IwaeTerms(bound=bound, log_weights=log_w, objective=bound)
+        return IwaeTerms(bound, log_w, bound, reconstruction.mean(0), kl.mean(0))
     # The same numbers as the standard log weights; only the gradient through q differs.
-    log_w = log_importance_weights(x, stop_gradient(q), prior(), likelihood, z)  # [k, batch]
+    reconstruction, kl = _log_weight_parts(x, stop_gradient(q), p, likelihood, z, None)
+    log_w = reconstruction - kl  # [k, batch]
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     if gradient == "stl":
         objective = bound
@@ -278,7 +321,13 @@ def iwae_bound(
             z.register_hook(lambda grad: grad * weights.unsqueeze(-1))
         objective = _value_with_gradient_of(bound, (weights * log_w).sum(0))
     # Detached: under DReG the hook on z would bend any other gradient that goes through z.
-    return IwaeTerms(bound=bound.detach(), log_weights=log_w.detach(), objective=objective)
+    return IwaeTerms(
+        bound.detach(),
+        log_w.detach(),
+        objective,
+        reconstruction.mean(0).detach(),
+        kl.mean(0).detach(),
+    )
 
 
 def objective_terms(

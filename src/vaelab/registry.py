@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from vaelab.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
 from vaelab.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -66,9 +67,38 @@ LIKELIHOODS: dict[str, LikelihoodSpec] = {
     "laplace": LikelihoodSpec(1, LaplaceLikelihood, "Laplace, one learned scale"),
 }
 
-POSTERIORS: dict[str, type[DiagonalGaussianPosterior] | type[FullCovariancePosterior]] = {
-    "diagonal": DiagonalGaussianPosterior,
-    "full": FullCovariancePosterior,
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """How to build a posterior: the encoder features it reads for (latent, flow_steps), and a
+    constructor taking (encoder, latent, flow_steps)."""
+
+    n_params: Callable[[int, int], int]
+    build: Callable[[nn.Module, int, int], nn.Module]
+    summary: str
+
+
+POSTERIORS: dict[str, PosteriorSpec] = {
+    "diagonal": PosteriorSpec(
+        lambda latent, steps: DiagonalGaussianPosterior.n_params(latent),
+        lambda encoder, latent, steps: DiagonalGaussianPosterior(encoder, latent),
+        "diagonal Gaussian",
+    ),
+    "full": PosteriorSpec(
+        lambda latent, steps: FullCovariancePosterior.n_params(latent),
+        lambda encoder, latent, steps: FullCovariancePosterior(encoder, latent),
+        "full-covariance Gaussian (Cholesky factor)",
+    ),
+    "planar": PosteriorSpec(
+        PlanarFlowPosterior.n_params,
+        PlanarFlowPosterior,
+        "diagonal Gaussian through flow_steps planar layers (Rezende & Mohamed 2015)",
+    ),
+    "iaf": PosteriorSpec(
+        IAFPosterior.n_params,
+        IAFPosterior,
+        "diagonal Gaussian through flow_steps inverse autoregressive steps (Kingma et al. 2016)",
+    ),
 }
 
 PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...]], nn.Module]] = {
@@ -97,6 +127,7 @@ class ModelConfig:
     posterior: str = "diagonal"
     network: str = "mlp"
     activation: str = "relu"
+    flow_steps: int = DEFAULT_FLOW_STEPS
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option that cannot work."""
@@ -107,6 +138,8 @@ class ModelConfig:
         _choose("likelihood", self.likelihood, LIKELIHOODS)
         _choose("prior", self.prior, PRIORS)
         _choose("posterior", self.posterior, POSTERIORS)
+        if not isinstance(self.flow_steps, int) or self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be a positive integer, got {self.flow_steps!r}")
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)
 
@@ -129,16 +162,16 @@ class ModelConfig:
 def build_model(config: ModelConfig) -> VAEModel:
     """A freshly initialised ``VAEModel`` for ``config``."""
     config.validate()
-    posterior_cls = POSTERIORS[config.posterior]
+    posterior_spec = POSTERIORS[config.posterior]
     likelihood = LIKELIHOODS[config.likelihood]
     encoder = encoder_network(
         config.network,
         config.data_shape,
         config.hidden,
-        posterior_cls.n_params(config.latent_dim),
+        posterior_spec.n_params(config.latent_dim, config.flow_steps),
         config.activation,
     )
-    posterior = posterior_cls(encoder, config.latent_dim)
+    posterior = posterior_spec.build(encoder, config.latent_dim, config.flow_steps)
     decoder = decoder_network(
         config.network,
         config.latent_dim,

@@ -19,7 +19,9 @@ from typing import Any
 
 from vaelab.data import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator import VAE, resolve_device
+from vaelab.flows import DEFAULT_FLOW_STEPS
 from vaelab.networks import ACTIVATIONS, NETWORKS
+from vaelab.objectives import GRADIENTS, OBJECTIVES
 from vaelab.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig
 from vaelab.training import LR_SCHEDULES, TrainConfig
 
@@ -60,14 +62,30 @@ class RunConfig:
     likelihood: str = _option("bernoulli", "p(x|z)", "str", tuple(LIKELIHOODS))
     prior: str = _option("normal", "p(z)", "str", tuple(PRIORS))
     posterior: str = _option(
-        "diagonal", "q(z|x): diagonal or full covariance", "str", tuple(POSTERIORS)
+        "diagonal",
+        "q(z|x): diagonal or full-covariance Gaussian, or a planar or inverse autoregressive flow",
+        "str",
+        tuple(POSTERIORS),
     )
+    flow_steps: int = _option(DEFAULT_FLOW_STEPS, "layers of a flow posterior", "int")
     network: str = _option(
         "mlp", "encoder/decoder body (conv needs images)", "str", tuple(NETWORKS)
     )
     activation: str = _option("relu", "hidden-layer non-linearity", "str", tuple(ACTIVATIONS))
-    beta: float = _option(1.0, "weight of the KL term while training (beta-VAE)", "float")
-    samples: int = _option(1, "Monte Carlo samples per example and step", "int")
+    objective: str = _option(
+        "elbo", "the bound training maximises: elbo, or iwae with K samples", "str", OBJECTIVES
+    )
+    k: int = _option(1, "importance samples of the IWAE objective", "int")
+    gradient: str = _option(
+        "standard",
+        "gradient estimator: standard, stl (sticking the landing) or dreg (IWAE only)",
+        "str",
+        GRADIENTS,
+    )
+    beta: float = _option(
+        1.0, "weight of the KL term while training (beta-VAE; ELBO objective only)", "float"
+    )
+    samples: int = _option(1, "Monte Carlo samples per example and step (ELBO objective)", "int")
     # training
     epochs: int = _option(50, "passes over the training data", "int")
     batch_size: int = _option(100, "examples per step", "int")
@@ -103,6 +121,9 @@ class RunConfig:
             warmup_fraction=self.warmup,
             beta=self.beta,
             samples=self.samples,
+            objective=self.objective,
+            k=self.k,
+            gradient=self.gradient,
             kl_warmup_epochs=self.kl_warmup,
             free_bits=self.free_bits,
             grad_clip=self.grad_clip,
@@ -129,6 +150,10 @@ class RunConfig:
             network=self.network,
             activation=self.activation,
             samples=self.samples,
+            flow_steps=self.flow_steps,
+            objective=self.objective,
+            k=self.k,
+            gradient=self.gradient,
         )
 
     def validate(self) -> None:

@@ -40,6 +40,7 @@ from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaelab.data import DataSplits, Split, load_data
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
+from vaelab.noise import seeded
 from vaelab.registry import build_model
 from vaelab.runconfig import RunError, config_from_json, resolve
 from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
@@ -313,9 +314,8 @@ def _train_locked(
     device = resolve_device(config.device)
     train_data = _train_data(splits.train)
     model_config = config.model_config(splits.shape)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with seeded(config.seed, device):
         # The same order of draws as VAE.fit: data-order seed, then initialisation.
-        torch.manual_seed(config.seed)
         order = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
         binarizer = None
         if splits.binarize == "dynamic":
@@ -466,8 +466,9 @@ class RunLog(TrainingObserver):
         if trainer.finished or now - self._logged >= LOG_INTERVAL:
             self._logged = now
             valid = "" if metrics.valid_elbo is None else f"  valid ELBO {metrics.valid_elbo:.3f}"
+            bound = "" if metrics.iwae is None else f"IWAE-{trainer.config.k} {metrics.iwae:.3f}  "
             print(
-                f"epoch {metrics.epoch}/{self.epochs}: ELBO {metrics.elbo:.3f}  "
+                f"epoch {metrics.epoch}/{self.epochs}: {bound}ELBO {metrics.elbo:.3f}  "
                 f"KL {metrics.kl:.3f}  reconstruction {metrics.reconstruction:.3f}{valid}  "
                 f"({metrics.examples_per_second:,.0f} ex/s)",
                 file=self.log,
@@ -487,6 +488,8 @@ class RunLog(TrainingObserver):
         }
         if metrics.valid_elbo is not None:
             scalars["valid/elbo"] = metrics.valid_elbo
+        if metrics.iwae is not None:
+            scalars["train/iwae"] = metrics.iwae
         with self._tensorboard():
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, metrics.epoch)

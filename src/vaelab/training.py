@@ -29,7 +29,8 @@ from torch.utils.data import DataLoader
 from vaelab.checkpoint import Tensors, capture_rng, restore_rng, save_checkpoint
 from vaelab.data import DataError, binarize_batch
 from vaelab.model import VAEModel
-from vaelab.objectives import ElboTerms, kl_per_dimension
+from vaelab.noise import seeded
+from vaelab.objectives import ElboTerms, IwaeTerms, check_objective, kl_per_dimension
 
 LR_SCHEDULES = ("constant", "cosine")
 # Validation noise comes from this seed, so the validation ELBO depends on the weights alone.
@@ -59,6 +60,9 @@ class TrainConfig:
     final_lr_fraction: float = 0.01
     beta: float = 1.0
     samples: int = 1
+    objective: str = "elbo"
+    k: int = 1
+    gradient: str = "standard"
     kl_warmup_epochs: float = 0.0
     free_bits: float = 0.0
     grad_clip: float | None = None
@@ -101,6 +105,35 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self._validate_objective()
+
+    def _validate_objective(self) -> None:
+        """The objective, its gradient estimator and the options that only some objectives have
+        (``vaelab.objectives.check_objective`` refuses the combinations without a meaning)."""
+        check_objective(self.objective, self.gradient, beta=self.beta)
+        if self.k < 1:
+            raise ValueError(f"k must be at least 1 importance sample, got {self.k}")
+        if self.objective == "elbo" and self.k != 1:
+            raise ValueError(
+                f"k={self.k} is the IWAE bound's number of importance samples; with "
+                "objective='elbo' use samples=L for L Monte Carlo draws, or objective='iwae'"
+            )
+        if self.objective == "iwae":
+            for name, value, off in (
+                ("samples", self.samples, 1),
+                ("kl_warmup_epochs", self.kl_warmup_epochs, 0.0),
+                ("free_bits", self.free_bits, 0.0),
+            ):
+                if value != off:
+                    raise ValueError(
+                        f"{name}={value} shapes the ELBO's terms, which the IWAE bound does not "
+                        f"have; leave it at {off} with objective='iwae' (k sets its samples)"
+                    )
+        if self.gradient != "standard" and self.free_bits > 0:
+            raise ValueError(
+                f"free bits replace the KL term with a clamped closed form, which has no "
+                f"gradient={self.gradient!r} form; use gradient='standard' with free_bits"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,7 +161,12 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class EpochMetrics:
-    """Means over one epoch, in nats per example; ``step`` counts optimiser steps so far."""
+    """Means over one epoch, in nats per example; ``step`` counts optimiser steps so far.
+
+    ``elbo``, ``reconstruction`` and ``kl`` are the ELBO's terms on the training batches (under
+    ``objective="iwae"``, Monte Carlo estimates from the bound's own k draws); ``iwae`` is the
+    IWAE-k bound training maximised, when it did. ``valid_elbo`` is always the ELBO, a yardstick
+    common to every objective, and what selects the best weights."""
 
     epoch: int
     elbo: float
@@ -140,6 +178,7 @@ class EpochMetrics:
     valid_elbo: float | None = None
     step: int = 0
     kl_weight: float = 1.0
+    iwae: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,7 +412,8 @@ class Trainer:
         self.best_valid: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.waited = 0
-        self.sums = torch.zeros(3, dtype=torch.float64)  # ELBO, reconstruction, KL of this epoch
+        # ELBO, reconstruction, KL and the training bound, summed over this epoch's examples.
+        self.sums = torch.zeros(4, dtype=torch.float64)
         self.count = 0
         self.epoch_seconds = 0.0
         self.checkpoint_position: tuple[int, int] | None = None  # (epoch, batch) last written
@@ -387,9 +427,15 @@ class Trainer:
             return self.config.beta
         return self.config.beta * min(1.0, (epoch + fraction) / self.config.kl_warmup_epochs)
 
-    def _loss(self, x: torch.Tensor, kl_weight: float) -> tuple[torch.Tensor, ElboTerms]:
-        terms = self.model.elbo(x, samples=self.config.samples, beta=kl_weight)
-        if self.config.free_bits > 0:
+    def _loss(
+        self, x: torch.Tensor, kl_weight: float
+    ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
+        config = self.config
+        if config.objective == "iwae":
+            found = self.model.iwae(x, k=config.k, gradient=config.gradient)
+            return -found.objective.mean(), found
+        terms = self.model.elbo(x, samples=config.samples, beta=kl_weight, gradient=config.gradient)
+        if config.free_bits > 0:
             # Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at least λ.
             q, p = self.model.posterior(x), self.model.prior()
             per_dim = kl_per_dimension(q, p)
@@ -402,10 +448,12 @@ class Trainer:
         return -terms.objective.mean(), terms
 
     @torch.no_grad()
-    def _record(self, terms: ElboTerms, examples: int) -> None:
-        """Add one step's per-example terms to the epoch's sums."""
-        # One reduction for the three sums: [3, batch] → [3], accumulated in float64.
-        self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl]).sum(1)
+    def _record(self, terms: ElboTerms | IwaeTerms, examples: int) -> None:
+        """Add one step's per-example terms to the epoch's sums: ELBO, reconstruction, KL and
+        the training bound (the ELBO itself, or IWAE-k)."""
+        bound = terms.bound if isinstance(terms, IwaeTerms) else terms.elbo
+        # One reduction for the four sums: [4, batch] → [4], accumulated in float64.
+        self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1)
         self.count += examples
 
     def check(self, x: torch.Tensor) -> None:
@@ -418,7 +466,7 @@ class Trainer:
 
     def running_means(self) -> tuple[float, float, float]:
         """This epoch's mean ELBO, reconstruction and KL so far (nats per example)."""
-        elbo, reconstruction, kl = (self.sums / max(self.count, 1)).tolist()
+        elbo, reconstruction, kl, _ = (self.sums / max(self.count, 1)).tolist()
         return elbo, reconstruction, kl
 
     def request_stop(self) -> None:
@@ -469,7 +517,9 @@ class Trainer:
         """Continue from a ``state()`` (e.g. read back by ``vaelab.checkpoint.load_checkpoint``).
 
         Raises ``ValueError`` when the checkpoint belongs to a different configuration or data."""
-        saved = state["train_config"]
+        # Options added since a checkpoint was written take their defaults, which reproduce what
+        # that version computed.
+        saved = {**TrainConfig().to_json(), **state["train_config"]}
         if saved != self.config.to_json():
             changed = sorted(k for k, v in self.config.to_json().items() if saved.get(k) != v)
             raise ValueError(
@@ -503,7 +553,10 @@ class Trainer:
         self.epoch, self.batch = position["epoch"], position["batch"]
         self.step, self.finished = position["step"], position["finished"]
         progress = state["epoch_progress"]
-        self.sums = torch.tensor(progress["sums"], dtype=torch.float64)
+        sums = list(progress["sums"])
+        if len(sums) == 3:  # written before the training bound had its own sum: it was the ELBO
+            sums.append(sums[0])
+        self.sums = torch.tensor(sums, dtype=torch.float64)
         self.count, self.epoch_seconds = progress["count"], progress["seconds"]
         self.best_valid = state["early_stopping"]["best_valid"]
         self.waited = state["early_stopping"]["waited"]
@@ -635,12 +688,11 @@ class Trainer:
             examples_per_second=self.count / max(self.epoch_seconds, 1e-9),
             step=self.step,
             kl_weight=kl_weight,
+            iwae=means[3] if self.config.objective == "iwae" else None,
         )
         if valid is not None:
             self.model.eval()
-            devices = [self.device] if self.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(VALID_SEED)
+            with seeded(VALID_SEED, self.device):
                 try:
                     metrics.valid_elbo = mean_elbo(
                         self.model, valid.batches(self.epoch), self.device
