@@ -104,8 +104,13 @@ def test_evaluate(model, capsys):
     assert result["iwae"]["mean"] > result["elbo"] - 1.0 and result["kl"] > -1.0
     diagnostics = result["diagnostics"]
     assert 0 <= diagnostics["active_units"] <= 2
-    # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.diagnostics).
-    assert -0.05 <= diagnostics["mutual_information"]["mean"] <= math.log(24) + 0.05
+    # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.diagnostics); an IAF's is left
+    # out by default (N² sequential inverses), and says so.
+    information = diagnostics["mutual_information"]
+    if information is None:
+        assert "sequential inverse" in diagnostics["mutual_information_note"]
+    else:
+        assert -0.05 <= information["mean"] <= math.log(24) + 0.05
 
 
 def test_gap(model, capsys):

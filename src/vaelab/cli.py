@@ -461,7 +461,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         mi = found["mutual_information"]
         rows += [
             ("active units", f"{found['active_units']} of {found['latent_dim']}"),
-            ("I(x; z)", f"{mi['mean']:.4f} ± {mi['standard_error']:.4f} nats"),
+            (
+                "I(x; z)",
+                f"— {found['mutual_information_note']}"
+                if mi is None
+                else f"{mi['mean']:.4f} ± {mi['standard_error']:.4f} nats",
+            ),
             ("rate", f"{found['rate']['mean']:.4f} nats/example"),
             ("distortion", f"{found['distortion']['mean']:.4f} nats/example"),
         ]

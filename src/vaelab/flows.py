@@ -392,6 +392,8 @@ class IAFDistribution(FlowDistribution):
     """
 
     family = "iaf"
+    # log_prob of a value it did not draw runs D sequential passes of the MADE per step.
+    cheap_log_prob_anywhere = False
 
     def __init__(
         self,

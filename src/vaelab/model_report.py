@@ -85,14 +85,17 @@ def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Me
             )
         )
         mi = diagnostics["mutual_information"]
-        rows.append(
-            Metric(
-                "I(x; z)",
-                mi["mean"],
-                f"± {mi['standard_error']:.3f} nats, aggregate posterior over {mi['examples']:,} "
-                f"examples (at most log N = {mi['upper_bound']:.2f})",
+        if mi is None:
+            rows.append(Metric("I(x; z)", None, diagnostics["mutual_information_note"]))
+        else:
+            rows.append(
+                Metric(
+                    "I(x; z)",
+                    mi["mean"],
+                    f"± {mi['standard_error']:.3f} nats, aggregate posterior over "
+                    f"{mi['examples']:,} examples (at most log N = {mi['upper_bound']:.2f})",
+                )
             )
-        )
     for family, found in (gaps or {}).get("families", {}).items():
         for name in ("approximation_gap", "amortisation_gap"):
             value = found[name]
