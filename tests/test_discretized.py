@@ -16,12 +16,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
 from vaelab import cli
 from vaelab.likelihoods import (
     LOGISTIC_MIXTURE_COMPONENTS,
     LOGISTIC_SCALE_FLOOR,
+    DataMoments,
     DiscretizedLogistic,
     DiscretizedLogisticLikelihood,
     DiscretizedLogisticMixtureLikelihood,
@@ -330,6 +332,30 @@ def test_once_trained_only_the_training_grid_is_accepted_and_it_is_saved():
     likelihood.initialise(x)
     with pytest.raises(ValueError, match=r"as the integers 0\.\.255, but the data hold 0\.5;"):
         likelihood.check_support(torch.tensor([[0.0, 0.5, 1.0, 0.0]]))
+
+
+def test_the_grid_is_read_off_a_stream_of_batches_as_off_the_whole_data():
+    """A DataLoader's batches reach ``initialise`` as ``DataMoments``: the largest value over all
+    of them sets the grid (here the first batch, dark, holds only 0s and 1s, on both grids), and
+    the start is the one the whole tensor gives."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (40, 4)).double()
+    x[:20] = x[:20].clamp(max=1.0)
+    moments = DataMoments()
+    for batch in x.split(20):
+        moments.update(batch)
+    from_stream = DiscretizedLogisticLikelihood(nn.Linear(2, 8), (4,)).double()
+    from_stream.initialise(moments)
+    whole = DiscretizedLogisticLikelihood(nn.Linear(2, 8), (4,)).double()
+    whole.initialise(x)
+    assert from_stream.grid.bin_width == whole.grid.bin_width == 1.0
+    assert torch.allclose(from_stream.offset, whole.offset)
+    assert torch.allclose(from_stream.log_scale_offset, whole.log_scale_offset)
+    # VAE.fit on a DataLoader of pixels / 255: checked batch by batch, the grid read at the start.
+    loader = DataLoader(TensorDataset((x / 255).float()), batch_size=10)
+    model = vaelab.VAE(likelihood="discretized-logistic", latent_dim=2, hidden=(8,), epochs=1)
+    grid = model.fit(loader).model_.likelihood.grid
+    assert grid.bin_width == pytest.approx(1 / 255, rel=1e-15)
 
 
 def test_the_distribution_has_the_likelihood_shapes_and_a_grid_support():
