@@ -117,7 +117,8 @@ def test_log_prob_of_x_given_z_is_the_distributions_log_prob(name, data_shape):
     config = ModelConfig(data_shape=data_shape, latent_dim=3, hidden=(8,), likelihood=name)
     likelihood = build_model(config).likelihood
     x = torch.rand(5, *data_shape).round()
-    likelihood.initialise(torch.rand(20, *data_shape))
+    # 8-bit pixels / 255: data in [0, 1] that every likelihood accepts.
+    likelihood.initialise(torch.randint(0, 256, (20, *data_shape)) / 255)
     for z in (torch.randn(5, 3), torch.randn(4, 5, 3)):
         expected = likelihood(z).log_prob(x)
         assert expected.shape == z.shape[:-1]
@@ -143,7 +144,8 @@ def test_likelihood_batch_and_event_shapes():
 
 
 def test_initialise_starts_the_decoder_at_the_data_mean():
-    x = torch.rand(500, 6) * 0.5 + 0.25
+    torch.manual_seed(0)
+    x = torch.randint(64, 192, (500, 6)) / 255  # in [0.25, 0.75], on the 8-bit grid
     for name in LIKELIHOODS:
         model = build_model(ModelConfig(data_shape=(6,), latent_dim=2, hidden=(), likelihood=name))
         model.likelihood.initialise(x)
@@ -151,7 +153,11 @@ def test_initialise_starts_the_decoder_at_the_data_mean():
             model.likelihood.decoder.layers[0].weight.zero_()
             model.likelihood.decoder.layers[0].bias.zero_()
         mean = model.likelihood.mean(torch.zeros(1, 2))[0]
-        tolerance = 0.05 if name == "continuous-bernoulli" else 1e-5
+        # The continuous Bernoulli's mean is not sigmoid(logits); a discretised logistic's end
+        # levels take its tails, which moves the mean off the location by about 3·10⁻⁵ here.
+        tolerance = {"continuous-bernoulli": 0.05}.get(
+            name, 1e-4 if "discretized" in name else 1e-5
+        )
         assert torch.allclose(mean[:6], x.mean(0), atol=tolerance), name
 
 

@@ -4,8 +4,9 @@ prior, likelihood and network, on tiny data.
 Defects live where one module reads what another wrote, so each model here is trained by the
 command line and then read back by every other command. Every option value appears at least once,
 crossed with the others in a covering design rather than the full product (which would take
-minutes): each model is trained for one epoch on 240 digits with labels, then evaluated, gapped,
-reported, sampled, reconstructed and encoded, and each result is checked for sense.
+minutes): each model is trained for one epoch on 240 digits with labels (as 8-bit images for the
+likelihoods of 8-bit pixels, whose levels digits / 16 are not), then evaluated, gapped, reported,
+sampled, reconstructed and encoded, and each result is checked for sense.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ MATRIX = [
     ("gaussian", "iaf", "vamp", "conv", "elbo", "stl"),
     ("laplace", "iaf", "mixture", "mlp", "iwae", "standard"),
     ("continuous-bernoulli", "planar", "learnable", "conv", "elbo", "standard"),
+    ("discretized-logistic", "diagonal", "mixture", "conv", "elbo", "standard"),
+    ("discretized-logistic-mixture", "full", "normal", "mlp", "iwae", "standard"),
 ]
+# Likelihoods of the 256 levels of 8-bit pixels: trained on the digits as uint8 images.
+EIGHT_BIT = {"discretized-logistic", "discretized-logistic-mixture"}
 IDS = ["-".join(row) for row in MATRIX]
 
 
@@ -59,12 +64,24 @@ def data(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def data_8_bit(tmp_path_factory) -> Path:
+    """The same 240 digits as uint8 images, 0..16 spread over 0..255 and rounded, which the
+    default scaling (--scale auto) divides by 255."""
+    digits = load_digits()
+    path = tmp_path_factory.mktemp("data") / "digits8.npz"
+    images = np.round(digits.data[:240] * (255 / 16)).astype(np.uint8).reshape(-1, 1, 8, 8)
+    np.savez(path, images=images, labels=digits.target[:240])
+    return path
+
+
 @pytest.fixture(scope="module", params=MATRIX, ids=IDS)
-def model(request, data, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
+def model(request, data, data_8_bit, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
     likelihood, posterior, prior, network, objective, gradient = request.param
     folder = tmp_path_factory.mktemp("runs") / "model"
+    source = data_8_bit if likelihood in EIGHT_BIT else data
     argv = [
-        "train", str(data), "--out", str(folder), "--quiet", "--epochs", "1",
+        "train", str(source), "--out", str(folder), "--quiet", "--epochs", "1",
         "--likelihood", likelihood, "--posterior", posterior, "--prior", prior,
         "--network", network, "--hidden", "16", "--latent-dim", "2", "--batch-size", "40",
         "--objective", objective, "--gradient", gradient, "--flow-steps", "2",
@@ -93,7 +110,7 @@ def test_train_writes_a_model_that_loads_as_configured(model, capsys):
 
 
 def test_evaluate(model, capsys):
-    folder, _ = model
+    folder, (likelihood, *_) = model
     code, out, err = run(capsys, "evaluate", folder, "--k", "20", "--json")
     assert code == 0, err
     result = json.loads(out)
@@ -111,6 +128,9 @@ def test_evaluate(model, capsys):
         assert "sequential inverse" in diagnostics["mutual_information_note"]
     else:
         assert -0.05 <= information["mean"] <= math.log(24) + 0.05
+    if likelihood in EIGHT_BIT:  # probabilities of the pixel levels: bits per dimension
+        iwae = result["iwae"]
+        assert iwae["bits_per_dim"] == pytest.approx(-iwae["mean"] / (64 * math.log(2)))
 
 
 def test_gap(model, capsys):

@@ -15,8 +15,11 @@ from torch import nn
 
 from vaelab.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
 from vaelab.likelihoods import (
+    LOGISTIC_MIXTURE_COMPONENTS,
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
     GaussianLikelihood,
     LaplaceLikelihood,
     Likelihood,
@@ -65,6 +68,16 @@ LIKELIHOODS: dict[str, LikelihoodSpec] = {
         "Gaussian, σ(z) predicted by the decoder",
     ),
     "laplace": LikelihoodSpec(1, LaplaceLikelihood, "Laplace, one learned scale"),
+    "discretized-logistic": LikelihoodSpec(
+        2,
+        DiscretizedLogisticLikelihood,
+        "discretised logistic per pixel; 8-bit pixels, 0..255 or /255",
+    ),
+    "discretized-logistic-mixture": LikelihoodSpec(
+        3 * LOGISTIC_MIXTURE_COMPONENTS,
+        DiscretizedLogisticMixtureLikelihood,
+        f"mixture of {LOGISTIC_MIXTURE_COMPONENTS} discretised logistics per pixel; 8-bit pixels",
+    ),
 }
 
 
