@@ -13,16 +13,19 @@ from vaelab import gap as gap
 from vaelab import loglik as loglik
 from vaelab import ppca as ppca
 from vaelab.estimator import VAE
+from vaelab.flows import IAFPosterior, PlanarFlowPosterior
 from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
 from vaelab.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
     GaussianLikelihood,
     LaplaceLikelihood,
 )
 from vaelab.model import VAEModel
-from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
-from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound, objective_terms
+from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior, stop_gradient
 from vaelab.priors import (
     LearnableGaussianPrior,
     MixtureOfGaussiansPrior,
@@ -39,15 +42,19 @@ __all__ = [
     "BernoulliLikelihood",
     "ContinuousBernoulliLikelihood",
     "DiagonalGaussianPosterior",
+    "DiscretizedLogisticLikelihood",
+    "DiscretizedLogisticMixtureLikelihood",
     "ElboTerms",
     "FullCovariancePosterior",
     "GaussianLikelihood",
+    "IAFPosterior",
     "IwaeTerms",
     "LaplaceLikelihood",
     "LearnableGaussianPrior",
     "MixtureOfGaussiansPrior",
     "ModelConfig",
     "ModelFileError",
+    "PlanarFlowPosterior",
     "StandardNormalPrior",
     "VAEModel",
     "VampPrior",
@@ -58,4 +65,6 @@ __all__ = [
     "kl_gaussian_tril",
     "kl_standard_normal",
     "load",
+    "objective_terms",
+    "stop_gradient",
 ]
