@@ -140,7 +140,7 @@ class FlowDistribution(Distribution, ABC):
     def from_noise(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z and log q(z) for given standard normal noise ``eps: [*samples, *batch, latent]``,
         differentiable in every parameter: common random numbers or antithetic pairs, as
-        ``objectives.location_scale_sample`` gives for Gaussians."""
+        ``vaelab.noise.reparameterise`` gives for Gaussians."""
         z0 = self.loc + torch.exp(0.5 * self.log_var) * eps
         z, log_det = self.forward_and_log_det(z0)
         log_q = self._log_base(eps) - log_det
