@@ -483,6 +483,13 @@ def test_combinations_without_a_meaning_are_refused(options, message):
         )
 
 
+def test_a_two_layer_model_is_not_read_as_a_one_layer_linear_gaussian_model():
+    from vaelab.linear import linear_gaussian_from_vae
+
+    with pytest.raises(ValueError, match=r"several stochastic layers \(3, 2\)"):
+        linear_gaussian_from_vae(TwoLayerLinear().model())
+
+
 def test_run_options_parse_sizes_and_refuse_free_bits_with_several_layers():
     for given, expected in (("8", 8), ("100,50", (100, 50)), ([100, 50], (100, 50)), ([8], 8)):
         assert resolve({"data": "digits", "latent_dim": given}).latent_dim == expected
