@@ -103,6 +103,8 @@ class LatentChain(Distribution):
         if not self.frozen:
             distribution: Distribution = module(previous)
             return distribution
+        # The module is the live model's, so its weights cannot be detached in place: call it
+        # with detached copies of them instead (the same numbers, no path back to the weights).
         detached = {
             name: tensor.detach()
             for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
