@@ -311,3 +311,22 @@ def test_refine_reaches_the_best_elbo_of_the_family_and_tightens_iwae(fitted_lin
     assert abs(float((tight - log_px).mean())) < 0.01
     with pytest.raises(ValueError, match="unknown proposal 'prior'"):
         estimator.log_likelihood(x.numpy(), proposal="prior")
+
+
+def test_refine_gives_codes_for_a_posterior_without_a_closed_form_mean():
+    """A flow's q* has no closed-form mean: refine's codes E_q*[z] are then the Monte Carlo mean
+    of each example's own draws (vaelab.noise.posterior_mean), as ``transform`` gives for q."""
+    from vaelab.estimator import EVAL_SEED
+    from vaelab.gap import fit_local_posteriors
+    from vaelab.noise import posterior_mean
+
+    x = (load_digits().data[:200] > 8).astype(np.float32)
+    estimator = vaelab.VAE(
+        posterior="planar", flow_steps=2, latent_dim=2, hidden=(16,), epochs=1, seed=0, device="cpu"
+    ).fit(x)
+    refined = estimator.refine(x[:4], steps=5, samples=50)
+    assert refined.codes.shape == (4, 2) and np.isfinite(refined.codes).all()
+    local = fit_local_posteriors(estimator.model_, x[:4], steps=5, seed=EVAL_SEED)
+    with torch.no_grad():
+        expected = posterior_mean(local.distribution(), torch.from_numpy(x[:4]), EVAL_SEED)
+    np.testing.assert_allclose(refined.codes, expected.numpy(), rtol=1e-5, atol=1e-6)

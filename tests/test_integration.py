@@ -25,33 +25,44 @@ from vaelab.networks import NETWORKS
 from vaelab.objectives import GRADIENTS, OBJECTIVES
 from vaelab.registry import LIKELIHOODS, POSTERIORS, PRIORS
 
-# (likelihood, posterior, prior, network, objective, gradient): each value of each option at
-# least once.
+# (likelihood, posterior, prior, network, objective, gradient, latent-dim): each value of each
+# option at least once, and two stochastic layers (3,2) with every posterior and prior they take.
 MATRIX = [
-    ("bernoulli", "diagonal", "normal", "mlp", "elbo", "standard"),
-    ("continuous-bernoulli", "full", "learnable", "conv", "iwae", "dreg"),
-    ("gaussian", "diagonal", "mixture", "conv", "elbo", "stl"),
-    ("gaussian-fixed", "full", "vamp", "mlp", "iwae", "standard"),
-    ("gaussian-per-dimension", "diagonal", "vamp", "conv", "elbo", "standard"),
-    ("gaussian-decoder", "full", "normal", "conv", "elbo", "stl"),
-    ("laplace", "diagonal", "learnable", "mlp", "iwae", "stl"),
-    ("bernoulli", "full", "mixture", "mlp", "elbo", "standard"),
-    ("bernoulli", "planar", "normal", "mlp", "iwae", "dreg"),
-    ("gaussian", "iaf", "vamp", "conv", "elbo", "stl"),
-    ("laplace", "iaf", "mixture", "mlp", "iwae", "standard"),
-    ("continuous-bernoulli", "planar", "learnable", "conv", "elbo", "standard"),
-    ("discretized-logistic", "diagonal", "mixture", "conv", "elbo", "standard"),
-    ("discretized-logistic-mixture", "full", "normal", "mlp", "iwae", "standard"),
+    ("bernoulli", "diagonal", "normal", "mlp", "elbo", "standard", "2"),
+    ("continuous-bernoulli", "full", "learnable", "conv", "iwae", "dreg", "2"),
+    ("gaussian", "diagonal", "mixture", "conv", "elbo", "stl", "2"),
+    ("gaussian-fixed", "full", "vamp", "mlp", "iwae", "standard", "2"),
+    ("gaussian-per-dimension", "diagonal", "vamp", "conv", "elbo", "standard", "2"),
+    ("gaussian-decoder", "full", "normal", "conv", "elbo", "stl", "2"),
+    ("laplace", "diagonal", "learnable", "mlp", "iwae", "stl", "2"),
+    ("bernoulli", "full", "mixture", "mlp", "elbo", "standard", "2"),
+    ("bernoulli", "planar", "normal", "mlp", "iwae", "dreg", "2"),
+    ("gaussian", "iaf", "vamp", "conv", "elbo", "stl", "2"),
+    ("laplace", "iaf", "mixture", "mlp", "iwae", "standard", "2"),
+    ("continuous-bernoulli", "planar", "learnable", "conv", "elbo", "standard", "2"),
+    ("discretized-logistic", "diagonal", "mixture", "conv", "elbo", "standard", "2"),
+    ("discretized-logistic-mixture", "full", "normal", "mlp", "iwae", "standard", "2"),
+    ("bernoulli", "diagonal", "normal", "mlp", "iwae", "dreg", "3,2"),
+    ("gaussian", "full", "mixture", "conv", "elbo", "stl", "3,2"),
+    ("laplace", "diagonal", "learnable", "mlp", "elbo", "standard", "3,2"),
 ]
 # Likelihoods of the 256 levels of 8-bit pixels: trained on the digits as uint8 images.
 EIGHT_BIT = {"discretized-logistic", "discretized-logistic-mixture"}
-IDS = ["-".join(row) for row in MATRIX]
+IDS = [
+    "-".join(row[:-1]) + ("" if row[-1] == "2" else "-layers-" + row[-1].replace(",", "-"))
+    for row in MATRIX
+]
 
 
 def test_the_matrix_covers_every_option():
     columns = (LIKELIHOODS, POSTERIORS, PRIORS, NETWORKS, OBJECTIVES, GRADIENTS)
     for column, options in enumerate(columns):
         assert {row[column] for row in MATRIX} == set(options)
+
+
+def latent_sizes(row: tuple[str, ...]) -> list[int]:
+    """The stochastic layers' sizes of a row's --latent-dim."""
+    return [int(size) for size in row[-1].split(",")]
 
 
 @pytest.fixture(scope="module")
@@ -77,13 +88,13 @@ def data_8_bit(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module", params=MATRIX, ids=IDS)
 def model(request, data, data_8_bit, tmp_path_factory) -> tuple[Path, tuple[str, ...]]:
-    likelihood, posterior, prior, network, objective, gradient = request.param
+    likelihood, posterior, prior, network, objective, gradient, latent = request.param
     folder = tmp_path_factory.mktemp("runs") / "model"
     source = data_8_bit if likelihood in EIGHT_BIT else data
     argv = [
         "train", str(source), "--out", str(folder), "--quiet", "--epochs", "1",
         "--likelihood", likelihood, "--posterior", posterior, "--prior", prior,
-        "--network", network, "--hidden", "16", "--latent-dim", "2", "--batch-size", "40",
+        "--network", network, "--hidden", "16", "--latent-dim", latent, "--batch-size", "40",
         "--objective", objective, "--gradient", gradient, "--flow-steps", "2",
     ]  # fmt: skip
     if objective == "iwae":
@@ -99,10 +110,13 @@ def run(capsys, *args: object) -> tuple[int, str, str]:
 
 
 def test_train_writes_a_model_that_loads_as_configured(model, capsys):
-    folder, (likelihood, posterior, prior, network, objective, gradient) = model
+    folder, (likelihood, posterior, prior, network, objective, gradient, latent) = model
     loaded = vaelab.load(folder)
     options = ("likelihood", "posterior", "prior", "network", "objective", "gradient")
-    assert tuple(getattr(loaded, name) for name in options) == model[1]
+    assert tuple(getattr(loaded, name) for name in options) == model[1][:-1]
+    sizes = latent_sizes(model[1])
+    assert loaded.model_.latent_sizes == tuple(sizes)
+    assert loaded.latent_dim == (sizes[0] if len(sizes) == 1 else tuple(sizes))
     history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert len(history) == 1 and math.isfinite(history[0]["elbo"])
     if objective == "iwae":  # the bound trained on, above the ELBO of the same draws
@@ -111,6 +125,7 @@ def test_train_writes_a_model_that_loads_as_configured(model, capsys):
 
 def test_evaluate(model, capsys):
     folder, (likelihood, *_) = model
+    sizes = latent_sizes(model[1])
     code, out, err = run(capsys, "evaluate", folder, "--k", "20", "--json")
     assert code == 0, err
     result = json.loads(out)
@@ -120,7 +135,11 @@ def test_evaluate(model, capsys):
     # IWAE-20 ≥ ELBO in expectation; a Monte Carlo KL may dip slightly below 0 near q = p.
     assert result["iwae"]["mean"] > result["elbo"] - 1.0 and result["kl"] > -1.0
     diagnostics = result["diagnostics"]
-    assert 0 <= diagnostics["active_units"] <= 2
+    assert 0 <= diagnostics["active_units"] <= sum(sizes) == diagnostics["latent_dim"]
+    # Counted per stochastic layer, as Burda et al. (2016) report them.
+    assert diagnostics["latent_sizes"] == sizes
+    per_layer = diagnostics["active_units_per_layer"]
+    assert len(per_layer) == len(sizes) and sum(per_layer) == diagnostics["active_units"]
     # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.diagnostics); an IAF's is left
     # out by default (N² sequential inverses), and says so.
     information = diagnostics["mutual_information"]
@@ -156,6 +175,8 @@ def test_report(model, capsys, tmp_path):
     for section in ("Metrics", "Samples", "Reconstructions", "Latent space", "IWAE-10"):
         assert section in html, section
     assert "nan" not in html.split("<table")[1].split("</table>")[0].lower()  # the metrics
+    if len(latent_sizes(model[1])) > 1:  # active units of each stochastic layer
+        assert "active units (z1)" in html and "active units (z2)" in html
 
 
 def test_sample_reconstruct_encode(model, capsys, tmp_path):
@@ -171,4 +192,4 @@ def test_sample_reconstruct_encode(model, capsys, tmp_path):
     code, out, err = run(capsys, "encode", folder, "--out", tmp_path / "z.npy")
     assert code == 0 and "test split, 24 examples" in out, err
     codes = np.load(tmp_path / "z.npy")
-    assert codes.shape == (24, 2) and np.isfinite(codes).all()
+    assert codes.shape == (24, sum(latent_sizes(model[1]))) and np.isfinite(codes).all()

@@ -355,6 +355,20 @@ def diagnostics_summary(
     return {"examples": int(x.shape[0]), **found.to_dict()}
 
 
+def active_units_text(diagnostics: dict[str, Any]) -> str:
+    """The active units of a ``diagnostics_summary`` in words: "3 of 5", and with several
+    stochastic layers each layer's count, "3 of 5 (z1: 2 of 3, z2: 1 of 2)"."""
+    text = f"{diagnostics['active_units']} of {diagnostics['latent_dim']}"
+    sizes = diagnostics.get("latent_sizes") or []
+    if len(sizes) > 1:
+        counts = diagnostics["active_units_per_layer"]
+        layers = ", ".join(
+            f"z{i}: {n} of {d}" for i, (n, d) in enumerate(zip(counts, sizes, strict=True), 1)
+        )
+        text += f" ({layers})"
+    return text
+
+
 def _elbo_summary(
     estimator: VAE, examples: ModelData, samples: int, progress: bool = False
 ) -> dict[str, Any]:
@@ -508,7 +522,7 @@ def encode(
     estimator, document = open_model(folder, device)
     examples = model_data(estimator, document, data, data_dir, split)
     parts = [estimator.transform(x) for x in examples.chunks()]
-    z = np.concatenate(parts) if parts else np.zeros((0, estimator.latent_dim), np.float32)
+    z = np.concatenate(parts) if parts else np.zeros((0, estimator.model_.latent_dim), np.float32)
     _save_npy(target, z.astype(np.float32))
     return target, examples
 

@@ -41,7 +41,7 @@ GROUPS = {
 }
 
 
-METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES"}
+METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES", "latent": "N[,N]"}
 
 
 class UsageError(Exception):
@@ -460,7 +460,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if found:
         mi = found["mutual_information"]
         rows += [
-            ("active units", f"{found['active_units']} of {found['latent_dim']}"),
+            ("active units", apply.active_units_text(found)),
             (
                 "I(x; z)",
                 f"— {found['mutual_information_note']}"

@@ -2,7 +2,9 @@
 
 - **Activity** of unit u (Burda, Grosse & Salakhutdinov 2016, Sec. 5.2): A_u = Cov_x(E_q[z_u | x]),
   the variance over examples of the posterior mean; the unit is *active* when A_u > 10⁻². A unit
-  whose posterior mean does not move with x tells the decoder nothing.
+  whose posterior mean does not move with x tells the decoder nothing. With several stochastic
+  layers the units of each layer are counted apart, as Burda et al. report them (for z₂, … the
+  mean is under q(z₂|x) = E_{q(z₁|x)}[q(z₂|z₁)], a Monte Carlo average).
 - **KL per dimension**, averaged over examples: E_x[KL(q(z_u|x) ‖ p(z_u))], exact when q and p
   factorise over dimensions (diagonal Gaussians); it sums to the rate. A collapsed unit has ≈ 0.
 - **Rate and distortion** (Alemi et al. 2018, "Fixing a broken ELBO"): R = E_x[KL(q(z|x) ‖ p(z))]
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from vaelab.loglik import prepare_data, standard_error
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, fresh_seed, is_location_scale, posterior_mean
+from vaelab.noise import ExampleNoise, fresh_seed, has_noise_form, posterior_mean
 from vaelab.objectives import elbo, kl_per_dimension, kl_term
 
 __all__ = [
@@ -131,7 +133,7 @@ def rate_distortion(
         batch = x[i : i + batch_size]
         q = model.posterior(batch)
         noise = None
-        if is_location_scale(q):
+        if has_noise_form(q):
             noise = ExampleNoise(batch, seed).normal(samples, q.event_shape, like=batch)
         terms = elbo(
             batch, model.posterior, model.prior, model.likelihood, samples=samples, noise=noise
@@ -228,7 +230,8 @@ class CollapseDiagnostics:
     ``activity`` and ``kl_per_dimension`` are float64 ``[latent]`` (the latter ``None`` when it is
     not defined); rate and distortion are means over examples with their standard errors;
     ``mutual_information`` is ``None`` when it was not computed, ``mutual_information_note``
-    saying why.
+    saying why. ``latent_sizes`` are the stochastic layers' sizes as they lie in a code, z₁
+    first (empty: one layer of all the units).
     """
 
     activity: torch.Tensor
@@ -240,11 +243,23 @@ class CollapseDiagnostics:
     distortion_standard_error: float
     mutual_information: MutualInformation | None
     mutual_information_note: str | None = None
+    latent_sizes: tuple[int, ...] = ()
 
     @property
     def active_units(self) -> int:
         """Units with A_u above the threshold."""
         return int((self.activity > self.threshold).sum())
+
+    @property
+    def layer_sizes(self) -> tuple[int, ...]:
+        """The stochastic layers' sizes, z₁ first; one entry for a model with one layer."""
+        return self.latent_sizes or (int(self.activity.numel()),)
+
+    @property
+    def active_units_per_layer(self) -> list[int]:
+        """Active units of each stochastic layer, z₁ first (Burda et al. 2016 count them so)."""
+        layers = self.activity.split(list(self.layer_sizes))
+        return [int((a > self.threshold).sum()) for a in layers]
 
     @property
     def elbo(self) -> float:
@@ -257,6 +272,8 @@ class CollapseDiagnostics:
         return {
             "active_units": self.active_units,
             "latent_dim": int(self.activity.numel()),
+            "active_units_per_layer": self.active_units_per_layer,
+            "latent_sizes": list(self.layer_sizes),
             "activity_threshold": self.threshold,
             "activity": self.activity.tolist(),
             "kl_per_dimension": (
@@ -333,4 +350,5 @@ def collapse_diagnostics(
         distortion_standard_error=standard_error(terms.distortion),
         mutual_information=information,
         mutual_information_note=note,
+        latent_sizes=model.latent_sizes,
     )

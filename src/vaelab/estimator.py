@@ -79,8 +79,13 @@ class VAE(TransformerMixin, BaseEstimator):
 
     Parameters
     ----------
-    latent_dim : size of the latent code z.
+    latent_dim : size of the latent code z; a tuple such as ``(100, 50)`` for several stochastic
+        layers, z₁ (the one the decoder reads) first: p(x|z₁) p(z₁|z₂) p(z₂) with
+        q(z₁|x) q(z₂|z₁) (Burda et al. 2016; ``vaelab.hierarchy``). Codes are then the layers
+        concatenated, ``[n, 100 + 50]``.
     hidden : hidden layer sizes of the encoder; the decoder mirrors them. ``()`` gives linear maps.
+        With several stochastic layers they are the x ↔ z₁ networks'; the networks between z_l
+        and z_{l+1} have as many hidden layers, each as wide as z_l.
     likelihood : ``"bernoulli"``, ``"continuous-bernoulli"``, ``"gaussian"`` (one learned σ),
         ``"gaussian-fixed"`` (σ = 1), ``"gaussian-per-dimension"``, ``"gaussian-decoder"``, ``"laplace"``.
     prior : ``"normal"``, ``"learnable"``, ``"mixture"`` or ``"vamp"``.
@@ -107,7 +112,7 @@ class VAE(TransformerMixin, BaseEstimator):
 
     def __init__(
         self,
-        latent_dim: int = 8,
+        latent_dim: int | tuple[int, ...] = 8,
         hidden: tuple[int, ...] = (256,),
         likelihood: str = "bernoulli",
         prior: str = "normal",
@@ -150,9 +155,10 @@ class VAE(TransformerMixin, BaseEstimator):
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
         """The architecture these hyper-parameters describe, for data of ``data_shape``."""
+        latent = self.latent_dim
         return ModelConfig(
             data_shape=tuple(int(s) for s in data_shape),
-            latent_dim=self.latent_dim,
+            latent_dim=tuple(latent) if isinstance(latent, list) else latent,
             hidden=tuple(self.hidden),
             likelihood=self.likelihood,
             prior=self.prior,
@@ -301,8 +307,9 @@ class VAE(TransformerMixin, BaseEstimator):
 
     @torch.no_grad()
     def transform(self, X: Any) -> np.ndarray:
-        """Posterior means E_q[z|x], ``[n, latent]`` (for a flow, whose mean has no closed form,
-        a Monte Carlo average from each example's own draws: ``vaelab.noise.posterior_mean``)."""
+        """Posterior means E_q[z|x], ``[n, latent]`` (for a flow or several stochastic layers,
+        whose mean has no closed form, a Monte Carlo average from each example's own draws:
+        ``vaelab.noise.posterior_mean``)."""
         x = torch.from_numpy(self._validate_fitted(X))
         means = [posterior_mean(self.model_.encode(c), c, EVAL_SEED) for c in self._chunks(x)]
         return torch.cat([m.cpu() for m in means]).numpy()
@@ -313,12 +320,13 @@ class VAE(TransformerMixin, BaseEstimator):
 
     @torch.no_grad()
     def inverse_transform(self, X: Any) -> np.ndarray:
-        """Decoder means E[x|z] for latent codes ``[n, latent]`` → ``[n, *data_shape]``."""
+        """Decoder means E[x|z] for latent codes ``[n, latent]`` → ``[n, *data_shape]`` (with
+        several stochastic layers, codes of all of them, of which the decoder reads z₁)."""
         check_is_fitted(self, "model_")
         z = torch.as_tensor(check_array(X, dtype=np.float32))
-        if z.shape[1] != self.latent_dim:
+        if z.shape[1] != self.model_.latent_dim:
             raise ValueError(
-                f"expected latent codes with {self.latent_dim} columns, got {z.shape[1]}"
+                f"expected latent codes with {self.model_.latent_dim} columns, got {z.shape[1]}"
             )
         return torch.cat([self.model_.likelihood.mean(c).cpu() for c in self._chunks(z)]).numpy()
 
@@ -345,7 +353,9 @@ class VAE(TransformerMixin, BaseEstimator):
         x = self._tensor(X)
         parts = []
         for chunk in self._chunks(x):
-            noise = ExampleNoise(chunk, EVAL_SEED).normal(samples, (self.latent_dim,), like=chunk)
+            noise = ExampleNoise(chunk, EVAL_SEED).normal(
+                samples, (self.model_.latent_dim,), like=chunk
+            )
             parts.append(self.model_.elbo(chunk, samples=samples, noise=noise))
         return ElboTerms(*(torch.cat([p[i].cpu() for p in parts]).double() for i in range(4)))
 
@@ -424,7 +434,7 @@ class VAE(TransformerMixin, BaseEstimator):
                 )
             elbos.append(found.elbo.double())
             errors.append(found.mc_standard_error.double())
-            codes.append(q.mean.detach().cpu())
+            codes.append(posterior_mean(q, chunk, EVAL_SEED).detach().cpu())
         return RefinedPosteriors(
             elbo=torch.cat(elbos).numpy(),
             elbo_standard_error=torch.cat(errors).numpy(),

@@ -11,7 +11,8 @@ Then
                                                               one network across examples.
 
 Here every example's q* is a Gaussian (diagonal or full covariance), or for a flow posterior the
-same flow with per-example parameters; its parameters start at the amortised q(z|x) and are
+same flow with per-example parameters, or for several stochastic layers q*(z₁) q(z₂|z₁) ⋯ with a
+per-example Gaussian q*(z₁) and the model's own conditionals; its parameters start at the amortised q(z|x) and are
 optimised jointly for all examples with Adam: the loss is the sum of the examples' ELBOs, so each example's parameters only see their own gradient, and Adam, acting
 coordinate by coordinate, makes the joint run the same as separate runs. ELBOs are estimated with
 reparameterised samples and the exact KL where one is registered (``vaelab.objectives``). log p(x)
@@ -31,6 +32,7 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 from tqdm.auto import tqdm
 
 from vaelab.flows import FlowDistribution, LocalFlowPosterior
+from vaelab.hierarchy import GaussianChain, LocalLayersPosterior
 from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
@@ -147,7 +149,9 @@ def families_containing(q: Distribution) -> tuple[str, ...]:
     first: only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined. A diagonal q
     lies in both Gaussian families (``FAMILIES``); a full-covariance q only in the full one; a
     flow only in its own family (``"planar"``, ``"iaf"``: the same maps with per-example
-    parameters, ``vaelab.flows.LocalFlowPosterior``)."""
+    parameters, ``vaelab.flows.LocalFlowPosterior``). For several stochastic layers the family is
+    that of the first layer's q(z₁|x), the conditionals q(z₂|z₁), … kept as they are
+    (``vaelab.hierarchy.LocalLayersPosterior``)."""
     family = family_of(q)
     if family not in FAMILIES:
         return (family,)
@@ -156,7 +160,9 @@ def families_containing(q: Distribution) -> tuple[str, ...]:
 
 def family_of(q: Distribution) -> str:
     """``"diagonal"`` or ``"full"`` for a Gaussian q, the flow's family (``"planar"``, ``"iaf"``)
-    for a flow; ``ValueError`` otherwise."""
+    for a flow, the first layer's for several stochastic layers; ``ValueError`` otherwise."""
+    if isinstance(q, GaussianChain):
+        return family_of(q.first)
     if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
         return "diagonal"
     if isinstance(q, MultivariateNormal):
@@ -183,10 +189,12 @@ def fit_local_posteriors(
     samples: int = 8,
     seed: int | None = None,
     progress: bool = False,
-) -> LocalGaussianPosterior | LocalFlowPosterior:
+) -> LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior:
     """Optimise a separate q_n(z) for each example of ``x`` in ``family`` with the model frozen:
     a Gaussian (diagonal or full covariance), or for a flow posterior the same flow with
-    per-example parameters (``vaelab.flows.LocalFlowPosterior``).
+    per-example parameters (``vaelab.flows.LocalFlowPosterior``), or for several stochastic
+    layers a Gaussian q_n(z₁) in ``family`` followed by the model's q(z₂|z₁), …
+    (``vaelab.hierarchy.LocalLayersPosterior``).
 
     Starts at the amortised q(z|x); maximises Σ_n ELBO_n(q_n) with Adam (cosine-decayed learning
     rate from ``lr``) for ``steps`` steps, each ELBO estimated with ``samples`` reparameterised
@@ -209,8 +217,11 @@ def fit_local_posteriors(
         amortised = model.posterior(x)
         prior = model.prior()
     family = family_of(amortised) if family is None else family
-    local: LocalGaussianPosterior | LocalFlowPosterior
-    if isinstance(amortised, FlowDistribution):
+    local: LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior
+    if isinstance(amortised, GaussianChain):
+        first = LocalGaussianPosterior.from_distribution(amortised.first, family)
+        local = LocalLayersPosterior(first, amortised)
+    elif isinstance(amortised, FlowDistribution):
         if family != amortised.family:
             raise ValueError(
                 f"the amortised posterior is a {amortised.family} flow, which only its own "
@@ -221,13 +232,13 @@ def fit_local_posteriors(
         local = LocalGaussianPosterior.from_distribution(amortised, family)
     params = list(local.parameters())
     optimiser = torch.optim.Adam(params, lr=lr)
-    shape = (samples, *local.loc.shape)
+    shape = (samples, x.shape[0], *amortised.event_shape)
     fixed_prior = _Fixed(prior)
     noise_streams = ExampleNoise(x, seed)  # each example's q* sees its own draws only
     for step in tqdm(range(steps), desc=f"q* ({family})", unit="step", disable=not progress):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(lr, step, steps)
-        half = noise_streams.normal(-(-samples // 2), shape[2:], like=local.loc)
+        half = noise_streams.normal(-(-samples // 2), shape[2:], like=x)
         noise = torch.cat([half, -half])[:samples]  # antithetic pairs
         with torch.enable_grad():
             terms = elbo(x, local, fixed_prior, model.likelihood, samples=samples, noise=noise)
@@ -413,7 +424,7 @@ def inference_gap(
             f"got {tuple(log_px.log_px.shape)}"
         )
 
-    def fit(family: str) -> LocalGaussianPosterior | LocalFlowPosterior:
+    def fit(family: str) -> LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior:
         return fit_local_posteriors(
             model,
             x,

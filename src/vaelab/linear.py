@@ -39,6 +39,11 @@ def linear_gaussian_from_vae(model: VAEModel) -> LinearGaussianModel:
     learnable). Data of any shape are flattened. The encoder plays no part: log p(x) does not
     depend on it. Raises ``ValueError`` naming the first requirement the model misses.
     """
+    if len(model.latent_sizes) > 1:
+        raise ValueError(
+            f"the model has several stochastic layers {model.latent_sizes}; only a model with one "
+            "is read as a LinearGaussianModel here"
+        )
     likelihood = model.likelihood
     if not isinstance(likelihood, GaussianLikelihood):
         raise ValueError(

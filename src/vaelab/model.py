@@ -14,7 +14,11 @@ from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
 
 
 class VAEModel(nn.Module):
-    """p_θ(x, z) = p(z) p_θ(x|z) with the amortised posterior q_φ(z|x)."""
+    """p_θ(x, z) = p(z) p_θ(x|z) with the amortised posterior q_φ(z|x).
+
+    With several stochastic layers z = [z₁, …, z_L] is their concatenation, and the posterior and
+    prior are chains of conditionals over it (``vaelab.hierarchy``): nothing here changes.
+    """
 
     def __init__(self, posterior: nn.Module, prior: nn.Module, likelihood: Likelihood) -> None:
         super().__init__()
@@ -24,7 +28,15 @@ class VAEModel(nn.Module):
 
     @property
     def latent_dim(self) -> int:
+        """Size of a latent code: with several stochastic layers, of all of them together."""
         return int(self.prior().event_shape[0])
+
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        """The stochastic layers' sizes as they lie in a code, z₁ first (``vaelab.hierarchy``);
+        ``(latent_dim,)`` for a model with one layer."""
+        sizes: tuple[int, ...] | None = getattr(self.prior, "sizes", None)
+        return (self.latent_dim,) if sizes is None else sizes
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x): ``batch_shape [batch]``, ``event_shape [latent]``."""

@@ -84,6 +84,12 @@ def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Me
                 f"of {diagnostics['latent_dim']} (Cov_x E_q[z_u] > {diagnostics['activity_threshold']:g})",
             )
         )
+        sizes = diagnostics.get("latent_sizes") or []
+        if len(sizes) > 1:  # several stochastic layers: each one's count (Burda et al. 2016)
+            for layer, (count, size) in enumerate(
+                zip(diagnostics["active_units_per_layer"], sizes, strict=True), 1
+            ):
+                rows.append(Metric(f"active units (z{layer})", count, f"of {size}"))
         mi = diagnostics["mutual_information"]
         if mi is None:
             rows.append(Metric("I(x; z)", None, diagnostics["mutual_information_note"]))
@@ -216,8 +222,7 @@ def build_report(
         title=f"vaelab report: {folder.name}",
         subtitle=(
             f"{document['model']['likelihood']} likelihood, {document['model']['posterior']} "
-            f"posterior, {document['model']['prior']} prior, latent dimension "
-            f"{document['model']['latent_dim']}"
+            f"posterior, {document['model']['prior']} prior, {_latent_words(document)}"
         ),
         config=config,
         metrics=_metrics(evaluation, gaps),
@@ -230,6 +235,15 @@ def build_report(
         kl_per_dimension=diagnostics.get("kl_per_dimension"),
         notes=notes,
     )
+
+
+def _latent_words(document: dict[str, Any]) -> str:
+    """ "latent dimension 8", or for several stochastic layers "stochastic layers z1 (100),
+    z2 (50)"."""
+    latent = document["model"]["latent_dim"]
+    if not isinstance(latent, list) or len(latent) < 2:
+        return f"latent dimension {latent}"
+    return "stochastic layers " + ", ".join(f"z{i} ({d})" for i, d in enumerate(latent, 1))
 
 
 def write_model_report(

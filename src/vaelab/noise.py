@@ -201,6 +201,10 @@ def _a_parameter(q: Distribution) -> torch.Tensor:
         value = getattr(q, name, None)
         if isinstance(value, torch.Tensor):
             return value
+    # A chain of stochastic layers (vaelab.hierarchy) is made like its first layer.
+    first = getattr(q, "first", None)
+    if isinstance(first, Distribution):
+        return first.base_dist.loc if isinstance(first, Independent) else _a_parameter(first)
     raise TypeError(f"cannot tell the dtype and device of a {type(q).__name__}")
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from vaelab.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
+from vaelab.hierarchy import FirstLayerDecoder, HierarchicalPosterior, HierarchicalPrior
 from vaelab.likelihoods import (
     LOGISTIC_MIXTURE_COMPONENTS,
     BernoulliLikelihood,
@@ -25,7 +26,7 @@ from vaelab.likelihoods import (
     Likelihood,
 )
 from vaelab.model import VAEModel
-from vaelab.networks import ACTIVATIONS, NETWORKS, decoder_network, encoder_network
+from vaelab.networks import ACTIVATIONS, MLP, NETWORKS, decoder_network, encoder_network
 from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
 from vaelab.priors import (
     LearnableGaussianPrior,
@@ -122,6 +123,24 @@ PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...]], nn.Module]] = {
 }
 
 
+# Components that cannot be one of several stochastic layers, and why.
+NOT_LAYERED: dict[tuple[str, str], str] = {
+    ("posterior", "planar"): (
+        "each layer's q is a Gaussian conditional read off the layer below; use "
+        "posterior='diagonal' or 'full', or one latent size for a flow"
+    ),
+    ("posterior", "iaf"): (
+        "each layer's q is a Gaussian conditional read off the layer below; use "
+        "posterior='diagonal' or 'full', or one latent size for a flow"
+    ),
+    ("prior", "vamp"): (
+        "the VampPrior mixes the encoder's posteriors q(z|u), which here are distributions over "
+        "every layer rather than a prior for the top one; use prior='normal', 'learnable' or "
+        "'mixture'"
+    ),
+}
+
+
 def _choose(kind: str, name: object, table: Any) -> Any:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
@@ -133,7 +152,7 @@ class ModelConfig:
     """Everything needed to rebuild a model's architecture (saved as JSON beside its weights)."""
 
     data_shape: tuple[int, ...]
-    latent_dim: int = 8
+    latent_dim: int | tuple[int, ...] = 8
     hidden: tuple[int, ...] = (256,)
     likelihood: str = "bernoulli"
     prior: str = "normal"
@@ -142,10 +161,20 @@ class ModelConfig:
     activation: str = "relu"
     flow_steps: int = DEFAULT_FLOW_STEPS
 
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        """The stochastic layers' sizes, z₁ (the one the likelihood reads) first: ``(d,)`` for
+        an integer ``latent_dim``."""
+        return self.latent_dim if isinstance(self.latent_dim, tuple) else (self.latent_dim,)
+
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first option that cannot work."""
-        if not isinstance(self.latent_dim, int) or self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+        sizes = self.latent_sizes
+        if not sizes or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in sizes):
+            raise ValueError(
+                "latent_dim must be a positive integer, or a tuple of them for several "
+                f"stochastic layers (z₁ first, e.g. (100, 50)), got {self.latent_dim!r}"
+            )
         if any(not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a tuple of positive integers, got {self.hidden!r}")
         _choose("likelihood", self.likelihood, LIKELIHOODS)
@@ -155,6 +184,14 @@ class ModelConfig:
             raise ValueError(f"flow_steps must be a positive integer, got {self.flow_steps!r}")
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)
+        if len(sizes) > 1:
+            for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
+                why = NOT_LAYERED.get((kind, name))
+                if why is not None:
+                    raise ValueError(
+                        f"{kind}={name!r} does not work with several stochastic layers "
+                        f"(latent_dim={self.latent_dim!r}): {why}"
+                    )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,29 +206,74 @@ class ModelConfig:
         for key in ("data_shape", "hidden"):
             if key in values:
                 values[key] = tuple(values[key])
+        if isinstance(values.get("latent_dim"), list):  # several stochastic layers
+            values["latent_dim"] = tuple(values["latent_dim"])
         return cls(**values)
 
 
 def build_model(config: ModelConfig) -> VAEModel:
-    """A freshly initialised ``VAEModel`` for ``config``."""
+    """A freshly initialised ``VAEModel`` for ``config``.
+
+    With several latent sizes (d₁, …, d_L) the x ↔ z₁ networks are those of one layer of size d₁
+    (``network`` and ``hidden``), p(z_L) is the chosen prior, and each pair of neighbouring layers
+    is joined by MLPs with as many hidden layers as ``hidden`` has, each as wide as the lower
+    layer z_l: q(z_{l+1}|z_l) of the chosen posterior family and a diagonal Gaussian
+    p(z_l|z_{l+1}). With ``hidden=(200, 200)`` and (100, 50) that is the two-stochastic-layer
+    model of Burda et al. (2016): x → 200 → 200 → z₁ (100) → 100 → 100 → z₂ (50) and its mirror;
+    ``hidden=()`` keeps every map linear.
+    """
     config.validate()
+    sizes = config.latent_sizes
     posterior_spec = POSTERIORS[config.posterior]
     likelihood = LIKELIHOODS[config.likelihood]
     encoder = encoder_network(
         config.network,
         config.data_shape,
         config.hidden,
-        posterior_spec.n_params(config.latent_dim, config.flow_steps),
+        posterior_spec.n_params(sizes[0], config.flow_steps),
         config.activation,
     )
-    posterior = posterior_spec.build(encoder, config.latent_dim, config.flow_steps)
+    posterior = posterior_spec.build(encoder, sizes[0], config.flow_steps)
     decoder = decoder_network(
         config.network,
-        config.latent_dim,
+        sizes[0],
         config.hidden,
         config.data_shape,
         likelihood.params_per_dim,
         config.activation,
     )
-    prior = PRIORS[config.prior](config.latent_dim, posterior, config.data_shape)
+    prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape)
+    if len(sizes) > 1:
+        posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
     return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape))
+
+
+def _stochastic_layers(
+    config: ModelConfig, posterior: nn.Module, prior: nn.Module, decoder: nn.Module
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The single-layer pieces for z₁ (``posterior``, ``decoder``) and z_L (``prior``) joined by
+    the conditionals between the layers (see ``build_model``)."""
+    sizes, spec, depth = config.latent_sizes, POSTERIORS[config.posterior], len(config.hidden)
+
+    def body(d_in: int, width: int, d_out: int) -> MLP:
+        return MLP((d_in,), (width,) * depth, d_out, config.activation)
+
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (d_l, d_{l+1}), z₁ side first
+    upward = [
+        spec.build(
+            body(lower, lower, spec.n_params(upper, config.flow_steps)), upper, config.flow_steps
+        )
+        for lower, upper in pairs
+    ]
+    # The prior's conditionals in the order they are drawn: p(z_{L−1}|z_L) first.
+    downward = [
+        DiagonalGaussianPosterior(
+            body(upper, lower, DiagonalGaussianPosterior.n_params(lower)), lower
+        )
+        for lower, upper in reversed(pairs)
+    ]
+    return (
+        HierarchicalPosterior(posterior, upward, sizes),
+        HierarchicalPrior(prior, downward, sizes),
+        FirstLayerDecoder(decoder, sizes[0]),
+    )

@@ -55,7 +55,11 @@ class RunConfig:
     )
     split_seed: int = _option(0, "seed of the train/valid/test split", "int")
     # model
-    latent_dim: int = _option(8, "size of the latent code z", "int")
+    latent_dim: int | tuple[int, ...] = _option(
+        8,
+        "size of the latent code z; sizes of several stochastic layers, z1 first (100,50)",
+        "latent",
+    )
     hidden: tuple[int, ...] = _option(
         (256,), "hidden layer sizes, comma-separated (400,400); 'none' for linear maps", "hidden"
     )
@@ -169,10 +173,18 @@ class RunConfig:
         for name in ("checkpoint_every", "checkpoint_seconds"):
             if getattr(self, name) < 0:
                 raise RunError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
+        if self.free_bits > 0 and isinstance(self.latent_dim, tuple):
+            raise RunError(
+                "free bits clamp each latent unit's closed-form KL, which a model with several "
+                "stochastic layers does not have (its KL is a Monte Carlo estimate over all "
+                "layers at once); use free_bits = 0 with several latent sizes"
+            )
 
     def to_json(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
         values["hidden"] = list(self.hidden)
+        if isinstance(self.latent_dim, tuple):
+            values["latent_dim"] = list(self.latent_dim)
         return values
 
 
@@ -197,11 +209,33 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def parse_latent(value: Any) -> int | tuple[int, ...]:
+    """``8`` or ``"8"`` → 8, one stochastic layer; ``"100,50"`` or ``[100, 50]`` →
+    ``(100, 50)``, several, z₁ first (a single size in a list is one layer)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        sizes: tuple[Any, ...] = (value,)
+    elif isinstance(value, str):
+        sizes = tuple(part.strip() for part in value.split(","))
+    elif isinstance(value, (list, tuple)):
+        sizes = tuple(value)
+    else:
+        sizes = ()
+    if sizes and all(isinstance(s, str) and s.isdecimal() for s in sizes):
+        sizes = tuple(int(s) for s in sizes)
+    if not sizes or any(not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in sizes):
+        raise ValueError(
+            "latent_dim must be a positive integer, or comma-separated sizes of several "
+            f"stochastic layers such as 100,50 (z1 first), got {value!r}"
+        )
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
 def convert(name: str, value: Any) -> Any:
     """``value`` (a command-line string, a TOML value or an already typed value) as option
     ``name``'s type; a ``ValueError`` says what was expected.
 
-    Kinds: ``int``, ``float``, ``str``, ``hidden`` (layer sizes), and ``int?`` / ``float?`` /
+    Kinds: ``int``, ``float``, ``str``, ``hidden`` (layer sizes), ``latent`` (one size or
+    several, ``parse_latent``), and ``int?`` / ``float?`` /
     ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
     spec = OPTIONS[name].metadata
     kind, choices = spec["kind"].rstrip("?"), spec["choices"]
@@ -211,6 +245,8 @@ def convert(name: str, value: Any) -> Any:
         return None
     if kind == "hidden":
         return _hidden(value)
+    if kind == "latent":
+        return parse_latent(value)
     converted = _scalar(name, kind, value)
     if optional and kind != "str" and converted == 0:
         return None

@@ -54,6 +54,8 @@ def save_model(
     atomic_write_bytes(folder / WEIGHTS_FILE, weights)
     params = estimator.get_params()
     params["hidden"] = list(params["hidden"])
+    if isinstance(params["latent_dim"], tuple):
+        params["latent_dim"] = list(params["latent_dim"])
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -131,6 +133,8 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> VAE:
         config = ModelConfig.from_json(document["model"])
         params = dict(document["estimator"])
         params["hidden"] = tuple(params["hidden"])
+        if isinstance(params.get("latent_dim"), list):  # several stochastic layers
+            params["latent_dim"] = tuple(params["latent_dim"])
         estimator = VAE(**params)
         model = build_model(config)
     except (KeyError, TypeError, ValueError) as error:
