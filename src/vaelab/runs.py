@@ -41,6 +41,7 @@ from vaelab.data import DataSplits, Split, load_data
 from vaelab.distributed import SINGLE, World
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
+from vaelab.mapped import MappedRows
 from vaelab.noise import seeded
 from vaelab.registry import ModelConfig, build_model
 from vaelab.runconfig import RunConfig, RunError, config_from_json, resolve
@@ -75,7 +76,7 @@ class TrainResult:
 def _train_data(split: Split) -> Any:
     """A memory-mapped split stays on disk and is indexed per batch; anything else becomes one
     float32 tensor, indexed per batch without per-example calls."""
-    if isinstance(split.stored, np.memmap):
+    if isinstance(split.stored, (np.memmap, MappedRows)):
         return split
     return torch.from_numpy(np.asarray(split))
 
