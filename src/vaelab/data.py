@@ -15,11 +15,11 @@ Named data sets (``DATA`` is the ``data_dir`` argument, else the ``VAELAB_DATA``
 
 Paths (a name wins over a file of the same name in the working directory):
 
-- ``x.npy``: memory-mapped (``vaelab.mapped.MappedRows``), never read whole, and the pages a
-  read maps handed back at once, so a file larger than memory keeps memory flat.
+- ``x.npy``: read a batch of rows at a time (``vaelab.npyrows.NpyRows``), never whole, with
+  ``pread`` rather than a memory map, so a file larger than memory keeps memory flat.
 - a folder of ``.npy`` shards: one array per file, all of one dtype and example shape, read in
   file-name order as one data set (zero-pad numbers: ``part-002.npy`` before ``part-010.npy``),
-  memory-mapped like one file and split by a seeded permutation like any path.
+  read like one file and split by a seeded permutation like any path.
 - ``x.npz`` or ``x.npz:key``: one array; ``:key`` picks it when the file holds several. An integer
   ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels. Never unpickles.
 - ``x.csv``: numbers separated by commas; a first row that is not all numbers is a header.
@@ -55,7 +55,7 @@ Splits depend on the arguments only:
 Stored values and float rows: a ``Split`` keeps its examples as stored (``uint8`` images, a
 read-only memory map of a ``.npy`` file, ...) with an affine transform, and converts on access:
 ``split[idx]`` is a new float32 array ``(float32(stored) - offset) / divisor``, thresholded if
-asked. A memory-mapped file is thus read one batch at a time, and MNIST stays uint8 in memory.
+asked. A memory-mapped or ``.npy`` file is thus read one batch at a time, and MNIST stays uint8 in memory.
 
 Scaling (``scale=``), recorded exactly in ``DataSplits.record``:
 
@@ -100,7 +100,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaelab.mapped import MappedRows
+from vaelab.npyrows import NpyRows
 
 __all__ = [
     "BINARIZATIONS",
@@ -150,7 +150,7 @@ class Split:
     array, so a trainer can batch a split like an array: ``torch.from_numpy(split[idx])``.
 
     ``stored`` is the data as stored (any numeric dtype; for a ``.npy`` source a read-only
-    ``vaelab.mapped.MappedRows``); ``index`` (int64 or ``None`` for all rows in order) selects this split's rows of
+    ``vaelab.npyrows.NpyRows``); ``index`` (int64 or ``None`` for all rows in order) selects this split's rows of
     ``stored``; ``labels`` is int64 ``[len(split)]`` aligned with the rows, or ``None``.
     """
 
@@ -195,7 +195,7 @@ class Split:
         return x if dtype is None else x.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        kind = "memmap" if isinstance(self.stored, (np.memmap, MappedRows)) else "array"
+        kind = "memmap" if isinstance(self.stored, (np.memmap, NpyRows)) else "array"
         return (
             f"Split(n={len(self)}, shape={self.shape[1:]}, stored={self.stored.dtype} {kind}, "
             f"labels={self.labels is not None})"
@@ -270,7 +270,7 @@ def describe(splits: DataSplits) -> str:
 
 @dataclass(frozen=True)
 class _Part:
-    x: np.ndarray  # [n, *stored_shape], any numeric dtype, maybe a memmap or MappedRows
+    x: np.ndarray  # [n, *stored_shape], any numeric dtype, maybe a memmap or NpyRows
     labels: np.ndarray | None  # [n] or None
     origin: str  # for messages: "'x.npy'", "the MNIST train file"
 
@@ -807,7 +807,7 @@ def _load_path(source: str | os.PathLike[str]) -> _Loaded:
 
 def _load_npy(path: Path) -> _Loaded:
     try:
-        x = MappedRows([path])
+        x = NpyRows([path])
     except ValueError as error:
         raise DataError(str(error)) from None
     return _Loaded(path.stem, "npy", _Part(x, None, f"'{path}'"))  # type: ignore[arg-type]
@@ -825,7 +825,7 @@ def _load_npy_shards(folder: Path) -> _Loaded:
             "of data in a folder"
         )
     try:
-        x = MappedRows(shards)
+        x = NpyRows(shards)
     except ValueError as error:
         raise DataError(str(error)) from None
     origin = f"the {len(shards)} .npy shards of '{folder}'"

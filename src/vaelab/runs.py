@@ -41,8 +41,8 @@ from vaelab.data import DataSplits, Split, load_data
 from vaelab.distributed import SINGLE, World
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
-from vaelab.mapped import MappedRows
 from vaelab.noise import seeded
+from vaelab.npyrows import NpyRows
 from vaelab.registry import ModelConfig, build_model
 from vaelab.runconfig import RunConfig, RunError, config_from_json, resolve
 from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
@@ -74,9 +74,9 @@ class TrainResult:
 
 
 def _train_data(split: Split) -> Any:
-    """A memory-mapped split stays on disk and is indexed per batch; anything else becomes one
-    float32 tensor, indexed per batch without per-example calls."""
-    if isinstance(split.stored, (np.memmap, MappedRows)):
+    """A memory-mapped or ``.npy`` split stays on disk and is read per batch; anything else
+    becomes one float32 tensor, indexed per batch without per-example calls."""
+    if isinstance(split.stored, (np.memmap, NpyRows)):
         return split
     return torch.from_numpy(np.asarray(split))
 
@@ -286,14 +286,18 @@ def _check_folder(folder: Path, resume: bool, lock: RunLock) -> None:
         raise
 
 
-def _read_run(folder: Path, resume: bool, lock: RunLock) -> tuple[str | None, bytes | None]:
+def _read_run(
+    folder: Path, resume: bool, lock: RunLock
+) -> tuple[str | None, bytes | None, tuple[int, int, int] | None]:
     """Check the folder (locking it when it exists) and, to resume, read its configuration's
-    text and its checkpoint's bytes: rank 0's part, which it sends to the other workers."""
+    text and its checkpoint's bytes (rank 0's part, which it sends to the other workers), with
+    the checkpoint's fingerprint as it was read."""
     _check_folder(folder, resume, lock)
     if not resume:
-        return None, None
+        return None, None, None
     config_text = (folder / RUN_CONFIG_FILE).read_bytes().decode("utf-8", errors="replace")
-    return config_text, (folder / CHECKPOINT_FILE).read_bytes()
+    seen = _fingerprint(folder / CHECKPOINT_FILE)
+    return config_text, (folder / CHECKPOINT_FILE).read_bytes(), seen
 
 
 def _attempt(action: Any) -> tuple[Any, BaseException | None]:
@@ -313,10 +317,12 @@ def _train_locked(
     log: TextIO,
     world: World,
 ) -> TrainResult:
-    found, failure = _attempt(lambda: _read_run(folder, resume, lock)) if world.main else (0, None)
+    found, failure = (None, None)
+    if world.main:
+        found, failure = _attempt(lambda: _read_run(folder, resume, lock))
     world.settle(failure)
-    config_text, checkpoint_bytes = world.broadcast(found)
-    seen = _fingerprint(folder / CHECKPOINT_FILE) if resume and world.main else None
+    seen = found[2] if found is not None else None  # rank 0's alone
+    config_text, checkpoint_bytes = world.broadcast(None if found is None else found[:2])
     setup, failure = _attempt(
         lambda: _set_up(settings, folder, config_text, checkpoint_bytes, world)
     )

@@ -822,10 +822,7 @@ class Trainer:
         """Train until ``config.epochs`` epochs are done (or early stopping); with ``valid``, keep
         the weights with the best validation ELBO. Continues from ``restore`` when called after it.
         On several workers each reads its share of every batch of ``train`` and ``valid``."""
-        if self.seed is None:
-            self.seed = int(torch.randint(0, 2**62, ()).item())
-        self._streams = TrainingStreams(self.seed)
-        self._event, self._dtype = _noise_shape(self.model)
+        self._prepare_streams()
         share = self.world.share if self.world.size > 1 else None
         if share is not None and self._step_module is self._objective:
             self._step_module = _data_parallel(self._objective, self.device)
@@ -887,12 +884,21 @@ class Trainer:
                     self.save_checkpoint(train)
             self.epoch_seconds += time.perf_counter() - started
             self._end_epoch(train, valid, lr, kl_weight)
-            if self._stop_requested and not self.finished:
+            # On several workers a request that came after the epoch's last step is agreed on
+            # with the next step's flags: deciding it here, alone, would leave the others behind.
+            if self._stop_requested and not self.finished and share is None:
                 self._interrupt(train)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return self.history
+
+    def _prepare_streams(self) -> None:
+        """The noise streams from ``seed`` (drawn now when None) and the shape and dtype of ε."""
+        if self.seed is None:
+            self.seed = int(torch.randint(0, 2**62, ()).item())
+        self._streams = TrainingStreams(self.seed)
+        self._event, self._dtype = _noise_shape(self.model)
 
     def _local_flags(self, step: int) -> torch.Tensor:
         """This worker's flags for the step that ends at optimiser step ``step``: a stop
