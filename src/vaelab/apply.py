@@ -672,10 +672,9 @@ def gap(
     count = len(examples)
     groups = [slice(lo, min(lo + GAP_GROUP, count)) for lo in range(0, count, GAP_GROUP)]
     mine = groups[world.share(len(groups))]
+    shown = progress and world.main  # one worker's bars stand for all
     found = [
-        _group_gaps(
-            estimator, examples.read(g.start, g.stop), families, k, steps, use_ais, progress
-        )
+        _group_gaps(estimator, examples.read(g.start, g.stop), families, k, steps, use_ais, shown)
         for g in mine
     ]
     gathered = world.gather(found)
