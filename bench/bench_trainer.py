@@ -81,11 +81,20 @@ from vaelab.checkpoint import CHECKPOINT_FILE
 from vaelab.data import DataError, load_data
 from vaelab.estimator import INIT_EXAMPLES
 from vaelab.model import VAEModel
+from vaelab.noise import reparameterise
 from vaelab.objectives import ElboTerms, kl_term
 from vaelab.registry import ModelConfig, build_model
 from vaelab.runconfig import RunConfig
 from vaelab.runs import RunLog
-from vaelab.training import CheckpointPolicy, IndexedBatches, TrainConfig, Trainer, learning_rate
+from vaelab.streams import TrainingStreams
+from vaelab.training import (
+    Batch,
+    CheckpointPolicy,
+    IndexedBatches,
+    TrainConfig,
+    Trainer,
+    learning_rate,
+)
 
 VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
 DEVICE = torch.device("cpu")
@@ -313,9 +322,12 @@ class Bench:
                 )
             )
         else:
-            source = IndexedBatches(self.x, self.args.batch_size, self.generators[side])
+            # The data order and noise come from vaelab.streams, keyed by (seed, epoch, batch).
+            source = IndexedBatches(self.x, self.args.batch_size, self.args.seed + 1)
             if side == "A":
-                trainer = Trainer(self.model, copy.copy(self.train_config), DEVICE)
+                trainer = Trainer(
+                    self.model, copy.copy(self.train_config), DEVICE, seed=self.args.seed + 2
+                )
                 result = timed(lambda: trainer.fit(source))
             else:
                 with tempfile.TemporaryDirectory(prefix="bench-trainer-") as folder:
@@ -323,6 +335,7 @@ class Bench:
                         self.run_model,
                         copy.copy(self.train_config),
                         DEVICE,
+                        seed=self.args.seed + 2,
                         checkpoint=CheckpointPolicy(
                             path=Path(folder) / CHECKPOINT_FILE,
                             every_seconds=RunConfig().checkpoint_seconds or None,
@@ -436,6 +449,7 @@ def vaelab_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> d
     ``for i, x in enumerate(train.batches(...))`` block), cut into phases. It calls the trainer's
     own ``_loss``, schedule and optimiser; only the order of the calls is written out here."""
     trainer = Trainer(copy.deepcopy(bench.model), copy.copy(bench.train_config), DEVICE)
+    trainer._prepare_streams()
     per_epoch = -(-bench.x.shape[0] // bench.args.batch_size)
     total = per_epoch * bench.epochs  # as fit's total_steps; it only sets the learning rate
     clock = Clock()
@@ -447,7 +461,8 @@ def vaelab_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> d
             group["lr"] = lr
         kl_weight = trainer._kl_weight(0, (i % per_epoch) / per_epoch)
         clock.lap("schedule")
-        loss, terms = trainer._loss(x, kl_weight)
+        noise = trainer._noise(0, Batch(x, i, x.shape[0], slice(0, x.shape[0])))
+        loss, terms = trainer._loss(x, kl_weight, noise)
         clock.lap("forward")
         if not math.isfinite(loss.item()):
             raise SystemExit("the loss diverged during the breakdown")
@@ -460,7 +475,7 @@ def vaelab_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> d
         trainer.step += 1
         trainer._record(terms, x.shape[0])
         trainer.observer.step(trainer, x.shape[0])
-        trainer._checkpoint_due()
+        trainer._agreed_flags()
         clock.lap("bookkeeping")
     return clock.seconds
 
@@ -486,13 +501,16 @@ def vaelab_forward(bench: Bench, batches: Iterator[torch.Tensor], steps: int) ->
     """A's forward pass cut into the lines of ``vaelab.objectives.elbo`` (one sample, β = 1, the
     KL chosen by ``kl_term``), with autograd recording as in training."""
     model = bench.model
+    streams = TrainingStreams(bench.args.seed)
     clock = Clock(FORWARD)
-    for _ in range(steps):
+    for i in range(steps):
         x = next(batches)
         clock.restart()
         q = model.posterior(x)
         clock.lap("encoder, q(z|x)")
-        z = q.rsample()
+        # As the trainer: the batch's ε from its stream (vaelab.streams), then z = μ + σ ε.
+        eps = streams.normal((1, x.shape[0], bench.setting.latent_dim), 0, i)
+        z = reparameterise(q, eps[0])[0]
         clock.lap("sample z")
         reconstruction = model.likelihood.log_prob(x, z)
         clock.lap("decode, log p(x|z)")
@@ -554,8 +572,10 @@ def graph_size(bench: Bench) -> dict[str, dict[str, int]]:
     visits (parameters' gradient accumulators not counted) and ATen calls in the forward pass."""
     x = bench.x[: bench.args.batch_size]
     trainer = Trainer(bench.model, copy.copy(bench.train_config), DEVICE)
+    trainer._prepare_streams()
+    noise = trainer._noise(0, Batch(x, 0, x.shape[0], slice(0, x.shape[0])))
     losses = {
-        "A": lambda: trainer._loss(x, bench.train_config.beta)[0],
+        "A": lambda: trainer._loss(x, bench.train_config.beta, noise)[0],
         "B": lambda: hand_loss(bench.encoder, bench.decoder, x.reshape(x.shape[0], -1)),
     }
     found: dict[str, dict[str, int]] = {"autograd_nodes": {}, "aten_calls_forward": {}}
@@ -659,9 +679,7 @@ def profile_trainer(bench: Bench, steps: int) -> dict[str, Any]:
     """cProfile of A's real ``Trainer.fit`` over about ``steps`` steps: a prefix of the data when
     it has more batches, several epochs when it has fewer."""
     size = bench.args.batch_size
-    source = IndexedBatches(
-        bench.x[: steps * size], size, torch.Generator().manual_seed(bench.args.seed)
-    )
+    source = IndexedBatches(bench.x[: steps * size], size, bench.args.seed)
     epochs = max(1, round(steps / len(source)))
     config = TrainConfig(epochs=epochs, batch_size=size, lr=bench.args.lr)
     trainer = Trainer(copy.deepcopy(bench.model), config, DEVICE)

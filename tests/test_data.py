@@ -18,6 +18,7 @@ from scipy.io import loadmat
 from conftest import SHARED_DATA as DATA_DIR
 from vaelab import cli, data
 from vaelab.data import DataError, DataSplits, binarize_batch, describe, load_data
+from vaelab.npyrows import NpyRows
 
 
 def needs(folder: str) -> None:
@@ -225,7 +226,7 @@ def test_npy_is_memory_mapped_and_round_trips(tmp_path: Path) -> None:
     np.save(tmp_path / "x.npy", x)
     splits = load_data(str(tmp_path / "x.npy"))
     for split in (splits.train, splits.valid, splits.test):
-        assert isinstance(split.stored, np.memmap)
+        assert isinstance(split.stored, NpyRows)
     assert splits.shape == (3,) and splits.sizes == {"train": 40, "valid": 5, "test": 5}
     rows, values = everything(splits)
     np.testing.assert_array_equal(values, x)
@@ -240,7 +241,7 @@ def test_npy_images_get_a_channel_and_uint8_is_divided_by_255(tmp_path: Path) ->
     np.save(tmp_path / "img.npy", x)
     splits = load_data(tmp_path / "img.npy")
     assert splits.shape == (1, 4, 5)
-    assert isinstance(splits.train.stored, np.memmap)
+    assert isinstance(splits.train.stored, NpyRows)
     _, values = everything(splits)
     np.testing.assert_allclose(values[:, 0], x / 255, rtol=1e-6)
     assert splits.record["divisor"] == 255.0 and splits.record["raw_range"] == [50.0, 249.0]

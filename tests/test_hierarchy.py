@@ -422,7 +422,7 @@ def test_a_two_layer_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
             return build_model(ModelConfig(data_shape=(64,), latent_dim=(4, 2), hidden=(8,)))
 
     def batches() -> IndexedBatches:
-        return IndexedBatches(x, 16, torch.Generator().manual_seed(5))
+        return IndexedBatches(x, 16, seed=5)
 
     def fit(trainer: Trainer) -> Trainer:
         with torch.random.fork_rng(devices=[]):

@@ -132,26 +132,25 @@ def test_memory_mapped_and_in_memory_data_give_the_same_batches(tmp_path):
     x = data(50).numpy()
     np.save(tmp_path / "x.npy", x)
     mapped = np.load(tmp_path / "x.npy", mmap_mode="r")
-    a = IndexedBatches(torch.from_numpy(x), 8, torch.Generator().manual_seed(1))
-    b = IndexedBatches(mapped, 8, torch.Generator().manual_seed(1))
+    a = IndexedBatches(torch.from_numpy(x), 8, 1)
+    b = IndexedBatches(mapped, 8, 1)
     assert len(a) == len(b) == 7
     for epoch in range(2):
         for u, v in zip(a.batches(epoch), b.batches(epoch), strict=True):
-            assert torch.equal(u, v)
+            assert torch.equal(u.x, v.x)
 
 
-def test_dynamic_binarisation_draws_from_its_own_generator():
+def test_dynamic_binarisation_draws_from_its_own_stream():
     x = data(30)
-    source = IndexedBatches(
-        x, 10, torch.Generator().manual_seed(0), binarize_generator=torch.Generator().manual_seed(1)
-    )
+    source = IndexedBatches(x, 10, 0, binarize=True)
     with torch.random.fork_rng(devices=[]):
         before = torch.get_rng_state()
-        first = list(source.batches(0))
+        first = [b.x for b in source.batches(0)]
         assert torch.equal(torch.get_rng_state(), before)  # the global stream is untouched
     assert all(set(b.unique().tolist()) <= {0.0, 1.0} for b in first)
-    second = list(source.batches(1))
+    second = [b.x for b in source.batches(1)]
     assert not all(torch.equal(u, v) for u, v in zip(first, second, strict=True))
+    assert all(torch.equal(u, b.x) for u, b in zip(first, source.batches(0), strict=True))
 
 
 # -------------------------------------------------------------------------------- checkpoints
@@ -237,9 +236,7 @@ CONFIG = dict(
 
 
 def sources(x: torch.Tensor, valid: torch.Tensor) -> tuple[IndexedBatches, IndexedBatches]:
-    train = IndexedBatches(
-        x, 16, torch.Generator().manual_seed(5), binarize_generator=torch.Generator().manual_seed(6)
-    )
+    train = IndexedBatches(x, 16, 5, binarize=True)
     return train, IndexedBatches(valid, 50, shuffle=False)
 
 
@@ -272,7 +269,7 @@ def test_a_run_killed_mid_epoch_and_resumed_ends_bit_identical(tmp_path):
         run(path, CrashAfter(13), every=4)  # 8 steps per epoch: killed in epoch 2, step 5
     tensors, state = load_checkpoint(path)
     assert state["position"]["epoch"] == 1 and state["position"]["batch"] == 4
-    assert "data.order" in tensors and "rng.torch" in tensors
+    assert state["streams"]["seed"] == reference.seed and "rng.torch" in tensors
 
     x, valid = data(120), data(40, seed=1)
     train, valid_source = sources(x, valid)
@@ -384,7 +381,7 @@ def test_a_checkpoint_for_other_settings_is_refused(tmp_path):
     other = Trainer(model(), TrainConfig(**{**CONFIG, "lr": 1e-2}), CPU)
     with pytest.raises(ValueError, match="lr"):
         other.restore(*load_checkpoint(path), train)
-    smaller = IndexedBatches(data(60), 16, torch.Generator().manual_seed(5))
+    smaller = IndexedBatches(data(60), 16, 5)
     same = Trainer(model(), TrainConfig(**CONFIG), CPU)
     with pytest.raises(ValueError, match="batches per epoch"):
         same.restore(*load_checkpoint(path), smaller)
@@ -411,12 +408,13 @@ def test_stop_request_checkpoints_and_raises_after_the_current_step(tmp_path):
 
 def test_a_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     class PoisonedBatches(IndexedBatches):
-        def batches(self, epoch, start=0):
-            for i, x in enumerate(super().batches(epoch, start), start=start):
-                yield x * math.nan if (epoch, i) == (1, 2) else x
+        def batches(self, epoch, start=0, share=None):
+            for batch in super().batches(epoch, start, share):
+                poisoned = (epoch, batch.number) == (1, 2)
+                yield batch._replace(x=batch.x * math.nan) if poisoned else batch
 
     path = tmp_path / "c.safetensors"
-    source = PoisonedBatches(data(120), 16, torch.Generator().manual_seed(0))
+    source = PoisonedBatches(data(120), 16, 0)
     policy = CheckpointPolicy(path, every_steps=1, every_seconds=None)
     trainer = Trainer(model(likelihood="gaussian"), TrainConfig(epochs=3, batch_size=16), CPU)
     trainer.checkpoint = policy
@@ -457,7 +455,7 @@ def test_early_stopping_keeps_the_best_weights(monkeypatch):
         model(), TrainConfig(epochs=6, batch_size=16, patience=2), CPU, observer=Remember()
     )
     history = trainer.fit(
-        IndexedBatches(x, 16, torch.Generator().manual_seed(0)),
+        IndexedBatches(x, 16, 0),
         IndexedBatches(x, 64, shuffle=False),
     )
     assert [m.epoch for m in history] == [1, 2, 3, 4]  # epochs 3 and 4 did not beat epoch 2

@@ -15,15 +15,17 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from vaelab.data import SOURCES, Split, load_data
+from vaelab.distributed import SINGLE, World
 from vaelab.estimator import EVAL_SEED, VAE
 from vaelab.files import atomic_write_bytes
+from vaelab.gap import InferenceGap
 from vaelab.loglik import LogLikelihoodEstimate, standard_error
 from vaelab.noise import ExampleNoise
 from vaelab.runconfig import RunError
@@ -87,17 +89,21 @@ class ModelData:
     def chunks(self, limit: int | None = None) -> Iterator[np.ndarray]:
         n = len(self.split) if limit is None else min(limit, len(self.split))
         for start in range(0, n, CHUNK):
-            x = self.split[start : min(start + CHUNK, n)]
-            if self.binarize_seed is not None:
-                # Probabilities, as in training: min-max scaling may overshoot [0, 1] off train.
-                x = np.clip(x, 0.0, 1.0)
-            try:
-                self.likelihood.check_support(torch.from_numpy(x))
-            except ValueError as error:
-                raise RunError(f"{self.description}: {error}") from None
-            if self.binarize_seed is not None:
-                x = _keyed_bernoulli(x, self.binarize_seed)
-            yield x
+            yield self.read(start, min(start + CHUNK, n))
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Examples ``start:stop``, prepared and checked: float32 ``[stop − start, *shape]``."""
+        x = self.split[start:stop]
+        if self.binarize_seed is not None:
+            # Probabilities, as in training: min-max scaling may overshoot [0, 1] off train.
+            x = np.clip(x, 0.0, 1.0)
+        try:
+            self.likelihood.check_support(torch.from_numpy(x))
+        except ValueError as error:
+            raise RunError(f"{self.description}: {error}") from None
+        if self.binarize_seed is not None:
+            x = _keyed_bernoulli(x, self.binarize_seed)
+        return x
 
     def subset(self, n: int | None) -> ModelData:
         """A random subset of ``n`` examples (all when ``n`` is None or not smaller), drawn with
@@ -225,7 +231,9 @@ def evaluate(
     split: str | None = None,
     iwae_examples: int | None = None,
     device: str | None = None,
-) -> dict[str, Any]:
+    per_example: str | os.PathLike[str] | None = None,
+    world: World = SINGLE,
+) -> dict[str, Any] | None:
     """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
     data (see ``model_data``; ``split`` picks another), with the standard error of the ELBO;
     with ``k``, the IWAE-k log-likelihood estimate (and bits per dimension where a model is a
@@ -235,7 +243,13 @@ def evaluate(
 
     ``examples_limit`` evaluates a random subset of that many examples (seeded, the same every
     time); ``iwae_examples`` takes a random subset of those for IWAE and AIS only, whose cost
-    grows with k and the number of steps. A tqdm bar shows each long step when ``progress``."""
+    grows with k and the number of steps. A tqdm bar shows each long step when ``progress``.
+    ``per_example`` names an .npz file for each example's numbers (float64 ``elbo``, and
+    ``iwae`` / ``ais`` when computed, in the order of the examples evaluated).
+
+    On several workers (``world``) every worker calls it: IWAE and AIS split their batches among
+    the workers (``estimate_batches``), which gives every example the very numbers one process
+    gives it; rank 0 computes the rest and returns the result, the others return None."""
     for name, value, least in (
         ("--samples", samples, 1),
         ("--k", k, 1),
@@ -246,20 +260,50 @@ def evaluate(
     ):
         if value is not None and value < least:
             raise RunError(f"{name} must be at least {least}, got {value}")
-    estimator, document = open_model(folder, device)
-    examples = model_data(estimator, document, data, data_dir, split).subset(examples_limit)
-    if len(examples) == 0:
-        raise RunError(f"{examples.description} holds no examples to evaluate")
-    result = _elbo_summary(estimator, examples, samples, progress)
-    result["model"] = str(folder)
+    out = None if per_example is None else _output(per_example, (".npz",))
+
+    def open_examples() -> tuple[VAE, ModelData]:
+        estimator, document = open_model(folder, device)
+        examples = model_data(estimator, document, data, data_dir, split).subset(examples_limit)
+        if len(examples) == 0:
+            raise RunError(f"{examples.description} holds no examples to evaluate")
+        return estimator, examples
+
+    opened, failure = _attempt(open_examples)
+    world.settle(failure)
+    estimator, examples = opened
     estimated = examples.subset(iwae_examples)
+    values: dict[str, np.ndarray] = {}
+    found: dict[str, Any] = {}
+    # The shared work first, so that workers other than rank 0 never wait for rank 0 alone.
     if k is not None:
-        result["iwae"] = iwae_summary(estimator, estimated, k, progress)
+        iwae = _iwae(estimator, estimated, k, progress, world)
+        if iwae is not None:
+            found["iwae"], values["iwae"] = iwae
     if ais_steps is not None:
-        result["ais"] = ais_summary(estimator, estimated, ais_steps, ais_chains, progress)
+        annealed = _ais(estimator, estimated, ais_steps, ais_chains, progress, world)
+        if annealed is not None:
+            found["ais"], values["ais"] = annealed
+    if not world.main:
+        return None
+    result, values["elbo"] = _elbo_summary(estimator, examples, samples, progress)
+    result["model"] = str(folder)
+    result.update(found)
     if diagnostics:
         result["diagnostics"] = diagnostics_summary(estimator, examples, progress)
+    if out is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, **values)  # type: ignore[arg-type]  # numpy types its first kwarg
+        atomic_write_bytes(out, buffer.getvalue())
     return result
+
+
+def _attempt(action: Callable[[], Any]) -> tuple[Any, BaseException | None]:
+    """``action()`` and None, or None and the exception it raised (for ``World.settle``)."""
+    try:
+        return action(), None
+    except Exception as error:
+        return None, error
 
 
 DIAGNOSTIC_EXAMPLES = 10_000  # collapse diagnostics need the examples in memory at once
@@ -271,10 +315,36 @@ def load_examples(examples: ModelData, n: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
 
 
-def _per_chunk(examples: ModelData, estimate: Callable[[torch.Tensor], Any]) -> list[Any]:
-    """``estimate(x)`` on each chunk of the examples (the estimators key every example's draws
-    by its own values and ``EVAL_SEED``, so chunking changes nothing)."""
-    return [estimate(torch.from_numpy(x)) for x in examples.chunks()]
+ESTIMATE_BATCH = 100  # examples per call of an estimator (log_likelihood's and ais's batch)
+
+
+def estimate_batches(n: int) -> list[slice]:
+    """The batches of ``ESTIMATE_BATCH`` examples an estimate of ``n`` examples runs on, on one
+    process or many. Each example's noise is keyed by its values (``vaelab.noise``), so its
+    number does not depend on the batch in exact arithmetic; computing the very same batches on
+    every number of workers makes it the same to the last bit too (a matrix product of a few
+    rows may take another kernel than one of many, which rounds differently)."""
+    return [slice(lo, min(lo + ESTIMATE_BATCH, n)) for lo in range(0, n, ESTIMATE_BATCH)]
+
+
+T = TypeVar("T")
+
+
+def _per_batch(
+    examples: ModelData,
+    estimate: Callable[[torch.Tensor], T],
+    world: World,
+    progress: bool,
+    desc: str,
+) -> list[T] | None:
+    """``estimate(x)`` on each of ``estimate_batches``, each worker taking a contiguous share of
+    them; the results in order on rank 0, None elsewhere."""
+    batches = estimate_batches(len(examples))
+    mine = batches[world.share(len(batches))]
+    shown = tqdm(mine, desc=desc, unit="batch", disable=not (progress and world.main))
+    results = [estimate(torch.from_numpy(examples.read(b.start, b.stop))) for b in shown]
+    gathered = world.gather(results)
+    return None if gathered is None else [r for part in gathered for r in part]
 
 
 def _mean_and_error(log_px: torch.Tensor) -> dict[str, Any]:
@@ -295,23 +365,40 @@ def iwae_summary(
     Bernoulli on binary pixels. A density on [0, 1] pixels, or a Bernoulli cross-entropy on grey
     values, would give a number in "bits" that is no code length and no paper's bits/dim; the
     summary then says why it is absent."""
+    found = _iwae(estimator, examples, k, progress, SINGLE)
+    assert found is not None
+    return found[0]
+
+
+def _iwae(
+    estimator: VAE, examples: ModelData, k: int, progress: bool, world: World
+) -> tuple[dict[str, Any], np.ndarray] | None:
+    """``iwae_summary`` and the per-example estimates, float64 ``[n]``, on rank 0."""
     from vaelab.loglik import log_likelihood
 
-    why_not = None
-    parts = []
-    for x in examples.chunks():
-        chunk = torch.from_numpy(x)
-        why_not = why_not or estimator.model_.likelihood.why_not_a_probability(chunk)
-        parts.append(log_likelihood(estimator.model_, chunk, k, seed=EVAL_SEED, progress=progress))
-    log_px = torch.cat([p.log_px for p in parts])
-    summary: dict[str, Any] = {"k": k, **_mean_and_error(log_px), "bound": f"IWAE-{k}"}
+    model = estimator.model_
+
+    def estimate(x: torch.Tensor) -> tuple[np.ndarray, str | None]:
+        log_px = log_likelihood(model, x, k, batch_size=x.shape[0], seed=EVAL_SEED).log_px
+        return log_px.numpy(), model.likelihood.why_not_a_probability(x)
+
+    parts = _per_batch(examples, estimate, world, progress, f"IWAE-{k}")
+    if parts is None:
+        return None
+    log_px = np.concatenate([values for values, _ in parts])
+    why_not = next((why for _, why in parts if why), None)
+    summary: dict[str, Any] = {
+        "k": k,
+        **_mean_and_error(torch.from_numpy(log_px)),
+        "bound": f"IWAE-{k}",
+    }
     if why_not is None:
         dims = math.prod(estimator.data_shape_)
         summary["bits_per_dim"] = -summary["mean"] / (dims * math.log(2.0))
     else:
         summary["bits_per_dim"] = None
         summary["bits_per_dim_note"] = f"not defined: {why_not}"
-    return summary
+    return summary, log_px
 
 
 def ais_summary(
@@ -319,27 +406,43 @@ def ais_summary(
 ) -> dict[str, Any]:
     """AIS estimate of log p(x) over the examples (Neal 2001; HMC transitions on the sigmoid
     schedule, as Wu et al. 2017): a stochastic lower bound that tightens with ``steps``."""
+    found = _ais(estimator, examples, steps, chains, progress, SINGLE)
+    assert found is not None
+    return found[0]
+
+
+def _ais(
+    estimator: VAE,
+    examples: ModelData,
+    steps: int,
+    chains: int,
+    progress: bool,
+    world: World,
+) -> tuple[dict[str, Any], np.ndarray] | None:
+    """``ais_summary`` and the per-example estimates, float64 ``[n]``, on rank 0."""
     from vaelab.ais import ais
 
-    parts = _per_chunk(
-        examples,
-        lambda x: ais(
-            estimator.model_, x, chains=chains, steps=steps, seed=EVAL_SEED, progress=progress
-        ),
-    )
-    counts = [p.log_px.numel() for p in parts]
-    return {
+    def estimate(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+        found = ais(
+            estimator.model_, x, chains=chains, steps=steps, seed=EVAL_SEED, batch_size=x.shape[0]
+        )
+        return found.log_px.numpy(), found.effective_sample_size.numpy(), found.acceptance_rate
+
+    parts = _per_batch(examples, estimate, world, progress, f"AIS-{steps}")
+    if parts is None:
+        return None
+    log_px = np.concatenate([p[0] for p in parts])
+    counts = [p[0].size for p in parts]
+    summary = {
         "steps": steps,
         "chains": chains,
-        **_mean_and_error(torch.cat([p.log_px for p in parts])),
-        "mean_effective_sample_size": float(
-            torch.cat([p.effective_sample_size for p in parts]).mean()
-        ),
-        # Each chunk's rate is a mean over its examples: weight chunks by their size.
-        "acceptance_rate": sum(c * p.acceptance_rate for c, p in zip(counts, parts, strict=True))
-        / sum(counts),
+        **_mean_and_error(torch.from_numpy(log_px)),
+        "mean_effective_sample_size": float(np.concatenate([p[1] for p in parts]).mean()),
+        # Each batch's rate is a mean over its examples: weight batches by their size.
+        "acceptance_rate": sum(c * p[2] for c, p in zip(counts, parts, strict=True)) / sum(counts),
         "bound": f"AIS-{steps}",
     }
+    return summary, log_px
 
 
 def diagnostics_summary(
@@ -371,8 +474,10 @@ def active_units_text(diagnostics: dict[str, Any]) -> str:
 
 def _elbo_summary(
     estimator: VAE, examples: ModelData, samples: int, progress: bool = False
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The ELBO summary and each example's ELBO, float64 ``[n]``."""
     sums = np.zeros(4)  # ELBO, ELBO², reconstruction, KL
+    per_example = []
     chunks = tqdm(
         examples.chunks(),
         total=-(-len(examples) // CHUNK),
@@ -382,6 +487,7 @@ def _elbo_summary(
     )
     for x in chunks:
         terms = estimator.elbo_terms(x, samples=samples)
+        per_example.append(np.asarray(terms.elbo, dtype=np.float64))
         sums += [
             float(terms.elbo.sum()),
             float(terms.elbo.square().sum()),
@@ -403,7 +509,7 @@ def _elbo_summary(
         "samples": samples,
         "bound": "ELBO",
         "unit": "nats per example",
-    }
+    }, np.concatenate(per_example)
 
 
 def _output(path: str | os.PathLike[str], suffixes: tuple[str, ...]) -> Path:
@@ -527,6 +633,9 @@ def encode(
     return target, examples
 
 
+GAP_GROUP = 250  # examples per inference-gap computation (their q* are optimised together)
+
+
 def gap(
     folder: str | os.PathLike[str],
     data: str | None = None,
@@ -538,7 +647,8 @@ def gap(
     progress: bool = False,
     split: str | None = None,
     device: str | None = None,
-) -> dict[str, Any]:
+    world: World = SINGLE,
+) -> dict[str, Any] | None:
     """The inference gap of Cremer, Li & Duvenaud (2018) on a random subset of ``n`` examples
     (seeded, the same every time): for each variational family that contains the amortised
     posterior (``vaelab.gap.families_containing``: the diagonal and the full-covariance Gaussian
@@ -546,41 +656,119 @@ def gap(
     of a per-example optimised q*, ELBO of the amortised q, and the approximation and
     amortisation gaps, each a mean over examples with its standard error. The families share one
     log p̂(x): IWAE-k with the optimised q* of the richest family as proposal, or AIS
-    (``use_ais``)."""
-    from vaelab.gap import families_containing, inference_gap
+    (``use_ais``).
+
+    The examples are taken ``GAP_GROUP`` at a time (each example's q* and estimates depend on it
+    alone, its noise being keyed by its values); on several workers (``world``) each takes a
+    contiguous share of the groups, which gives every example the numbers one process gives it,
+    and rank 0 returns the result (the others None)."""
+    from vaelab.gap import families_containing
 
     if n < 2:
         raise RunError(f"--n must be at least 2 examples, got {n}")
     if k < 1 or steps < 1:
         raise RunError(f"--k and --steps must be positive, got {k} and {steps}")
-    estimator, document = open_model(folder, device)
-    examples = model_data(estimator, document, data, data_dir, split).subset(n)
-    if len(examples) < 2:
-        raise RunError(f"{examples.description} holds fewer than 2 examples")
-    x = load_examples(examples)
-    model = estimator.model_
-    log_px: LogLikelihoodEstimate | None = None
-    if use_ais:
-        from vaelab.ais import ais
 
-        log_px = ais(model, x, seed=EVAL_SEED, progress=progress)
+    def open_examples() -> tuple[VAE, ModelData]:
+        estimator, document = open_model(folder, device)
+        examples = model_data(estimator, document, data, data_dir, split).subset(n)
+        if len(examples) < 2:
+            raise RunError(f"{examples.description} holds fewer than 2 examples")
+        return estimator, examples
+
+    opened, failure = _attempt(open_examples)
+    world.settle(failure)
+    estimator, examples = opened
+    model = estimator.model_
     with torch.no_grad():
-        families = families_containing(model.posterior(x[:2]))
-    found: dict[str, Any] = {}
-    for family in reversed(families):  # the richest first: its q* is the proposal for log p(x)
-        estimate = inference_gap(
-            model, x, family, log_px=log_px, k=k, steps=steps, seed=EVAL_SEED, progress=progress
-        )
-        log_px = estimate.log_px_estimate
-        found[family] = estimate.to_dict()
-    assert log_px is not None
+        first = torch.from_numpy(examples.read(0, 2))
+        families = families_containing(model.posterior(first))
+    count = len(examples)
+    groups = [slice(lo, min(lo + GAP_GROUP, count)) for lo in range(0, count, GAP_GROUP)]
+    mine = groups[world.share(len(groups))]
+    shown = progress and world.main  # one worker's bars stand for all
+    found = [
+        _group_gaps(estimator, examples.read(g.start, g.stop), families, k, steps, use_ais, shown)
+        for g in mine
+    ]
+    gathered = world.gather(found)
+    if gathered is None:
+        return None
+    parts = [part for rank_parts in gathered for part in rank_parts]
+    estimates = {family: _joined_gap(family, [p[family] for p in parts]) for family in families}
+    log_px_method = estimates[families[-1]].log_px_method
     return {
         "model": str(folder),
         "data": examples.source,
         "split": examples.which,
         "examples_described": examples.description,
-        "examples": int(x.shape[0]),
-        "log_px_method": log_px.method,
+        "examples": count,
+        "log_px_method": log_px_method,
         "unit": "nats per example",
-        "families": {family: found[family] for family in families},
+        "families": {family: estimates[family].to_dict() for family in families},
     }
+
+
+_GAP_FIELDS = (
+    "log_px",
+    "elbo_optimal",
+    "elbo_amortised",
+    "log_px_mc_standard_error",
+    "elbo_optimal_mc_standard_error",
+    "elbo_amortised_mc_standard_error",
+)
+
+
+def _group_gaps(
+    estimator: VAE,
+    x: np.ndarray,
+    families: tuple[str, ...],
+    k: int,
+    steps: int,
+    use_ais: bool,
+    progress: bool,
+) -> dict[str, dict[str, Any]]:
+    """The inference gaps of one group of examples ``x`` for each family, as plain arrays."""
+    from vaelab.gap import inference_gap
+
+    model, examples = estimator.model_, torch.from_numpy(x)
+    log_px: LogLikelihoodEstimate | None = None
+    if use_ais:
+        from vaelab.ais import ais
+
+        log_px = ais(model, examples, seed=EVAL_SEED, progress=progress)
+    found: dict[str, dict[str, Any]] = {}
+    for family in reversed(families):  # the richest first: its q* is the proposal for log p(x)
+        estimate = inference_gap(
+            model, examples, family, log_px=log_px, k=k, steps=steps, seed=EVAL_SEED,
+            progress=progress,
+        )  # fmt: skip
+        log_px = estimate.log_px_estimate
+        found[family] = {name: getattr(estimate, name).numpy() for name in _GAP_FIELDS}
+        found[family]["effective_sample_size"] = log_px.effective_sample_size.numpy()
+        found[family]["method"], found[family]["samples"] = log_px.method, log_px.samples
+        found[family]["data_dim"] = log_px.data_dim
+    return found
+
+
+def _joined_gap(family: str, groups: list[dict[str, Any]]) -> InferenceGap:
+    """One ``InferenceGap`` of the examples of ``groups``, in order."""
+    joined = {
+        name: torch.from_numpy(np.concatenate([g[name] for g in groups]))
+        for name in (*_GAP_FIELDS, "effective_sample_size")
+    }
+    first = groups[0]
+    log_px = LogLikelihoodEstimate(
+        joined["log_px"],
+        joined["log_px_mc_standard_error"],
+        joined["effective_sample_size"],
+        first["samples"],
+        first["method"],
+        first["data_dim"],
+    )
+    return InferenceGap(
+        family=family,
+        **{name: joined[name] for name in _GAP_FIELDS},
+        log_px_method=first["method"],
+        log_px_estimate=log_px,
+    )

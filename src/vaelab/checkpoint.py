@@ -4,10 +4,12 @@ A checkpoint is a single file (``checkpoint.safetensors``) so that one ``os.repl
 state at once: a process killed at any moment leaves either the previous checkpoint or the new one.
 
 - **Tensors** (safetensors' raw buffers): model weights, the best weights so far, the optimiser's
-  moments, the epoch's data permutation, and every random number generator state as ``uint8``
-  tensors (``torch.get_rng_state()``, ``torch.Generator.get_state()``, numpy's MT19937 key).
+  moments, and the global random number generators' states as ``uint8`` tensors
+  (``torch.get_rng_state()``, numpy's MT19937 key). The trainer's own streams (data order,
+  binarisation, noise) need no state: they are functions of the seed and the position.
 - **Everything else** as JSON in the safetensors header's ``__metadata__`` under ``vaelab``: format
-  and version, position in the data order, optimiser hyper-parameters, history, early stopping.
+  and version, position in the data order, the streams' seed, optimiser hyper-parameters,
+  history, early stopping.
 - A **SHA-256 digest** of every tensor (name, dtype, shape, bytes) and of that JSON, stored beside it,
   so a truncated, bit-flipped or hand-edited file is refused instead of resuming a damaged run.
 
@@ -33,7 +35,9 @@ from safetensors.torch import save as save_safetensors
 from vaelab.files import atomic_write_bytes
 
 FORMAT = "vaelab-checkpoint"
-FORMAT_VERSION = 1
+# 2: the data order and the training noise are keyed by (seed, epoch, batch) (vaelab.streams),
+# so a checkpoint holds the streams' seed instead of generator states and a permutation.
+FORMAT_VERSION = 2
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _METADATA_KEY = "vaelab"
 _DIGEST_KEY = "vaelab.sha256"
@@ -99,6 +103,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Tensors, dict[str, An
         raise CheckpointError(
             f"{path} does not exist; train without --resume to start a new run"
         ) from None
+    return checkpoint_from_bytes(data, path)
+
+
+def checkpoint_from_bytes(
+    data: bytes, path: str | os.PathLike[str]
+) -> tuple[Tensors, dict[str, Any]]:
+    """The checked tensors and JSON state of a checkpoint file's bytes ``data`` (read from
+    ``path``, which messages name): what a worker of a data-parallel run is sent by rank 0."""
+    path = Path(path)
     metadata = _header_metadata(data, path)
     corrupt = CheckpointError(
         f"{path} is corrupt (its contents do not match its checksum); delete the run folder and "
@@ -126,7 +139,7 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[Tensors, dict[str, An
 
 def capture_rng(device: torch.device) -> tuple[Tensors, dict[str, Any]]:
     """Every global generator's state: torch's CPU (and CUDA, when training there), numpy's and
-    Python's. The trainer's own generators (data order, binarisation) are saved with the data."""
+    Python's. The trainer draws from none of them (``vaelab.streams``), but code it calls may."""
     tensors: Tensors = {"rng.torch": torch.get_rng_state()}
     if device.type == "cuda":
         for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):

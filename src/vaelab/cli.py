@@ -10,6 +10,11 @@
 A user mistake prints one line ``vaelab: error: ...`` and exits with code 2 (``--debug`` shows the
 traceback instead), as do a run folder in use by another process and a full disk; Ctrl-C during
 training saves a checkpoint and exits with 130; a diverged run exits with 1.
+
+``train``, ``evaluate`` and ``gap`` take ``--nproc N``: the command runs on N workers started by
+torch's launcher (``vaelab.launch``), and a failing worker stops them all with one line. Started
+by ``torchrun`` instead, the same commands find their workers in the environment
+(``vaelab.distributed``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from vaelab import __version__, apply, runconfig, runs
+from vaelab import __version__, apply, distributed, runconfig, runs
 from vaelab.checkpoint import CheckpointError
 from vaelab.data import DATA_ENV, SOURCES
 from vaelab.files import DiskFullError
@@ -112,6 +117,19 @@ def build_parser() -> Parser:
         help="CPU threads for torch (default: torch's choice, one per core); on a machine others "
         "share, 1 keeps small models from waiting on busy cores",
     )
+
+    def parallel(what: str) -> Parser:
+        found = Parser(add_help=False)
+        found.add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            help=f"{what} on N worker processes on this machine, started by torch's launcher "
+            "(torch.distributed.run), one thread each unless --threads says otherwise; for "
+            "several machines use torchrun (see the README)",
+        )
+        return found
+
     parser = Parser(
         prog=PROG,
         description="Variational autoencoders from the command line.",
@@ -128,7 +146,7 @@ def build_parser() -> Parser:
 
     train = commands.add_parser(
         "train",
-        parents=[common],
+        parents=[common, parallel("train data-parallel (DistributedDataParallel)")],
         formatter_class=_formatter,
         help="train a model; the output folder is itself a saved model",
         description=(
@@ -139,7 +157,10 @@ def build_parser() -> Parser:
             "names, e.g. latent-dim = 16, hidden = [400, 400]), then the command line. DIR gets\n"
             "config.json (the resolved options), checkpoint.safetensors, metrics.jsonl,\n"
             "tensorboard/ and, when training ends, the model (model.safetensors, vaelab.json).\n"
-            "Ctrl-C saves a checkpoint; --resume continues from it exactly."
+            "Ctrl-C saves a checkpoint; --resume continues from it exactly.\n\n"
+            "--nproc N trains on N workers, each taking its share of every batch of\n"
+            "--batch-size examples (the global batch); the run is the same as on one process\n"
+            "up to the order of floating-point sums, and resumes on any number of workers."
         ),
     )
     train.add_argument("data", metavar="DATA", nargs="?", help="data set name or path")
@@ -189,7 +210,13 @@ def build_parser() -> Parser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        parents=[*evaluating, long_work],
+        parents=[
+            *evaluating,
+            long_work,
+            parallel(
+                "split the examples among workers (the numbers are those of one process): run IWAE and AIS"
+            ),
+        ],
         help="test-set ELBO, KL and reconstruction of a saved model",
         description=(
             "Mean ELBO (a lower bound on log p(x)), reconstruction term and KL, in nats per example, "
@@ -224,6 +251,11 @@ def build_parser() -> Parser:
         help="evaluate a random subset of N examples (seeded: the same every time)",
     )  # fmt: skip
     evaluate.add_argument(
+        "--per-example", metavar="FILE.npz",
+        help="also write each example's numbers (float64 arrays elbo, and iwae / ais when "
+        "asked, in the order of the examples evaluated) to an .npz file",
+    )  # fmt: skip
+    evaluate.add_argument(
         "--no-diagnostics", action="store_true",
         help="leave out the collapse diagnostics (active units, KL per dimension, I(x; z), rate, "
         "distortion)",
@@ -232,7 +264,13 @@ def build_parser() -> Parser:
 
     gap = commands.add_parser(
         "gap",
-        parents=[*evaluating, long_work],
+        parents=[
+            *evaluating,
+            long_work,
+            parallel(
+                "split the examples among workers (the numbers are those of one process): run the gaps"
+            ),
+        ],
         help="approximation and amortisation gaps of a saved model",
         description=(
             "The inference gap (Cremer, Li & Duvenaud 2018) on a random subset of N examples: "
@@ -372,18 +410,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "data_dir" not in flags and "data_dir" not in settings and os.environ.get(DATA_ENV):
         flags["data_dir"] = os.environ[DATA_ENV]
     settings.update(flags)
+    world = args.world
     try:
-        result = runs.train(settings, args.out, resume=args.resume, quiet=args.quiet)
+        result = runs.train(settings, args.out, resume=args.resume, quiet=args.quiet, world=world)
     except TrainingInterrupted as stop:
+        launched = os.environ.get("VAELAB_WORKER_MESSAGES") and world.size > 1
+        again = f" --nproc {world.size}" if launched else ""
         raise TrainingInterrupted(
             f"{stop}; checkpoint saved in {args.out}: continue with "
-            f"`vaelab train --out {args.out} --resume`"
+            f"`vaelab train --out {args.out} --resume{again}`"
         ) from None
     except NonFiniteLossError as error:
         raise NonFiniteLossError(f"{error}; {_last_checkpoint(args.out)}") from None
     except DiskFullError as error:
         error.advice = _after_a_full_disk(args.out)
         raise
+    if not world.main:
+        return 0
     best = ""
     if result.best_epoch is not None:
         best = f" (the weights of epoch {result.best_epoch}, best by validation ELBO)"
@@ -424,7 +467,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ais_chains=args.ais_chains,
         split=args.split,
         device=args.device,
+        per_example=args.per_example,
+        world=args.world,
     )
+    if result is None:  # a worker other than rank 0, which reports
+        return 0
     if args.json:
         print(json.dumps(result))
         return 0
@@ -490,7 +537,10 @@ def cmd_gap(args: argparse.Namespace) -> int:
         progress=_progress(args),
         split=args.split,
         device=args.device,
+        world=args.world,
     )
+    if result is None:  # a worker other than rank 0, which reports
+        return 0
     if args.json:
         print(json.dumps(result))
         return 0
@@ -576,39 +626,139 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _set_threads(threads: int | None) -> None:
+def _set_threads(threads: int | None, worker: bool) -> None:
+    """Torch's CPU threads: ``--threads``, else one per worker of a data-parallel run (N workers
+    with a thread per core each would oversubscribe the cores N times), else torch's default."""
     if threads is None:
+        if worker:
+            torch.set_num_threads(1)
         return
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
 
 
+def _without_nproc(arguments: list[str]) -> list[str]:
+    """The command line as the workers run it: without ``--nproc N`` (or ``--nproc=N``)."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept
+
+
+def _launch(args: argparse.Namespace, arguments: list[str]) -> int:
+    """Run the command on ``args.nproc`` workers (``vaelab.launch``) and print its one line."""
+    from vaelab import launch
+
+    advice = None
+    if args.command == "train":
+
+        def advice() -> str:
+            return _after_a_stop(args.out, args.nproc)
+
+    code, line = launch.launch(_without_nproc(arguments), args.nproc, advice)
+    if line is not None:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _after_a_stop(out: str, nproc: int) -> str:
+    try:
+        checkpoint = runs.describe_checkpoint(out)
+    except CheckpointError as error:
+        return str(error)
+    if checkpoint is None:
+        return "no checkpoint had been written"
+    return f"{checkpoint}; continue with `vaelab train --out {out} --resume --nproc {nproc}`"
+
+
+def _check_world(args: argparse.Namespace, world_size: int | None) -> None:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if world_size is None or world_size == 1:
+        return
+    if nproc is not None:
+        raise UsageError(
+            "--nproc starts its own workers; under torchrun (or another launcher) leave it out"
+        )
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(
+            f"`vaelab {args.command}` runs in one process; start it without torchrun "
+            f"(these commands run on several: {', '.join(DISTRIBUTED_COMMANDS)})"
+        )
+
+
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C)."""
+    """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C).
+
+    As one worker of several (started by ``--nproc`` or ``torchrun``), an error is handed to
+    the launcher (``vaelab.launch.worker_message``) or printed by the worker that caused it; a
+    worker stopped by another's failure stays quiet."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in arguments
+    world_size = distributed.environment_world_size()
+    worker = world_size is not None and world_size > 1
+    rank = int(os.environ.get("RANK", "0")) if worker else 0
     try:
         args = build_parser().parse_args(arguments)
-        _set_threads(args.threads)
-        return int(args.handler(args))
+        _check_world(args, world_size)
+        if getattr(args, "nproc", None) is not None and args.nproc > 1:
+            return _launch(args, arguments)
+        _set_threads(args.threads, worker)
+        with distributed.session() as world:
+            args.world = world
+            return int(args.handler(args))
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except UsageError as error:
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return _fail(2, f"{PROG}: error: {_one_line(error)}")
+    except distributed.PeerFailure:
+        return _fail(2, "", primary=False)  # the worker that failed says why
     except (TrainingInterrupted, KeyboardInterrupt) as stop:
         if debug:
             raise
-        print(f"{PROG}: {_one_line(stop) if str(stop) else 'interrupted'}", file=sys.stderr)
-        return 130
+        line = f"{PROG}: {_one_line(stop) if str(stop) else 'interrupted'}"
+        return _fail(130, line, primary=rank == 0)
     except NonFiniteLossError as error:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 1
+        return _fail(1, f"{PROG}: error: {_worker(rank, world_size)}{_one_line(error)}")
     except (ValueError, OSError) as error:
         if debug:
             raise
-        print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
-        return 2
+        return _fail(2, f"{PROG}: error: {_worker(rank, world_size)}{_one_line(error)}")
+    except Exception as error:
+        if debug or not worker:
+            raise
+        # A collective that lost its peer (gloo: "Connection closed by peer"), or the launcher's
+        # SIGTERM after another worker failed: a consequence, not the cause.
+        line = f"{PROG}: error: worker {rank} of {world_size} stopped: {_one_line(error)}"
+        return _fail(2, line[:500], primary=False, show=True)
+
+
+def _worker(rank: int, world_size: int | None) -> str:
+    """ "worker R of N: " before a message from a worker other than rank 0."""
+    return f"worker {rank} of {world_size}: " if rank else ""
+
+
+def _fail(code: int, line: str, *, primary: bool = True, show: bool | None = None) -> int:
+    """Hand ``line`` to the launcher of this worker, else print it (a secondary one only when
+    ``show``); return ``code``."""
+    from vaelab.launch import worker_message
+
+    if distributed.environment_world_size() not in (None, 1) and worker_message(
+        code, line, primary
+    ):
+        return code
+    if line and (primary or show):
+        print(line, file=sys.stderr)
+    return code

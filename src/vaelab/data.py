@@ -15,7 +15,11 @@ Named data sets (``DATA`` is the ``data_dir`` argument, else the ``VAELAB_DATA``
 
 Paths (a name wins over a file of the same name in the working directory):
 
-- ``x.npy``: memory-mapped (``mmap_mode="r"``), never read whole.
+- ``x.npy``: read a batch of rows at a time (``vaelab.npyrows.NpyRows``), never whole, with
+  ``pread`` rather than a memory map, so a file larger than memory keeps memory flat.
+- a folder of ``.npy`` shards: one array per file, all of one dtype and example shape, read in
+  file-name order as one data set (zero-pad numbers: ``part-002.npy`` before ``part-010.npy``),
+  read like one file and split by a seeded permutation like any path.
 - ``x.npz`` or ``x.npz:key``: one array; ``:key`` picks it when the file holds several. An integer
   ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels. Never unpickles.
 - ``x.csv``: numbers separated by commas; a first row that is not all numbers is a header.
@@ -51,7 +55,7 @@ Splits depend on the arguments only:
 Stored values and float rows: a ``Split`` keeps its examples as stored (``uint8`` images, a
 read-only memory map of a ``.npy`` file, ...) with an affine transform, and converts on access:
 ``split[idx]`` is a new float32 array ``(float32(stored) - offset) / divisor``, thresholded if
-asked. A memory-mapped file is thus read one batch at a time, and MNIST stays uint8 in memory.
+asked. A memory-mapped or ``.npy`` file is thus read one batch at a time, and MNIST stays uint8 in memory.
 
 Scaling (``scale=``), recorded exactly in ``DataSplits.record``:
 
@@ -95,6 +99,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from vaelab.npyrows import NpyRows
 
 __all__ = [
     "BINARIZATIONS",
@@ -144,7 +150,7 @@ class Split:
     array, so a trainer can batch a split like an array: ``torch.from_numpy(split[idx])``.
 
     ``stored`` is the data as stored (any numeric dtype; for a ``.npy`` source a read-only
-    ``np.memmap``); ``index`` (int64 or ``None`` for all rows in order) selects this split's rows of
+    ``vaelab.npyrows.NpyRows``); ``index`` (int64 or ``None`` for all rows in order) selects this split's rows of
     ``stored``; ``labels`` is int64 ``[len(split)]`` aligned with the rows, or ``None``.
     """
 
@@ -189,7 +195,7 @@ class Split:
         return x if dtype is None else x.astype(dtype, copy=False)
 
     def __repr__(self) -> str:
-        kind = "memmap" if isinstance(self.stored, np.memmap) else "array"
+        kind = "memmap" if isinstance(self.stored, (np.memmap, NpyRows)) else "array"
         return (
             f"Split(n={len(self)}, shape={self.shape[1:]}, stored={self.stored.dtype} {kind}, "
             f"labels={self.labels is not None})"
@@ -264,7 +270,7 @@ def describe(splits: DataSplits) -> str:
 
 @dataclass(frozen=True)
 class _Part:
-    x: np.ndarray  # [n, *stored_shape], any numeric dtype, maybe a memmap
+    x: np.ndarray  # [n, *stored_shape], any numeric dtype, maybe a memmap or NpyRows
     labels: np.ndarray | None  # [n] or None
     origin: str  # for messages: "'x.npy'", "the MNIST train file"
 
@@ -775,7 +781,11 @@ def _load_path(source: str | os.PathLike[str]) -> _Loaded:
         text, key = match.group(1), match.group(2)
     path = Path(text).expanduser()
     if path.is_dir():
-        return _load_idx_folder(path) if _idx_sets(path) else _load_image_folder(path)
+        if _idx_sets(path):
+            return _load_idx_folder(path)
+        if any(p.suffix.lower() == ".npy" for p in path.iterdir()):
+            return _load_npy_shards(path)
+        return _load_image_folder(path)
     name = path.name.lower()
     idx = re.search(r"(ubyte|\.idx\d?)(\.gz)?$|\.gz$", name) is not None
     if not path.is_file() and not (idx and _pieces(path)):  # only IDX files come in pieces
@@ -797,13 +807,29 @@ def _load_path(source: str | os.PathLike[str]) -> _Loaded:
 
 def _load_npy(path: Path) -> _Loaded:
     try:
-        x = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+        x = NpyRows([path])
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return _Loaded(path.stem, "npy", _Part(x, None, f"'{path}'"))  # type: ignore[arg-type]
+
+
+def _load_npy_shards(folder: Path) -> _Loaded:
+    """A folder of ``.npy`` files, one array each, read in name order as one data set."""
+    shards = sorted(
+        p for p in folder.iterdir() if p.suffix.lower() == ".npy" and not p.name.startswith(".")
+    )
+    others = [p.name for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES]
+    if others:
         raise DataError(
-            f"cannot read '{path}' as a .npy array ({str(error).rstrip('.')}); save a numeric "
-            f"array with numpy.save"
-        ) from error
-    return _Loaded(path.stem, "npy", _Part(x, None, f"'{path}'"))
+            f"'{folder}' holds both .npy shards and images (e.g. '{others[0]}'); keep one kind "
+            "of data in a folder"
+        )
+    try:
+        x = NpyRows(shards)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    origin = f"the {len(shards)} .npy shards of '{folder}'"
+    return _Loaded(folder.resolve().name, "npy-shards", _Part(x, None, origin))  # type: ignore[arg-type]
 
 
 def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:

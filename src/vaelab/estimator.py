@@ -241,10 +241,12 @@ class VAE(TransformerMixin, BaseEstimator):
         train_config = self.train_config()
         train_config.validate()
         with seeded(self.seed, device):
-            generator = torch.Generator()
-            generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+            # One seed for the data order and the training noise (vaelab.streams), drawn before
+            # the initialisation, as `vaelab train` draws it.
+            streams_seed = int(torch.randint(0, 2**62, ()).item())
             batches: BatchSource
             if isinstance(X, (Dataset, DataLoader)):
+                generator = torch.Generator().manual_seed(streams_seed)
                 loader = X if isinstance(X, DataLoader) else self._loader(X, generator)
                 batches = LoaderBatches(loader)
                 model, config = self._start_from_stream(batches, device)
@@ -255,8 +257,8 @@ class VAE(TransformerMixin, BaseEstimator):
                 model = build_model(config).to(device)
                 model.likelihood.check_support(x)
                 model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
-                batches = IndexedBatches(x, self.batch_size, generator)
-            trainer = Trainer(model, train_config, device, on_epoch=self._report)
+                batches = IndexedBatches(x, self.batch_size, streams_seed)
+            trainer = Trainer(model, train_config, device, on_epoch=self._report, seed=streams_seed)
             history = trainer.fit(batches)
         self.model_: VAEModel = model
         self.model_config_ = config
@@ -274,7 +276,8 @@ class VAE(TransformerMixin, BaseEstimator):
         moments = DataMoments()
         model: VAEModel | None = None
         config: ModelConfig | None = None
-        for x in batches.batches(0):
+        for batch in batches.batches(0):
+            x = batch.x
             if model is None:
                 config = self.model_config(tuple(x.shape[1:]))
                 model = build_model(config).to(device)

@@ -68,9 +68,17 @@ class VAEModel(nn.Module):
             gradient=gradient,
         )
 
-    def iwae(self, x: torch.Tensor, k: int, gradient: str = "standard") -> IwaeTerms:
+    def iwae(
+        self,
+        x: torch.Tensor,
+        k: int,
+        gradient: str = "standard",
+        noise: torch.Tensor | None = None,
+    ) -> IwaeTerms:
         """``vaelab.objectives.iwae_bound`` of this model's components."""
-        return iwae_bound(x, self.posterior, self.prior, self.likelihood, k=k, gradient=gradient)
+        return iwae_bound(
+            x, self.posterior, self.prior, self.likelihood, k=k, gradient=gradient, noise=noise
+        )
 
     def sample_latent(self, n: int) -> torch.Tensor:
         """``n`` draws from the prior, ``[n, latent]``."""

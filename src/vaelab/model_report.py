@@ -173,6 +173,7 @@ def build_report(
         device=device,
         progress=progress,
     )
+    assert evaluation is not None  # one process: the result is here
     gaps = None
     if budget.gap_examples > 0:
         gaps = apply.gap(

@@ -206,10 +206,10 @@ def elbo(
     """
     check_objective("elbo", gradient, kl=kl)
     q = posterior(x)
-    if noise is None and samples == 1:
+    if samples == 1 and (noise is None or noise.shape[0] == 1):
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
         # and no sample dimension to fold in and out of the decoder at every step.
-        z, log_q = rsample_with_log_prob(q)
+        z, log_q = rsample_with_log_prob(q) if noise is None else reparameterise(q, noise[0])
         reconstruction = likelihood.log_prob(x, z)  # [batch]
         z = z.unsqueeze(0)  # [1, batch, latent], for a Monte Carlo KL
         log_q = None if log_q is None else log_q.unsqueeze(0)
@@ -276,6 +276,7 @@ def iwae_bound(
     *,
     k: int = 1,
     gradient: str = "standard",
+    noise: torch.Tensor | None = None,
 ) -> IwaeTerms:
     """The importance-weighted bound of Burda et al. (2016), eq. (8):
 
@@ -297,12 +298,18 @@ def iwae_bound(
     for every parameter θ that is not reached through z, and sends w̃ᵢ ∂ log w̄ᵢ/∂zᵢ into zᵢ; a
     hook on z multiplies that by w̃ᵢ once more on its way to φ. With k = 1, w̃ = 1 and DReG is
     STL.
+
+    ``noise``, if given, is the standard normal ε ``[k, batch, latent]`` to use instead of fresh
+    draws (the trainer's, keyed by batch position; ``vaelab.streams``).
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
     _check_gradient(gradient)
     q = posterior(x)
-    z, log_q = rsample_with_log_prob(q, (k,))  # [k, batch, latent], [k, batch] or None
+    if noise is None:
+        z, log_q = rsample_with_log_prob(q, (k,))  # [k, batch, latent], [k, batch] or None
+    else:
+        z, log_q = reparameterise(q, noise)
     p = prior()
     if gradient == "standard":
         reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)

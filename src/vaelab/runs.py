@@ -36,13 +36,15 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
 from vaelab.data import DataSplits, Split, load_data
+from vaelab.distributed import SINGLE, World
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
 from vaelab.noise import seeded
-from vaelab.registry import build_model
-from vaelab.runconfig import RunError, config_from_json, resolve
+from vaelab.npyrows import NpyRows
+from vaelab.registry import ModelConfig, build_model
+from vaelab.runconfig import RunConfig, RunError, config_from_json, resolve
 from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, save_model
 from vaelab.training import (
     CheckpointPolicy,
@@ -72,9 +74,9 @@ class TrainResult:
 
 
 def _train_data(split: Split) -> Any:
-    """A memory-mapped split stays on disk and is indexed per batch; anything else becomes one
-    float32 tensor, indexed per batch without per-example calls."""
-    if isinstance(split.stored, np.memmap):
+    """A memory-mapped or ``.npy`` split stays on disk and is read per batch; anything else
+    becomes one float32 tensor, indexed per batch without per-example calls."""
+    if isinstance(split.stored, (np.memmap, NpyRows)):
         return split
     return torch.from_numpy(np.asarray(split))
 
@@ -245,6 +247,7 @@ def train(
     resume: bool = False,
     quiet: bool = False,
     log: TextIO | None = None,
+    world: World = SINGLE,
 ) -> TrainResult:
     """Train a model as ``settings`` (``RunConfig`` field names → values) say, in folder ``out``.
 
@@ -255,10 +258,18 @@ def train(
     ``TrainingInterrupted`` after Ctrl-C, with a checkpoint saved; ``NonFiniteLossError`` when
     training diverges, leaving the last good checkpoint; ``vaelab.files.DiskFullError`` when the
     disk fills, leaving the last checkpoint intact.
+
+    On several workers (``world``, ``vaelab.distributed``) every worker calls it with the same
+    arguments. Rank 0 alone touches the folder: it holds the lock, reads the configuration and
+    checkpoint of a resumed run and sends them to the others (so the folder need only be
+    visible to rank 0's machine; the data must be readable on every machine), writes every
+    file, and prints. Each worker loads the data itself and reads only its share of each batch;
+    a mistake found on any worker stops all of them with that worker's message
+    (``World.settle``; the others raise ``vaelab.distributed.PeerFailure``).
     """
     lock = RunLock(Path(out))
     try:
-        return _train_locked(settings, Path(out), lock, resume, quiet, log or sys.stdout)
+        return _train_locked(settings, Path(out), lock, resume, quiet, log or sys.stdout, world)
     finally:
         lock.release()
 
@@ -275,6 +286,28 @@ def _check_folder(folder: Path, resume: bool, lock: RunLock) -> None:
         raise
 
 
+def _read_run(
+    folder: Path, resume: bool, lock: RunLock
+) -> tuple[str | None, bytes | None, tuple[int, int, int] | None]:
+    """Check the folder (locking it when it exists) and, to resume, read its configuration's
+    text and its checkpoint's bytes (rank 0's part, which it sends to the other workers), with
+    the checkpoint's fingerprint as it was read."""
+    _check_folder(folder, resume, lock)
+    if not resume:
+        return None, None, None
+    config_text = (folder / RUN_CONFIG_FILE).read_bytes().decode("utf-8", errors="replace")
+    seen = _fingerprint(folder / CHECKPOINT_FILE)
+    return config_text, (folder / CHECKPOINT_FILE).read_bytes(), seen
+
+
+def _attempt(action: Any) -> tuple[Any, BaseException | None]:
+    """``action()`` and None, or None and the exception it raised (for ``World.settle``)."""
+    try:
+        return action(), None
+    except Exception as error:
+        return None, error
+
+
 def _train_locked(
     settings: Mapping[str, Any],
     folder: Path,
@@ -282,76 +315,22 @@ def _train_locked(
     resume: bool,
     quiet: bool,
     log: TextIO,
+    world: World,
 ) -> TrainResult:
-    _check_folder(folder, resume, lock)
-    saved, checkpoint, seen = None, None, None
-    if resume:
-        path = folder / RUN_CONFIG_FILE
-        try:
-            saved_json = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise RunError(
-                f"{path} is not valid JSON ({error}); the run folder is corrupt"
-            ) from None
-        saved = config_from_json(saved_json, path)
-        seen = _fingerprint(folder / CHECKPOINT_FILE)
-        checkpoint = load_checkpoint(folder / CHECKPOINT_FILE)
-    config = resolve(settings, saved)
-    config.validate()
-
-    splits = load_data(
-        config.data,  # type: ignore[arg-type]  # validate() refused None
-        data_dir=config.data_dir,
-        binarize=config.binarize,
-        threshold=config.threshold,
-        valid_fraction=config.valid_fraction,
-        test_fraction=config.test_fraction,
-        seed=config.split_seed,
-        scale=config.scale,
+    found, failure = (None, None)
+    if world.main:
+        found, failure = _attempt(lambda: _read_run(folder, resume, lock))
+    world.settle(failure)
+    seen = found[2] if found is not None else None  # rank 0's alone
+    config_text, checkpoint_bytes = world.broadcast(None if found is None else found[:2])
+    setup, failure = _attempt(
+        lambda: _set_up(settings, folder, config_text, checkpoint_bytes, world)
     )
-    if config.patience is not None and len(splits.valid) == 0:
-        raise RunError("--patience needs validation data; set --valid-fraction above 0")
-    device = resolve_device(config.device)
-    train_data = _train_data(splits.train)
-    model_config = config.model_config(splits.shape)
-    with seeded(config.seed, device):
-        # The same order of draws as VAE.fit: data-order seed, then initialisation.
-        order = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        binarizer = None
-        if splits.binarize == "dynamic":
-            binarizer = torch.Generator().manual_seed(int(torch.randint(0, 2**62, ()).item()))
-        try:
-            model = build_model(model_config).to(device)
-            check_support(model, splits)
-        except ValueError as error:
-            raise RunError(str(error)) from None
-        first = train_data[:INIT_EXAMPLES]
-        likelihood: Any = model.likelihood
-        likelihood.initialise(torch.as_tensor(np.asarray(first)).to(device))
-        source = IndexedBatches(train_data, config.batch_size, order, binarize_generator=binarizer)
-        valid = None
-        if len(splits.valid):
-            valid = IndexedBatches(_train_data(splits.valid), VALID_BATCH, shuffle=False)
-        policy = CheckpointPolicy(
-            path=folder / CHECKPOINT_FILE,
-            every_steps=config.checkpoint_every or None,
-            every_seconds=config.checkpoint_seconds or None,
-            extra={"run": config.to_json()},
-        )
-        trainer = Trainer(model, config.train_config(), device, checkpoint=policy)
-        try:
-            trainer.check(torch.as_tensor(np.asarray(train_data[:2])))
-        except ValueError as error:
-            raise RunError(str(error)) from None
-        if checkpoint is not None:
-            try:
-                trainer.restore(*checkpoint, source)
-            except (KeyError, RuntimeError, ValueError) as error:
-                raise RunError(
-                    f"the checkpoint in {folder} does not fit this run ({error}); "
-                    "delete the folder and train again without --resume"
-                ) from None
-        # Everything is checked: from here on the folder is written.
+    world.settle(failure)
+    config, splits, model_config, device, trainer, source, valid, checkpoint = setup
+
+    # Everything is checked: from here on rank 0 writes the folder.
+    def prepare_folder() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if not lock.held:
             lock.acquire(create=True)
@@ -365,21 +344,31 @@ def _train_locked(
         _remove_leftovers(folder)
         if not resume:
             atomic_write_json(folder / RUN_CONFIG_FILE, config.to_json())
+
+    world.settle(_attempt(prepare_folder)[1] if world.main else None)
+    observer: TrainingObserver = TrainingObserver()
+    run_log = None
+    if world.main:
         run_log = RunLog(folder, config.epochs, quiet, log, resumed_epochs=trainer.epoch)
-        trainer.observer = run_log
+        observer = run_log
         if resume and trainer.finished:
             print(f"{folder}: training had finished; writing the model again", file=log)
         elif checkpoint is not None:
             where = describe_position(checkpoint[1]["position"])
-            print(f"resuming {folder} from {where}", file=log, flush=True)
-        try:
-            with _stop_on_signals(trainer):
-                history = trainer.fit(source, valid)
-        finally:
+            workers = f" on {world.size} workers" if world.size > 1 else ""
+            print(f"resuming {folder} from {where}{workers}", file=log, flush=True)
+        elif world.size > 1:
+            print(f"training on {world.size} workers", file=log, flush=True)
+    trainer.observer = observer
+    try:
+        with _stop_on_signals(trainer):
+            history = trainer.fit(source, valid)
+    finally:
+        if run_log is not None:
             run_log.close()
 
     estimator = config.estimator()
-    estimator.model_ = model
+    estimator.model_ = trainer.model
     estimator.model_config_ = model_config
     estimator.data_shape_ = model_config.data_shape
     estimator.n_features_in_ = int(model_config.data_shape[0])  # as VAE.fit: X.shape[1]
@@ -395,16 +384,136 @@ def _train_locked(
         # What this process did: a resumed run continues, it does not redo the finished steps.
         "resumed_from_step": None if checkpoint is None else checkpoint[1]["position"]["step"],
         "steps_this_process": trainer.steps_taken,
+        "workers": world.size,
         "stopped_early": stopped_early,
         "best_epoch": best_epoch,
         "best_valid_elbo": trainer.best_valid,
     }
-    save_model(
-        estimator,
-        folder,
-        extra={"data": splits.record, "run": config.to_json(), "training": summary},
-    )
+    if world.main:
+        save_model(
+            estimator,
+            folder,
+            extra={"data": splits.record, "run": config.to_json(), "training": summary},
+        )
     return TrainResult(estimator, history, folder, best_epoch, stopped_early)
+
+
+_Setup = tuple[
+    RunConfig,
+    DataSplits,
+    ModelConfig,
+    torch.device,
+    Trainer,
+    IndexedBatches,
+    IndexedBatches | None,
+    tuple[Tensors, dict[str, Any]] | None,
+]
+
+
+def _set_up(
+    settings: Mapping[str, Any],
+    folder: Path,
+    config_text: str | None,
+    checkpoint_bytes: bytes | None,
+    world: World,
+) -> _Setup:
+    """Every worker's preparation, before anything is written: the configuration, the data, the
+    model, the batches, the trainer, restored from the checkpoint when resuming. Raises a
+    ``ValueError`` (a ``RunError``, ``DataError`` or ``CheckpointError``) for any mistake."""
+    saved, checkpoint = None, None
+    if config_text is not None:
+        path = folder / RUN_CONFIG_FILE
+        try:
+            saved_json = json.loads(config_text)
+        except json.JSONDecodeError as error:
+            raise RunError(
+                f"{path} is not valid JSON ({error}); the run folder is corrupt"
+            ) from None
+        saved = config_from_json(saved_json, path)
+    if checkpoint_bytes is not None:
+        checkpoint = checkpoint_from_bytes(checkpoint_bytes, folder / CHECKPOINT_FILE)
+    config = resolve(settings, saved)
+    config.validate()
+
+    splits = load_data(
+        config.data,  # type: ignore[arg-type]  # validate() refused None
+        data_dir=config.data_dir,
+        binarize=config.binarize,
+        threshold=config.threshold,
+        valid_fraction=config.valid_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.split_seed,
+        scale=config.scale,
+    )
+    if config.patience is not None and len(splits.valid) == 0:
+        raise RunError("--patience needs validation data; set --valid-fraction above 0")
+    device = _worker_device(resolve_device(config.device), world)
+    _check_batches(len(splits.train), config.batch_size, world)
+    train_data = _train_data(splits.train)
+    model_config = config.model_config(splits.shape)
+    with seeded(config.seed, device):
+        # As in VAE.fit: the streams' seed (data order, binarisation, noise), then initialisation.
+        streams_seed = int(torch.randint(0, 2**62, ()).item())
+        try:
+            model = build_model(model_config).to(device)
+            check_support(model, splits)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+        first = train_data[:INIT_EXAMPLES]
+        likelihood: Any = model.likelihood
+        likelihood.initialise(torch.as_tensor(np.asarray(first)).to(device))
+    dynamic = splits.binarize == "dynamic"
+    source = IndexedBatches(train_data, config.batch_size, streams_seed, binarize=dynamic)
+    valid = None
+    if len(splits.valid):
+        valid = IndexedBatches(_train_data(splits.valid), VALID_BATCH, shuffle=False)
+    policy = CheckpointPolicy(
+        path=folder / CHECKPOINT_FILE,
+        every_steps=config.checkpoint_every or None,
+        every_seconds=config.checkpoint_seconds or None,
+        extra={"run": config.to_json()},
+    )
+    trainer = Trainer(
+        model, config.train_config(), device, checkpoint=policy, seed=streams_seed, world=world
+    )
+    try:
+        trainer.check(torch.as_tensor(np.asarray(train_data[:2])))
+    except ValueError as error:
+        raise RunError(str(error)) from None
+    if checkpoint is not None:
+        try:
+            trainer.restore(*checkpoint, source)
+        except (KeyError, RuntimeError, ValueError) as error:
+            raise RunError(
+                f"the checkpoint in {folder} does not fit this run ({error}); "
+                "delete the folder and train again without --resume"
+            ) from None
+    return config, splits, model_config, device, trainer, source, valid, checkpoint
+
+
+def _worker_device(device: torch.device, world: World) -> torch.device:
+    """The device of this worker: on several workers a CUDA device is ``cuda:LOCAL_RANK``, one
+    GPU per worker on each machine."""
+    if world.size == 1 or device.type != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if world.local_rank >= count:
+        raise RunError(
+            f"worker {world.rank} is worker {world.local_rank + 1} on its machine, which has "
+            f"{count} GPU(s): start at most {count} workers per machine, or pass --device cpu"
+        )
+    return torch.device("cuda", world.local_rank)
+
+
+def _check_batches(examples: int, batch_size: int, world: World) -> None:
+    """Every worker needs at least one example of every batch, the last one of an epoch too."""
+    smallest = min(batch_size, examples - (len(range(0, examples, batch_size)) - 1) * batch_size)
+    if smallest < world.size:
+        raise RunError(
+            f"{examples} training examples in batches of {batch_size} leave {smallest} in the "
+            f"last batch of each epoch, fewer than the {world.size} workers; choose a batch size "
+            "that leaves at least one example for each worker, or fewer workers"
+        )
 
 
 class RunLog(TrainingObserver):

@@ -1,36 +1,57 @@
-"""The trainer: minibatches, the optimiser and its schedule, validation, early stopping, checkpoints.
+"""The trainer: minibatches, the optimiser and its schedule, validation, early stopping, checkpoints,
+and data-parallel training over several workers.
 
 The trainer maximises the mean over a minibatch of the per-example objective returned by
 ``vaelab.objectives.elbo`` (it negates once, here). In-memory data is batched by indexing one tensor
-with a permutation drawn from the trainer's own generator, never by per-example ``Dataset`` calls; a
-memory-mapped array is indexed the same way, one batch at a time.
+with a permutation, never by per-example ``Dataset`` calls; a memory-mapped array is indexed the
+same way, one batch at a time.
 
-Resuming is exact: every source of randomness is a generator whose state a checkpoint holds (torch's
-global generator for the reparameterisation noise, the data order's generator, the dynamic
-binarisation's generator), together with the epoch's permutation and the position in it, so a run
-killed mid-epoch and resumed ends with the same weights, bit for bit, as one never interrupted (on
-the CPU, with the same thread count). Validation draws its noise inside ``fork_rng`` from a fixed
-seed, so evaluating never moves the training stream.
+Randomness comes from ``vaelab.streams``: the data order of each epoch, the dynamic binarisation
+and the reparameterisation noise ε of each batch are pure functions of (seed, epoch, batch). The
+noise of a whole batch is drawn at once, ``[samples, batch, latent]``, and handed to the model
+(``VAEModel.elbo(..., noise=ε)``), so one draw per step replaces torch's global generator.
+
+Data-parallel training (``world`` of several workers, ``vaelab.distributed``): every worker holds
+the same model, wrapped in ``DistributedDataParallel``, and takes its contiguous share of every
+global batch (``World.share``), with the matching columns of the batch's ε and binarisation
+draws. Its loss is ``−(N / B) Σ`` of its examples' objectives for N workers and a batch of B, so
+that DDP's average over workers is the gradient of the mean over the whole batch, also when B
+does not split evenly. The epoch's sums (ELBO, reconstruction, KL, bound, count) and the
+validation ELBO are summed over the workers, so every number reported is the global one. The
+same run on 1 or N workers therefore differs only by the order of floating-point sums. Stop
+requests and time-based checkpoints ride on the gradients' all-reduce (a two-element parameter
+whose gradient is each worker's flags), so every worker stops or checkpoints after the same step
+at no extra collective per step; rank 0 writes each checkpoint, then all wait at a barrier.
+
+Resuming is exact: a checkpoint holds the weights, the optimiser, the position (epoch, batch) and
+the streams' seed, from which the data order and the noise to come follow, so a run killed
+mid-epoch and resumed ends with the same weights, bit for bit, as one never interrupted (on the
+CPU, with the same thread count and the same number of workers; on another number of workers it
+continues to float-rounding tolerance). Validation draws its noise from a stream of its own, so
+the validation ELBO depends on the weights alone and evaluating never moves the training streams.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from vaelab.checkpoint import Tensors, capture_rng, restore_rng, save_checkpoint
-from vaelab.data import DataError, binarize_batch
+from vaelab.data import DataError
+from vaelab.distributed import SINGLE, World
 from vaelab.model import VAEModel
-from vaelab.noise import seeded
 from vaelab.objectives import ElboTerms, IwaeTerms, check_objective, kl_per_dimension
+from vaelab.streams import TrainingStreams
 
 LR_SCHEDULES = ("constant", "cosine")
 # Validation noise comes from this seed, so the validation ELBO depends on the weights alone.
@@ -190,42 +211,61 @@ class EpochMetrics:
 # ------------------------------------------------------------------------------------ batches
 
 
+class Batch(NamedTuple):
+    """One worker's share of a minibatch: ``x`` ``[rows, *data_shape]`` holds positions ``rows``
+    of batch ``number`` of the epoch (from 0), a batch of ``size`` examples in all (one process
+    holds ``rows = slice(0, size)``)."""
+
+    x: torch.Tensor
+    number: int
+    size: int
+    rows: slice
+
+
+Share = Callable[[int], slice]  # a batch's size → this worker's positions in it (World.share)
+
+
 class BatchSource(Protocol):
     """Where minibatches come from: ``len`` batches per epoch, and the batches of one epoch from
-    batch ``start`` on (``start > 0`` only when resuming mid-epoch)."""
+    batch ``start`` on (``start > 0`` only when resuming mid-epoch); with ``share``, only this
+    worker's positions of each batch."""
 
     def __len__(self) -> int: ...
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]: ...
+    def batches(
+        self, epoch: int, start: int = 0, share: Share | None = None
+    ) -> Iterator[Batch]: ...
 
 
 class IndexedBatches:
     """Minibatches of anything indexed by an integer array: a tensor, a numpy array, a memory map,
-    a ``vaelab.data.Split``. Each epoch draws a permutation from ``generator`` (when ``shuffle``) and
-    indexes ``data`` with one slice of it per batch, so a memory map is read one batch at a time.
+    a ``vaelab.data.Split``. Each epoch's order is a permutation drawn from ``seed`` and the
+    epoch alone (``vaelab.streams``; file order without ``shuffle``), and ``data`` is indexed
+    with one slice of it per batch, so a memory map is read one batch at a time, and a worker
+    reads only its own share of each batch.
 
-    ``binarize_generator``, when given, re-draws every batch as Bernoulli(x) (dynamic binarisation,
-    ``vaelab.data.binarize_batch``). ``state`` / ``load_state`` save and restore the generators and
-    the epoch's permutation, which is what makes resuming mid-epoch exact.
+    ``binarize`` re-draws every batch as Bernoulli(x) (dynamic binarisation, Burda et al. 2016):
+    a uniform draw ``u`` ``[batch, *data_shape]`` per global batch, keyed by (seed, epoch,
+    batch), and x' = 1[u < x], each worker using the rows of ``u`` of its own examples.
     """
 
     def __init__(
         self,
         data: Any,
         batch_size: int,
-        generator: torch.Generator | None = None,
+        seed: int | None = None,
         *,
         shuffle: bool = True,
-        binarize_generator: torch.Generator | None = None,
+        binarize: bool = False,
     ) -> None:
-        if shuffle and generator is None:
-            raise ValueError("shuffled batches need a torch.Generator for the data order")
+        if (shuffle or binarize) and seed is None:
+            raise ValueError("shuffled or binarised batches need a seed for their streams")
         self.data = data
         self.batch_size = batch_size
-        self.generator = generator
+        self.seed = seed
         self.shuffle = shuffle
-        self.binarize_generator = binarize_generator
-        self.order: torch.Tensor | None = None
+        self.binarize = binarize
+        self.streams = None if seed is None else TrainingStreams(seed)
 
     @property
     def examples(self) -> int:
@@ -240,43 +280,51 @@ class IndexedBatches:
         rows = self.data[index.numpy() if isinstance(index, torch.Tensor) else index]
         return torch.as_tensor(np.asarray(rows), dtype=torch.float32)
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
-        if self.shuffle:
-            if start == 0:
-                self.order = torch.randperm(self.examples, generator=self.generator)
-            elif self.order is None:
-                raise ValueError("resuming mid-epoch needs the epoch's saved permutation")
+    def order(self, epoch: int) -> torch.Tensor | None:
+        """The examples of epoch ``epoch`` in order, int64 ``[examples]`` (None: file order)."""
+        if not self.shuffle:
+            return None
+        assert self.streams is not None
+        return self.streams.permutation(self.examples, epoch)
+
+    def batches(self, epoch: int, start: int = 0, share: Share | None = None) -> Iterator[Batch]:
+        order = self.order(epoch)
         for b in range(start, len(self)):
-            lo, hi = b * self.batch_size, (b + 1) * self.batch_size
-            x = self._take(self.order[lo:hi] if self.order is not None else slice(lo, hi))
-            if self.binarize_generator is not None:
-                x = binarize_batch(x, self.binarize_generator)
-            yield x
+            lo = b * self.batch_size
+            size = min(self.batch_size, self.examples - lo)
+            rows = slice(0, size) if share is None else share(size)
+            first, last = lo + rows.start, lo + rows.stop
+            x = self._take(order[first:last] if order is not None else slice(first, last))
+            if self.binarize:
+                assert self.streams is not None
+                u = self.streams.uniform((size, *x.shape[1:]), epoch, b)
+                x = (u[rows] < x).to(x.dtype)
+            yield Batch(x, b, size, rows)
 
     def state(self) -> tuple[Tensors, dict[str, Any]]:
-        tensors: Tensors = {}
-        if self.generator is not None:
-            tensors["data.generator"] = self.generator.get_state()
-        if self.binarize_generator is not None:
-            tensors["data.binarize_generator"] = self.binarize_generator.get_state()
-        if self.order is not None:
-            tensors["data.order"] = self.order
-        return tensors, {"examples": self.examples, "batch_size": self.batch_size}
+        """What must match when resuming: the data's size, the batch size and the streams."""
+        return {}, {
+            "examples": self.examples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "binarize": self.binarize,
+        }
 
     def load_state(self, tensors: Tensors, state: dict[str, Any]) -> None:
-        if state != {"examples": self.examples, "batch_size": self.batch_size}:
+        if (state.get("examples"), state.get("batch_size")) != (self.examples, self.batch_size):
             raise ValueError(
                 f"the checkpoint was made on {state.get('examples')} training examples in batches of "
                 f"{state.get('batch_size')}, not {self.examples} in batches of {self.batch_size}; "
                 "resume with the same data and batch size"
             )
-        if self.generator is not None:
-            self.generator.set_state(tensors["data.generator"])
-        if self.binarize_generator is not None:
-            if "data.binarize_generator" not in tensors:
-                raise ValueError("the checkpoint was made without dynamic binarisation")
-            self.binarize_generator.set_state(tensors["data.binarize_generator"])
-        self.order = tensors.get("data.order")
+        _, mine = self.state()
+        if state != mine:
+            changed = sorted(k for k in mine if state.get(k) != mine[k])
+            raise ValueError(
+                f"the checkpoint's data streams differ from this run's ({', '.join(changed)}); "
+                "resume with the seed and binarisation of the original run"
+            )
 
 
 class LoaderBatches:
@@ -297,12 +345,18 @@ class LoaderBatches:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def batches(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, epoch: int, start: int = 0, share: Share | None = None) -> Iterator[Batch]:
         if start:
             raise ValueError("a DataLoader cannot resume mid-epoch; use IndexedBatches")
+        if share is not None:
+            raise ValueError(
+                "a DataLoader's batches cannot be shared among workers; train on an array or "
+                "file (IndexedBatches) to train on several workers"
+            )
         for i, item in enumerate(self.loader):
             x = item[0] if isinstance(item, (tuple, list)) else item
-            yield self.prepare(x, f"batch {i + 1} of the DataLoader (epoch {epoch + 1})")
+            x = self.prepare(x, f"batch {i + 1} of the DataLoader (epoch {epoch + 1})")
+            yield Batch(x, i, x.shape[0], slice(0, x.shape[0]))
 
     def prepare(self, x: Any, where: str) -> torch.Tensor:
         """``x`` as float32 ``[batch, *data_shape]``, checked; ``where`` names it in errors."""
@@ -340,14 +394,38 @@ _REAL_DTYPES = (
 
 
 @torch.no_grad()
-def mean_elbo(model: VAEModel, batches: Iterator[torch.Tensor], device: torch.device) -> float:
-    """The ELBO (analytic KL where available, one sample) averaged over every example."""
-    total, count = 0.0, 0
-    for x in batches:
-        x = x.to(device)
-        total += float(model.elbo(x).elbo.sum())
-        count += x.shape[0]
-    return total / max(count, 1)
+def mean_elbo(
+    model: VAEModel,
+    batches: Iterator[Batch],
+    device: torch.device,
+    world: World = SINGLE,
+    seed: int = VALID_SEED,
+) -> float:
+    """The ELBO (analytic KL where available, one sample) averaged over every example of every
+    worker's batches; each batch's noise is drawn whole from ``seed``'s "valid" stream and each
+    worker takes its own columns, so the result does not depend on the number of workers."""
+    streams = TrainingStreams(seed)
+    event, dtype = _noise_shape(model)
+    totals = torch.zeros(2, dtype=torch.float64)  # Σ ELBO, examples
+    for batch in batches:
+        if batch.x.shape[0] == 0:  # a last batch smaller than the number of workers
+            continue
+        x = batch.x.to(device)
+        shape = (1, batch.size, *event)
+        eps = streams.normal(shape, 0, batch.number, stream="valid", device=device, dtype=dtype)
+        totals[0] += float(model.elbo(x, noise=eps[:, batch.rows]).elbo.sum())
+        totals[1] += x.shape[0]
+    world.sum(totals)
+    return float(totals[0] / max(float(totals[1]), 1.0))
+
+
+def _noise_shape(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype]:
+    """The event shape of the latent code (a draw of ε is ``[samples, batch, *event]``) and the
+    dtype of the model's parameters."""
+    with torch.no_grad():
+        event = tuple(model.prior().event_shape)  # type: ignore[operator]
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return event, dtype
 
 
 # ------------------------------------------------------------------------------------ trainer
@@ -378,8 +456,94 @@ class CheckpointPolicy:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class _Objective(nn.Module):
+    """The loss of one worker's share of a batch: a module, so that ``DistributedDataParallel``
+    sees the forward pass it synchronises the gradients of.
+
+    For a batch of ``size`` examples over N workers the loss is −(N / size) Σ of this worker's
+    per-example objectives; DDP averages gradients over the workers, which gives the gradient of
+    the mean over the whole batch. With free bits the clamp acts on each dimension's mean KL over
+    the whole batch (summed over the workers), as on one process. ``flags``, when given, is added
+    as ``(flag_parameter · flags).sum()``, which is 0 and makes the parameter's gradient the
+    workers' mean of ``flags``.
+    """
+
+    def __init__(self, model: VAEModel, config: TrainConfig, world: World) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.world = world
+        # Not in the optimiser: it only carries flags through the gradients' all-reduce.
+        self.flags = nn.Parameter(torch.zeros(FLAGS)) if world.size > 1 else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        noise: torch.Tensor | None,
+        kl_weight: float,
+        size: int,
+        flags: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
+        config, scale = self.config, self.world.size / size
+        terms: ElboTerms | IwaeTerms
+        if config.objective == "iwae":
+            terms = self.model.iwae(x, k=config.k, gradient=config.gradient, noise=noise)
+            loss = -terms.objective.sum() * scale
+        else:
+            terms = self.model.elbo(
+                x, samples=config.samples, beta=kl_weight, gradient=config.gradient, noise=noise
+            )
+            if config.free_bits > 0:
+                loss = self._free_bits_loss(x, terms, kl_weight, size)
+            else:
+                loss = -terms.objective.sum() * scale
+        if flags is not None and self.flags is not None:
+            loss = loss + (self.flags * flags).sum()
+        return loss, terms
+
+    def _free_bits_loss(
+        self, x: torch.Tensor, terms: ElboTerms, kl_weight: float, size: int
+    ) -> torch.Tensor:
+        """Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at least
+        λ. On N workers the batch mean is the global one: its value comes from the workers' sum,
+        its gradient from this worker's examples (scaled by N / size, as the reconstruction)."""
+        q, p = self.model.posterior(x), self.model.prior()
+        per_dim = kl_per_dimension(q, p)
+        if per_dim is None:
+            raise ValueError("free bits need a diagonal posterior and a factorised Gaussian prior")
+        scale = self.world.size / size
+        mean = per_dim.sum(0) * scale  # [latent]
+        if self.world.size > 1:
+            total = self.world.sum(per_dim.sum(0).detach().double().cpu())
+            mean = mean + ((total / size).to(mean) - mean).detach()
+        kl = mean.clamp(min=self.config.free_bits).sum()
+        return -(terms.reconstruction.sum() * scale - kl_weight * kl)
+
+
+FLAGS = 2  # stop requested, checkpoint due
+_STOP, _CHECKPOINT = range(FLAGS)
+
+
+def _data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` in ``DistributedDataParallel``. Its buffers (a decoder's offset, a pixel grid)
+    never change, so they are not re-broadcast at every step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    options: dict[str, Any] = {"device_ids": [device.index]} if device.type == "cuda" else {}
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    options[
+        "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+    ] = False
+    return DistributedDataParallel(module, **options)
+
+
 class Trainer:
-    """Fits a ``VAEModel`` by stochastic gradient ascent on the ELBO (Adam)."""
+    """Fits a ``VAEModel`` by stochastic gradient ascent on the ELBO (Adam), on one process or as
+    one worker of ``world`` (``vaelab.distributed``; every worker builds the same ``Trainer``).
+
+    ``seed`` keys the reparameterisation noise (``vaelab.streams``); None draws it from torch's
+    global generator when ``fit`` starts (a restored run takes its checkpoint's).
+    """
 
     def __init__(
         self,
@@ -390,6 +554,8 @@ class Trainer:
         *,
         observer: TrainingObserver | None = None,
         checkpoint: CheckpointPolicy | None = None,
+        seed: int | None = None,
+        world: World = SINGLE,
     ) -> None:
         config.validate()
         self.model = model
@@ -398,6 +564,12 @@ class Trainer:
         self.on_epoch = on_epoch
         self.observer = observer or TrainingObserver()
         self.checkpoint = checkpoint
+        self.seed = seed
+        self.world = world
+        self._objective = _Objective(model, config, world).to(device)
+        # Wrapped in DistributedDataParallel when fit starts: wrapping talks to the other
+        # workers, and until then a worker may still fail alone (World.settle).
+        self._step_module: nn.Module = self._objective
         # The fused kernel updates every parameter in one pass: the same Adam, about 4x faster
         # per step than torch's default per-tensor loop on the CPU.
         self.optimizer = torch.optim.Adam(
@@ -412,7 +584,8 @@ class Trainer:
         self.best_valid: float | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.waited = 0
-        # ELBO, reconstruction, KL and the training bound, summed over this epoch's examples.
+        # ELBO, reconstruction, KL and the training bound, summed over this worker's examples of
+        # this epoch (on rank 0 also the other workers' up to the last checkpoint).
         self.sums = torch.zeros(4, dtype=torch.float64)
         self.count = 0
         self.epoch_seconds = 0.0
@@ -428,24 +601,29 @@ class Trainer:
         return self.config.beta * min(1.0, (epoch + fraction) / self.config.kl_warmup_epochs)
 
     def _loss(
-        self, x: torch.Tensor, kl_weight: float
+        self,
+        x: torch.Tensor,
+        kl_weight: float,
+        noise: torch.Tensor | None = None,
+        size: int | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
-        config = self.config
-        if config.objective == "iwae":
-            found = self.model.iwae(x, k=config.k, gradient=config.gradient)
-            return -found.objective.mean(), found
-        terms = self.model.elbo(x, samples=config.samples, beta=kl_weight, gradient=config.gradient)
-        if config.free_bits > 0:
-            # Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at least λ.
-            q, p = self.model.posterior(x), self.model.prior()
-            per_dim = kl_per_dimension(q, p)
-            if per_dim is None:
-                raise ValueError(
-                    "free bits need a diagonal posterior and a factorised Gaussian prior"
-                )
-            kl = per_dim.mean(0).clamp(min=self.config.free_bits).sum()
-            return -(terms.reconstruction.mean() - kl_weight * kl), terms
-        return -terms.objective.mean(), terms
+        """The loss on ``x`` alone (not synchronised among workers) and its terms; ``noise``
+        None draws ε from torch's global generator, ``size`` defaults to ``len(x)``."""
+        return self._objective(x, noise, kl_weight, x.shape[0] if size is None else size)
+
+    def _noise(self, epoch: int, batch: Batch) -> torch.Tensor:
+        """ε of this worker's examples of ``batch``: ``[samples, rows, *event]``, the columns
+        ``batch.rows`` of the whole batch's draw."""
+        samples = self.config.k if self.config.objective == "iwae" else self.config.samples
+        assert self.seed is not None
+        eps = self._streams.normal(
+            (samples, batch.size, *self._event),
+            epoch,
+            batch.number,
+            device=self.device,
+            dtype=self._dtype,
+        )
+        return eps if batch.rows == slice(0, batch.size) else eps[:, batch.rows]
 
     @torch.no_grad()
     def _record(self, terms: ElboTerms | IwaeTerms, examples: int) -> None:
@@ -453,30 +631,46 @@ class Trainer:
         the training bound (the ELBO itself, or IWAE-k)."""
         bound = terms.bound if isinstance(terms, IwaeTerms) else terms.elbo
         # One reduction for the four sums: [4, batch] → [4], accumulated in float64.
-        self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1)
+        self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1).cpu()
         self.count += examples
 
     def check(self, x: torch.Tensor) -> None:
         """Compute the training loss once on ``x`` (a few examples) without a step, so that a
         setting that cannot work (e.g. free bits with a mixture prior) fails before training
-        starts. The random streams are left as they were."""
+        starts. The random streams are left as they were, and the workers are not involved."""
         devices = [self.device] if self.device.type == "cuda" else []
+        objective = _Objective(self.model, self.config, SINGLE)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
-            self._loss(x.to(self.device), self.config.beta)
+            x = x.to(self.device)
+            objective(x, None, self.config.beta, x.shape[0])
 
     def running_means(self) -> tuple[float, float, float]:
-        """This epoch's mean ELBO, reconstruction and KL so far (nats per example)."""
+        """This epoch's mean ELBO, reconstruction and KL so far (nats per example; on several
+        workers, rank 0's examples since the last checkpoint and everyone's before it)."""
         elbo, reconstruction, kl, _ = (self.sums / max(self.count, 1)).tolist()
         return elbo, reconstruction, kl
 
     def request_stop(self) -> None:
         """Ask ``fit`` to checkpoint and raise ``TrainingInterrupted`` after the current step
-        (safe from a signal handler: it only sets a flag)."""
+        (safe from a signal handler: it only sets a flag). On several workers, all stop after
+        the same step once any of them is asked."""
         self._stop_requested = True
+
+    def _reduce_progress(self) -> None:
+        """Sum the epoch's sums and count over the workers into rank 0's, the others' becoming
+        0: the state a checkpoint holds, the same whether or not the run is resumed from it."""
+        if self.world.size == 1:
+            return
+        totals = self.world.sum(torch.cat([self.sums, torch.tensor([float(self.count)])]))
+        if self.world.main:
+            self.sums, self.count = totals[:4].clone(), int(totals[4])
+        else:
+            self.sums, self.count = torch.zeros_like(self.sums), 0
 
     # ------------------------------------------------------------------------------ state
     def state(self, train: BatchSource) -> tuple[Tensors, dict[str, Any]]:
-        """Everything needed to continue exactly: tensors and a JSON-serialisable dict."""
+        """Everything needed to continue exactly: tensors and a JSON-serialisable dict. On
+        several workers, call it after ``_reduce_progress`` (``save_checkpoint`` does)."""
         tensors: Tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         if self.best_state is not None:
             tensors.update({f"best.{k}": v for k, v in self.best_state.items()})
@@ -509,12 +703,15 @@ class Trainer:
             "early_stopping": {"best_valid": self.best_valid, "waited": self.waited},
             "history": [m.to_dict() for m in self.history],
             "rng": rng_state,
+            "streams": {"seed": self.seed},
             "data": data_state,
+            "workers": self.world.size,  # for the record: any number of workers may resume
         }
         return tensors, state
 
     def restore(self, tensors: Tensors, state: dict[str, Any], train: BatchSource) -> None:
-        """Continue from a ``state()`` (e.g. read back by ``vaelab.checkpoint.load_checkpoint``).
+        """Continue from a ``state()`` (e.g. read back by ``vaelab.checkpoint.load_checkpoint``),
+        on any number of workers.
 
         Raises ``ValueError`` when the checkpoint belongs to a different configuration or data."""
         # Options added since a checkpoint was written take their defaults, which reproduce what
@@ -550,14 +747,15 @@ class Trainer:
         elif position["batch"]:
             raise ValueError("this data source cannot resume mid-epoch")
         restore_rng(tensors, state["rng"], self.device)
+        self.seed = state["streams"]["seed"]
         self.epoch, self.batch = position["epoch"], position["batch"]
         self.step, self.finished = position["step"], position["finished"]
         progress = state["epoch_progress"]
-        sums = list(progress["sums"])
-        if len(sums) == 3:  # written before the training bound had its own sum: it was the ELBO
-            sums.append(sums[0])
-        self.sums = torch.tensor(sums, dtype=torch.float64)
-        self.count, self.epoch_seconds = progress["count"], progress["seconds"]
+        # The sums are the whole run's: rank 0 carries them on, the others start from 0.
+        main = self.world.main
+        self.sums = torch.tensor(progress["sums"] if main else [0.0] * 4, dtype=torch.float64)
+        self.count = progress["count"] if main else 0
+        self.epoch_seconds = progress["seconds"]
         self.best_valid = state["early_stopping"]["best_valid"]
         self.waited = state["early_stopping"]["waited"]
         self.history = [EpochMetrics(**m) for m in state["history"]]
@@ -565,12 +763,16 @@ class Trainer:
 
     def save_checkpoint(self, train: BatchSource) -> None:
         """Write the checkpoint atomically, after making sure every parameter is finite, so a
-        diverged state never replaces the last good one."""
+        diverged state never replaces the last good one. On several workers every worker calls
+        it: the epoch's sums are gathered, rank 0 writes, and all wait until it has."""
         assert self.checkpoint is not None
         self._check_parameters()
-        tensors, state = self.state(train)
-        state["extra"] = self.checkpoint.extra
-        save_checkpoint(self.checkpoint.path, tensors, state)
+        self._reduce_progress()
+        if self.world.main:
+            tensors, state = self.state(train)
+            state["extra"] = self.checkpoint.extra
+            save_checkpoint(self.checkpoint.path, tensors, state)
+        self.world.barrier()
         self.checkpoint_position = (self.epoch, self.batch)
         self._last_checkpoint_time = time.perf_counter()
 
@@ -595,12 +797,16 @@ class Trainer:
                     "gradients"
                 )
 
-    def _checkpoint_due(self) -> bool:
+    def _checkpoint_due(self, step: int) -> bool:
+        """Whether a checkpoint is due after optimiser step ``step``: by the step rule, or by the
+        clock (on several workers, rank 0's clock decides for all)."""
         policy = self.checkpoint
         if policy is None:
             return False
-        if policy.every_steps and self.step % policy.every_steps == 0:
+        if policy.every_steps and step % policy.every_steps == 0:
             return True
+        if not self.world.main:
+            return False
         elapsed = time.perf_counter() - self._last_checkpoint_time
         return bool(policy.every_seconds) and elapsed >= (policy.every_seconds or 0.0)
 
@@ -614,7 +820,12 @@ class Trainer:
     # -------------------------------------------------------------------------------- fit
     def fit(self, train: BatchSource, valid: BatchSource | None = None) -> list[EpochMetrics]:
         """Train until ``config.epochs`` epochs are done (or early stopping); with ``valid``, keep
-        the weights with the best validation ELBO. Continues from ``restore`` when called after it."""
+        the weights with the best validation ELBO. Continues from ``restore`` when called after it.
+        On several workers each reads its share of every batch of ``train`` and ``valid``."""
+        self._prepare_streams()
+        share = self.world.share if self.world.size > 1 else None
+        if share is not None and self._step_module is self._objective:
+            self._step_module = _data_parallel(self._objective, self.device)
         steps = len(train)
         total_steps = self.config.epochs * steps
         self._last_checkpoint_time = time.perf_counter()
@@ -628,14 +839,18 @@ class Trainer:
             self.observer.epoch_start(self, epoch, start, steps)
             started = time.perf_counter()
             lr, kl_weight = self.config.lr, self.config.beta
-            for i, x in enumerate(train.batches(epoch, start), start=start):
-                x = x.to(self.device)
+            for batch in train.batches(epoch, start, share):
+                i = batch.number
+                x = batch.x.to(self.device)
                 lr = learning_rate(self.config, self.step, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 kl_weight = self._kl_weight(epoch, i / steps)
+                flags = self._local_flags(self.step + 1) if share is not None else None
                 try:
-                    loss, terms = self._loss(x, kl_weight)
+                    loss, terms = self._step_module(
+                        x, self._noise(epoch, batch), kl_weight, batch.size, flags
+                    )
                 except ValueError as error:
                     # After a first good step, settings and shapes are known to work: a refusal
                     # now is torch.distributions seeing parameters that overflowed (NaN, ±inf, a
@@ -648,6 +863,8 @@ class Trainer:
                 if not math.isfinite(value):
                     raise self._diverged(value, epoch, i, steps)
                 self.optimizer.zero_grad(set_to_none=True)
+                if self._objective.flags is not None:
+                    self._objective.flags.grad = None
                 loss.backward()
                 if self.config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -656,27 +873,56 @@ class Trainer:
                 self.steps_taken += 1
                 self.batch = i + 1
                 self._record(terms, x.shape[0])
-                self.observer.step(self, x.shape[0])
-                if self._stop_requested:
+                self.observer.step(self, batch.size)
+                stop, due = self._agreed_flags()
+                if stop:
                     self.epoch_seconds += time.perf_counter() - started
                     self._interrupt(train)
-                if self.batch < steps and self._checkpoint_due():
+                if self.batch < steps and due:
                     self.epoch_seconds += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save_checkpoint(train)
             self.epoch_seconds += time.perf_counter() - started
             self._end_epoch(train, valid, lr, kl_weight)
-            if self._stop_requested and not self.finished:
+            # On several workers a request that came after the epoch's last step is agreed on
+            # with the next step's flags: deciding it here, alone, would leave the others behind.
+            if self._stop_requested and not self.finished and share is None:
                 self._interrupt(train)
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return self.history
 
+    def _prepare_streams(self) -> None:
+        """The noise streams from ``seed`` (drawn now when None) and the shape and dtype of ε."""
+        if self.seed is None:
+            self.seed = int(torch.randint(0, 2**62, ()).item())
+        self._streams = TrainingStreams(self.seed)
+        self._event, self._dtype = _noise_shape(self.model)
+
+    def _local_flags(self, step: int) -> torch.Tensor:
+        """This worker's flags for the step that ends at optimiser step ``step``: a stop
+        requested here, a checkpoint due by rank 0's clock or by the step rule."""
+        flags = torch.zeros(FLAGS, device=self.device)
+        flags[_STOP] = float(self._stop_requested)
+        flags[_CHECKPOINT] = float(self._checkpoint_due(step))
+        return flags
+
+    def _agreed_flags(self) -> tuple[bool, bool]:
+        """Stop, checkpoint: on one process this process's; on several, whether any worker raised
+        the flag for the step just taken (the flags' gradient, averaged by DDP, is above 0)."""
+        parameter = self._objective.flags
+        if parameter is None:
+            return self._stop_requested, self._checkpoint_due(self.step)
+        assert parameter.grad is not None
+        stop, due = (parameter.grad > 0).tolist()
+        return bool(stop), bool(due)
+
     def _end_epoch(
         self, train: BatchSource, valid: BatchSource | None, lr: float, kl_weight: float
     ) -> None:
         self._check_parameters()  # before validation, which would fail on them less clearly
+        self._reduce_progress()
         means = (self.sums / max(self.count, 1)).tolist()
         metrics = EpochMetrics(
             epoch=self.epoch + 1,
@@ -692,17 +938,17 @@ class Trainer:
         )
         if valid is not None:
             self.model.eval()
-            with seeded(VALID_SEED, self.device):
-                try:
-                    metrics.valid_elbo = mean_elbo(
-                        self.model, valid.batches(self.epoch), self.device
-                    )
-                except ValueError as error:  # overflowed parameters, as in fit
-                    reason = str(error).split(", but found")[0][:200]
-                    raise NonFiniteLossError(
-                        f"the validation ELBO became NaN or infinite ({reason}) after epoch "
-                        f"{self.epoch + 1}; lower the learning rate or clip gradients"
-                    ) from error
+            share = self.world.share if self.world.size > 1 else None
+            try:
+                metrics.valid_elbo = mean_elbo(
+                    self.model, valid.batches(self.epoch, 0, share), self.device, self.world
+                )
+            except ValueError as error:  # overflowed parameters, as in fit
+                reason = str(error).split(", but found")[0][:200]
+                raise NonFiniteLossError(
+                    f"the validation ELBO became NaN or infinite ({reason}) after epoch "
+                    f"{self.epoch + 1}; lower the learning rate or clip gradients"
+                ) from error
             improved = self.best_valid is None or metrics.valid_elbo > self.best_valid
             if improved and not math.isnan(metrics.valid_elbo):
                 self.best_valid, self.waited = metrics.valid_elbo, 0
