@@ -234,7 +234,7 @@ def _check_labelled(estimator: VAE, split: Split, data: str) -> None:
     if unknown.size:
         shown = ", ".join(str(c) for c in classes)
         raise RunError(
-            f"{data} has examples of class {unknown[0]!r}, which this conditional model was not "
+            f"{data} has examples of class {unknown.tolist()[0]!r}, which this conditional model was not "
             f"trained on (its classes: {shown}); give data of those classes"
         )
 

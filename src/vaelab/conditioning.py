@@ -147,7 +147,7 @@ def one_hot(labels: Any, classes: Sequence[Any] | np.ndarray) -> np.ndarray:
     position = np.clip(position, 0, len(known) - 1)
     found = known[order][position] == labels
     if labels.size and not bool(np.all(found)):
-        unknown = labels[~found].ravel()[0]
+        unknown = labels[~found].ravel()[:1].tolist()[0]  # a Python value, for its repr
         shown = ", ".join(str(c) for c in known[:20]) + (", …" if len(known) > 20 else "")
         raise ValueError(
             f"label {unknown!r} is not one of the model's classes ({shown}); give labels of "

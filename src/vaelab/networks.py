@@ -71,6 +71,13 @@ def flat_condition(
         raise ValueError(
             f"this network reads conditions of size {size}, got shape {tuple(condition.shape)}"
         )
+    batch = tuple(condition.shape[:-1])
+    if batch != tuple(lead[len(lead) - len(batch) :]):
+        raise ValueError(
+            f"the condition holds {batch} rows for inputs {tuple(lead)}: a model given conditions "
+            "takes exactly their examples (a function that cuts examples into batches takes "
+            "condition= instead)"
+        )
     return condition.expand(*lead, size).reshape(-1, size)
 
 
