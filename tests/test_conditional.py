@@ -278,6 +278,13 @@ def test_given_refuses_what_it_cannot_bind():
         model.given(torch.zeros(3, 10)).sample_latent(4)
     with pytest.raises(ValueError, match="condition"):
         model.elbo(torch.from_numpy(X[:3]))  # a conditional model without its y
+    from vaelab.linear import linear_gaussian_from_vae
+
+    linear = build_model(ModelConfig(data_shape=(64,), latent_dim=2, hidden=(),
+                                     likelihood="gaussian", condition_dim=10))  # fmt: skip
+    for found in (linear, linear.given(torch.zeros(3, 10))):
+        with pytest.raises(ValueError, match="one linear-Gaussian model per condition"):
+            linear_gaussian_from_vae(found)
 
 
 @pytest.mark.parametrize(
