@@ -779,8 +779,12 @@ def gap(
     estimator, examples = opened
     model = estimator.model_
     with torch.no_grad():
-        first = torch.from_numpy(examples.read(0, 2))
-        given = given_rows(model, _conditions(estimator, examples, slice(0, 2)), slice(None))
+        # On the model's device: the encoder runs here outside the estimators that move data.
+        first = torch.from_numpy(examples.read(0, 2)).to(estimator.device_)
+        condition = _conditions(estimator, examples, slice(0, 2))
+        if condition is not None:
+            condition = condition.to(estimator.device_)
+        given = given_rows(model, condition, slice(None))
         families = families_containing(given.posterior(first))
     count = len(examples)
     groups = [slice(lo, min(lo + GAP_GROUP, count)) for lo in range(0, count, GAP_GROUP)]

@@ -266,10 +266,11 @@ class IndexedBatches:
     ) -> None:
         if (shuffle or binarize) and seed is None:
             raise ValueError("shuffled or binarised batches need a seed for their streams")
-        if condition is not None and len(condition) != int(data.shape[0]):
+        examples = int(data.shape[0])
+        if condition is not None and len(condition) != examples:
             raise ValueError(
-                f"the condition has {len(condition)} rows for {int(data.shape[0])} examples; give one "
-                "row per example"
+                f"the condition has {len(condition)} rows for {examples} examples; give one row "
+                "per example"
             )
         self.data = data
         self.condition = None if condition is None else torch.as_tensor(condition).float()
