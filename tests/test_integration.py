@@ -6,7 +6,8 @@ command line and then read back by every other command. Every option value appea
 crossed with the others in a covering design rather than the full product (which would take
 minutes): each model is trained for one epoch on 240 digits with labels (as 8-bit images for the
 likelihoods of 8-bit pixels, whose levels digits / 16 are not), then evaluated, gapped, reported,
-sampled, reconstructed and encoded, and each result is checked for sense.
+sampled, reconstructed and encoded, and each result is checked for sense. Conditional models
+(``--conditional``) train on those labels and read every example given its own.
 """
 
 from __future__ import annotations
@@ -46,10 +47,19 @@ MATRIX = [
     ("gaussian", "full", "mixture", "conv", "elbo", "stl", "3,2"),
     ("laplace", "diagonal", "learnable", "mlp", "elbo", "standard", "3,2"),
 ]
+# Conditional models, --conditional on the digits' labels: the conditional prior p(z|y) with an
+# MLP, and p(z) with a convolutional IAF trained on the IWAE bound.
+CONDITIONAL = [
+    ("bernoulli", "diagonal", "conditional", "mlp", "elbo", "standard", "2"),
+    ("gaussian", "iaf", "normal", "conv", "iwae", "dreg", "2"),
+]
+MATRIX += CONDITIONAL
 # Likelihoods of the 256 levels of 8-bit pixels: trained on the digits as uint8 images.
 EIGHT_BIT = {"discretized-logistic", "discretized-logistic-mixture"}
 IDS = [
-    "-".join(row[:-1]) + ("" if row[-1] == "2" else "-layers-" + row[-1].replace(",", "-"))
+    "-".join(row[:-1])
+    + ("" if row[-1] == "2" else "-layers-" + row[-1].replace(",", "-"))
+    + ("-given-y" if row in CONDITIONAL else "")
     for row in MATRIX
 ]
 
@@ -99,6 +109,8 @@ def model(request, data, data_8_bit, tmp_path_factory) -> tuple[Path, tuple[str,
     ]  # fmt: skip
     if objective == "iwae":
         argv += ["--k", "3"]
+    if request.param in CONDITIONAL:
+        argv += ["--conditional"]
     assert cli.main(argv) == 0
     return folder, request.param
 
@@ -114,6 +126,9 @@ def test_train_writes_a_model_that_loads_as_configured(model, capsys):
     loaded = vaelab.load(folder)
     options = ("likelihood", "posterior", "prior", "network", "objective", "gradient")
     assert tuple(getattr(loaded, name) for name in options) == model[1][:-1]
+    assert loaded.conditional == (model[1] in CONDITIONAL)
+    if loaded.conditional:  # one-hot over the labels of the data
+        assert list(loaded.classes_) == list(range(10)) and loaded.model_.condition_dim == 10
     sizes = latent_sizes(model[1])
     assert loaded.model_.latent_sizes == tuple(sizes)
     assert loaded.latent_dim == (sizes[0] if len(sizes) == 1 else tuple(sizes))
@@ -177,14 +192,17 @@ def test_report(model, capsys, tmp_path):
     assert "nan" not in html.split("<table")[1].split("</table>")[0].lower()  # the metrics
     if len(latent_sizes(model[1])) > 1:  # active units of each stochastic layer
         assert "active units (z1)" in html and "active units (z2)" in html
+    if model[1] in CONDITIONAL:  # a row of samples per class
+        assert [html.count(f'alt="samples of {c}"') for c in range(10)] == [1] * 10
 
 
 def test_sample_reconstruct_encode(model, capsys, tmp_path):
     folder, _ = model
-    assert run(capsys, "sample", folder, "-n", "5", "--out", tmp_path / "s.npy")[0] == 0
+    label = ["--label", "3"] if model[1] in CONDITIONAL else []
+    assert run(capsys, "sample", folder, "-n", "5", *label, "--out", tmp_path / "s.npy")[0] == 0
     samples = np.load(tmp_path / "s.npy")
     assert samples.shape == (5, 1, 8, 8) and np.isfinite(samples).all()
-    assert run(capsys, "sample", folder, "-n", "4", "--out", tmp_path / "s.png")[0] == 0
+    assert run(capsys, "sample", folder, "-n", "4", *label, "--out", tmp_path / "s.png")[0] == 0
     code, out, err = run(capsys, "reconstruct", folder, "-n", "4", "--out", tmp_path / "r.npy")
     assert code == 0, err
     pairs = np.load(tmp_path / "r.npy")

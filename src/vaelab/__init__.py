@@ -1,7 +1,8 @@
 """vaelab: variational inference and variational autoencoders you can trust.
 
 The public surface is small: the estimator ``VAE``, ``load``, the closed-form Gaussian KLs, the
-objectives and the components a model is composed of. The evaluation modules are public too, as
+objectives and the components a model is composed of (a conditional model's too:
+``VAEModel.given(y)``, ``vaelab.conditioning``). The evaluation modules are public too, as
 attributes after ``import vaelab``: ``vaelab.loglik`` (IWAE-k), ``vaelab.ais`` (annealed importance
 sampling, BDMC), ``vaelab.gap`` (inference gaps), ``vaelab.diagnostics`` (posterior collapse) and
 ``vaelab.ppca`` (linear-Gaussian models in closed form).
@@ -27,6 +28,7 @@ from vaelab.model import VAEModel
 from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound, objective_terms
 from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior, stop_gradient
 from vaelab.priors import (
+    ConditionalGaussianPrior,
     LearnableGaussianPrior,
     MixtureOfGaussiansPrior,
     StandardNormalPrior,
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "VAE",
     "BernoulliLikelihood",
+    "ConditionalGaussianPrior",
     "ContinuousBernoulliLikelihood",
     "DiagonalGaussianPosterior",
     "DiscretizedLogisticLikelihood",

@@ -22,6 +22,9 @@ stochastic *upper* bound. Exact posterior samples exist for data simulated from 
 draw z ~ p(z), then x ~ p(x|z). On such data the true log p(x) is sandwiched between forward and
 reverse AIS: bidirectional Monte Carlo (Grosse, Ghahramani & Adams 2015).
 
+A conditional model is annealed from p(z|y) to p(z|x, y) for each example's own condition y
+(``condition=``), which estimates log p(x|y).
+
 Step sizes come from *pilot chains*. AIS is unbiased for any sequence of transitions fixed in
 advance, but not when a chain's step size follows its own acceptances: the transitions then depend
 on the chain's history. That bias is not academic: adapting each chain on its own (200 steps,
@@ -44,10 +47,12 @@ import torch
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from vaelab.conditioning import given_rows
 from vaelab.likelihoods import Likelihood
 from vaelab.loglik import (
     LogLikelihoodEstimate,
     model_device_dtype,
+    prepare_condition,
     prepare_data,
     summarise_log_weights,
 )
@@ -323,7 +328,8 @@ def _anneal(
 def _run(
     model: VAEModel,
     x: torch.Tensor,
-    start: Callable[[slice, int, ExampleNoise], torch.Tensor],
+    condition: torch.Tensor | None,
+    start: Callable[[slice, int, ExampleNoise, Distribution], torch.Tensor],
     *,
     reverse: bool,
     chains: int,
@@ -334,14 +340,13 @@ def _run(
     seed: int | None,
     progress: bool,
 ) -> AisEstimate:
-    """Shared driver of forward and reverse AIS over batches of examples. ``start(index,
-    pilots, noise)`` gives the initial codes ``[chains + pilots, batch, latent]`` of those
-    examples; ``step_sizes`` is in forward order. Every draw of an example (start, momenta,
+    """Shared driver of forward and reverse AIS over batches of examples (given their rows of
+    ``condition`` for a conditional model). ``start(index, pilots, noise, prior)`` gives the
+    initial codes ``[chains + pilots, batch, latent]`` of those examples, ``prior`` being
+    theirs; ``step_sizes`` is in forward order. Every draw of an example (start, momenta,
     acceptance tests) comes from its own stream (``vaelab.noise.ExampleNoise`` keyed by
     ``seed``), and its step sizes adapt on its own pilots, so its estimate does not depend on
     the other examples or on ``batch_size``."""
-    with torch.no_grad():
-        prior = model.prior()
     pilots = 0 if step_sizes is not None else settings.pilots
     path = (betas.flip(0) if reverse else betas).tolist()
     log_px, ess, se, used_steps = [], [], [], []
@@ -352,9 +357,12 @@ def _run(
     with tqdm(total=total, desc=name, unit="step", disable=not progress) as bar:
         for first in range(0, n, batch_size):
             index = slice(first, min(first + batch_size, n))
-            target = _Target(x[index], prior, model.likelihood)
+            given = given_rows(model, condition, index)
+            with torch.no_grad():
+                prior = given.prior()
+            target = _Target(x[index], prior, given.likelihood)
             noise = ExampleNoise(x[index], seed)
-            state = target(start(index, pilots, noise))
+            state = target(start(index, pilots, noise, prior))
             fixed = None
             if step_sizes is not None:
                 fixed = step_sizes[:, index].to(device=x.device, dtype=x.dtype)
@@ -394,9 +402,10 @@ def _checked_inputs(
     steps: int,
     schedule: str | torch.Tensor,
     hmc: HmcSettings | None,
-) -> tuple[torch.Tensor, torch.Tensor, HmcSettings]:
-    """What both directions of AIS check and resolve first: the data ``[n, *data_shape]``, the
-    schedule β and the HMC settings."""
+    condition: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, HmcSettings]:
+    """What both directions of AIS check and resolve first: the data ``[n, *data_shape]``, its
+    conditions, the schedule β and the HMC settings."""
     if chains < 1:
         raise ValueError(f"chains must be a positive number, got {chains}")
     if batch_size < 1:
@@ -407,7 +416,8 @@ def _checked_inputs(
         betas = annealing_schedule(steps, schedule)
     else:
         betas = _check_betas(schedule)
-    return prepare_data(model, x), betas, settings
+    x = prepare_data(model, x)
+    return x, prepare_condition(model, condition, x.shape[0]), betas, settings
 
 
 def ais(
@@ -421,8 +431,10 @@ def ais(
     batch_size: int = 100,
     seed: int | None = None,
     progress: bool = False,
+    condition: Any = None,
 ) -> AisEstimate:
-    """AIS estimate of each example's log p(x) under a ``VAEModel``, in nats: a stochastic lower
+    """AIS estimate of each example's log p(x) under a ``VAEModel``, in nats (log p(x|y) of a
+    conditional model, given ``condition`` y ``[n, c]`` aligned with x): a stochastic lower
     bound, log of the mean over ``chains`` independent chains of their weights. With a ``seed``,
     each example's chains draw from streams keyed by its values (``vaelab.noise``): reproducible,
     and independent of the other examples passed with it.
@@ -433,16 +445,17 @@ def ais(
     ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
     leapfrog_steps`` decoder forward and backward passes.
     """
-    x, betas, settings = _checked_inputs(model, x, chains, batch_size, steps, schedule, hmc)
-    with torch.no_grad():
-        prior = model.prior()
+    x, condition, betas, settings = _checked_inputs(
+        model, x, chains, batch_size, steps, schedule, hmc, condition
+    )
 
-    def start(index: slice, pilots: int, noise: ExampleNoise) -> torch.Tensor:
+    def start(index: slice, pilots: int, noise: ExampleNoise, prior: Distribution) -> torch.Tensor:
         return noise.sample(prior, chains + pilots)  # [chains + pilots, batch, latent]
 
     return _run(
         model,
         x,
+        condition,
         start,
         reverse=False,
         chains=chains,
@@ -468,8 +481,10 @@ def reverse_ais(
     batch_size: int = 100,
     seed: int | None = None,
     progress: bool = False,
+    condition: Any = None,
 ) -> AisEstimate:
-    """Reverse AIS: a stochastic *upper* bound on each example's log p(x), in nats.
+    """Reverse AIS: a stochastic *upper* bound on each example's log p(x), in nats (log p(x|y)
+    given ``condition`` for a conditional model).
 
     ``z`` must be exact posterior samples, ``[batch, latent]`` (every chain of an example starts
     there) or ``[chains, batch, latent]``: the latent codes that generated ``x`` when ``x`` was
@@ -484,9 +499,11 @@ def reverse_ais(
     from ``z`` adapt the step sizes; those then depend on the starting codes, a small departure
     from the conditions of the bound.
     """
-    x, betas, settings = _checked_inputs(model, x, chains, batch_size, steps, schedule, hmc)
+    x, condition, betas, settings = _checked_inputs(
+        model, x, chains, batch_size, steps, schedule, hmc, condition
+    )
     z = torch.as_tensor(z).to(device=x.device, dtype=x.dtype)
-    latent = model.prior().event_shape
+    latent = (model.latent_dim,)
     if tuple(z.shape) == (x.shape[0], *latent):
         z = z.expand(chains, *z.shape)
     if tuple(z.shape) != (chains, x.shape[0], *latent):
@@ -502,7 +519,7 @@ def reverse_ais(
                 f"ais run with the same steps and schedule), got {tuple(step_sizes.shape)}"
             )
 
-    def start(index: slice, pilots: int, noise: ExampleNoise) -> torch.Tensor:
+    def start(index: slice, pilots: int, noise: ExampleNoise, prior: Distribution) -> torch.Tensor:
         codes = z[:, index]
         cycle = torch.arange(pilots, device=codes.device) % chains
         return torch.cat([codes, codes[cycle]])
@@ -510,6 +527,7 @@ def reverse_ais(
     return _run(
         model,
         x,
+        condition,
         start,
         reverse=True,
         chains=chains,
@@ -526,11 +544,12 @@ def reverse_ais(
 def simulate(model: VAEModel, n: int, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` draws from the model's joint: z ~ p(z), x ~ p(x|z). Returns ``(x [n, *data_shape],
     z [n, latent])``; each z is an exact sample of p(z | x) for its x. ``seed`` makes the draws
-    reproducible (``None``: fresh ones); the caller's random state is left as it was."""
+    reproducible (``None``: fresh ones); the caller's random state is left as it was. A
+    conditional model given n conditions (``model.given(y)``) draws example i given y_i."""
     if n < 1:
         raise ValueError(f"n must be a positive number of examples, got {n}")
     with seeded(seed, model_device_dtype(model)[0]):
-        z = model.prior().sample((n,))
+        z = model.sample_latent(n)
         x = model.likelihood(z).sample()
     return x, z
 
@@ -556,13 +575,18 @@ def bdmc(
     n: int = 100,
     *,
     seed: int | None = None,
+    condition: Any = None,
     **settings: Any,
 ) -> BdmcResult:
     """Sandwich log p(x) on ``n`` examples simulated from the model: forward AIS from the prior
     and reverse AIS from the generating latent codes, with the same ``settings`` (the keyword
     arguments of :func:`ais`) and the forward run's step sizes, so that both directions apply
-    the same transitions."""
-    x, z = simulate(model, n, seed)
-    lower = ais(model, x, seed=seed, **settings)
-    upper = reverse_ais(model, x, z, step_sizes=lower.step_sizes, seed=seed, **settings)
+    the same transitions. A conditional model simulates example i given row i of ``condition``
+    ``[n, c]``, and both directions anneal given it."""
+    condition = prepare_condition(model, condition, n)
+    x, z = simulate(model if condition is None else model.given(condition), n, seed)
+    lower = ais(model, x, seed=seed, condition=condition, **settings)
+    upper = reverse_ais(
+        model, x, z, step_sizes=lower.step_sizes, seed=seed, condition=condition, **settings
+    )
     return BdmcResult(lower, upper, x, z)

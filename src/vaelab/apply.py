@@ -3,7 +3,8 @@
 Each reads a model folder (a ``vaelab train`` run or anything ``VAE.save`` wrote) and prepares data
 exactly as the model's training data was prepared (its recorded scaling and binarisation), reading
 ``CHUNK`` rows at a time so a memory-mapped file is never loaded whole. Outputs are written
-atomically.
+atomically. A conditional model reads every example given its own class label (``ModelData.labels``);
+``sample`` draws the class ``label``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vaelab.conditioning import given_rows
 from vaelab.data import SOURCES, Split, load_data
 from vaelab.distributed import SINGLE, World
 from vaelab.estimator import EVAL_SEED, VAE
@@ -90,6 +92,11 @@ class ModelData:
         n = len(self.split) if limit is None else min(limit, len(self.split))
         for start in range(0, n, CHUNK):
             yield self.read(start, min(start + CHUNK, n))
+
+    def labels(self, start: int, stop: int) -> np.ndarray | None:
+        """The class labels of examples ``start:stop``, or None for data without labels."""
+        found = self.split.labels
+        return None if found is None else np.asarray(found[start:stop])
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Examples ``start:stop``, prepared and checked: float32 ``[stop − start, *shape]``."""
@@ -202,8 +209,46 @@ def model_data(
             f"{data} has examples of shape {tuple(chosen.shape[1:])}, but the model was trained "
             f"on shape {shape}; pass data like the training data"
         )
+    if estimator.model_.condition_dim:
+        _check_labelled(estimator, chosen, data)
     which = _SPLIT_NAMES[split]
     return ModelData(chosen, data, which, estimator.model_.likelihood, binarize_seed)
+
+
+def _check_labelled(estimator: VAE, split: Split, data: str) -> None:
+    """A conditional model reads each example given its class label: refuse data without labels,
+    or with labels none of the model's classes, before any work."""
+    classes = getattr(estimator, "classes_", None)
+    if classes is None:
+        raise RunError(
+            "this conditional model was trained on condition vectors, which the command line "
+            "cannot read from data; use the library (vaelab.load(DIR).elbo(X, y), ...)"
+        )
+    if split.labels is None:
+        raise RunError(
+            f"this model is conditional and reads each example's class label, but {data} has "
+            "none; give data with labels (as the training data had)"
+        )
+    found = np.unique(np.asarray(split.labels))
+    unknown = found[~np.isin(found, classes)]
+    if unknown.size:
+        shown = ", ".join(str(c) for c in classes)
+        raise RunError(
+            f"{data} has examples of class {unknown.tolist()[0]!r}, which this conditional model was not "
+            f"trained on (its classes: {shown}); give data of those classes"
+        )
+
+
+def _conditions(estimator: VAE, examples: ModelData, rows: slice) -> torch.Tensor | None:
+    """The one-hot conditions of examples ``rows`` for a conditional model, else None."""
+    if not estimator.model_.condition_dim:
+        return None
+    return torch.from_numpy(estimator.conditions(examples.labels(rows.start, rows.stop)))
+
+
+def _labels(estimator: VAE, examples: ModelData, rows: slice) -> np.ndarray | None:
+    """The class labels of examples ``rows`` for a conditional model (its ``y``), else None."""
+    return examples.labels(rows.start, rows.stop) if estimator.model_.condition_dim else None
 
 
 def _same_source(data: str, trained_on: str) -> bool:
@@ -332,17 +377,18 @@ T = TypeVar("T")
 
 def _per_batch(
     examples: ModelData,
-    estimate: Callable[[torch.Tensor], T],
+    estimate: Callable[[torch.Tensor, slice], T],
     world: World,
     progress: bool,
     desc: str,
 ) -> list[T] | None:
-    """``estimate(x)`` on each of ``estimate_batches``, each worker taking a contiguous share of
-    them; the results in order on rank 0, None elsewhere."""
+    """``estimate(x, rows)`` on each of ``estimate_batches`` (``rows`` the examples' positions),
+    each worker taking a contiguous share of them; the results in order on rank 0, None
+    elsewhere."""
     batches = estimate_batches(len(examples))
     mine = batches[world.share(len(batches))]
     shown = tqdm(mine, desc=desc, unit="batch", disable=not (progress and world.main))
-    results = [estimate(torch.from_numpy(examples.read(b.start, b.stop))) for b in shown]
+    results = [estimate(torch.from_numpy(examples.read(b.start, b.stop)), b) for b in shown]
     gathered = world.gather(results)
     return None if gathered is None else [r for part in gathered for r in part]
 
@@ -378,8 +424,11 @@ def _iwae(
 
     model = estimator.model_
 
-    def estimate(x: torch.Tensor) -> tuple[np.ndarray, str | None]:
-        log_px = log_likelihood(model, x, k, batch_size=x.shape[0], seed=EVAL_SEED).log_px
+    def estimate(x: torch.Tensor, rows: slice) -> tuple[np.ndarray, str | None]:
+        condition = _conditions(estimator, examples, rows)
+        log_px = log_likelihood(
+            model, x, k, batch_size=x.shape[0], seed=EVAL_SEED, condition=condition
+        ).log_px
         return log_px.numpy(), model.likelihood.why_not_a_probability(x)
 
     parts = _per_batch(examples, estimate, world, progress, f"IWAE-{k}")
@@ -422,9 +471,15 @@ def _ais(
     """``ais_summary`` and the per-example estimates, float64 ``[n]``, on rank 0."""
     from vaelab.ais import ais
 
-    def estimate(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, float]:
+    def estimate(x: torch.Tensor, rows: slice) -> tuple[np.ndarray, np.ndarray, float]:
         found = ais(
-            estimator.model_, x, chains=chains, steps=steps, seed=EVAL_SEED, batch_size=x.shape[0]
+            estimator.model_,
+            x,
+            chains=chains,
+            steps=steps,
+            seed=EVAL_SEED,
+            batch_size=x.shape[0],
+            condition=_conditions(estimator, examples, rows),
         )
         return found.log_px.numpy(), found.effective_sample_size.numpy(), found.acceptance_rate
 
@@ -452,9 +507,13 @@ def diagnostics_summary(
     a random subset of at most ``DIAGNOSTIC_EXAMPLES`` examples."""
     from vaelab.diagnostics import collapse_diagnostics
 
-    x = load_examples(examples.subset(DIAGNOSTIC_EXAMPLES))
+    subset = examples.subset(DIAGNOSTIC_EXAMPLES)
+    x = load_examples(subset)
+    condition = _conditions(estimator, subset, slice(0, len(subset)))
     with torch.no_grad():
-        found = collapse_diagnostics(estimator.model_, x, seed=EVAL_SEED, progress=progress)
+        found = collapse_diagnostics(
+            estimator.model_, x, seed=EVAL_SEED, progress=progress, condition=condition
+        )
     return {"examples": int(x.shape[0]), **found.to_dict()}
 
 
@@ -485,8 +544,9 @@ def _elbo_summary(
         unit="chunk",
         disable=not progress,
     )
-    for x in chunks:
-        terms = estimator.elbo_terms(x, samples=samples)
+    for start, x in enumerate(chunks):
+        rows = slice(start * CHUNK, start * CHUNK + len(x))
+        terms = estimator.elbo_terms(x, _labels(estimator, examples, rows), samples=samples)
         per_example.append(np.asarray(terms.elbo, dtype=np.float64))
         sums += [
             float(terms.elbo.sum()),
@@ -561,18 +621,52 @@ def sample(
     out: str | os.PathLike[str],
     seed: int = 0,
     device: str | None = None,
+    label: str | None = None,
 ) -> Path:
-    """``n`` samples (decoder means at z ~ p(z)) as a PNG grid or an ``[n, *shape]`` .npy array."""
+    """``n`` samples (decoder means at z ~ p(z)) as a PNG grid or an ``[n, *shape]`` .npy array;
+    of a conditional model, of the class ``label`` (z ~ p(z|y), decoded given y)."""
     if n < 1:
         raise RunError(f"-n must be at least 1, got {n}")
     target = _output(out, (".png", ".npy"))
     estimator, document = open_model(folder, device)
-    x = estimator.sample(n, seed=seed).astype(np.float32)
+    y = None
+    if label is not None or estimator.model_.condition_dim:
+        y = class_of(estimator, document, label)
+    x = estimator.sample(n, y=y, seed=seed).astype(np.float32)
     if target.suffix.lower() == ".npy":
         _save_npy(target, x)
     else:
         _write_png(target, _pictures(x, document, "samples"))
     return target
+
+
+def class_of(estimator: VAE, document: dict[str, Any], label: str | None) -> Any:
+    """The class of a conditional model that ``label`` names: one of its labels as written
+    (``3``), or the name of an image folder's class folder; refused in a sentence otherwise, or
+    for a model that is not conditional."""
+    classes = getattr(estimator, "classes_", None)
+    if not estimator.model_.condition_dim:
+        raise RunError(
+            "--label picks a class of a conditional model, and this model is not conditional "
+            "(train with --conditional)"
+        )
+    if classes is None:
+        raise RunError(
+            "this conditional model was trained on condition vectors, which --label cannot "
+            "give; use the library (vaelab.load(DIR).sample(n, y=...))"
+        )
+    shown = ", ".join(str(c) for c in classes)
+    if label is None:
+        raise RunError(
+            f"this model is conditional: choose the class to draw with --label ({shown})"
+        )
+    for value in classes:
+        if str(value) == label.strip():
+            return value
+    names = ((document.get("data") or {}).get("classes")) or []
+    if label in names and names.index(label) in classes:  # an image folder's class folder
+        return names.index(label)
+    raise RunError(f"--label {label} is not one of this model's classes ({shown})")
 
 
 def reconstruct(
@@ -595,7 +689,8 @@ def reconstruct(
     if len(examples) == 0:
         raise RunError(f"{examples.description} holds no examples to reconstruct")
     x = load_examples(examples)
-    r = estimator.reconstruct(x.numpy()).astype(np.float32)
+    y = _labels(estimator, examples, slice(0, len(examples)))
+    r = estimator.reconstruct(x.numpy(), y).astype(np.float32)
     if target.suffix.lower() == ".npy":
         _save_npy(target, np.stack([x.numpy(), r]))
         return target, examples
@@ -627,7 +722,10 @@ def encode(
     target = _output(out, (".npy",))
     estimator, document = open_model(folder, device)
     examples = model_data(estimator, document, data, data_dir, split)
-    parts = [estimator.transform(x) for x in examples.chunks()]
+    parts = [
+        estimator.transform(x, _labels(estimator, examples, slice(i * CHUNK, i * CHUNK + len(x))))
+        for i, x in enumerate(examples.chunks())
+    ]
     z = np.concatenate(parts) if parts else np.zeros((0, estimator.model_.latent_dim), np.float32)
     _save_npy(target, z.astype(np.float32))
     return target, examples
@@ -681,14 +779,28 @@ def gap(
     estimator, examples = opened
     model = estimator.model_
     with torch.no_grad():
-        first = torch.from_numpy(examples.read(0, 2))
-        families = families_containing(model.posterior(first))
+        # On the model's device: the encoder runs here outside the estimators that move data.
+        first = torch.from_numpy(examples.read(0, 2)).to(estimator.device_)
+        condition = _conditions(estimator, examples, slice(0, 2))
+        if condition is not None:
+            condition = condition.to(estimator.device_)
+        given = given_rows(model, condition, slice(None))
+        families = families_containing(given.posterior(first))
     count = len(examples)
     groups = [slice(lo, min(lo + GAP_GROUP, count)) for lo in range(0, count, GAP_GROUP)]
     mine = groups[world.share(len(groups))]
     shown = progress and world.main  # one worker's bars stand for all
     found = [
-        _group_gaps(estimator, examples.read(g.start, g.stop), families, k, steps, use_ais, shown)
+        _group_gaps(
+            estimator,
+            examples.read(g.start, g.stop),
+            _conditions(estimator, examples, g),
+            families,
+            k,
+            steps,
+            use_ais,
+            shown,
+        )
         for g in mine
     ]
     gathered = world.gather(found)
@@ -722,13 +834,15 @@ _GAP_FIELDS = (
 def _group_gaps(
     estimator: VAE,
     x: np.ndarray,
+    condition: torch.Tensor | None,
     families: tuple[str, ...],
     k: int,
     steps: int,
     use_ais: bool,
     progress: bool,
 ) -> dict[str, dict[str, Any]]:
-    """The inference gaps of one group of examples ``x`` for each family, as plain arrays."""
+    """The inference gaps of one group of examples ``x`` (given their ``condition`` for a
+    conditional model) for each family, as plain arrays."""
     from vaelab.gap import inference_gap
 
     model, examples = estimator.model_, torch.from_numpy(x)
@@ -736,12 +850,12 @@ def _group_gaps(
     if use_ais:
         from vaelab.ais import ais
 
-        log_px = ais(model, examples, seed=EVAL_SEED, progress=progress)
+        log_px = ais(model, examples, seed=EVAL_SEED, progress=progress, condition=condition)
     found: dict[str, dict[str, Any]] = {}
     for family in reversed(families):  # the richest first: its q* is the proposal for log p(x)
         estimate = inference_gap(
             model, examples, family, log_px=log_px, k=k, steps=steps, seed=EVAL_SEED,
-            progress=progress,
+            progress=progress, condition=condition,
         )  # fmt: skip
         log_px = estimate.log_px_estimate
         found[family] = {name: getattr(estimate, name).numpy() for name in _GAP_FIELDS}

@@ -94,6 +94,16 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if f.name == "data_dir":
             default = f"${DATA_ENV}"
         help_text = f"{meta['help']} (default: {default})"
+        if meta["kind"] == "bool":  # a switch: given, the option is on
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_const",
+                const=True,
+                default=argparse.SUPPRESS,
+                help=meta["help"],
+            )
+            continue
         metavar = METAVARS[meta["kind"].rstrip("?")] if f.name != "data_dir" else "DIR"
         if meta["choices"]:
             metavar = "{" + ",".join(meta["choices"]) + "}"
@@ -341,13 +351,21 @@ def build_parser() -> Parser:
         "sample",
         parents=[common, reading],
         help="draw samples from a saved model",
-        description="Decoder means at z ~ p(z): a PNG grid (image data) or an [n, ...] .npy array.",
+        description=(
+            "Decoder means at z ~ p(z): a PNG grid (image data) or an [n, ...] .npy array. A "
+            "conditional model draws z ~ p(z|y) and decodes given y, the class --label."
+        ),
     )
     sample.add_argument(
         "-n", type=int, default=64, metavar="N", help="how many samples (default: 64)"
     )
     sample.add_argument("--out", "-o", required=True, metavar="FILE", help="output .png or .npy")
     sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    sample.add_argument(
+        "--label", metavar="CLASS",
+        help="the class to draw, for a conditional model (a label of its data, or a class "
+        "folder's name)",
+    )  # fmt: skip
     sample.set_defaults(handler=cmd_sample)
 
     reconstruct = commands.add_parser(
@@ -587,8 +605,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    path = apply.sample(args.model, args.n, args.out, seed=args.seed, device=args.device)
-    print(f"wrote {args.n} samples to {path}")
+    path = apply.sample(
+        args.model, args.n, args.out, seed=args.seed, device=args.device, label=args.label
+    )
+    of = "" if args.label is None else f" of class {args.label}"
+    print(f"wrote {args.n} samples{of} to {path}")
     return 0
 
 

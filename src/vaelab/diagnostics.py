@@ -23,6 +23,10 @@
   Carlo noise: it is the mutual information between z and the *index* of a uniformly chosen
   example, which cannot exceed log N. I(x; z) is therefore under-estimated when it approaches
   log N: use N well above e^I.
+
+A conditional model is given each example's condition y (``condition=``, ``[n, c]`` aligned with
+x): the posteriors are q(z|x, y), the KL is against p(z|y), and the mutual information is that
+between z and the pair (x, y).
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import torch
 from torch.distributions import Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
-from vaelab.loglik import prepare_data, standard_error
+from vaelab.conditioning import given_rows
+from vaelab.loglik import prepare_condition, prepare_data, standard_error
 from vaelab.model import VAEModel
 from vaelab.noise import ExampleNoise, fresh_seed, has_noise_form, posterior_mean
 from vaelab.objectives import elbo, kl_per_dimension, kl_term
@@ -66,36 +71,37 @@ def activity(
     *,
     batch_size: int = 1000,
     seed: int | None = None,
+    condition: Any = None,
 ) -> torch.Tensor:
     """A_u = Var_x(E_q[z_u | x]) for every latent unit, float64 ``[latent]`` (Burda et al. 2016).
 
     The variance over the examples of ``x`` uses the n − 1 denominator."""
     x = prepare_data(model, x)
+    condition = prepare_condition(model, condition, x.shape[0])
     if x.shape[0] < 2:
         raise ValueError("activity is a variance over examples and needs at least two")
-    means = torch.cat(
-        [
-            posterior_mean(
-                model.posterior(x[i : i + batch_size]), x[i : i + batch_size], seed
-            ).double()
-            for i in range(0, x.shape[0], batch_size)
-        ]
-    )
-    return means.var(0).cpu()
+    means = []
+    for i in range(0, x.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        q = given_rows(model, condition, rows).posterior(x[rows])
+        means.append(posterior_mean(q, x[rows], seed).double())
+    return torch.cat(means).var(0).cpu()
 
 
 @torch.no_grad()
 def mean_kl_per_dimension(
-    model: VAEModel, x: Any, *, batch_size: int = 1000
+    model: VAEModel, x: Any, *, batch_size: int = 1000, condition: Any = None
 ) -> torch.Tensor | None:
     """E_x[KL(q(z_u|x) ‖ p(z_u))] per latent unit, float64 ``[latent]``, exact; ``None`` when the
     posterior or the prior does not factorise over dimensions (full covariance, mixtures), where
     per-dimension KLs do not add up to the KL."""
     x = prepare_data(model, x)
-    prior = model.prior()
+    condition = prepare_condition(model, condition, x.shape[0])
     total = None
     for i in range(0, x.shape[0], batch_size):
-        per_dim = kl_per_dimension(model.posterior(x[i : i + batch_size]), prior)
+        rows = slice(i, i + batch_size)
+        given = given_rows(model, condition, rows)
+        per_dim = kl_per_dimension(given.posterior(x[rows]), given.prior())
         if per_dim is None:
             return None
         part = per_dim.double().sum(0)
@@ -121,6 +127,7 @@ def rate_distortion(
     samples: int = 16,
     batch_size: int = 1000,
     seed: int | None = None,
+    condition: Any = None,
 ) -> RateDistortion:
     """Rate and distortion of each example (Alemi et al. 2018): the ELBO's two terms, with
     ``samples`` draws for the distortion (from each example's own stream, keyed by ``seed``)
@@ -128,20 +135,22 @@ def rate_distortion(
     if samples < 1:
         raise ValueError(f"samples must be a positive number, got {samples}")
     x = prepare_data(model, x)
+    condition = prepare_condition(model, condition, x.shape[0])
     rates, distortions = [], []
     for i in range(0, x.shape[0], batch_size):
-        batch = x[i : i + batch_size]
-        q = model.posterior(batch)
+        rows = slice(i, i + batch_size)
+        batch, given = x[rows], given_rows(model, condition, rows)
+        q = given.posterior(batch)
         noise = None
         if has_noise_form(q):
             noise = ExampleNoise(batch, seed).normal(samples, q.event_shape, like=batch)
         terms = elbo(
-            batch, model.posterior, model.prior, model.likelihood, samples=samples, noise=noise
+            batch, given.posterior, given.prior, given.likelihood, samples=samples, noise=noise
         )
         rates.append(terms.kl.double().cpu())
         distortions.append(-terms.reconstruction.double().cpu())
     # Whether the ELBO used a closed form: ask the one place that decides (it ignores z then).
-    _, exact = kl_term(q, model.prior(), q.sample((1,)))
+    _, exact = kl_term(q, given.prior(), q.sample((1,)))
     return RateDistortion(torch.cat(rates), torch.cat(distortions), exact)
 
 
@@ -188,6 +197,7 @@ def mutual_information(
     samples: int = 10,
     seed: int | None = None,
     progress: bool = False,
+    condition: Any = None,
 ) -> MutualInformation:
     """I(x; z) under the aggregate posterior of the N examples ``x`` (see the module docstring):
     mean over n and ``samples`` draws z ~ q(z|x_n) of log q(z|x_n) − log (1/N) Σ_m q(z|x_m).
@@ -200,7 +210,8 @@ def mutual_information(
         raise ValueError(f"samples must be a positive number, got {samples}")
     x = prepare_data(model, x)
     n = x.shape[0]
-    q = model.posterior(x)  # batch_shape [N]
+    condition = prepare_condition(model, condition, n)
+    q = given_rows(model, condition, slice(None)).posterior(x)  # batch_shape [N]
     z = ExampleNoise(x, seed).sample(q, samples)  # [S, N, latent]
     flat = z.reshape(-1, *q.event_shape)  # [S·N, latent]; code i belongs to example i mod N
     latent = max(1, math.prod(q.event_shape))
@@ -306,6 +317,7 @@ def collapse_diagnostics(
     mi_samples: int = 10,
     seed: int | None = None,
     progress: bool = False,
+    condition: Any = None,
 ) -> CollapseDiagnostics:
     """All diagnostics on ``x``: activity (active units above ``threshold``), mean KL per
     dimension, rate and distortion (``samples`` draws per example) and the mutual information on
@@ -318,13 +330,14 @@ def collapse_diagnostics(
     milliseconds; it is then left out (``None``, with ``mutual_information_note`` saying why)
     unless ``mi_examples`` is set explicitly to a number of examples."""
     x = prepare_data(model, x)
+    condition = prepare_condition(model, condition, x.shape[0])
     if mi_examples is not None and mi_examples < 2:
         raise ValueError(f"mi_examples must be at least 2, got {mi_examples}")
-    terms = rate_distortion(model, x, samples=samples, seed=seed)
+    terms = rate_distortion(model, x, samples=samples, seed=seed, condition=condition)
     n = x.shape[0]
     information, note = None, None
     with torch.no_grad():
-        q = model.posterior(x[:1])
+        q = given_rows(model, condition, slice(0, 1)).posterior(x[:1])
     if mi_examples is None and not getattr(q, "cheap_log_prob_anywhere", True):
         note = (
             f"not computed: a {type(q).__name__}'s density at another example's code needs a "
@@ -333,17 +346,24 @@ def collapse_diagnostics(
         )
     else:
         size = mi_examples or MI_EXAMPLES
-        subset = x
+        subset, subset_condition = x, condition
         if n > size:
             chooser = torch.Generator().manual_seed(seed if seed is not None else fresh_seed())
-            subset = x[torch.randperm(n, generator=chooser)[:size].to(x.device)]
+            chosen = torch.randperm(n, generator=chooser)[:size].to(x.device)
+            subset = x[chosen]
+            subset_condition = None if condition is None else condition[chosen]
         information = mutual_information(
-            model, subset, samples=mi_samples, seed=seed, progress=progress
+            model,
+            subset,
+            samples=mi_samples,
+            seed=seed,
+            progress=progress,
+            condition=subset_condition,
         )
     return CollapseDiagnostics(
-        activity=activity(model, x, seed=seed),
+        activity=activity(model, x, seed=seed, condition=condition),
         threshold=threshold,
-        kl_per_dimension=mean_kl_per_dimension(model, x),
+        kl_per_dimension=mean_kl_per_dimension(model, x, condition=condition),
         rate=float(terms.rate.mean()),
         rate_standard_error=standard_error(terms.rate),
         distortion=float(terms.distortion.mean()),

@@ -3,6 +3,13 @@
 ``__init__`` stores hyper-parameters verbatim; ``fit`` validates, builds and trains; learned state ends
 in ``_``. ``score_samples`` gives each example's ELBO (a lower bound on log p(x), in nats) and
 ``score`` their mean, as ``PCA.score_samples`` gives a log-likelihood.
+
+With ``conditional=True`` it is a conditional VAE (Sohn, Lee & Yan 2015): ``fit(X, y)`` with class
+labels ``y [n]`` (one-hot internally, the classes kept in ``classes_`` as a classifier keeps them)
+or condition vectors ``y [n, c]``, and every method that reads examples or draws them takes their
+``y``. A model without conditioning refuses a ``y`` it would ignore, except where scikit-learn
+passes one to any estimator (``fit``, ``fit_transform``, ``score``), where an unsupervised
+estimator ignores it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
+from vaelab.conditioning import given_rows, one_hot
 from vaelab.data import DataError
 from vaelab.flows import DEFAULT_FLOW_STEPS
 from vaelab.likelihoods import DataMoments
@@ -108,6 +116,12 @@ class VAE(TransformerMixin, BaseEstimator):
     activation : hidden-layer non-linearity, e.g. ``"relu"`` or ``"tanh"``.
     samples : Monte Carlo samples per example in each training step.
     verbose : print one line per epoch.
+    conditional : a conditional VAE, q(z|x, y) and p(x|z, y) with p(z) or, with
+        ``prior="conditional"``, a learned p(z|y) (Sohn, Lee & Yan 2015): ``fit(X, y)`` takes
+        class labels ``[n]`` (integers or strings, one-hot internally; ``classes_``) or
+        condition vectors ``[n, c]`` (floats), and ``sample(n, y=...)``, ``transform``,
+        ``reconstruct``, ``elbo``, ``score_samples``, ``log_likelihood`` and ``refine`` take the
+        examples' ``y``. One stochastic layer, no VampPrior, arrays only (no ``DataLoader``).
     """
 
     def __init__(
@@ -131,6 +145,7 @@ class VAE(TransformerMixin, BaseEstimator):
         objective: str = "elbo",
         k: int = 1,
         gradient: str = "standard",
+        conditional: bool = False,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -151,10 +166,12 @@ class VAE(TransformerMixin, BaseEstimator):
         self.objective = objective
         self.k = k
         self.gradient = gradient
+        self.conditional = conditional
 
     # ----------------------------------------------------------------------------- configuration
-    def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
-        """The architecture these hyper-parameters describe, for data of ``data_shape``."""
+    def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
+        """The architecture these hyper-parameters describe, for data of ``data_shape`` (and
+        conditions of ``condition_dim`` numbers, for a conditional model)."""
         latent = self.latent_dim
         return ModelConfig(
             data_shape=tuple(int(s) for s in data_shape),
@@ -166,6 +183,7 @@ class VAE(TransformerMixin, BaseEstimator):
             network=self.network,
             activation=self.activation,
             flow_steps=self.flow_steps,
+            condition_dim=condition_dim,
         )
 
     def train_config(self) -> TrainConfig:
@@ -233,13 +251,95 @@ class VAE(TransformerMixin, BaseEstimator):
         self.model_.likelihood.check_support(x)
         return x
 
+    # ------------------------------------------------------------------------------ conditions
+    def _learn_conditions(self, y: Any, n: int) -> np.ndarray:
+        """The conditions of ``n`` training examples, float32 ``[n, c]``, from their ``y``: class
+        labels ``[n]`` become one-hot over their classes (kept in ``classes_``), condition
+        vectors ``[n, c]`` are taken as they are."""
+        if y is None:
+            raise ValueError(
+                "conditional=True needs y, the examples' conditions: fit(X, y) with class labels "
+                "[n] or condition vectors [n, c]"
+            )
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        found = np.asarray(y)
+        if found.ndim not in (1, 2) or found.shape[0] != n:
+            raise ValueError(
+                f"y must hold one label per example, [{n}], or one condition vector per example, "
+                f"[{n}, c]; got shape {found.shape}"
+            )
+        if found.ndim == 1:
+            _check_labels(found)
+            self.classes_ = np.unique(found)
+            return one_hot(found, self.classes_)
+        if hasattr(self, "classes_"):
+            del self.classes_  # a refit on vectors: the labels of a previous fit no longer apply
+        return _condition_vectors(found, found.shape[1])
+
+    def conditions(self, y: Any, n: int | None = None) -> np.ndarray:
+        """The conditions the networks read for ``y``, float32 ``[m, c]``: one-hot rows over
+        ``classes_`` for class labels ``[m]``, or condition vectors ``[m, c]`` as they are.
+        With ``n``, a single label (or vector) stands for n examples, and m must be n."""
+        check_is_fitted(self, "model_")
+        size = self.model_.condition_dim
+        if size == 0:
+            raise ValueError(
+                "this VAE is not conditional; fit one with conditional=True to condition on y"
+            )
+        if isinstance(y, torch.Tensor):
+            y = y.detach().cpu().numpy()
+        found = np.asarray(y)
+        labels = hasattr(self, "classes_")
+        rows = 1 if labels else 2  # the dimensions of y for several examples
+        if n is not None and found.ndim == rows - 1:
+            found = np.broadcast_to(found, (n,) if labels else (n, size))
+        if found.ndim != rows or (n is not None and found.shape[0] != n):
+            what = "class labels [n]" if labels else f"condition vectors [n, {size}]"
+            count = "" if n is None else f" with n = {n} (or one for all)"
+            raise ValueError(f"y must be {what}{count} for this VAE, got shape {found.shape}")
+        return one_hot(found, self.classes_) if labels else _condition_vectors(found, size)
+
+    def _condition(
+        self, y: Any, n: int, *, ignored: bool = False, shared: bool = False
+    ) -> torch.Tensor | None:
+        """The conditions of ``n`` examples as a tensor ``[n, c]`` (None for a VAE without
+        conditioning); with ``shared``, one label or vector may stand for all of them. A
+        conditional VAE needs ``y``; one without refuses a ``y`` it would silently ignore, unless
+        ``ignored`` (scikit-learn passes a y to ``score`` of any estimator)."""
+        check_is_fitted(self, "model_")
+        if self.model_.condition_dim == 0:
+            if y is not None and not ignored:
+                raise ValueError(
+                    "this VAE is not conditional, so it would ignore y; leave y out, or fit a "
+                    "conditional VAE (conditional=True) to condition on it"
+                )
+            return None
+        if y is None:
+            what = "class labels" if hasattr(self, "classes_") else "condition vectors"
+            raise ValueError(f"this VAE is conditional: pass y, the examples' {what}")
+        found = self.conditions(y, n if shared else None)
+        if found.shape[0] != n:
+            raise ValueError(
+                f"y holds the conditions of {found.shape[0]} examples for {n} examples; give "
+                "one per example"
+            )
+        return torch.from_numpy(found)
+
     # ---------------------------------------------------------------------------------- fitting
     def fit(self, X: Any, y: Any = None) -> VAE:
         """Train on ``X``: an array or tensor ``[n, *data_shape]``, a torch ``Dataset`` or a
-        ``DataLoader`` (for data that does not fit in memory). ``y`` is ignored."""
+        ``DataLoader`` (for data that does not fit in memory). ``y`` is ignored, except by a
+        conditional VAE (``conditional=True``), which trains on arrays ``X`` with their class
+        labels ``y [n]`` or condition vectors ``y [n, c]``."""
         device = resolve_device(self.device)
         train_config = self.train_config()
         train_config.validate()
+        if self.conditional and isinstance(X, (Dataset, DataLoader)):
+            raise ValueError(
+                "conditional=True trains on arrays X with their y; a Dataset or DataLoader "
+                "is not supported for a conditional VAE"
+            )
         with seeded(self.seed, device):
             # One seed for the data order and the training noise (vaelab.streams), drawn before
             # the initialisation, as `vaelab train` draws it.
@@ -253,11 +353,15 @@ class VAE(TransformerMixin, BaseEstimator):
                 self.n_features_in_ = int(config.data_shape[0])  # as for arrays: X.shape[1]
             else:
                 x = torch.from_numpy(self._validate(X, reset=True))
-                config = self.model_config(tuple(x.shape[1:]))
+                conditions = None
+                if self.conditional:
+                    conditions = torch.from_numpy(self._learn_conditions(y, x.shape[0]))
+                size = 0 if conditions is None else conditions.shape[1]
+                config = self.model_config(tuple(x.shape[1:]), size)
                 model = build_model(config).to(device)
                 model.likelihood.check_support(x)
                 model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
-                batches = IndexedBatches(x, self.batch_size, streams_seed)
+                batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
             trainer = Trainer(model, train_config, device, on_epoch=self._report, seed=streams_seed)
             history = trainer.fit(batches)
         self.model_: VAEModel = model
@@ -304,73 +408,99 @@ class VAE(TransformerMixin, BaseEstimator):
             )
 
     # ------------------------------------------------------------------------------- inference
-    def _chunks(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+    def _chunks(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> Iterator[tuple[torch.Tensor, VAEModel]]:
+        """``x`` in chunks on the model's device, each with the model given its conditions."""
+        if condition is not None:
+            condition = condition.to(self.device_)
         for start in range(0, x.shape[0], EVAL_BATCH):
-            yield x[start : start + EVAL_BATCH].to(self.device_)
+            rows = slice(start, start + EVAL_BATCH)
+            yield x[rows].to(self.device_), given_rows(self.model_, condition, rows)
 
     @torch.no_grad()
-    def transform(self, X: Any) -> np.ndarray:
-        """Posterior means E_q[z|x], ``[n, latent]`` (for a flow or several stochastic layers,
-        whose mean has no closed form, a Monte Carlo average from each example's own draws:
-        ``vaelab.noise.posterior_mean``)."""
+    def transform(self, X: Any, y: Any = None) -> np.ndarray:
+        """Posterior means E_q[z|x] (E_q[z|x, y] of a conditional VAE), ``[n, latent]`` (for a
+        flow or several stochastic layers, whose mean has no closed form, a Monte Carlo average
+        from each example's own draws: ``vaelab.noise.posterior_mean``)."""
         x = torch.from_numpy(self._validate_fitted(X))
-        means = [posterior_mean(self.model_.encode(c), c, EVAL_SEED) for c in self._chunks(x)]
+        condition = self._condition(y, x.shape[0])
+        means = [
+            posterior_mean(model.encode(chunk), chunk, EVAL_SEED)
+            for chunk, model in self._chunks(x, condition)
+        ]
         return torch.cat([m.cpu() for m in means]).numpy()
+
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> np.ndarray:
+        """``fit(X, y)``, then ``transform(X)`` (``transform(X, y)`` for a conditional VAE)."""
+        return self.fit(X, y, **fit_params).transform(X, y if self.conditional else None)
 
     def _validate_fitted(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "model_")
         return self._validate(X, reset=False)
 
     @torch.no_grad()
-    def inverse_transform(self, X: Any) -> np.ndarray:
-        """Decoder means E[x|z] for latent codes ``[n, latent]`` → ``[n, *data_shape]`` (with
-        several stochastic layers, codes of all of them, of which the decoder reads z₁)."""
+    def inverse_transform(self, X: Any, y: Any = None) -> np.ndarray:
+        """Decoder means E[x|z] (E[x|z, y] of a conditional VAE) for latent codes ``[n, latent]``
+        → ``[n, *data_shape]`` (with several stochastic layers, codes of all of them, of which
+        the decoder reads z₁)."""
         check_is_fitted(self, "model_")
         z = torch.as_tensor(check_array(X, dtype=np.float32))
         if z.shape[1] != self.model_.latent_dim:
             raise ValueError(
                 f"expected latent codes with {self.model_.latent_dim} columns, got {z.shape[1]}"
             )
-        return torch.cat([self.model_.likelihood.mean(c).cpu() for c in self._chunks(z)]).numpy()
+        condition = self._condition(y, z.shape[0])
+        means = [model.likelihood.mean(chunk).cpu() for chunk, model in self._chunks(z, condition)]
+        return torch.cat(means).numpy()
 
     @torch.no_grad()
-    def sample(self, n: int = 1, *, mean: bool = True, seed: int | None = None) -> np.ndarray:
+    def sample(
+        self, n: int = 1, *, y: Any = None, mean: bool = True, seed: int | None = None
+    ) -> np.ndarray:
         """``n`` examples from the model, ``[n, *data_shape]``: z ~ p(z), then E[x|z] when ``mean``
-        (what figures show), else x ~ p(x|z)."""
-        check_is_fitted(self, "model_")
+        (what figures show), else x ~ p(x|z). A conditional VAE needs ``y``: one label (or one
+        condition vector) for all n examples, or one per example, ``[n]`` (``[n, c]``); then
+        z ~ p(z|y) and x from p(x|z, y)."""
+        condition = self._condition(y, n, shared=True)
+        model = self.model_ if condition is None else self.model_.given(condition.to(self.device_))
         with seeded(seed, self.device_):
-            z = self.model_.sample_latent(n)
-            p = self.model_.decode(z)
+            z = model.sample_latent(n)
+            p = model.decode(z)
             x = p.mean if mean else p.sample()
         return x.cpu().numpy()
 
     @torch.no_grad()
-    def reconstruct(self, X: Any) -> np.ndarray:
-        """E[x | z = E_q[z|x]]: the decoder mean at the posterior mean, ``[n, *data_shape]``."""
-        return self.inverse_transform(self.transform(X)).reshape(np.shape(X))
+    def reconstruct(self, X: Any, y: Any = None) -> np.ndarray:
+        """E[x | z = E_q[z|x]]: the decoder mean at the posterior mean, ``[n, *data_shape]``
+        (given the examples' ``y`` for a conditional VAE)."""
+        return self.inverse_transform(self.transform(X, y), y).reshape(np.shape(X))
 
     @torch.no_grad()
-    def elbo_terms(self, X: Any, samples: int = 16) -> ElboTerms:
+    def elbo_terms(self, X: Any, y: Any = None, samples: int = 16) -> ElboTerms:
         """Each example's ELBO with its reconstruction and KL terms: float64 CPU tensors ``[n]`` in
         nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
         x = self._tensor(X)
+        condition = self._condition(y, x.shape[0])
         parts = []
-        for chunk in self._chunks(x):
+        for chunk, model in self._chunks(x, condition):
             noise = ExampleNoise(chunk, EVAL_SEED).normal(
                 samples, (self.model_.latent_dim,), like=chunk
             )
-            parts.append(self.model_.elbo(chunk, samples=samples, noise=noise))
+            parts.append(model.elbo(chunk, samples=samples, noise=noise))
         return ElboTerms(*(torch.cat([p[i].cpu() for p in parts]).double() for i in range(4)))
 
-    def elbo(self, X: Any, samples: int = 16) -> np.ndarray:
+    def elbo(self, X: Any, y: Any = None, samples: int = 16) -> np.ndarray:
         """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and
         ``samples`` Monte Carlo draws for the reconstruction term. The draws are seeded by the
-        example's own values, so its estimate does not depend on the others passed with it."""
-        return self.elbo_terms(X, samples).elbo.numpy()
+        example's own values, so its estimate does not depend on the others passed with it. A
+        conditional VAE's is the bound on log p(x|y), given the examples' ``y``."""
+        return self.elbo_terms(X, y, samples).elbo.numpy()
 
     def log_likelihood(
         self,
         X: Any,
+        y: Any = None,
         k: int = 5000,
         batch_size: int = 100,
         *,
@@ -390,30 +520,43 @@ class VAE(TransformerMixin, BaseEstimator):
         ``refine_steps`` steps, in the full-covariance family for a Gaussian encoder, which
         contains the diagonal one: a too-narrow diagonal proposal makes the weights' variance
         infinite) instead of the encoder's q(z|x): a better proposal, so a tighter estimate for
-        the same k, the encoder's amortisation gap no longer in the way."""
+        the same k, the encoder's amortisation gap no longer in the way. A conditional VAE's
+        estimate is of log p(x|y), given the examples' ``y``."""
         from vaelab.loglik import log_likelihood, log_likelihood_with_proposal
 
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         x = self._tensor(X)
+        condition = self._condition(y, x.shape[0])
         if proposal == "amortised":
             with torch.no_grad():
-                found = log_likelihood(self.model_, x, k, batch_size=batch_size, seed=EVAL_SEED)
+                found = log_likelihood(
+                    self.model_,
+                    x,
+                    k,
+                    batch_size=batch_size,
+                    seed=EVAL_SEED,
+                    condition=None if condition is None else condition.to(self.device_),
+                )
             return found.log_px.double().numpy()
         parts = []
-        with torch.no_grad():
-            prior = self.model_.prior()
-        for chunk in self._chunks(x):
-            local = self._refined(chunk, refine_steps, proposal_family=True)
+        for chunk, model in self._chunks(x, condition):
+            local = self._refined(model, chunk, refine_steps, proposal_family=True)
             with torch.no_grad():
                 found = log_likelihood_with_proposal(
-                    chunk, local.distribution(), prior, self.model_.likelihood, k, seed=EVAL_SEED
+                    chunk, local.distribution(), model.prior(), model.likelihood, k, seed=EVAL_SEED
                 )
             parts.append(found.log_px.double())
         return torch.cat(parts).numpy()
 
     def refine(
-        self, X: Any, steps: int = 2000, *, samples: int = 1000, lr: float = 1e-2
+        self,
+        X: Any,
+        y: Any = None,
+        steps: int = 2000,
+        *,
+        samples: int = 1000,
+        lr: float = 1e-2,
     ) -> RefinedPosteriors:
         """Non-amortised variational inference, the derivation's first step: for each example on
         its own, q*(z) = argmax ELBO(q) = argmin KL(q ‖ p(z|x)) over the model's posterior family,
@@ -421,19 +564,19 @@ class VAE(TransformerMixin, BaseEstimator):
         steps; ``vaelab.gap.fit_local_posteriors``). Returns each example's ELBO under q*
         (``samples`` draws, exact KL where one exists) with its Monte Carlo standard error, and
         the codes E_q*[z]: always at least the amortised ELBO up to noise, and the difference is
-        the example's amortisation gap (Cremer, Li & Duvenaud 2018)."""
+        the example's amortisation gap (Cremer, Li & Duvenaud 2018). A conditional VAE's q*
+        approximates p(z|x, y), given the examples' ``y``."""
         from vaelab.gap import estimate_elbo
 
         x = self._tensor(X)
-        with torch.no_grad():
-            prior = self.model_.prior()
+        condition = self._condition(y, x.shape[0])
         elbos, errors, codes = [], [], []
-        for chunk in self._chunks(x):
-            local = self._refined(chunk, steps, lr=lr)
+        for chunk, model in self._chunks(x, condition):
+            local = self._refined(model, chunk, steps, lr=lr)
             with torch.no_grad():
                 q = local.distribution()
                 (found,) = estimate_elbo(
-                    chunk, [q], prior, self.model_.likelihood, samples, seed=EVAL_SEED
+                    chunk, [q], model.prior(), model.likelihood, samples, seed=EVAL_SEED
                 )
             elbos.append(found.elbo.double())
             errors.append(found.mc_standard_error.double())
@@ -445,24 +588,35 @@ class VAE(TransformerMixin, BaseEstimator):
         )
 
     def _refined(
-        self, x: torch.Tensor, steps: int, *, lr: float = 1e-2, proposal_family: bool = False
+        self,
+        model: VAEModel,
+        x: torch.Tensor,
+        steps: int,
+        *,
+        lr: float = 1e-2,
+        proposal_family: bool = False,
     ) -> Any:
-        """Each example's q* for ``x`` (one chunk): in the model's family, or, as a proposal for
-        importance sampling, in the richest family that contains it."""
+        """Each example's q* for ``x`` (one chunk, ``model`` given its conditions): in the
+        model's family, or, as a proposal for importance sampling, in the richest family that
+        contains it."""
         from vaelab.gap import families_containing, fit_local_posteriors
 
         with torch.no_grad():
-            families = families_containing(self.model_.posterior(x[:1]))
+            families = families_containing(model.posterior(x))
         family = families[-1] if proposal_family else families[0]
-        return fit_local_posteriors(self.model_, x, family, steps=steps, lr=lr, seed=EVAL_SEED)
+        return fit_local_posteriors(model, x, family, steps=steps, lr=lr, seed=EVAL_SEED)
 
-    def score_samples(self, X: Any) -> np.ndarray:
-        """Per-example ELBO, a lower bound on log p(x) in nats."""
-        return self.elbo(X)
+    def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
+        """Per-example ELBO, a lower bound on log p(x) (log p(x|y) of a conditional VAE, given
+        the examples' ``y``) in nats."""
+        return self.elbo(X, y)
 
     def score(self, X: Any, y: Any = None) -> float:
-        """Mean ELBO over ``X`` in nats per example."""
-        return float(np.mean(self.score_samples(X)))
+        """Mean ELBO over ``X`` in nats per example. ``y`` is the examples' conditions for a
+        conditional VAE, and ignored otherwise (scikit-learn passes it to every estimator)."""
+        check_is_fitted(self, "model_")
+        condition = y if self.model_.condition_dim else None
+        return float(np.mean(self.score_samples(X, condition)))
 
     # ---------------------------------------------------------------------------------- saving
     def save(self, path: str | os.PathLike[str]) -> None:
@@ -475,7 +629,35 @@ class VAE(TransformerMixin, BaseEstimator):
     def __sklearn_tags__(self) -> Any:
         tags = super().__sklearn_tags__()
         tags.non_deterministic = self.seed is None
+        tags.target_tags.required = bool(self.conditional)
         # The networks compute in float32, whatever the input's precision.
         if tags.transformer_tags is not None:
             tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+def _check_labels(labels: np.ndarray) -> None:
+    """Refuse a column of labels that are not class labels: real numbers other than integers
+    (a condition vector of one number is ``[n, 1]``), or NaN."""
+    if labels.dtype.kind == "f":
+        if not bool(np.isfinite(labels).all()):
+            raise ValueError("y holds NaN or infinite labels; give every example its class")
+        if not bool((labels == np.round(labels)).all()):
+            raise ValueError(
+                "y holds real numbers in one column; give class labels (integers or strings) as "
+                "[n], or real conditions as vectors [n, c] (one number each as [n, 1])"
+            )
+    elif labels.dtype.kind not in "iubUSO":
+        raise ValueError(f"y holds {labels.dtype} values, which are not class labels")
+
+
+def _condition_vectors(y: np.ndarray, size: int) -> np.ndarray:
+    """Condition vectors ``[n, size]`` as float32, finite."""
+    if y.ndim != 2 or y.shape[1] != size:
+        raise ValueError(f"y must be condition vectors [n, {size}], got shape {y.shape}")
+    if y.dtype.kind not in "iufb":
+        raise ValueError(f"condition vectors must be numbers, got {y.dtype} values")
+    vectors = y.astype(np.float32)
+    if not bool(np.isfinite(vectors).all()):
+        raise ValueError("y holds NaN or infinite values; give finite condition vectors")
+    return vectors

@@ -2,7 +2,8 @@
 
 Each function takes a fitted ``vaelab.VAE`` and returns plain numpy arrays (images in [0, 1] as
 ``[n, C, H, W]``, points as ``[n, 2]``), so the same figures serve the HTML report, the command line
-and a notebook.
+and a notebook. Of a conditional model (trained on class labels) they take the examples' labels
+``y``, and ``class_samples`` draws a row of samples per class.
 """
 
 from __future__ import annotations
@@ -32,20 +33,40 @@ def samples(estimator: VAE, n: int = 64, seed: int = 0) -> np.ndarray | None:
     return to_images(estimator, estimator.sample(n, seed=seed))
 
 
-def reconstructions(estimator: VAE, x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """(originals, reconstructions through the posterior mean), both as images."""
+def class_samples(
+    estimator: VAE, per_class: int = 8, seed: int = 0
+) -> tuple[np.ndarray, list[str]] | None:
+    """A conditional model's samples, a row per class: decoder means at z ~ p(z|y) given each
+    class y in turn, ``[classes, per_class, C, H, W]`` with the classes' names; ``None`` for
+    non-image data."""
+    rows = [estimator.sample(per_class, y=label, seed=seed) for label in estimator.classes_]
+    images = to_images(estimator, np.concatenate(rows))
+    if images is None:
+        return None
+    shaped = images.reshape(len(rows), per_class, *images.shape[1:])
+    return shaped, [str(label) for label in estimator.classes_]
+
+
+def reconstructions(
+    estimator: VAE, x: np.ndarray, y: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """(originals, reconstructions through the posterior mean), both as images; ``y`` the
+    examples' labels for a conditional model."""
     originals = to_images(estimator, x)
     if originals is None:
         return None
-    rebuilt = to_images(estimator, estimator.reconstruct(x))
+    rebuilt = to_images(estimator, estimator.reconstruct(x, y))
     assert rebuilt is not None
     return originals, rebuilt
 
 
-def latent_scatter(estimator: VAE, x: np.ndarray) -> tuple[np.ndarray, tuple[str, str]]:
+def latent_scatter(
+    estimator: VAE, x: np.ndarray, y: np.ndarray | None = None
+) -> tuple[np.ndarray, tuple[str, str]]:
     """Posterior means projected to two dimensions: the latent itself when it has two (or one,
-    padded with zeros), else its first two principal components. Returns (points, axis names)."""
-    z = estimator.transform(x).astype(np.float64)
+    padded with zeros), else its first two principal components. Returns (points, axis names).
+    ``y``: the examples' labels for a conditional model."""
+    z = estimator.transform(x, y).astype(np.float64)
     if z.shape[1] == 1:
         return np.column_stack([z[:, 0], np.zeros(len(z))]), ("z1", "")
     if z.shape[1] == 2:
@@ -58,8 +79,9 @@ def latent_scatter(estimator: VAE, x: np.ndarray) -> tuple[np.ndarray, tuple[str
 def latent_manifold(estimator: VAE, steps: int = 15) -> np.ndarray | None:
     """For a 2-D latent, decoder means on a grid of z, ``[steps, steps, C, H, W]``: the grid is
     evenly spaced in probability, z = Φ⁻¹(u) for u in (0, 1), as in Kingma & Welling (2014),
-    figure 4. ``None`` for other latent sizes or non-image data."""
-    if estimator.latent_dim != 2:
+    figure 4. ``None`` for other latent sizes, non-image data and conditional models (whose
+    decoder needs a class as well as z: a manifold per class)."""
+    if estimator.latent_dim != 2 or estimator.model_.condition_dim:
         return None
     u = np.linspace(0.5 / steps, 1 - 0.5 / steps, steps)
     values = norm.ppf(u)
@@ -69,17 +91,25 @@ def latent_manifold(estimator: VAE, steps: int = 15) -> np.ndarray | None:
 
 
 def interpolations(
-    estimator: VAE, x: np.ndarray, pairs: int = 6, steps: int = 10
+    estimator: VAE,
+    x: np.ndarray,
+    pairs: int = 6,
+    steps: int = 10,
+    y: np.ndarray | None = None,
 ) -> np.ndarray | None:
     """Straight lines in latent space between the posterior means of consecutive examples
-    (x[0]→x[1], x[2]→x[3], …), decoded: ``[pairs, steps, C, H, W]``."""
+    (x[0]→x[1], x[2]→x[3], …), decoded: ``[pairs, steps, C, H, W]``. A conditional model
+    (``y``, the examples' labels) encodes each example given its own label and decodes the whole
+    line given the first one's: z moves, the class stays."""
     if len(x) < 2:
         return None
     pairs = min(pairs, len(x) // 2)
-    z = torch.from_numpy(estimator.transform(x[: 2 * pairs]).astype(np.float32))
+    labels = None if y is None else np.asarray(y)[: 2 * pairs]
+    z = torch.from_numpy(estimator.transform(x[: 2 * pairs], labels).astype(np.float32))
     start, end = z[0::2], z[1::2]  # [pairs, latent]
     t = torch.linspace(0, 1, steps)[None, :, None]  # [1, steps, 1]
     path = (1 - t) * start[:, None, :] + t * end[:, None, :]  # [pairs, steps, latent]
-    decoded = estimator.inverse_transform(path.reshape(-1, path.shape[-1]).numpy())
+    along = None if labels is None else np.repeat(labels[0::2], steps)  # [pairs · steps]
+    decoded = estimator.inverse_transform(path.reshape(-1, path.shape[-1]).numpy(), along)
     images = to_images(estimator, decoded)
     return None if images is None else images.reshape(pairs, steps, *images.shape[1:])

@@ -41,6 +41,7 @@ from torch.distributions import Distribution, constraints
 from torch.nn import functional as F
 
 from vaelab.made import MADE, MadeWeights, context_term, made_apply
+from vaelab.networks import apply_network
 
 __all__ = [
     "DEFAULT_FLOW_STEPS",
@@ -522,9 +523,12 @@ class PlanarFlowPosterior(nn.Module):
         """Features the encoder must produce: ``2·D + K·(2·D + 1)``."""
         return 2 * latent_dim + flow_steps * (2 * latent_dim + 1)
 
-    def forward(self, x: torch.Tensor) -> PlanarFlowDistribution:
+    def forward(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> PlanarFlowDistribution:
+        """q(z|x), or q(z|x, y) for a ``condition`` y ``[batch, c]`` the encoder reads."""
         d, k = self.latent_dim, self.flow_steps
-        features = self.encoder(x)  # [batch, n_params]
+        features = apply_network(self.encoder, x, condition)  # [batch, n_params]
         mu, log_var, u, w, b = features.split([d, d, k * d, k * d, k], dim=-1)
         lead = features.shape[:-1]
         return PlanarFlowDistribution(
@@ -576,9 +580,12 @@ class IAFPosterior(nn.Module):
         """Features the encoder must produce: ``2·D + C`` (C = D by default; K does not count)."""
         return 2 * latent_dim + (latent_dim if context_dim is None else context_dim)
 
-    def forward(self, x: torch.Tensor) -> IAFDistribution:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> IAFDistribution:
+        """q(z|x), or q(z|x, y) for a ``condition`` y ``[batch, c]`` the encoder reads (the
+        context h then carries y into every step)."""
         d = self.latent_dim
-        mu, log_var, h = self.encoder(x).split([d, d, self.context_dim], dim=-1)
+        features = apply_network(self.encoder, x, condition)
+        mu, log_var, h = features.split([d, d, self.context_dim], dim=-1)
         return IAFDistribution(mu, log_var, h, [cast(MADE, made).weights() for made in self.made])
 
 

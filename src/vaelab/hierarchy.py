@@ -246,7 +246,8 @@ class HierarchicalPrior(nn.Module):
         self.conditionals = nn.ModuleList(conditionals)
         self.sizes = tuple(sizes)
 
-    def forward(self) -> LatentChain:
+    def forward(self, condition: torch.Tensor | None = None) -> LatentChain:
+        # A model with several stochastic layers is never conditional (vaelab.registry).
         top = self.top()
         chain = GaussianChain if is_location_scale(top) else LatentChain
         return chain(top, tuple(self.conditionals), self.sizes, reverse=True)

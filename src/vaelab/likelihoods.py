@@ -6,6 +6,10 @@ distribution off them. From ``z: [samples, batch, latent]`` it returns a distrib
 dimensions: nats per example, normalising constants included (a Gaussian's −½ log 2πσ², a continuous
 Bernoulli's log C(λ)); the likelihoods of 8-bit pixels are probabilities of the 256 levels.
 ``check_support(x)`` refuses data the distribution cannot have produced.
+
+A conditional model's likelihood p(x|z, y) takes the condition y ``[batch, c]`` as one more input of
+every method that reads z (``forward``, ``log_prob``, ``mean``, ``decoder_params``), handing it to
+the decoder body, which reads ``[z, y]`` (``vaelab.networks``).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from torch.distributions import (
     Normal,
     constraints,
 )
+
+from vaelab.networks import apply_network
 
 
 @dataclass
@@ -104,15 +110,18 @@ class Likelihood(nn.Module):
         self.data_shape = tuple(data_shape)
         self.register_buffer("offset", torch.zeros(self.data_shape))
 
-    def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decoder_params(
+        self, z: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Decoder outputs split per parameter, each ``[*lead, *data_shape]``."""
         lead = z.shape[:-1]
         if self.params_per_dim == 1:
             # One view at most: unbind's backward would stack the gradient into a fresh copy.
-            h = self.decoder(z)
+            h = apply_network(self.decoder, z, condition)
             shape = (*lead, *self.data_shape)
             return ((h if h.shape == shape else h.reshape(shape)) + self.offset,)
-        h = self.decoder(z).reshape(*lead, self.params_per_dim, *self.data_shape)
+        h = apply_network(self.decoder, z, condition)
+        h = h.reshape(*lead, self.params_per_dim, *self.data_shape)
         first, *rest = h.unbind(dim=len(lead))
         return (first + self.offset, *rest)
 
@@ -137,23 +146,25 @@ class Likelihood(nn.Module):
         """The per-dimension distribution built from the decoder parameters."""
         raise NotImplementedError
 
-    def forward(self, z: torch.Tensor) -> Distribution:
-        """p(x|z) with ``batch_shape z.shape[:-1]`` and ``event_shape data_shape``."""
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> Distribution:
+        """p(x|z) (p(x|z, y) given a ``condition``) with ``batch_shape z.shape[:-1]`` and
+        ``event_shape data_shape``."""
         # Not validated: check_support already vetted the data where it enters; validating here
         # would re-scan every batch at every step.
-        return Independent(
-            self.distribution(self.decoder_params(z)), len(self.data_shape), validate_args=False
-        )
+        params = self.decoder_params(z, condition)
+        return Independent(self.distribution(params), len(self.data_shape), validate_args=False)
 
-    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, z: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x|z) in nats, summed over data dimensions: ``x: [batch, *data_shape]`` and
         ``z: [*lead, batch, latent]`` → ``[*lead, batch]``. The one entry point of the bounds, so
         a likelihood may compute it without building a distribution object."""
-        return self(z).log_prob(x)
+        return self(z, condition).log_prob(x)
 
-    def mean(self, z: torch.Tensor) -> torch.Tensor:
+    def mean(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         """E[x|z], ``[*lead, *data_shape]``."""
-        return self(z).mean
+        return self(z, condition).mean
 
     def check_support(self, x: torch.Tensor) -> None:
         """Refuse data outside the support. Real-valued likelihoods accept any finite value."""
@@ -197,10 +208,12 @@ class BernoulliLikelihood(Likelihood):
         # validate_args=False lets grey values through; check_support guards the range.
         return Bernoulli(logits=params[0], validate_args=False)
 
-    def log_prob(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def log_prob(
+        self, x: torch.Tensor, z: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """log p(x|z) = Σᵢ [xᵢ log σ(lᵢ) + (1 − xᵢ) log σ(−lᵢ)] for logits l: the arithmetic of
         ``Bernoulli(logits=l).log_prob(x)``, without the distribution objects' per-call cost."""
-        (logits,) = self.decoder_params(z)  # [*lead, batch, *data_shape]
+        (logits,) = self.decoder_params(z, condition)  # [*lead, batch, *data_shape]
         cross_entropy = F.binary_cross_entropy_with_logits(
             logits, x.expand_as(logits), reduction="none"
         )
@@ -638,9 +651,11 @@ class DiscretizedLogisticLikelihood(PixelLikelihood):
 
     params_per_dim = 2
 
-    def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decoder_params(
+        self, z: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """(location, log-scale), each ``[*lead, *data_shape]`` in units of the pixel range."""
-        loc, log_scale = super().decoder_params(z)
+        loc, log_scale = super().decoder_params(z, condition)
         return loc, log_scale + self.log_scale_offset
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
@@ -668,12 +683,15 @@ class DiscretizedLogisticMixtureLikelihood(PixelLikelihood):
         self.components = components
         self.params_per_dim = 3 * components
 
-    def decoder_params(self, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def decoder_params(
+        self, z: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """(logits, locations, log-scales), each ``[*lead, *data_shape, components]``, the
         components last as ``MixtureSameFamily`` wants them; every location starts at the data
         mean (the decoder's random start sets them apart)."""
         lead = z.shape[:-1]
-        h = self.decoder(z).reshape(*lead, 3, self.components, *self.data_shape)
+        h = apply_network(self.decoder, z, condition)
+        h = h.reshape(*lead, 3, self.components, *self.data_shape)
         h = h.movedim(len(lead) + 1, -1)  # [*lead, 3, *data_shape, components]
         logits, loc, log_scale = h.unbind(dim=len(lead))
         return logits, loc + self.offset[..., None], log_scale + self.log_scale_offset[..., None]

@@ -44,6 +44,11 @@ def linear_gaussian_from_vae(model: VAEModel) -> LinearGaussianModel:
             f"the model has several stochastic layers {model.latent_sizes}; only a model with one "
             "is read as a LinearGaussianModel here"
         )
+    if model.condition_dim or model.condition is not None:
+        raise ValueError(
+            "the model is conditional: it is one linear-Gaussian model per condition y, not one "
+            "LinearGaussianModel; only a model without conditioning is read here"
+        )
     likelihood = model.likelihood
     if not isinstance(likelihood, GaussianLikelihood):
         raise ValueError(

@@ -30,6 +30,7 @@ import torch
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from vaelab.conditioning import given_rows
 from vaelab.likelihoods import Likelihood
 from vaelab.model import VAEModel
 from vaelab.noise import ExampleNoise, has_noise_form, reparameterise
@@ -40,6 +41,7 @@ __all__ = [
     "bits_per_dim",
     "log_likelihood",
     "log_likelihood_with_proposal",
+    "prepare_condition",
     "summarise_log_weights",
 ]
 
@@ -187,6 +189,34 @@ def prepare_data(model: VAEModel, x: Any) -> torch.Tensor:
     return x
 
 
+def prepare_condition(model: VAEModel, condition: Any, n: int) -> torch.Tensor | None:
+    """The conditions of ``n`` examples for a conditional model, ``[n, c]`` on the model's device
+    and dtype (None for a model without one, or one already given its conditions); a missing,
+    unexpected or misshapen condition is refused in a sentence."""
+    reads = model.condition_dim > 0 and model.condition is None
+    if condition is None:
+        if reads:
+            raise ValueError(
+                f"this model is conditional: pass condition=, the examples' conditions "
+                f"[n, {model.condition_dim}], or a model given them (VAEModel.given)"
+            )
+        return None
+    if not reads:
+        raise ValueError(
+            "this model reads no condition (or is already given one); leave condition=None"
+        )
+    device, dtype = model_device_dtype(model)
+    c = torch.as_tensor(condition).to(device=device, dtype=dtype)
+    if tuple(c.shape) != (n, model.condition_dim):
+        raise ValueError(
+            f"condition must be [n, c] = {(n, model.condition_dim)}, one row per example, got "
+            f"shape {tuple(c.shape)}"
+        )
+    if not bool(torch.isfinite(c).all()):
+        raise ValueError("condition contains NaN or infinite values")
+    return c
+
+
 def auto_chunk(batch: int, data_dim: int, budget: int = CHUNK_ELEMENTS) -> int:
     """Samples per chunk so that ``chunk · batch · data_dim`` stays within ``budget``."""
     return max(1, budget // max(1, batch * data_dim))
@@ -256,8 +286,10 @@ def log_likelihood(
     chunk_size: int | None = None,
     seed: int | None = None,
     progress: bool = False,
+    condition: Any = None,
 ) -> LogLikelihoodEstimate:
-    """The IWAE-k estimate of each example's log p(x) under a ``VAEModel``, in nats.
+    """The IWAE-k estimate of each example's log p(x) under a ``VAEModel``, in nats (of
+    log p(x|y) under a conditional model, given ``condition`` y ``[n, c]`` aligned with x).
 
     Examples are processed ``batch_size`` at a time and each batch's k samples from the
     amortised q(z|x) in chunks (:func:`log_likelihood_with_proposal`), so one decoder call
@@ -273,17 +305,18 @@ def log_likelihood(
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive number of examples, got {batch_size}")
     x = prepare_data(model, x)
-    prior = model.prior()
+    condition = prepare_condition(model, condition, x.shape[0])
     parts = []
     starts = range(0, x.shape[0], batch_size)
     for start in tqdm(starts, desc=f"IWAE-{k}", unit="batch", disable=not progress):
-        batch = x[start : start + batch_size]
+        rows = slice(start, start + batch_size)
+        batch, given = x[rows], given_rows(model, condition, rows)
         parts.append(
             log_likelihood_with_proposal(
                 batch,
-                model.posterior(batch),
-                prior,
-                model.likelihood,
+                given.posterior(batch),
+                given.prior(),
+                given.likelihood,
                 k,
                 chunk_size=chunk_size,
                 seed=seed,

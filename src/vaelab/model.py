@@ -1,6 +1,8 @@
 """``VAEModel``: a posterior, a prior and a likelihood held together as one ``nn.Module``.
 
 The model owns parameters and nothing else: the bounds themselves live in ``vaelab.objectives``.
+A conditional model's components read a condition y as one more input, and ``given(y)`` is the
+model given y (``vaelab.conditioning``).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from vaelab.conditioning import GivenLikelihood, GivenPosterior, GivenPrior
 from vaelab.likelihoods import Likelihood
 from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
 
@@ -18,18 +21,60 @@ class VAEModel(nn.Module):
 
     With several stochastic layers z = [z₁, …, z_L] is their concatenation, and the posterior and
     prior are chains of conditionals over it (``vaelab.hierarchy``): nothing here changes.
+
+    A conditional model (``condition_dim`` c > 0; Sohn, Lee & Yan 2015) is p(z|y) p(x|z, y) with
+    q(z|x, y) for a condition y ``[batch, c]``, which its components read as one more input;
+    ``given(y)`` is the same model with y bound, which every function of a model takes.
     """
 
-    def __init__(self, posterior: nn.Module, prior: nn.Module, likelihood: Likelihood) -> None:
+    condition: torch.Tensor | None = None  # the bound y of a view made by given()
+
+    def __init__(
+        self,
+        posterior: nn.Module,
+        prior: nn.Module,
+        likelihood: Likelihood,
+        condition_dim: int = 0,
+    ) -> None:
         super().__init__()
         self.posterior = posterior
         self.prior = prior
         self.likelihood = likelihood
+        self.condition_dim = condition_dim
 
     @property
     def latent_dim(self) -> int:
         """Size of a latent code: with several stochastic layers, of all of them together."""
-        return int(self.prior().event_shape[0])
+        # A conditional prior knows its size without a condition to build a distribution from.
+        size = getattr(self.prior, "latent_dim", None)
+        return size if isinstance(size, int) else int(self.prior().event_shape[0])
+
+    def given(self, condition: torch.Tensor) -> VAEModel:
+        """The model given the condition y ``[batch, c]``, one row per example: a view of the
+        same modules (the same parameters) whose ``posterior(x)`` is q(z|x, y), ``prior()``
+        p(z|y) and ``likelihood`` p(x|z, y), so that anything written for a model (the
+        objectives, ``elbo``, ``iwae``, the estimators of ``vaelab.loglik``, ``vaelab.ais``,
+        ``vaelab.gap``, ``vaelab.diagnostics``) computes the conditional quantities for these
+        examples."""
+        if self.condition is not None:
+            raise ValueError("this model is already given a condition; call given() once")
+        if self.condition_dim == 0:
+            raise ValueError(
+                "this model reads no condition (it was built without one); a conditional model "
+                "needs conditional=True"
+            )
+        if condition.dim() != 2 or condition.shape[1] != self.condition_dim:
+            raise ValueError(
+                f"the condition must be [batch, {self.condition_dim}] (one row per example), "
+                f"got shape {tuple(condition.shape)}"
+            )
+        view = VAEModel(
+            GivenPosterior(self.posterior, condition),
+            GivenPrior(self.prior, condition),
+            GivenLikelihood(self.likelihood, condition),
+        )
+        view.condition = condition
+        return view
 
     @property
     def latent_sizes(self) -> tuple[int, ...]:
@@ -81,5 +126,12 @@ class VAEModel(nn.Module):
         )
 
     def sample_latent(self, n: int) -> torch.Tensor:
-        """``n`` draws from the prior, ``[n, latent]``."""
-        return self.prior().sample((n,))
+        """``n`` draws from the prior, ``[n, latent]``; for a model given conditions, one draw per
+        condition (``n`` of them)."""
+        p = self.prior()
+        if self.condition is not None and self.condition.shape[0] != n:
+            raise ValueError(
+                f"this model is given {self.condition.shape[0]} conditions, one per code; ask "
+                f"for {self.condition.shape[0]} codes, not {n}"
+            )
+        return p.sample((n,)) if len(p.batch_shape) == 0 else p.sample()

@@ -191,15 +191,33 @@ def build_report(
     x = apply.load_examples(shown).numpy()
     labels = shown.split.labels
     labels = None if labels is None else np.asarray(labels)
-    points, axes = figures.latent_scatter(estimator, x)
+    conditional = bool(estimator.model_.condition_dim)
+    # A conditional model reads each example given its label: the same labels go with x.
+    y = labels if conditional else None
+    points, axes = figures.latent_scatter(estimator, x, y)
     diagnostics = evaluation.get("diagnostics") or {}
     run = document.get("run") or document.get("estimator", {})
     config = {key: value for key, value in run.items() if not isinstance(value, dict)}
+    samples: Any = None
+    sample_rows = None
+    if conditional:
+        config["classes"] = [str(c) for c in estimator.classes_]
+        found = figures.class_samples(estimator, per_class=8)
+        if found is not None:
+            samples, sample_rows = found
+    else:
+        samples = figures.samples(estimator, 64)
     notes = [
         f"Data: {evaluation['examples_described']}. Numbers are nats per example; higher is "
         "better. The ELBO uses the exact KL where a closed form exists and "
         f"{evaluation['samples']} Monte Carlo samples for the reconstruction term.",
     ]
+    if conditional:
+        notes.append(
+            "A conditional VAE (Sohn, Lee & Yan 2015): every number is of log p(x|y), each "
+            "example given its own class label y; the samples are a row per class, z ~ p(z|y) "
+            "decoded given y; interpolations decode given the first example's class."
+        )
     iwae = evaluation.get("iwae")
     if iwae:
         notes.append(
@@ -228,11 +246,12 @@ def build_report(
         config=config,
         metrics=_metrics(evaluation, gaps),
         curves=_curves(folder),
-        samples=figures.samples(estimator, 64),
-        reconstructions=figures.reconstructions(estimator, x[:20]),
+        samples=samples,
+        sample_rows=sample_rows,
+        reconstructions=figures.reconstructions(estimator, x[:20], None if y is None else y[:20]),
         latent_scatter=LatentScatter(points, labels, axes),
         manifold=figures.latent_manifold(estimator),
-        interpolations=figures.interpolations(estimator, x[:12]),
+        interpolations=figures.interpolations(estimator, x[:12], y=None if y is None else y[:12]),
         kl_per_dimension=diagnostics.get("kl_per_dimension"),
         notes=notes,
     )

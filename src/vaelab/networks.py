@@ -4,6 +4,12 @@ A network here knows nothing of distributions. An encoder body maps ``x: [batch,
 ``[batch, out_features]``; a decoder body maps ``z: [*sample_batch, latent]`` (any number of leading
 dimensions, e.g. ``[samples, batch, latent]``) to ``[*sample_batch, out_features]``. Posteriors and
 likelihoods read their distribution parameters off those features.
+
+A network built with ``condition_dim = c > 0`` also reads a condition ``y: [batch, c]`` (a one-hot
+label or any vector; Sohn, Lee & Yan 2015): ``forward(input, condition)``. Its MLP reads the
+flattened input and y side by side, ``[input, y]``, y broadcast over the input's leading sample
+dimensions (``[samples, batch, latent]`` codes share their example's y); a convolutional body
+gives y to its MLP part, after the convolutions of an encoder and before those of a decoder.
 """
 
 from __future__ import annotations
@@ -34,12 +40,55 @@ def activation_module(name: str) -> nn.Module:
         raise ValueError(f"unknown activation {name!r}; choose one of: {known}") from None
 
 
+def apply_network(
+    network: nn.Module, x: torch.Tensor, condition: torch.Tensor | None
+) -> torch.Tensor:
+    """``network(x)``, or ``network(x, condition)`` when a condition is given: a body that reads
+    no condition (one a user built, a stochastic layer's) is called as it always was."""
+    return network(x) if condition is None else network(x, condition)
+
+
+def flat_condition(
+    condition: torch.Tensor | None, lead: tuple[int, ...], size: int
+) -> torch.Tensor | None:
+    """A condition ``[*B, size]`` for inputs with leading dimensions ``lead`` (ending in B, e.g.
+    ``[samples, batch]`` for ``[batch]`` conditions), broadcast and folded to
+    ``[prod(lead), size]``; ``None`` for a network that reads none (``size == 0``). A missing or
+    unexpected condition is refused: it would silently change what the network computes."""
+    if size == 0:
+        if condition is not None:
+            raise ValueError(
+                "this network reads no condition, but one was given; build the model with "
+                "a condition size (conditional=True) to condition it"
+            )
+        return None
+    if condition is None:
+        raise ValueError(
+            f"this network reads a condition of size {size} besides its input, and none was "
+            "given; pass the condition (VAEModel.given(y))"
+        )
+    if condition.shape[-1] != size:
+        raise ValueError(
+            f"this network reads conditions of size {size}, got shape {tuple(condition.shape)}"
+        )
+    batch = tuple(condition.shape[:-1])
+    if batch != tuple(lead[len(lead) - len(batch) :]):
+        raise ValueError(
+            f"the condition holds {batch} rows for inputs {tuple(lead)}: a model given conditions "
+            "takes exactly their examples (a function that cuts examples into batches takes "
+            "condition= instead)"
+        )
+    return condition.expand(*lead, size).reshape(-1, size)
+
+
 class MLP(nn.Module):
     """A multilayer perceptron ``in_features → hidden[0] → … → out_features``.
 
     ``hidden=()`` gives one affine map, which makes a VAE with Gaussian likelihood the linear model of
     probabilistic PCA. The input's trailing ``len(in_shape)`` dimensions are flattened, so images
     ``[batch, C, H, W]`` and vectors ``[batch, features]`` both work; leading dimensions pass through.
+    With ``condition_dim = c`` the first layer reads ``[flattened input, y]``, ``in_features + c``
+    numbers (see the module docstring).
     """
 
     def __init__(
@@ -48,25 +97,31 @@ class MLP(nn.Module):
         hidden: tuple[int, ...],
         out_features: int,
         activation: str = "relu",
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         self.in_shape = tuple(in_shape)
         self.in_features = math.prod(self.in_shape)
-        sizes = [self.in_features, *hidden]
+        self.condition_dim = condition_dim
+        sizes = [self.in_features + condition_dim, *hidden]
         layers: list[nn.Module] = []
         for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(fan_in, fan_out), activation_module(activation)]
         layers.append(nn.Linear(sizes[-1], out_features))
         self.layers = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``[*lead, *in_shape] → [*lead, out_features]``.
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        """``[*lead, *in_shape] → [*lead, out_features]``, reading ``condition`` ``[*B,
+        condition_dim]`` (B a suffix of lead) beside x when the network has a condition size.
 
         The leading dimensions are folded into one for the layers: matrix products of 2-D inputs,
         instead of a fold and an unfold around every layer as ``Linear`` does for more dimensions.
         """
         lead = x.shape[: x.dim() - len(self.in_shape)]
         flat = x if x.dim() == 2 and len(lead) == 1 else x.reshape(-1, self.in_features)
+        y = flat_condition(condition, tuple(lead), self.condition_dim)
+        if y is not None:
+            flat = torch.cat([flat, y.to(flat.dtype)], dim=-1)
         out = self.layers(flat)  # [prod(lead), out_features]
         return out if len(lead) == 1 else out.reshape(*lead, -1)
 
@@ -77,7 +132,8 @@ def _conv_size(size: int) -> int:
 
 
 class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions then an MLP head: ``[batch, C, H, W] → [batch, out_features]``."""
+    """Two stride-2 convolutions then an MLP head: ``[batch, C, H, W] → [batch, out_features]``;
+    with ``condition_dim`` the head reads the condition beside the convolutions' features."""
 
     def __init__(
         self,
@@ -86,6 +142,7 @@ class ConvEncoder(nn.Module):
         out_features: int,
         activation: str = "relu",
         channels: tuple[int, int] = (32, 64),
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         if len(in_shape) != 3:
@@ -101,19 +158,22 @@ class ConvEncoder(nn.Module):
             activation_module(activation),
         )
         self.feature_shape = (channels[1], _conv_size(_conv_size(h)), _conv_size(_conv_size(w)))
-        self.head = MLP(self.feature_shape, hidden, out_features, activation)
+        self.head = MLP(self.feature_shape, hidden, out_features, activation, condition_dim)
+        self.condition_dim = condition_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[: x.dim() - 3]
         h = self.features(x.reshape(-1, *self.in_shape))
-        return self.head(h).reshape(*lead, -1)
+        y = flat_condition(condition, tuple(lead), self.condition_dim)
+        return self.head(h, y).reshape(*lead, -1)
 
 
 class ConvDecoder(nn.Module):
     """An MLP then two stride-2 transposed convolutions: ``[*lead, latent] → [*lead, C·H·W·k]``.
 
     ``out_channels_per_pixel`` (k) is the number of distribution parameters per data dimension; the
-    output is laid out as ``[*lead, k, C, H, W]`` flattened, the layout likelihoods expect.
+    output is laid out as ``[*lead, k, C, H, W]`` flattened, the layout likelihoods expect. With
+    ``condition_dim`` the MLP reads ``[z, y]``.
     """
 
     def __init__(
@@ -124,6 +184,7 @@ class ConvDecoder(nn.Module):
         out_channels_per_pixel: int = 1,
         activation: str = "relu",
         channels: tuple[int, int] = (64, 32),
+        condition_dim: int = 0,
     ) -> None:
         super().__init__()
         if len(out_shape) != 3:
@@ -135,7 +196,10 @@ class ConvDecoder(nn.Module):
         self.k = out_channels_per_pixel
         # Each 4×4 stride-2 transposed convolution doubles the size; start at ⌈size / 4⌉ and crop.
         self.seed_shape = (channels[0], -(-h // 4), -(-w // 4))
-        self.head = MLP((latent_dim,), hidden, math.prod(self.seed_shape), activation)
+        self.head = MLP(
+            (latent_dim,), hidden, math.prod(self.seed_shape), activation, condition_dim
+        )
+        self.condition_dim = condition_dim
         self.activation = activation_module(activation)
         self.body = nn.Sequential(
             nn.ConvTranspose2d(channels[0], channels[1], 4, stride=2, padding=1),
@@ -143,9 +207,11 @@ class ConvDecoder(nn.Module):
             nn.ConvTranspose2d(channels[1], c * self.k, 4, stride=2, padding=1),
         )
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         lead = z.shape[:-1]
-        seed = self.activation(self.head(z.reshape(-1, z.shape[-1]))).reshape(-1, *self.seed_shape)
+        y = flat_condition(condition, tuple(lead), self.condition_dim)
+        seed = self.activation(self.head(z.reshape(-1, z.shape[-1]), y))
+        seed = seed.reshape(-1, *self.seed_shape)
         c, h, w = self.out_shape
         # Sizes not divisible by 4 overshoot; crop to the data's size.
         out = self.body(seed)[..., :h, :w]
@@ -159,14 +225,41 @@ def _mlp_decoder(
     data_shape: tuple[int, ...],
     params_per_dim: int,
     activation: str,
+    condition_dim: int = 0,
 ) -> nn.Module:
-    return MLP((latent_dim,), hidden, params_per_dim * math.prod(data_shape), activation)
+    return MLP(
+        (latent_dim,), hidden, params_per_dim * math.prod(data_shape), activation, condition_dim
+    )
 
 
-# name → (encoder body, decoder body). Decoders mirror the encoder: hidden sizes reversed.
+def _conv_encoder(
+    data_shape: tuple[int, ...],
+    hidden: tuple[int, ...],
+    out: int,
+    activation: str,
+    condition_dim: int = 0,
+) -> nn.Module:
+    return ConvEncoder(data_shape, hidden, out, activation, condition_dim=condition_dim)
+
+
+def _conv_decoder(
+    latent_dim: int,
+    hidden: tuple[int, ...],
+    data_shape: tuple[int, ...],
+    params_per_dim: int,
+    activation: str,
+    condition_dim: int = 0,
+) -> nn.Module:
+    return ConvDecoder(
+        latent_dim, hidden, data_shape, params_per_dim, activation, condition_dim=condition_dim
+    )
+
+
+# name → (encoder body, decoder body), each called as (shapes, hidden, sizes, activation,
+# condition_dim). Decoders mirror the encoder: hidden sizes reversed.
 NETWORKS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
     "mlp": (MLP, _mlp_decoder),
-    "conv": (ConvEncoder, ConvDecoder),
+    "conv": (_conv_encoder, _conv_decoder),
 }
 
 
@@ -177,10 +270,16 @@ def _network_pair(kind: str) -> tuple[Callable[..., nn.Module], Callable[..., nn
 
 
 def encoder_network(
-    kind: str, data_shape: tuple[int, ...], hidden: tuple[int, ...], out: int, activation: str
+    kind: str,
+    data_shape: tuple[int, ...],
+    hidden: tuple[int, ...],
+    out: int,
+    activation: str,
+    condition_dim: int = 0,
 ) -> nn.Module:
-    """The encoder body called ``kind``: ``[batch, *data_shape] → [batch, out]``."""
-    return _network_pair(kind)[0](data_shape, hidden, out, activation)
+    """The encoder body called ``kind``: ``[batch, *data_shape] → [batch, out]``, reading a
+    condition ``[batch, condition_dim]`` too when ``condition_dim > 0``."""
+    return _network_pair(kind)[0](data_shape, hidden, out, activation, condition_dim)
 
 
 def decoder_network(
@@ -190,7 +289,11 @@ def decoder_network(
     data_shape: tuple[int, ...],
     params_per_dim: int,
     activation: str,
+    condition_dim: int = 0,
 ) -> nn.Module:
-    """The decoder body called ``kind``, giving ``params_per_dim`` numbers per data dimension."""
+    """The decoder body called ``kind``, giving ``params_per_dim`` numbers per data dimension,
+    reading a condition ``[batch, condition_dim]`` beside z when ``condition_dim > 0``."""
     decoder = _network_pair(kind)[1]
-    return decoder(latent_dim, tuple(reversed(hidden)), data_shape, params_per_dim, activation)
+    return decoder(
+        latent_dim, tuple(reversed(hidden)), data_shape, params_per_dim, activation, condition_dim
+    )

@@ -1,7 +1,7 @@
 """Posteriors q_φ(z|x): encoders that return a distribution over the latent code.
 
 Each posterior wraps an encoder body producing ``[batch, n_params]`` features and reads a Gaussian
-off them. Samples are reparameterised, z = μ + L ε with ε ~ N(0, I) (Kingma & Welling 2014), so
+off them; ``forward(x, condition)`` hands a condition y to the body, which makes it q(z|x, y). Samples are reparameterised, z = μ + L ε with ε ~ N(0, I) (Kingma & Welling 2014), so
 gradients flow through ``rsample``. Returned distributions have ``batch_shape [batch]`` and
 ``event_shape [latent]``.
 
@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+from vaelab.networks import apply_network
 
 
 class DiagonalNormal(Independent):
@@ -51,8 +53,10 @@ class DiagonalGaussianPosterior(nn.Module):
         """Features the encoder must produce: μ and log σ², ``2 · latent``."""
         return 2 * latent_dim
 
-    def forward(self, x: torch.Tensor) -> Distribution:
-        mu, log_var = self.encoder(x).split(self.latent_dim, dim=-1)  # [batch, latent] each
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Distribution:
+        """q(z|x), or q(z|x, y) for a ``condition`` y ``[batch, c]`` the encoder reads."""
+        features = apply_network(self.encoder, x, condition)
+        mu, log_var = features.split(self.latent_dim, dim=-1)  # [batch, latent] each
         return DiagonalNormal(mu, log_var)
 
 
@@ -79,9 +83,10 @@ class FullCovariancePosterior(nn.Module):
         """Features the encoder must produce: ``latent · (latent + 3) / 2``."""
         return latent_dim * (latent_dim + 3) // 2
 
-    def forward(self, x: torch.Tensor) -> Distribution:
+    def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Distribution:
+        """q(z|x), or q(z|x, y) for a ``condition`` y ``[batch, c]`` the encoder reads."""
         n = self.latent_dim
-        h = self.encoder(x)
+        h = apply_network(self.encoder, x, condition)
         mu, log_diag, lower = h[..., :n], h[..., n : 2 * n], h[..., 2 * n :]
         scale_tril = torch.diag_embed(torch.exp(log_diag))  # [batch, latent, latent]
         scale_tril[..., self._rows, self._cols] = lower

@@ -1,9 +1,12 @@
 """Priors p(z) over the latent code.
 
-Every prior is an ``nn.Module`` whose ``forward()`` returns a distribution with ``batch_shape []`` and
-``event_shape [latent]``. The ELBO asks ``torch.distributions.kl_divergence`` for KL(q ‖ p) and falls
-back to a Monte Carlo estimate by itself where no closed form exists (mixtures, VampPrior), so a new
-prior needs nothing but this class.
+Every prior is an ``nn.Module`` whose ``forward(condition=None)`` returns a distribution with
+``event_shape [latent]``. A prior that does not depend on the condition y of a conditional model
+(Sohn, Lee & Yan 2015) ignores it, p(z|y) = p(z), and has ``batch_shape []``; the conditional
+prior p(z|y) reads y ``[batch, c]`` and has ``batch_shape [batch]``. The ELBO asks
+``torch.distributions.kl_divergence`` for KL(q ‖ p) and falls back to a Monte Carlo estimate by
+itself where no closed form exists (mixtures, VampPrior), so a new prior needs nothing but this
+class.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ class StandardNormal(Independent):
 
 
 class StandardNormalPrior(nn.Module):
-    """p(z) = N(0, I)."""
+    """p(z) = N(0, I), whatever the condition."""
 
     loc: torch.Tensor
 
@@ -36,7 +39,7 @@ class StandardNormalPrior(nn.Module):
         self.register_buffer("loc", torch.zeros(latent_dim))
         self._distribution: StandardNormal | None = None
 
-    def forward(self) -> Distribution:
+    def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         # Built once and reused: it has no parameters, and the training loop asks for it at every
         # step. ``.to()`` replaces the buffer, which makes a new one on the new device or dtype.
         if self._distribution is None or self._distribution.base_dist.loc is not self.loc:
@@ -52,7 +55,7 @@ class LearnableGaussianPrior(nn.Module):
         self.loc = nn.Parameter(torch.zeros(latent_dim))
         self.log_scale = nn.Parameter(torch.zeros(latent_dim))
 
-    def forward(self) -> Distribution:
+    def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         return Independent(Normal(self.loc, self.log_scale.exp()), 1)
 
 
@@ -70,9 +73,43 @@ class MixtureOfGaussiansPrior(nn.Module):
         self.locs = nn.Parameter(torch.randn(n_components, latent_dim, generator=start))
         self.log_scales = nn.Parameter(torch.zeros(n_components, latent_dim))
 
-    def forward(self) -> Distribution:
+    def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         components = Independent(Normal(self.locs, self.log_scales.exp()), 1)
         return MixtureSameFamily(Categorical(logits=self.logits), components)
+
+
+class ConditionalGaussianPrior(nn.Module):
+    """p(z|y) = N(m(y), diag s(y)²) with [m(y), log s(y)] = W y + b, learned, starting at N(0, I)
+    (W = 0, b = 0): the conditional prior of Sohn, Lee & Yan (2015, Sec. 4.1), there a network
+    p_θ(z|x) of the input x the output y is predicted from; here of the condition y ``[batch, c]``,
+    through one affine map. For one-hot labels that is one free diagonal Gaussian per class, the
+    most general conditional diagonal Gaussian there is; for a vector y, mean and log-scale
+    affine in y. ``forward(y)`` has ``batch_shape [batch]``; the KL against a Gaussian posterior
+    is the closed form torch registers for ``Independent(Normal)`` pairs."""
+
+    def __init__(self, latent_dim: int, condition_dim: int) -> None:
+        super().__init__()
+        if condition_dim < 1:
+            raise ValueError(
+                "a conditional prior p(z|y) needs a condition to read (condition_dim ≥ 1); "
+                "use prior='normal' or 'learnable' for a model without one"
+            )
+        self.latent_dim = latent_dim
+        self.condition_dim = condition_dim
+        self.map = nn.Linear(condition_dim, 2 * latent_dim)
+        with torch.no_grad():
+            self.map.weight.zero_()
+            self.map.bias.zero_()
+
+    def forward(self, condition: torch.Tensor | None = None) -> Distribution:
+        if condition is None:
+            raise ValueError(
+                "the conditional prior p(z|y) needs the condition y; bind it with VAEModel.given(y)"
+            )
+        loc, log_scale = self.map(condition.to(self.map.weight.dtype)).split(self.latent_dim, -1)
+        # Not validated: built from learned parameters at every step, as the posterior is.
+        normal = Normal(loc, log_scale.exp(), validate_args=False)
+        return Independent(normal, 1, validate_args=False)
 
 
 class VampPrior(nn.Module):
@@ -94,7 +131,7 @@ class VampPrior(nn.Module):
         )
         self._posterior = (posterior,)
 
-    def forward(self) -> Distribution:
+    def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         components = self._posterior[0](self.pseudo_inputs)  # batch_shape [K], event [latent]
         k = self.pseudo_inputs.shape[0]
         weights = Categorical(

@@ -29,6 +29,7 @@ from vaelab.model import VAEModel
 from vaelab.networks import ACTIVATIONS, MLP, NETWORKS, decoder_network, encoder_network
 from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
 from vaelab.priors import (
+    ConditionalGaussianPrior,
     LearnableGaussianPrior,
     MixtureOfGaussiansPrior,
     StandardNormalPrior,
@@ -115,11 +116,15 @@ POSTERIORS: dict[str, PosteriorSpec] = {
     ),
 }
 
-PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...]], nn.Module]] = {
-    "normal": lambda latent, posterior, shape: StandardNormalPrior(latent),
-    "learnable": lambda latent, posterior, shape: LearnableGaussianPrior(latent),
-    "mixture": lambda latent, posterior, shape: MixtureOfGaussiansPrior(latent),
-    "vamp": lambda latent, posterior, shape: VampPrior(posterior, shape),
+# name → prior built from (latent size, posterior, data shape, condition size).
+PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...], int], nn.Module]] = {
+    "normal": lambda latent, posterior, shape, condition: StandardNormalPrior(latent),
+    "learnable": lambda latent, posterior, shape, condition: LearnableGaussianPrior(latent),
+    "mixture": lambda latent, posterior, shape, condition: MixtureOfGaussiansPrior(latent),
+    "vamp": lambda latent, posterior, shape, condition: VampPrior(posterior, shape),
+    "conditional": lambda latent, posterior, shape, condition: ConditionalGaussianPrior(
+        latent, condition
+    ),
 }
 
 
@@ -138,6 +143,17 @@ NOT_LAYERED: dict[tuple[str, str], str] = {
         "every layer rather than a prior for the top one; use prior='normal', 'learnable' or "
         "'mixture'"
     ),
+}
+
+
+# Why a conditional model cannot have the VampPrior or several stochastic layers.
+NOT_CONDITIONAL = {
+    "vamp": (
+        "the VampPrior mixes the encoder's posteriors at learned pseudo-inputs, and a "
+        "conditional encoder would need a condition for each of them; use prior='normal', "
+        "'learnable', 'mixture' or 'conditional'"
+    ),
+    "layers": "conditioning is implemented for one stochastic layer; use one latent size",
 }
 
 
@@ -160,6 +176,7 @@ class ModelConfig:
     network: str = "mlp"
     activation: str = "relu"
     flow_steps: int = DEFAULT_FLOW_STEPS
+    condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
 
     @property
     def latent_sizes(self) -> tuple[int, ...]:
@@ -184,6 +201,7 @@ class ModelConfig:
             raise ValueError(f"flow_steps must be a positive integer, got {self.flow_steps!r}")
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)
+        self._validate_condition()
         if len(sizes) > 1:
             for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
                 why = NOT_LAYERED.get((kind, name))
@@ -192,6 +210,28 @@ class ModelConfig:
                         f"{kind}={name!r} does not work with several stochastic layers "
                         f"(latent_dim={self.latent_dim!r}): {why}"
                     )
+
+    def _validate_condition(self) -> None:
+        """The condition size, and the components a conditional model cannot have."""
+        c = self.condition_dim
+        if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+            raise ValueError(f"condition_dim must be a non-negative integer, got {c!r}")
+        if c == 0:
+            if self.prior == "conditional":
+                raise ValueError(
+                    "prior='conditional' is p(z|y), which needs a condition y; train a "
+                    "conditional model (conditional=True, --conditional) or choose another prior"
+                )
+            return
+        if self.prior == "vamp":
+            raise ValueError(
+                f"prior='vamp' does not work with a conditional model: {NOT_CONDITIONAL['vamp']}"
+            )
+        if len(self.latent_sizes) > 1:
+            raise ValueError(
+                f"latent_dim={self.latent_dim!r} does not work with a conditional model: "
+                f"{NOT_CONDITIONAL['layers']}"
+            )
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,12 +266,15 @@ def build_model(config: ModelConfig) -> VAEModel:
     sizes = config.latent_sizes
     posterior_spec = POSTERIORS[config.posterior]
     likelihood = LIKELIHOODS[config.likelihood]
+    # A conditional model's networks read y beside x (encoder) and beside z (decoder).
+    condition = config.condition_dim
     encoder = encoder_network(
         config.network,
         config.data_shape,
         config.hidden,
         posterior_spec.n_params(sizes[0], config.flow_steps),
         config.activation,
+        condition,
     )
     posterior = posterior_spec.build(encoder, sizes[0], config.flow_steps)
     decoder = decoder_network(
@@ -241,11 +284,12 @@ def build_model(config: ModelConfig) -> VAEModel:
         config.data_shape,
         likelihood.params_per_dim,
         config.activation,
+        condition,
     )
-    prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape)
+    prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape, condition)
     if len(sizes) > 1:
         posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
-    return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape))
+    return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape), condition)
 
 
 def _stochastic_layers(

@@ -78,7 +78,9 @@ class ReportContent:
         metrics: rows ``(name, value, note)``, e.g. ``("active units", 12, "of 50")``.
         curves: chart title -> series name -> ``(x, y)``, e.g.
             ``{"ELBO per epoch": {"train": (epochs, elbo), "valid": (epochs, elbo_valid)}}``.
-        samples: ``[n, C, H, W]``, shown as a grid.
+        samples: ``[n, C, H, W]``, shown as a grid; or ``[rows, n, C, H, W]``, a row of samples
+            per class of a conditional model, each row headed by its name in ``sample_rows``.
+        sample_rows: the names of the rows of ``samples`` (a conditional model's classes).
         reconstructions: ``(data [n, C, H, W], reconstructions [n, C, H, W])``, shown in pairs
             of rows.
         manifold: ``[rows, cols, C, H, W]``, decoded images on a 2-D latent grid (Kingma &
@@ -99,6 +101,7 @@ class ReportContent:
     metrics: Sequence[Metric | tuple[Any, ...]] = ()
     curves: Mapping[str, Mapping[str, Curve]] = field(default_factory=dict)
     samples: Any = None
+    sample_rows: Sequence[str] | None = None
     reconstructions: tuple[Any, Any] | None = None
     manifold: Any = None
     interpolations: Any = None
@@ -137,7 +140,7 @@ def render_report(content: ReportContent) -> str:
     if content.curves:
         add("curves", "Training curves", _curves, content.curves)
     if content.samples is not None:
-        add("samples", "Samples", _samples, content.samples)
+        add("samples", "Samples", _samples, content.samples, content.sample_rows)
     if content.reconstructions is not None:
         add("reconstructions", "Reconstructions", _reconstructions, content.reconstructions)
     if content.manifold is not None:
@@ -296,7 +299,19 @@ def _as_batch(images: Any, what: str) -> np.ndarray:
     return arr
 
 
-def _samples(samples: Any) -> str:
+def _samples(samples: Any, names: Sequence[str] | None = None) -> str:
+    arr = np.asarray(samples, dtype=np.float64)
+    if arr.ndim == 5:  # a row per class
+        names = [str(i) for i in range(len(arr))] if names is None else list(names)
+        if len(names) != len(arr):
+            raise ValueError(f"{len(arr)} rows of samples but {len(names)} row names")
+        rows = []
+        for name, row in zip(names, arr, strict=True):
+            pixels = image_grid(_as_batch(row, "samples"), ncol=len(row), pad_value=PAD_VALUE)
+            rows.append(
+                f"<tr><th>{_esc(name)}</th><td>{_img(pixels, f'samples of {name}')}</td></tr>"
+            )
+        return f'<table class="pairs">{"".join(rows)}</table>'
     batch = _as_batch(samples, "samples")
     pixels = image_grid(batch, pad_value=PAD_VALUE)
     return f"<figure>{_img(pixels, f'{len(batch)} samples')}</figure>"

@@ -64,7 +64,14 @@ class RunConfig:
         (256,), "hidden layer sizes, comma-separated (400,400); 'none' for linear maps", "hidden"
     )
     likelihood: str = _option("bernoulli", "p(x|z)", "str", tuple(LIKELIHOODS))
-    prior: str = _option("normal", "p(z)", "str", tuple(PRIORS))
+    prior: str = _option(
+        "normal", "p(z); conditional: a learned p(z|y) (needs --conditional)", "str", tuple(PRIORS)
+    )
+    conditional: bool = _option(
+        False,
+        "a conditional VAE, q(z|x,y) and p(x|z,y), on the data's class labels y (one-hot)",
+        "bool",
+    )
     posterior: str = _option(
         "diagonal",
         "q(z|x): diagonal or full-covariance Gaussian, or a planar or inverse autoregressive flow",
@@ -134,8 +141,8 @@ class RunConfig:
             patience=self.patience,
         )
 
-    def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
-        return self.estimator().model_config(data_shape)
+    def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
+        return self.estimator().model_config(data_shape, condition_dim)
 
     def estimator(self) -> VAE:
         """The ``vaelab.VAE`` these options describe (what ``vaelab.load`` of the run gives back)."""
@@ -158,6 +165,7 @@ class RunConfig:
             objective=self.objective,
             k=self.k,
             gradient=self.gradient,
+            conditional=self.conditional,
         )
 
     def validate(self) -> None:
@@ -166,7 +174,8 @@ class RunConfig:
             raise RunError("no data given; pass DATA (a data set name or a path) or set data = ...")
         try:
             self.train_config().validate()
-            self.model_config((1,)).validate()
+            # The condition's size comes with the data; any size checks the combinations.
+            self.model_config((1,), 1 if self.conditional else 0).validate()
             resolve_device(self.device)
         except ValueError as error:
             raise RunError(str(error)) from None
@@ -234,8 +243,9 @@ def convert(name: str, value: Any) -> Any:
     """``value`` (a command-line string, a TOML value or an already typed value) as option
     ``name``'s type; a ``ValueError`` says what was expected.
 
-    Kinds: ``int``, ``float``, ``str``, ``hidden`` (layer sizes), ``latent`` (one size or
-    several, ``parse_latent``), and ``int?`` / ``float?`` /
+    Kinds: ``int``, ``float``, ``str``, ``bool`` (``true``/``false``, ``yes``/``no``, ``1``/``0``),
+    ``hidden`` (layer sizes), ``latent`` (one size or several, ``parse_latent``), and ``int?`` /
+    ``float?`` /
     ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
     spec = OPTIONS[name].metadata
     kind, choices = spec["kind"].rstrip("?"), spec["choices"]
@@ -247,12 +257,25 @@ def convert(name: str, value: Any) -> Any:
         return _hidden(value)
     if kind == "latent":
         return parse_latent(value)
+    if kind == "bool":
+        return _boolean(name, value)
     converted = _scalar(name, kind, value)
     if optional and kind != "str" and converted == 0:
         return None
     if choices is not None and converted not in choices:
         raise ValueError(f"unknown {name} {converted!r}; choose one of: {', '.join(choices)}")
     return converted
+
+
+_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+        return _BOOLEANS[value.strip().lower()]
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _hidden(value: Any) -> tuple[int, ...]:

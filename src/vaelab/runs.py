@@ -9,7 +9,7 @@ saved model (``vaelab.load(folder)`` opens it):
 - ``metrics.jsonl``: one JSON object per finished epoch; ``tensorboard/``: the same as event files;
 - ``model.safetensors`` and ``vaelab.json``: the final model (the best by validation ELBO), written by
   ``vaelab.serialization.save_model`` when training ends, with the data record, the configuration
-  and a summary of the run in ``vaelab.json``;
+  and a summary of the run in ``vaelab.json`` (and a conditional model's classes);
 - ``.vaelab.lock``: an OS lock (``flock``) held by the one process training in the folder, with that
   process's PID inside while it holds it (``RunLock``).
 
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from vaelab.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
+from vaelab.conditioning import one_hot
 from vaelab.data import DataSplits, Split, load_data
 from vaelab.distributed import SINGLE, World
 from vaelab.estimator import INIT_EXAMPLES, VAE, resolve_device
@@ -79,6 +80,24 @@ def _train_data(split: Split) -> Any:
     if isinstance(split.stored, (np.memmap, NpyRows)):
         return split
     return torch.from_numpy(np.asarray(split))
+
+
+def class_labels(splits: DataSplits) -> np.ndarray:
+    """The classes of a data set with labels, sorted: those of every split, so that an example
+    of the test split has its column too. Data without labels is refused in a sentence."""
+    labelled = [s.labels for s in (splits.train, splits.valid, splits.test) if len(s)]
+    if any(labels is None for labels in labelled):
+        raise RunError(
+            f"--conditional trains on the examples' class labels, and {splits.name} has none; "
+            "give data with labels (digits, MNIST or an IDX folder with its labels files, an "
+            "image folder with a subfolder per class, an .npz file with a labels or y array)"
+        )
+    return np.unique(np.concatenate([np.asarray(labels) for labels in labelled]))
+
+
+def _conditions(split: Split, classes: np.ndarray | None) -> np.ndarray | None:
+    """A split's one-hot conditions for a conditional run, ``[n, classes]``; None otherwise."""
+    return None if classes is None else one_hot(split.labels, classes)
 
 
 def check_support(model: Any, splits: DataSplits) -> None:
@@ -327,7 +346,7 @@ def _train_locked(
         lambda: _set_up(settings, folder, config_text, checkpoint_bytes, world)
     )
     world.settle(failure)
-    config, splits, model_config, device, trainer, source, valid, checkpoint = setup
+    config, splits, model_config, device, trainer, source, valid, checkpoint, classes = setup
 
     # Everything is checked: from here on rank 0 writes the folder.
     def prepare_folder() -> None:
@@ -368,6 +387,8 @@ def _train_locked(
             run_log.close()
 
     estimator = config.estimator()
+    if classes is not None:
+        estimator.classes_ = classes
     estimator.model_ = trainer.model
     estimator.model_config_ = model_config
     estimator.data_shape_ = model_config.data_shape
@@ -407,6 +428,7 @@ _Setup = tuple[
     IndexedBatches,
     IndexedBatches | None,
     tuple[Tensors, dict[str, Any]] | None,
+    np.ndarray | None,  # a conditional run's classes
 ]
 
 
@@ -450,7 +472,9 @@ def _set_up(
     device = _worker_device(resolve_device(config.device), world)
     _check_batches(len(splits.train), config.batch_size, world)
     train_data = _train_data(splits.train)
-    model_config = config.model_config(splits.shape)
+    classes = class_labels(splits) if config.conditional else None
+    train_conditions = _conditions(splits.train, classes)
+    model_config = config.model_config(splits.shape, 0 if classes is None else len(classes))
     with seeded(config.seed, device):
         # As in VAE.fit: the streams' seed (data order, binarisation, noise), then initialisation.
         streams_seed = int(torch.randint(0, 2**62, ()).item())
@@ -463,10 +487,21 @@ def _set_up(
         likelihood: Any = model.likelihood
         likelihood.initialise(torch.as_tensor(np.asarray(first)).to(device))
     dynamic = splits.binarize == "dynamic"
-    source = IndexedBatches(train_data, config.batch_size, streams_seed, binarize=dynamic)
+    source = IndexedBatches(
+        train_data,
+        config.batch_size,
+        streams_seed,
+        binarize=dynamic,
+        condition=train_conditions,
+    )
     valid = None
     if len(splits.valid):
-        valid = IndexedBatches(_train_data(splits.valid), VALID_BATCH, shuffle=False)
+        valid = IndexedBatches(
+            _train_data(splits.valid),
+            VALID_BATCH,
+            shuffle=False,
+            condition=_conditions(splits.valid, classes),
+        )
     policy = CheckpointPolicy(
         path=folder / CHECKPOINT_FILE,
         every_steps=config.checkpoint_every or None,
@@ -477,7 +512,10 @@ def _set_up(
         model, config.train_config(), device, checkpoint=policy, seed=streams_seed, world=world
     )
     try:
-        trainer.check(torch.as_tensor(np.asarray(train_data[:2])))
+        first_conditions = None
+        if train_conditions is not None:
+            first_conditions = torch.from_numpy(train_conditions[:2])
+        trainer.check(torch.as_tensor(np.asarray(train_data[:2])), first_conditions)
     except ValueError as error:
         raise RunError(str(error)) from None
     if checkpoint is not None:
@@ -488,7 +526,7 @@ def _set_up(
                 f"the checkpoint in {folder} does not fit this run ({error}); "
                 "delete the folder and train again without --resume"
             ) from None
-    return config, splits, model_config, device, trainer, source, valid, checkpoint
+    return config, splits, model_config, device, trainer, source, valid, checkpoint, classes
 
 
 def _worker_device(device: torch.device, world: World) -> torch.device:

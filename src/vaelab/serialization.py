@@ -4,8 +4,9 @@ A saved model is a folder:
 
 - ``model.safetensors``: the weights (safetensors holds raw tensors and a JSON header, nothing
   executable);
-- ``vaelab.json``: format name and version, the architecture, the estimator's hyper-parameters, and
-  the SHA-256 of the weights file.
+- ``vaelab.json``: format name and version, the architecture (a conditional model's condition size
+  among it), the estimator's hyper-parameters, the classes of a conditional model trained on class
+  labels (``classes``, in the order of the one-hot columns), and the SHA-256 of the weights file.
 
 The JSON is written last, so a folder whose JSON is present has complete weights; the checksum then
 refuses weights that were truncated, swapped or tampered with. Nothing is unpickled, ever.
@@ -18,6 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -64,6 +66,9 @@ def save_model(
         "weights": {"file": WEIGHTS_FILE, "sha256": sha256_bytes(weights)},
         **(extra or {}),
     }
+    classes = getattr(estimator, "classes_", None)
+    if classes is not None:  # a conditional model's labels, column j of the one-hot for classes[j]
+        document["classes"] = np.asarray(classes).tolist()
     atomic_write_json(folder / CONFIG_FILE, document)
     return folder
 
@@ -165,4 +170,12 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> VAE:
     estimator.n_features_in_ = int(config.data_shape[0])
     estimator.history_ = []
     estimator.device_ = chosen
+    classes = document.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or len(classes) != config.condition_dim:
+            raise ModelFileError(
+                f"{folder / CONFIG_FILE} lists {len(classes) if isinstance(classes, list) else 'no'}"
+                f" classes for conditions of size {config.condition_dim}; the file is corrupt"
+            )
+        estimator.classes_ = np.asarray(classes)
     return estimator

@@ -214,12 +214,14 @@ class EpochMetrics:
 class Batch(NamedTuple):
     """One worker's share of a minibatch: ``x`` ``[rows, *data_shape]`` holds positions ``rows``
     of batch ``number`` of the epoch (from 0), a batch of ``size`` examples in all (one process
-    holds ``rows = slice(0, size)``)."""
+    holds ``rows = slice(0, size)``); ``condition`` ``[rows, c]``, the same examples' conditions
+    for a conditional model (``vaelab.conditioning``), else None."""
 
     x: torch.Tensor
     number: int
     size: int
     rows: slice
+    condition: torch.Tensor | None = None
 
 
 Share = Callable[[int], slice]  # a batch's size → this worker's positions in it (World.share)
@@ -247,6 +249,9 @@ class IndexedBatches:
     ``binarize`` re-draws every batch as Bernoulli(x) (dynamic binarisation, Burda et al. 2016):
     a uniform draw ``u`` ``[batch, *data_shape]`` per global batch, keyed by (seed, epoch,
     batch), and x' = 1[u < x], each worker using the rows of ``u`` of its own examples.
+
+    ``condition``, for a conditional model, is an array ``[examples, c]`` aligned with ``data``
+    (one-hot labels or condition vectors); each batch carries the rows of its own examples.
     """
 
     def __init__(
@@ -257,10 +262,18 @@ class IndexedBatches:
         *,
         shuffle: bool = True,
         binarize: bool = False,
+        condition: Any = None,
     ) -> None:
         if (shuffle or binarize) and seed is None:
             raise ValueError("shuffled or binarised batches need a seed for their streams")
+        examples = int(data.shape[0])
+        if condition is not None and len(condition) != examples:
+            raise ValueError(
+                f"the condition has {len(condition)} rows for {examples} examples; give one row "
+                "per example"
+            )
         self.data = data
+        self.condition = None if condition is None else torch.as_tensor(condition).float()
         self.batch_size = batch_size
         self.seed = seed
         self.shuffle = shuffle
@@ -294,12 +307,14 @@ class IndexedBatches:
             size = min(self.batch_size, self.examples - lo)
             rows = slice(0, size) if share is None else share(size)
             first, last = lo + rows.start, lo + rows.stop
-            x = self._take(order[first:last] if order is not None else slice(first, last))
+            index = order[first:last] if order is not None else slice(first, last)
+            x = self._take(index)
             if self.binarize:
                 assert self.streams is not None
                 u = self.streams.uniform((size, *x.shape[1:]), epoch, b)
                 x = (u[rows] < x).to(x.dtype)
-            yield Batch(x, b, size, rows)
+            condition = None if self.condition is None else self.condition[index]
+            yield Batch(x, b, size, rows, condition)
 
     def state(self) -> tuple[Tensors, dict[str, Any]]:
         """What must match when resuming: the data's size, the batch size and the streams."""
@@ -413,17 +428,18 @@ def mean_elbo(
         x = batch.x.to(device)
         shape = (1, batch.size, *event)
         eps = streams.normal(shape, 0, batch.number, stream="valid", device=device, dtype=dtype)
-        totals[0] += float(model.elbo(x, noise=eps[:, batch.rows]).elbo.sum())
+        given = model if batch.condition is None else model.given(batch.condition.to(device))
+        totals[0] += float(given.elbo(x, noise=eps[:, batch.rows]).elbo.sum())
         totals[1] += x.shape[0]
     world.sum(totals)
     return float(totals[0] / max(float(totals[1]), 1.0))
 
 
-def _noise_shape(model: nn.Module) -> tuple[tuple[int, ...], torch.dtype]:
+def _noise_shape(model: VAEModel) -> tuple[tuple[int, ...], torch.dtype]:
     """The event shape of the latent code (a draw of ε is ``[samples, batch, *event]``) and the
     dtype of the model's parameters."""
     with torch.no_grad():
-        event = tuple(model.prior().event_shape)  # type: ignore[operator]
+        event = (model.latent_dim,)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return event, dtype
 
@@ -483,18 +499,21 @@ class _Objective(nn.Module):
         kl_weight: float,
         size: int,
         flags: torch.Tensor | None = None,
+        condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
         config, scale = self.config, self.world.size / size
+        # A conditional model's batch comes with its examples' conditions, bound for this step.
+        model = self.model if condition is None else self.model.given(condition)
         terms: ElboTerms | IwaeTerms
         if config.objective == "iwae":
-            terms = self.model.iwae(x, k=config.k, gradient=config.gradient, noise=noise)
+            terms = model.iwae(x, k=config.k, gradient=config.gradient, noise=noise)
             loss = -terms.objective.sum() * scale
         else:
-            terms = self.model.elbo(
+            terms = model.elbo(
                 x, samples=config.samples, beta=kl_weight, gradient=config.gradient, noise=noise
             )
             if config.free_bits > 0:
-                loss = self._free_bits_loss(x, terms, kl_weight, size)
+                loss = self._free_bits_loss(model, x, terms, kl_weight, size)
             else:
                 loss = -terms.objective.sum() * scale
         if flags is not None and self.flags is not None:
@@ -502,12 +521,12 @@ class _Objective(nn.Module):
         return loss, terms
 
     def _free_bits_loss(
-        self, x: torch.Tensor, terms: ElboTerms, kl_weight: float, size: int
+        self, model: VAEModel, x: torch.Tensor, terms: ElboTerms, kl_weight: float, size: int
     ) -> torch.Tensor:
         """Free bits (Kingma et al. 2016): each latent dimension's batch-mean KL counts at least
         λ. On N workers the batch mean is the global one: its value comes from the workers' sum,
         its gradient from this worker's examples (scaled by N / size, as the reconstruction)."""
-        q, p = self.model.posterior(x), self.model.prior()
+        q, p = model.posterior(x), model.prior()
         per_dim = kl_per_dimension(q, p)
         if per_dim is None:
             raise ValueError("free bits need a diagonal posterior and a factorised Gaussian prior")
@@ -606,10 +625,13 @@ class Trainer:
         kl_weight: float,
         noise: torch.Tensor | None = None,
         size: int | None = None,
+        condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
-        """The loss on ``x`` alone (not synchronised among workers) and its terms; ``noise``
-        None draws ε from torch's global generator, ``size`` defaults to ``len(x)``."""
-        return self._objective(x, noise, kl_weight, x.shape[0] if size is None else size)
+        """The loss on ``x`` (given ``condition`` for a conditional model) alone, not
+        synchronised among workers, and its terms; ``noise`` None draws ε from torch's global
+        generator, ``size`` defaults to ``len(x)``."""
+        size = x.shape[0] if size is None else size
+        return self._objective(x, noise, kl_weight, size, None, condition)
 
     def _noise(self, epoch: int, batch: Batch) -> torch.Tensor:
         """ε of this worker's examples of ``batch``: ``[samples, rows, *event]``, the columns
@@ -634,15 +656,17 @@ class Trainer:
         self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1).cpu()
         self.count += examples
 
-    def check(self, x: torch.Tensor) -> None:
-        """Compute the training loss once on ``x`` (a few examples) without a step, so that a
-        setting that cannot work (e.g. free bits with a mixture prior) fails before training
-        starts. The random streams are left as they were, and the workers are not involved."""
+    def check(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> None:
+        """Compute the training loss once on ``x`` (a few examples, with their conditions for a
+        conditional model) without a step, so that a setting that cannot work (e.g. free bits
+        with a mixture prior) fails before training starts. The random streams are left as they
+        were, and the workers are not involved."""
         devices = [self.device] if self.device.type == "cuda" else []
         objective = _Objective(self.model, self.config, SINGLE)
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             x = x.to(self.device)
-            objective(x, None, self.config.beta, x.shape[0])
+            given = None if condition is None else condition.to(self.device)
+            objective(x, None, self.config.beta, x.shape[0], None, given)
 
     def running_means(self) -> tuple[float, float, float]:
         """This epoch's mean ELBO, reconstruction and KL so far (nats per example; on several
@@ -842,6 +866,7 @@ class Trainer:
             for batch in train.batches(epoch, start, share):
                 i = batch.number
                 x = batch.x.to(self.device)
+                condition = None if batch.condition is None else batch.condition.to(self.device)
                 lr = learning_rate(self.config, self.step, total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
@@ -849,7 +874,7 @@ class Trainer:
                 flags = self._local_flags(self.step + 1) if share is not None else None
                 try:
                     loss, terms = self._step_module(
-                        x, self._noise(epoch, batch), kl_weight, batch.size, flags
+                        x, self._noise(epoch, batch), kl_weight, batch.size, flags, condition
                     )
                 except ValueError as error:
                     # After a first good step, settings and shapes are known to work: a refusal
