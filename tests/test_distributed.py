@@ -221,6 +221,27 @@ def test_a_failing_worker_stops_the_run_in_one_line_within_seconds(tmp_path):
     assert not list(out.glob(".*.tmp"))
 
 
+def test_the_worker_a_signal_killed_first_is_named_not_the_one_the_launcher_stopped():
+    """Worker 1 aborts (SIGABRT) and the launcher then stops worker 0 with SIGTERM: the line
+    names worker 1, the cause, whatever the ranks' order; a lone SIGTERM is still named."""
+    from types import SimpleNamespace
+
+    from vaelab.launch import _first_failure
+
+    failures = {
+        0: SimpleNamespace(exitcode=-signal.SIGTERM, pid=100),
+        1: SimpleNamespace(exitcode=-signal.SIGABRT, pid=101),
+    }
+    code, line = _first_failure([], failures, lambda: "resume with --resume")
+    assert code == 2
+    assert line == (
+        "vaelab: error: worker 1 (pid 101) was killed by SIGABRT, which stopped the others; "
+        "resume with --resume"
+    )
+    code, line = _first_failure([], {3: SimpleNamespace(exitcode=-signal.SIGTERM, pid=7)}, None)
+    assert line == "vaelab: error: worker 3 (pid 7) was killed by SIGTERM, which stopped the others"
+
+
 def test_distributed_evaluation_gives_every_example_the_bytes_of_one_process(
     two_workers, tmp_path, capsys
 ):

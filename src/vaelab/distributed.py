@@ -182,5 +182,9 @@ def session() -> Iterator[World]:
     dist.init_process_group(backend, timeout=_timeout())
     try:
         yield World(rank=rank, size=size, local_rank=local_rank)
+        # Leave together: a worker that tears its group down while another still talks to it
+        # (rank 0 saving the model, DDP's last reduction in flight) can make gloo's threads in
+        # the other abort the process at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -163,7 +163,12 @@ def _first_failure(
     if primary:
         first = min(primary, key=lambda m: m["time_ns"])
         return int(first["code"]), str(first["line"])
-    killed = sorted(rank for rank, f in failures.items() if f.exitcode < 0)
+    # The launcher stops the others with SIGTERM once one has failed: a worker that died of
+    # another signal (SIGKILL, SIGABRT, SIGSEGV) is the cause and is named first.
+    killed = sorted(
+        (rank for rank, f in failures.items() if f.exitcode < 0),
+        key=lambda rank: (failures[rank].exitcode == -signal.SIGTERM, rank),
+    )
     silent = [rank for rank in killed if rank not in {m["rank"] for m in messages}]
     if silent:
         rank = silent[0]
