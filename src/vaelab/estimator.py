@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from torch.utils.data import DataLoader, Dataset
 
 from vaelab.data import DataError
+from vaelab.fastpath import compile_evaluation
 from vaelab.flows import DEFAULT_FLOW_STEPS
 from vaelab.likelihoods import DataMoments
 from vaelab.model import VAEModel
@@ -108,6 +109,10 @@ class VAE(TransformerMixin, BaseEstimator):
     activation : hidden-layer non-linearity, e.g. ``"relu"`` or ``"tanh"``.
     samples : Monte Carlo samples per example in each training step.
     verbose : print one line per epoch.
+    compile : run the training step, and the likelihood's log p(x|z) in ``elbo``,
+        ``score_samples`` and ``log_likelihood``, through ``torch.compile``
+        (``vaelab.fastpath``): the same numbers to float rounding; eager, after one warning,
+        where it cannot compile. The first calls pay for compiling (seconds to a minute).
     """
 
     def __init__(
@@ -131,6 +136,7 @@ class VAE(TransformerMixin, BaseEstimator):
         objective: str = "elbo",
         k: int = 1,
         gradient: str = "standard",
+        compile: bool = False,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -151,6 +157,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.objective = objective
         self.k = k
         self.gradient = gradient
+        self.compile = compile
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...]) -> ModelConfig:
@@ -227,6 +234,11 @@ class VAE(TransformerMixin, BaseEstimator):
             )
         return X
 
+    def _compile_evaluation(self) -> None:
+        """With ``compile``, the likelihood's log p(x|z) compiled (``vaelab.fastpath``)."""
+        if self.compile:
+            compile_evaluation(self.model_)
+
     def _tensor(self, X: Any) -> torch.Tensor:
         check_is_fitted(self, "model_")
         x = torch.from_numpy(self._validate(X, reset=False))
@@ -258,7 +270,14 @@ class VAE(TransformerMixin, BaseEstimator):
                 model.likelihood.check_support(x)
                 model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
                 batches = IndexedBatches(x, self.batch_size, streams_seed)
-            trainer = Trainer(model, train_config, device, on_epoch=self._report, seed=streams_seed)
+            trainer = Trainer(
+                model,
+                train_config,
+                device,
+                on_epoch=self._report,
+                seed=streams_seed,
+                compile=self.compile,
+            )
             history = trainer.fit(batches)
         self.model_: VAEModel = model
         self.model_config_ = config
@@ -354,6 +373,7 @@ class VAE(TransformerMixin, BaseEstimator):
         """Each example's ELBO with its reconstruction and KL terms: float64 CPU tensors ``[n]`` in
         nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
         x = self._tensor(X)
+        self._compile_evaluation()
         parts = []
         for chunk in self._chunks(x):
             noise = ExampleNoise(chunk, EVAL_SEED).normal(
@@ -396,6 +416,7 @@ class VAE(TransformerMixin, BaseEstimator):
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         x = self._tensor(X)
+        self._compile_evaluation()
         if proposal == "amortised":
             with torch.no_grad():
                 found = log_likelihood(self.model_, x, k, batch_size=batch_size, seed=EVAL_SEED)

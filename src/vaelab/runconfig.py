@@ -110,6 +110,12 @@ class RunConfig:
     )
     seed: int = _option(0, "seed of initialisation, data order and sampling noise", "int")
     device: str = _option("auto", "auto, cpu or cuda", "str")
+    compile: bool = _option(
+        False,
+        "run the training step through torch.compile (vaelab.fastpath); eager, after one "
+        "warning, where it cannot compile",
+        "bool",
+    )
     # checkpoints
     checkpoint_every: int = _option(0, "also checkpoint every N steps (0: off)", "int")
     checkpoint_seconds: float = _option(
@@ -151,6 +157,7 @@ class RunConfig:
             lr=self.lr,
             seed=self.seed,
             device=self.device,
+            compile=self.compile,
             network=self.network,
             activation=self.activation,
             samples=self.samples,
@@ -190,7 +197,7 @@ class RunConfig:
 
 OPTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Options that may change when a run resumes: where things are, not what is computed.
-RESUMABLE = {"data_dir", "device", "checkpoint_every", "checkpoint_seconds"}
+RESUMABLE = {"data_dir", "device", "compile", "checkpoint_every", "checkpoint_seconds"}
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -234,8 +241,8 @@ def convert(name: str, value: Any) -> Any:
     """``value`` (a command-line string, a TOML value or an already typed value) as option
     ``name``'s type; a ``ValueError`` says what was expected.
 
-    Kinds: ``int``, ``float``, ``str``, ``hidden`` (layer sizes), ``latent`` (one size or
-    several, ``parse_latent``), and ``int?`` / ``float?`` /
+    Kinds: ``int``, ``float``, ``str``, ``bool``, ``hidden`` (layer sizes), ``latent`` (one
+    size or several, ``parse_latent``), and ``int?`` / ``float?`` /
     ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
     spec = OPTIONS[name].metadata
     kind, choices = spec["kind"].rstrip("?"), spec["choices"]
@@ -247,6 +254,8 @@ def convert(name: str, value: Any) -> Any:
         return _hidden(value)
     if kind == "latent":
         return parse_latent(value)
+    if kind == "bool":
+        return _bool(name, value)
     converted = _scalar(name, kind, value)
     if optional and kind != "str" and converted == 0:
         return None
@@ -265,6 +274,17 @@ def _hidden(value: Any) -> tuple[int, ...]:
     raise ValueError(
         f"hidden must be a list of layer sizes or a string like '400,400', got {value!r}"
     )
+
+
+def _bool(name: str, value: Any) -> bool:
+    """``True`` / ``False``, also spelt true, false, yes, no, on, off, 1 or 0."""
+    if isinstance(value, bool):
+        return value
+    words = {"true": True, "yes": True, "on": True, "1": True}
+    words |= {"false": False, "no": False, "off": False, "0": False}
+    if isinstance(value, str) and value.strip().lower() in words:
+        return words[value.strip().lower()]
+    raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
 def _scalar(name: str, kind: str, value: Any) -> Any:

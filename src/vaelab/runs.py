@@ -474,7 +474,13 @@ def _set_up(
         extra={"run": config.to_json()},
     )
     trainer = Trainer(
-        model, config.train_config(), device, checkpoint=policy, seed=streams_seed, world=world
+        model,
+        config.train_config(),
+        device,
+        checkpoint=policy,
+        seed=streams_seed,
+        world=world,
+        compile=config.compile,
     )
     try:
         trainer.check(torch.as_tensor(np.asarray(train_data[:2])))
