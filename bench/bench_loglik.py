@@ -20,6 +20,12 @@ batch_size``: then exactly ``batch_size``), runs with autograd on unless the cal
 returns the mean over examples only. ``--pythae-batch-size`` must divide k so both sides evaluate k
 samples; the baseline runs under ``torch.no_grad()`` (its best case) unless ``--pythae-grad``.
 
+A fourth side, **vaelab compiled** (``--no-compile`` to skip), is vaelab's estimate with the
+likelihood's log p(x|z) compiled by ``torch.compile`` (``vaelab.fastpath.compile_evaluation``, what
+``vaelab evaluate --compile`` does), checked first to agree with the eager estimate to 10⁻⁴ nats
+per image; its compilation (from an empty TorchInductor cache unless ``--warm-compile-cache``) is
+timed apart. ``--no-pythae`` leaves pythae out (no peers venv needed): vaelab, compiled and floor.
+
 Each side runs one torch thread by default: the machine's two cores are shared, and with two
 threads per process OpenMP's spinning turns other people's load into 5x swings in wall time, where
 one thread keeps runs within about 10% (``--threads 2`` to use both cores anyway).
@@ -29,6 +35,7 @@ Usage (from the repository root, in vaelab's venv)::
     .venv/bin/python bench/bench_loglik.py                    # train 5 epochs, N=50, 3 rounds
     .venv/bin/python bench/bench_loglik.py --model runs/m1    # a saved vaelab model folder
     .venv/bin/python bench/bench_loglik.py --save-model /tmp/m --epochs 10 --examples 20
+    .venv/bin/python bench/bench_loglik.py --model runs/m1 --no-pythae   # compiled vs eager only
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import argparse
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -79,6 +87,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sanity-examples", type=int, default=5)
     parser.add_argument("--sanity-k", type=int, default=200)
     parser.add_argument("--pythae-grad", action="store_true", help="time get_nll with autograd on")
+    parser.add_argument(
+        "--no-pythae", action="store_true", help="leave pythae out: vaelab, compiled, floor"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="leave out vaelab compiled")
+    parser.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="compile with TorchInductor's usual cache (default: an empty one, as a first run)",
+    )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads per side (default 1; 0: torch's)"
     )
@@ -225,6 +242,37 @@ def time_vaelab(model: VAEModel, x: torch.Tensor, args: argparse.Namespace) -> d
     }
 
 
+def compiled_model(
+    model: VAEModel, x: torch.Tensor, args: argparse.Namespace
+) -> tuple[VAEModel, dict[str, Any]]:
+    """A copy of ``model`` with its log p(x|z) compiled (``vaelab.fastpath``), compiled here on
+    the first images: its first call is eager, the second compiles. Checked against eager."""
+    import copy
+
+    from vaelab.fastpath import compile_evaluation
+
+    if not args.warm_compile_cache:
+        # Read when TorchInductor first compiles: an empty cache times a first run's compile.
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")
+    compiled = compile_evaluation(copy.deepcopy(model))
+    n = min(5, x.shape[0])
+    log_likelihood(compiled, x[:n], k=args.k, batch_size=args.vaelab_batch_size)  # eager
+    started = time.perf_counter()
+    found = log_likelihood(compiled, x[:n], k=args.k, batch_size=args.vaelab_batch_size)
+    seconds = time.perf_counter() - started
+    expected = log_likelihood(model, x[:n], k=args.k, batch_size=args.vaelab_batch_size)
+    difference = float((found.log_px - expected.log_px).abs().max())
+    if difference > 1e-4:
+        raise SystemExit(f"compiled and eager IWAE differ by {difference:.2e} nats: a bug")
+    if not compiled.likelihood.log_prob.active:  # type: ignore[attr-defined]
+        raise SystemExit("torch.compile failed here (see the warning): nothing to time")
+    # What compiling costs: the call that compiled, less what the same call costs compiled.
+    again = time.perf_counter()
+    log_likelihood(compiled, x[:n], k=args.k, batch_size=args.vaelab_batch_size)
+    compile_seconds = seconds - (time.perf_counter() - again)
+    return compiled, {"compile_seconds": compile_seconds, "max_abs_diff": difference, "examples": n}
+
+
 @torch.no_grad()
 def time_floor(model: VAEModel, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """The decoder's matrix products for k latent codes per image and nothing else: no encoder,
@@ -254,18 +302,28 @@ def decoder_flops(model: VAEModel, k: int) -> int:
 
 def print_table(report: dict[str, Any]) -> None:
     n = report["examples"]
-    p, v = report["pythae"], report["vaelab"]
+    p, v, c = report["pythae"], report["vaelab"], report["vaelab_compiled"]
+    columns = [(f"vaelab {vaelab.__version__}", v)]
+    if c is not None:
+        columns.append((f"vaelab compiled ({c['compile_seconds']:.0f} s to compile)", c))
+    batch = [f"{report['vaelab_batch_size']} images"] * len(columns)
+    samples = [f"{report['k']}"] * len(columns)
+    if p is not None:
+        columns.insert(0, (f"pythae {report['versions']['pythae']} get_nll", p))
+        batch.insert(0, f"{report['pythae_batch_size']} samples")
+        samples.insert(0, f"{p['samples']:.0f}")
+    sides = [side for _, side in columns]
     rows = [
-        ("", f"pythae {report['versions']['pythae']} get_nll", f"vaelab {vaelab.__version__}"),
-        ("samples / image", f"{p['samples']:.0f}", f"{report['k']}"),
-        ("batch size", f"{report['pythae_batch_size']} samples", f"{report['vaelab_batch_size']} images"),
-        ("runs, s (N images)", " ".join(f"{s:.2f}" for s in p["runs"]), " ".join(f"{s:.2f}" for s in v["runs"])),
-        ("median, s", f"{p['median']:.3f}", f"{v['median']:.3f}"),
-        ("median CPU time, s", f"{p['median_cpu']:.3f}", f"{v['median_cpu']:.3f}"),
-        ("median, ms / image", f"{1e3 * p['median'] / n:.1f}", f"{1e3 * v['median'] / n:.1f}"),
-        ("mean log p(x), nats", f"{p['mean_log_px']:.2f}", f"{v['mean_log_px']:.2f} ± {v['standard_error']:.2f}"),
-    ]  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        ("", *(name for name, _ in columns)),
+        ("samples / image", *samples),
+        ("batch size", *batch),
+        ("runs, s (N images)", *(" ".join(f"{t:.2f}" for t in side["runs"]) for side in sides)),
+        ("median, s", *(f"{side['median']:.3f}" for side in sides)),
+        ("median CPU time, s", *(f"{side['median_cpu']:.3f}" for side in sides)),
+        ("median, ms / image", *(f"{1e3 * side['median'] / n:.1f}" for side in sides)),
+        ("mean log p(x), nats", *(f"{side['mean_log_px']:.2f}" for side in sides)),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     print()
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
@@ -273,14 +331,26 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"\ndecoder products alone (the floor of any exact float32 estimator): "
         f"{1e3 * floor['median'] / n:.1f} ms / image, {floor['gflops_per_second']:.0f} GFLOP/s; "
-        f"pythae / floor = {report['ratio_ceiling']:.2f}x, the most any implementation can gain"
+        f"vaelab / floor = {report['ratio_vaelab_floor']:.2f}"
     )
+    if c is not None:
+        print(
+            f"vaelab compiled / eager: {c['ratio_to_eager']:.3f} (rounds paired: "
+            f"{c['ratio_to_eager_paired_median']:.3f}); compiled / floor {c['ratio_to_floor']:.2f}"
+        )
+    if p is not None:
+        print(
+            f"pythae / floor = {report['ratio_ceiling']:.2f}x, the most any implementation can "
+            f"gain; pythae / vaelab (median time, same {n} images, k={report['k']}): "
+            f"{report['ratio']:.2f}x"
+        )
     print(
-        f"ratio pythae / vaelab (median time, same {n} images, k={report['k']}): "
-        f"{report['ratio']:.2f}x   load average {report['load_average_start'][0]:.2f} → "
-        f"{report['load_average_end'][0]:.2f} on {os.cpu_count()} cores, "
-        f"torch threads per side: {report['threads']}"
+        f"load average {report['load_average_start'][0]:.2f} → "
+        f"{report['load_average_end'][0]:.2f} on {os.cpu_count()} cores, torch threads per side: "
+        f"{report['threads']}"
     )
+    for other in report["other_processes"]:
+        print(f"  also running: {other['percent_of_a_core']}% of a core: {other['command'][:100]}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -296,19 +366,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, source = trained_or_loaded(args, splits)
     model = model.cpu().eval()
     spec, weights = export(model)
-    peers.ensure_venv()
-
-    sanity = sanity_check(model, test[: args.sanity_examples], spec, weights, args.sanity_k)
-    print(
-        f"sanity ({sanity['examples']} images, shared ε): max |Δ ELBO| "
-        f"{sanity['max_abs_diff_elbo']:.2e}, max |Δ IWAE-{sanity['k']}| "
-        f"{sanity['max_abs_diff_iwae']:.2e} nats"
-    )
-    if not sanity["passed"]:
-        raise SystemExit("the two networks disagree: fix the export before timing anything")
+    sanity = None
+    if not args.no_pythae:
+        peers.ensure_venv()
+        sanity = sanity_check(model, test[: args.sanity_examples], spec, weights, args.sanity_k)
+        print(
+            f"sanity ({sanity['examples']} images, shared ε): max |Δ ELBO| "
+            f"{sanity['max_abs_diff_elbo']:.2e}, max |Δ IWAE-{sanity['k']}| "
+            f"{sanity['max_abs_diff_iwae']:.2e} nats"
+        )
+        if not sanity["passed"]:
+            raise SystemExit("the two networks disagree: fix the export before timing anything")
 
     log_likelihood(model, test[:1], k=min(args.k, 500))  # warm-up, as the peer warms up
-    runs: dict[str, list[dict[str, Any]]] = {"pythae": [], "vaelab": [], "floor": []}
+    compiled = None
+    if not args.no_compile:
+        compiled, compiling = compiled_model(model, test, args)
+        print(
+            f"compiled: {compiling['compile_seconds']:.1f} s to compile; max |Δ IWAE-{args.k}| "
+            f"against eager {compiling['max_abs_diff']:.1e} nats on {compiling['examples']} images"
+        )
+    sides = ["pythae"] * (not args.no_pythae) + ["vaelab"] + ["compiled"] * (compiled is not None)
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in [*sides, "floor"]}
     for round_ in range(args.rounds):
         for side in runs:
             load = os.getloadavg()[0]
@@ -316,6 +395,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = time_pythae(spec, weights, test, args)
             elif side == "vaelab":
                 run = time_vaelab(model, test, args)
+            elif side == "compiled":
+                assert compiled is not None
+                run = time_vaelab(compiled, test, args)
             else:
                 run = time_floor(model, test, args)
             run["load1_before"] = load
@@ -336,13 +418,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["mean_log_px"] = statistics.fmean(r["mean_log_px"] for r in runs[side])
         return result
 
-    pythae, ours, floor = summary("pythae"), summary("vaelab"), summary("floor")
+    ours, floor = summary("vaelab"), summary("floor")
     floor["gflops_per_second"] = (
         decoder_flops(model, args.k) * args.examples / floor["median"] / 1e9
     )
-    pythae["samples"] = runs["pythae"][0]["decoded_per_example"]
-    pythae["autograd"] = args.pythae_grad
     ours["standard_error"] = runs["vaelab"][0]["standard_error"]
+    pythae, versions = None, peers.versions()
+    if "pythae" in runs:
+        pythae = summary("pythae")
+        pythae["samples"] = runs["pythae"][0]["decoded_per_example"]
+        pythae["autograd"] = args.pythae_grad
+        versions["pythae"] = runs["pythae"][0]["versions"]["pythae"]
+        versions["peers_torch"] = runs["pythae"][0]["versions"]["torch"]
+    fast = None
+    if "compiled" in runs:
+        fast = summary("compiled") | compiling
+        pairs = [
+            c["seconds"] / v["seconds"]
+            for c, v in zip(runs["compiled"], runs["vaelab"], strict=True)
+        ]
+        fast["ratio_to_eager_paired_median"] = statistics.median(pairs)
+        fast["ratio_to_eager"] = fast["median"] / ours["median"]
+        fast["ratio_to_floor"] = fast["median"] / floor["median"]
     report: dict[str, Any] = {
         "benchmark": "loglik",
         "examples": args.examples,
@@ -355,18 +452,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sanity": sanity,
         "pythae": pythae,
         "vaelab": ours,
-        "ratio": pythae["median"] / ours["median"],
+        "vaelab_compiled": fast,
+        "ratio": None if pythae is None else pythae["median"] / ours["median"],
         "decoder_floor": floor,
-        "ratio_ceiling": pythae["median"] / floor["median"],
+        "ratio_ceiling": None if pythae is None else pythae["median"] / floor["median"],
+        "ratio_vaelab_floor": ours["median"] / floor["median"],
         "threads": torch.get_num_threads(),
         "load_average_start": list(load_start),
         "load_average_end": list(os.getloadavg()),
         "other_processes": watch.busy(),
-        "versions": {
-            **peers.versions(),
-            "pythae": runs["pythae"][0]["versions"]["pythae"],
-            "peers_torch": runs["pythae"][0]["versions"]["torch"],
-        },
+        "versions": versions,
         "argv": sys.argv[1:] if argv is None else argv,
     }
     print_table(report)

@@ -20,11 +20,23 @@ that, in one process, on the same core, alternating the two sides:
   every epoch: the ``RunLog`` observer (quiet, so no bar, but ``metrics.jsonl`` and TensorBoard
   scalars written each epoch) and a checkpoint at every epoch end (60 s mid-epoch, the default),
   in a temporary folder. Reported as its own line and as the overhead C / A.
+- **D, vaelab compiled** (``--no-compile`` to skip): A with ``Trainer(compile=True)``, the step's
+  loss through ``torch.compile`` (``vaelab.fastpath``), its own copy of the weights. Its warm-up
+  unit includes the compilation, reported apart; TorchInductor's cache starts empty in a
+  temporary folder (``--warm-compile-cache`` keeps the user's), so that is what a first run pays.
+- **F, the floor** (``--no-floor`` to skip): the model's matrix products of one training step
+  and nothing else, ``[batch, in] × [in, out]`` for every ``Linear`` of encoder and decoder
+  (with the bias, as ``addmm``), then the backward products: each weight's gradient and each
+  layer's input gradient, except the first layer's (the data need none). No elementwise work,
+  no autograd, no Python between layers. Any trainer of this model in float32 does at least
+  these products, so F / B is the least fraction of the loop's time any trainer can take on this
+  CPU. Timed apart, per epoch: the forward products, the backward products, and the fused Adam
+  update of the same parameters (the least any Adam trainer adds).
 
 Before any timing, A and B must give the same loss on a shared batch and shared ε (float32
 precision): same network, same objective, so a time difference is the implementation's alone.
 
-Each configuration warms up one unit of each side, then runs ``--rounds`` rounds of A, B (, C); a
+Each configuration warms up one unit of each side, then runs ``--rounds`` rounds of A, B, C, D, F; a
 unit is one epoch on MNIST and ``--digits-epochs`` epochs on the digits (15 batches an epoch are too
 few to time alone). Every unit starts a new ``Trainer`` (A, C) or a new ``Adam`` (B) outside the
 timer, on weights that carry on from the unit before. Medians of wall-clock seconds per epoch are
@@ -44,7 +56,7 @@ run are recorded with the results in ``bench/results/trainer-<time>.json``.
 
 Usage (from the repository root, in vaelab's venv)::
 
-    .venv/bin/python bench/bench_trainer.py                     # digits, MNIST, MNIST Burda et al.
+    .venv/bin/python bench/bench_trainer.py                     # digits, MNIST, 784-400-20, Burda
     .venv/bin/python bench/bench_trainer.py --configs digits --rounds 9
     .venv/bin/python bench/bench_trainer.py --breakdown always --no-run-log
 """
@@ -102,7 +114,14 @@ CPU_ACTIVITY = torch.profiler.ProfilerActivity.CPU
 # Two float32 sums over ~800 terms in different orders agree to ~1e-5 relative; a different
 # network, offset or objective is off by far more.
 SANITY_TOLERANCE = 1e-4
-SIDES = {"A": "vaelab Trainer", "B": "hand-written loop", "C": "vaelab + run log"}
+SIDES = {
+    "A": "vaelab Trainer",
+    "B": "hand-written loop",
+    "C": "vaelab + run log",
+    "D": "vaelab Trainer, compiled",
+    "F": "matrix products alone",
+}
+FLOOR_PARTS = ("forward", "backward", "adam")  # F's parts, timed apart
 # Plain torch.nn activations for the hand-written side: it must not borrow vaelab's modules.
 HAND_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
@@ -126,6 +145,8 @@ class Setting:
 SETTINGS = {
     "digits": Setting("digits", "digits", 8, (256,), "relu"),
     "mnist": Setting("mnist", "mnist", 8, (256,), "relu"),
+    # The model of issue 11's comparison with pythae and Pyro: 784-400-20, ReLU.
+    "mnist-400": Setting("mnist-400", "mnist", 20, (400,), "relu"),
     # Burda et al. (2016), one stochastic layer: 784-200-200-50, tanh.
     "mnist-burda": Setting("mnist-burda", "mnist", 50, (200, 200), "tanh"),
 }
@@ -155,6 +176,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--no-run-log", action="store_true", help="skip side C (RunLog observer + checkpoints)"
     )
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip side D (the trainer with compile=True)"
+    )
+    parser.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="D compiles with TorchInductor's usual cache (default: an empty one, as a first run)",
+    )
+    parser.add_argument("--no-floor", action="store_true", help="skip side F (products alone)")
     parser.add_argument(
         "--breakdown",
         choices=("auto", "always", "never"),
@@ -288,8 +318,74 @@ def timed(run: Callable[[], object]) -> dict[str, float]:
     }
 
 
+class Floor:
+    """Side F: the matrix products of one training step of ``model`` (an MLP VAE) for a batch of
+    ``batch_size``, and the fused Adam update of its parameters, each alone.
+
+    Operands are fixed random tensors of the layers' shapes (the products' cost does not depend
+    on the values); the weights are the model's. ``Linear`` computes x Wᵀ + b; its backward
+    computes the weight's gradient gᵀ x and the input's gradient g W."""
+
+    def __init__(self, model: VAEModel, batch_size: int, lr: float) -> None:
+        layers = [
+            m
+            for part in (model.posterior.encoder, model.likelihood.decoder)
+            for m in part.modules()
+            if isinstance(m, nn.Linear)
+        ]
+        generator = torch.Generator().manual_seed(0)
+
+        def normal(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=generator)
+
+        self.layers = [
+            (
+                layer.weight.detach().clone(),  # [out, in]
+                layer.bias.detach().clone(),  # [out]
+                normal(batch_size, layer.in_features),  # the layer's input x
+                normal(batch_size, layer.out_features),  # the gradient g at its output
+            )
+            for layer in layers
+        ]
+        parameters = [nn.Parameter(p.detach().clone()) for p in model.parameters()]
+        for p in parameters:
+            p.grad = torch.randn(p.shape, generator=generator) * 1e-3
+        self.adam = torch.optim.Adam(parameters, lr=lr, fused=True)  # as vaelab's trainer
+        self.flops = sum(  # per step: 2 per multiply-add
+            2 * batch_size * w.shape[0] * w.shape[1] * (3 if i else 2)
+            for i, (w, _, _, _) in enumerate(self.layers)
+        )
+
+    def forward(self) -> None:
+        for w, b, x, _ in self.layers:
+            torch.addmm(b, x, w.t())  # [batch, out]
+
+    def backward(self) -> None:
+        for i, (w, _, x, g) in enumerate(self.layers):
+            torch.mm(g.t(), x)  # the weight's gradient, [out, in]
+            if i:  # the first layer's input is the data, which needs no gradient
+                torch.mm(g, w)  # the input's gradient, [batch, in]
+
+    def update(self) -> None:
+        self.adam.step()
+
+    def epochs(self, steps: int, epochs: int) -> dict[str, float]:
+        """Seconds (wall and CPU) of each part for ``epochs`` epochs of ``steps`` steps; "wall"
+        and "cpu" are the products' (forward and backward)."""
+        found: dict[str, float] = {"load1_before": os.getloadavg()[0]}
+        for part, run in zip(FLOOR_PARTS, (self.forward, self.backward, self.update), strict=True):
+            cpu, wall = time.process_time(), time.perf_counter()
+            for _ in range(steps * epochs):
+                run()
+            found[f"{part}_wall"] = time.perf_counter() - wall
+            found[f"{part}_cpu"] = time.process_time() - cpu
+        found["wall"] = found["forward_wall"] + found["backward_wall"]
+        found["cpu"] = found["forward_cpu"] + found["backward_cpu"]
+        return found
+
+
 class Bench:
-    """The three sides of one configuration, each keeping its own weights across units."""
+    """The sides of one configuration, each keeping its own weights across units."""
 
     def __init__(self, setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> None:
         self.setting, self.x, self.args = setting, x, args
@@ -300,13 +396,18 @@ class Bench:
             self.model, self.encoder, self.decoder, x[: args.batch_size], setting.latent_dim
         )
         self.run_model = copy.deepcopy(self.model)
+        self.compiled_model = copy.deepcopy(self.model)
+        self.floor = Floor(self.model, args.batch_size, args.lr)
+        self.steps = -(-x.shape[0] // args.batch_size)
         self.generators = {side: torch.Generator().manual_seed(args.seed + 1) for side in SIDES}
         self.epochs = args.digits_epochs if setting.data == "digits" else args.mnist_epochs
         self.train_config = TrainConfig(epochs=self.epochs, batch_size=args.batch_size, lr=args.lr)
 
     def unit(self, side: str) -> dict[str, float]:
         """``self.epochs`` epochs of one side; set-up outside the timer, seconds per epoch."""
-        if side == "B":
+        if side == "F":
+            result = self.floor.epochs(self.steps, self.epochs)
+        elif side == "B":
             optimizer = hand_adam(
                 self.args, [*self.encoder.parameters(), *self.decoder.parameters()]
             )
@@ -324,9 +425,13 @@ class Bench:
         else:
             # The data order and noise come from vaelab.streams, keyed by (seed, epoch, batch).
             source = IndexedBatches(self.x, self.args.batch_size, self.args.seed + 1)
-            if side == "A":
+            if side in ("A", "D"):
                 trainer = Trainer(
-                    self.model, copy.copy(self.train_config), DEVICE, seed=self.args.seed + 2
+                    self.model if side == "A" else self.compiled_model,
+                    copy.copy(self.train_config),
+                    DEVICE,
+                    seed=self.args.seed + 2,
+                    compile=side == "D",
                 )
                 result = timed(lambda: trainer.fit(source))
             else:
@@ -350,8 +455,8 @@ class Bench:
                         run_log.close()
             # The trainer's own clock: the batch loop only, without the epoch-end work.
             result["trainer_seconds"] = sum(m.seconds for m in trainer.history)
-        for key in ("wall", "cpu", "trainer_seconds"):
-            if key in result:
+        for key in list(result):
+            if key != "load1_before":
                 result[key] /= self.epochs
         return result
 
@@ -367,9 +472,20 @@ def run_setting(setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> 
     )
     if bench.sanity["relative_diff"] > SANITY_TOLERANCE:
         raise SystemExit("A and B compute different losses: fix the hand-written side first")
-    sides = ["A", "B"] if args.no_run_log else ["A", "B", "C"]
-    for side in sides:  # warm-up: allocator, kernels, Adam state, TensorBoard writer
-        bench.unit(side)
+    sides = [
+        side
+        for side, skipped in (
+            ("A", False),
+            ("B", False),
+            ("C", args.no_run_log),
+            ("D", args.no_compile),
+            ("F", args.no_floor),
+        )
+        if not skipped
+    ]
+    warm_up: dict[str, float] = {}
+    for side in sides:  # warm-up: allocator, kernels, Adam state, TensorBoard writer, compiling
+        warm_up[side] = bench.unit(side)["wall"]
     runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         for side in sides:
@@ -386,10 +502,25 @@ def run_setting(setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> 
             "min_seconds_per_epoch": min(walls),
             "median_cpu_seconds_per_epoch": statistics.median(r["cpu"] for r in runs[side]),
             "median_ms_per_step": 1e3 * statistics.median(walls) / steps,
+            "warm_up_seconds_per_epoch": warm_up[side],
         }
-        if side != "B":
+        if side in ("A", "C", "D"):
             found["median_trainer_seconds_per_epoch"] = statistics.median(
                 r["trainer_seconds"] for r in runs[side]
+            )
+        if side == "F":
+            for part in FLOOR_PARTS:
+                for clock in ("wall", "cpu"):
+                    found[f"median_{part}_{clock}_seconds_per_epoch"] = statistics.median(
+                        r[f"{part}_{clock}"] for r in runs[side]
+                    )
+            found["gflops_per_second"] = (
+                bench.floor.flops * steps / found["median_seconds_per_epoch"] / 1e9
+            )
+        if side == "D":
+            # The first unit compiles (and runs a first eager step); the others reuse it.
+            found["compile_seconds"] = warm_up[side] * bench.epochs - statistics.median(
+                r["wall"] * bench.epochs for r in runs["D"]
             )
         return found
 
@@ -402,15 +533,40 @@ def run_setting(setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> 
         "sides": {side: summary(side) for side in sides},
     }
     a, b = result["sides"]["A"], result["sides"]["B"]
+
+    def ratios(side: str, clock: str = "") -> tuple[float, float]:
+        """``side`` over B: the ratio of medians, and the median of the per-round ratios (robust
+        to slow drifts in the machine's load); ``clock`` "cpu" for CPU seconds."""
+        key = f"median_{clock}_seconds_per_epoch" if clock else "median_seconds_per_epoch"
+        pairs = [
+            r[clock or "wall"] / rb[clock or "wall"]
+            for r, rb in zip(runs[side], runs["B"], strict=True)
+        ]
+        return result["sides"][side][key] / b[key], statistics.median(pairs)
+
     result["ratio_a_b"] = a["median_seconds_per_epoch"] / b["median_seconds_per_epoch"]
     result["ratio_a_b_cpu"] = a["median_cpu_seconds_per_epoch"] / b["median_cpu_seconds_per_epoch"]
-    # The ratio of per-round pairs is robust to slow drifts in the machine's load.
     pairs = [ra["wall"] / rb["wall"] for ra, rb in zip(runs["A"], runs["B"], strict=True)]
     result["ratio_a_b_paired_median"] = statistics.median(pairs)
     result["ratio_a_b_paired_range"] = [min(pairs), max(pairs)]
     if "C" in runs:
         c = result["sides"]["C"]
         result["ratio_c_a"] = c["median_seconds_per_epoch"] / a["median_seconds_per_epoch"]
+    if "D" in runs:
+        result["ratio_d_b"], result["ratio_d_b_paired_median"] = ratios("D")
+        result["ratio_d_b_cpu"] = ratios("D", "cpu")[0]
+        pairs = [rd["wall"] / ra["wall"] for rd, ra in zip(runs["D"], runs["A"], strict=True)]
+        result["ratio_d_a_paired_median"] = statistics.median(pairs)
+        result["ratio_d_a_paired_range"] = [min(pairs), max(pairs)]
+    if "F" in runs:
+        f = result["sides"]["F"]
+        result["ratio_f_b"], result["ratio_f_b_paired_median"] = ratios("F")
+        result["ratio_f_b_cpu"] = ratios("F", "cpu")[0]
+        wall = b["median_seconds_per_epoch"]
+        result["ratio_forward_products_b"] = f["median_forward_wall_seconds_per_epoch"] / wall
+        result["ratio_products_and_adam_b"] = (
+            f["median_seconds_per_epoch"] + f["median_adam_wall_seconds_per_epoch"]
+        ) / wall
     wanted = args.breakdown == "always" or (
         args.breakdown == "auto" and result["ratio_a_b"] > args.threshold
     )
@@ -768,6 +924,7 @@ def print_table(report: dict[str, Any]) -> None:
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
         )
+    print_fast_path_table(report)
     start, end = report["load_average_start"], report["load_average_end"]
     print(
         f"load average (1 min) {start[0]:.2f} → {end[0]:.2f} on {os.cpu_count()} cores; "
@@ -778,6 +935,53 @@ def print_table(report: dict[str, Any]) -> None:
     for p in report["other_processes"]:
         print(
             f"  also running: {p['percent_of_a_core']}% of a core, pid {p['pid']}: {p['command'][:100]}"
+        )
+
+
+def print_fast_path_table(report: dict[str, Any]) -> None:
+    """D (compiled) and F (the products alone) against B, the loop."""
+    header = (
+        "config",
+        "D compiled",
+        "D/B",
+        "D/A pairs",
+        "compile s",
+        "F products",
+        "F/B",
+        "forward/B",
+        "(F+Adam)/B",
+        "GFLOP/s",
+    )
+    rows = [header]
+    for name, r in report["results"].items():
+        sides = r.get("sides", {})
+        d, f = sides.get("D"), sides.get("F")
+        if d is None and f is None:
+            continue
+        rows.append(
+            (
+                name,
+                f"{d['median_seconds_per_epoch']:.4f}" if d else "-",
+                f"{r['ratio_d_b']:.3f}" if d else "-",
+                f"{r['ratio_d_a_paired_median']:.3f}" if d else "-",
+                f"{d['compile_seconds']:.1f}" if d else "-",
+                f"{f['median_seconds_per_epoch']:.4f}" if f else "-",
+                f"{r['ratio_f_b']:.3f}" if f else "-",
+                f"{r['ratio_forward_products_b']:.3f}" if f else "-",
+                f"{r['ratio_products_and_adam_b']:.3f}" if f else "-",
+                f"{f['gflops_per_second']:.0f}" if f else "-",
+            )
+        )
+    if len(rows) == 1:
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    print("\nthe fast path (D) and the floor (F: the step's matrix products alone), s per epoch:")
+    for row in rows:
+        print(
+            "  ".join(
+                cell.rjust(w) if i else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
         )
 
 
@@ -795,12 +999,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     data_dir = peers.data_dir(args.data_dir)
+    inductor_cache = None
+    if not args.no_compile and not args.warm_compile_cache:
+        # Read when TorchInductor first compiles: an empty cache makes D's warm-up a first run's.
+        inductor_cache = tempfile.TemporaryDirectory(prefix="bench-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache.name
     started = time.perf_counter()
     load_start, watch = os.getloadavg(), peers.ProcessWatch()
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); load average "
         f"{load_start[0]:.2f} on {os.cpu_count()} cores; A = {SIDES['A']}, B = {SIDES['B']}, "
-        f"C = {SIDES['C']} (no progress bar on any side); B's Adam: {args.hand_adam}"
+        f"C = {SIDES['C']}, D = {SIDES['D']}, F = {SIDES['F']} (no progress bar on any side); "
+        f"B's Adam: {args.hand_adam}"
     )
     results: dict[str, Any] = {}
     cache: dict[str, torch.Tensor] = {}
@@ -830,6 +1040,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lr": args.lr,
         "rounds": args.rounds,
         "hand_adam": args.hand_adam,
+        "compile_cache": "warm" if inductor_cache is None else "empty at the start",
         "seed": args.seed,
         "total_seconds": total,
         "load_average_start": list(load_start),
@@ -841,6 +1052,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print_table(report)
     peers.save_result(report, "trainer", args.out)
+    if inductor_cache is not None:
+        inductor_cache.cleanup()
     return report
 
 

@@ -5,11 +5,13 @@ objectives and the components a model is composed of (a conditional model's too:
 ``VAEModel.given(y)``, ``vaelab.conditioning``). The evaluation modules are public too, as
 attributes after ``import vaelab``: ``vaelab.loglik`` (IWAE-k), ``vaelab.ais`` (annealed importance
 sampling, BDMC), ``vaelab.gap`` (inference gaps), ``vaelab.diagnostics`` (posterior collapse) and
-``vaelab.ppca`` (linear-Gaussian models in closed form).
+``vaelab.ppca`` (linear-Gaussian models in closed form); ``vaelab.fastpath`` compiles training and
+evaluation with ``torch.compile``.
 """
 
 from vaelab import ais as ais
 from vaelab import diagnostics as diagnostics
+from vaelab import fastpath as fastpath
 from vaelab import gap as gap
 from vaelab import loglik as loglik
 from vaelab import ppca as ppca

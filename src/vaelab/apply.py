@@ -26,6 +26,7 @@ from vaelab.conditioning import given_rows
 from vaelab.data import SOURCES, Split, load_data
 from vaelab.distributed import SINGLE, World
 from vaelab.estimator import EVAL_SEED, VAE
+from vaelab.fastpath import compile_evaluation
 from vaelab.files import atomic_write_bytes
 from vaelab.gap import InferenceGap
 from vaelab.loglik import LogLikelihoodEstimate, standard_error
@@ -38,10 +39,12 @@ CHUNK = 4096  # rows per evaluation / encoding step
 
 
 def open_model(
-    folder: str | os.PathLike[str], device: str | None = None
+    folder: str | os.PathLike[str], device: str | None = None, *, compile: bool = False
 ) -> tuple[VAE, dict[str, Any]]:
     """The fitted ``VAE`` in ``folder`` (on ``device``; default: see ``vaelab.load``) and its
-    ``vaelab.json``; an unfinished run is named as such."""
+    ``vaelab.json``; an unfinished run is named as such. ``compile`` decides whether its
+    estimates run the likelihood's log p(x|z) compiled (``vaelab.fastpath``), whatever the
+    model was trained with: each command decides for itself."""
     path = Path(folder)
     if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / RUN_CONFIG_FILE).exists():
         raise ModelFileError(
@@ -49,6 +52,9 @@ def open_model(
             f"with `vaelab train --out {path} --resume`"
         )
     estimator = load(path, device=device)
+    estimator.compile = compile
+    if compile:
+        compile_evaluation(estimator.model_)
     _, document = read_model_document(path)
     return estimator, document
 
@@ -278,6 +284,7 @@ def evaluate(
     device: str | None = None,
     per_example: str | os.PathLike[str] | None = None,
     world: World = SINGLE,
+    compile: bool = False,
 ) -> dict[str, Any] | None:
     """Mean ELBO, reconstruction and KL (nats per example) of the model in ``folder`` on its test
     data (see ``model_data``; ``split`` picks another), with the standard error of the ELBO;
@@ -290,7 +297,8 @@ def evaluate(
     time); ``iwae_examples`` takes a random subset of those for IWAE and AIS only, whose cost
     grows with k and the number of steps. A tqdm bar shows each long step when ``progress``.
     ``per_example`` names an .npz file for each example's numbers (float64 ``elbo``, and
-    ``iwae`` / ``ais`` when computed, in the order of the examples evaluated).
+    ``iwae`` / ``ais`` when computed, in the order of the examples evaluated). ``compile`` runs
+    the likelihood's log p(x|z) through ``torch.compile`` (``vaelab.fastpath``).
 
     On several workers (``world``) every worker calls it: IWAE and AIS split their batches among
     the workers (``estimate_batches``), which gives every example the very numbers one process
@@ -308,7 +316,7 @@ def evaluate(
     out = None if per_example is None else _output(per_example, (".npz",))
 
     def open_examples() -> tuple[VAE, ModelData]:
-        estimator, document = open_model(folder, device)
+        estimator, document = open_model(folder, device, compile=compile)
         examples = model_data(estimator, document, data, data_dir, split).subset(examples_limit)
         if len(examples) == 0:
             raise RunError(f"{examples.description} holds no examples to evaluate")

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vaelab.conditioning import given_rows, one_hot
 from vaelab.data import DataError
+from vaelab.fastpath import compile_evaluation
 from vaelab.flows import DEFAULT_FLOW_STEPS
 from vaelab.likelihoods import DataMoments
 from vaelab.model import VAEModel
@@ -122,6 +123,10 @@ class VAE(TransformerMixin, BaseEstimator):
         condition vectors ``[n, c]`` (floats), and ``sample(n, y=...)``, ``transform``,
         ``reconstruct``, ``elbo``, ``score_samples``, ``log_likelihood`` and ``refine`` take the
         examples' ``y``. One stochastic layer, no VampPrior, arrays only (no ``DataLoader``).
+    compile : run the training step, and the likelihood's log p(x|z) in ``elbo``,
+        ``score_samples`` and ``log_likelihood``, through ``torch.compile``
+        (``vaelab.fastpath``): the same numbers to float rounding; eager, after one warning,
+        where it cannot compile. The first calls pay for compiling (seconds to a minute).
     """
 
     def __init__(
@@ -146,6 +151,7 @@ class VAE(TransformerMixin, BaseEstimator):
         k: int = 1,
         gradient: str = "standard",
         conditional: bool = False,
+        compile: bool = False,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -167,6 +173,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.k = k
         self.gradient = gradient
         self.conditional = conditional
+        self.compile = compile
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -244,6 +251,11 @@ class VAE(TransformerMixin, BaseEstimator):
                 f"of shape {tuple(shape)}: pass an array [n, {dims}] or flat rows [n, {size}]"
             )
         return X
+
+    def _compile_evaluation(self) -> None:
+        """With ``compile``, the likelihood's log p(x|z) compiled (``vaelab.fastpath``)."""
+        if self.compile:
+            compile_evaluation(self.model_)
 
     def _tensor(self, X: Any) -> torch.Tensor:
         check_is_fitted(self, "model_")
@@ -362,7 +374,14 @@ class VAE(TransformerMixin, BaseEstimator):
                 model.likelihood.check_support(x)
                 model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
                 batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
-            trainer = Trainer(model, train_config, device, on_epoch=self._report, seed=streams_seed)
+            trainer = Trainer(
+                model,
+                train_config,
+                device,
+                on_epoch=self._report,
+                seed=streams_seed,
+                compile=self.compile,
+            )
             history = trainer.fit(batches)
         self.model_: VAEModel = model
         self.model_config_ = config
@@ -482,6 +501,7 @@ class VAE(TransformerMixin, BaseEstimator):
         nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
         x = self._tensor(X)
         condition = self._condition(y, x.shape[0])
+        self._compile_evaluation()
         parts = []
         for chunk, model in self._chunks(x, condition):
             noise = ExampleNoise(chunk, EVAL_SEED).normal(
@@ -528,6 +548,7 @@ class VAE(TransformerMixin, BaseEstimator):
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         x = self._tensor(X)
         condition = self._condition(y, x.shape[0])
+        self._compile_evaluation()
         if proposal == "amortised":
             with torch.no_grad():
                 found = log_likelihood(

@@ -117,6 +117,12 @@ class RunConfig:
     )
     seed: int = _option(0, "seed of initialisation, data order and sampling noise", "int")
     device: str = _option("auto", "auto, cpu or cuda", "str")
+    compile: bool = _option(
+        False,
+        "run the training step through torch.compile (vaelab.fastpath); eager, after one "
+        "warning, where it cannot compile",
+        "bool",
+    )
     # checkpoints
     checkpoint_every: int = _option(0, "also checkpoint every N steps (0: off)", "int")
     checkpoint_seconds: float = _option(
@@ -158,6 +164,7 @@ class RunConfig:
             lr=self.lr,
             seed=self.seed,
             device=self.device,
+            compile=self.compile,
             network=self.network,
             activation=self.activation,
             samples=self.samples,
@@ -199,7 +206,7 @@ class RunConfig:
 
 OPTIONS = {f.name: f for f in dataclasses.fields(RunConfig)}
 # Options that may change when a run resumes: where things are, not what is computed.
-RESUMABLE = {"data_dir", "device", "checkpoint_every", "checkpoint_seconds"}
+RESUMABLE = {"data_dir", "device", "compile", "checkpoint_every", "checkpoint_seconds"}
 
 
 def parse_hidden(text: str) -> tuple[int, ...]:
@@ -243,7 +250,7 @@ def convert(name: str, value: Any) -> Any:
     """``value`` (a command-line string, a TOML value or an already typed value) as option
     ``name``'s type; a ``ValueError`` says what was expected.
 
-    Kinds: ``int``, ``float``, ``str``, ``bool`` (``true``/``false``, ``yes``/``no``, ``1``/``0``),
+    Kinds: ``int``, ``float``, ``str``, ``bool`` (``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``),
     ``hidden`` (layer sizes), ``latent`` (one size or several, ``parse_latent``), and ``int?`` /
     ``float?`` /
     ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
@@ -267,7 +274,8 @@ def convert(name: str, value: Any) -> Any:
     return converted
 
 
-_BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+_BOOLEANS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLEANS |= {"false": False, "no": False, "off": False, "0": False}
 
 
 def _boolean(name: str, value: Any) -> bool:

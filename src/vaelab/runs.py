@@ -509,7 +509,13 @@ def _set_up(
         extra={"run": config.to_json()},
     )
     trainer = Trainer(
-        model, config.train_config(), device, checkpoint=policy, seed=streams_seed, world=world
+        model,
+        config.train_config(),
+        device,
+        checkpoint=policy,
+        seed=streams_seed,
+        world=world,
+        compile=config.compile,
     )
     try:
         first_conditions = None
