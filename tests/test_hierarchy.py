@@ -15,7 +15,7 @@ from torch.distributions import MultivariateNormal, Normal
 
 import vaelab
 from vaelab.ais import HmcSettings, ais
-from vaelab.diagnostics import activity, collapse_diagnostics
+from vaelab.diagnostics import activity, activity_beyond_layer_above, collapse_diagnostics
 from vaelab.gap import families_containing, fit_local_posteriors
 from vaelab.hierarchy import GaussianChain, LatentChain, LocalLayersPosterior
 from vaelab.loglik import log_likelihood
@@ -338,7 +338,40 @@ def test_active_units_are_counted_per_layer():
     assert as_dict["kl_per_dimension"] is None  # the layers' KLs do not split per unit
     from vaelab.apply import active_units_text
 
-    assert active_units_text(as_dict) == "3 of 5 (z1: 2 of 3, z2: 1 of 2)"
+    without = {**as_dict, "active_units_beyond_layer_above": None}
+    assert active_units_text(without) == "3 of 5 (z1: 2 of 3; z2: 1 of 2)"
+
+    # The prior's p(z₁|z₂) = N(E z₂ + f, ·) with E[0, 0] = 1 / 0.7 explains z₁'s unit 0 by z₂'s
+    # unit 0 exactly: z₁₀ − m₀(z₂) = z₁₀ − (0.7 z₁₀ + 1) / 0.7 − f₀ is constant in x, so only
+    # unit 1 of z₁ is active beyond z₂. Exact: R = Var_x((I − E C) μ₁ − E d − f) for z₁, A for z₂.
+    lower = torch.zeros(d1, d2, dtype=F64)
+    lower[0, 0] = 1 / 0.7
+    with torch.no_grad():
+        _set_gaussian(
+            model.prior.conditionals[0].encoder.layers[0], lower, torch.full((d1,), 0.3, dtype=F64),
+            torch.ones(d1, dtype=F64),
+        )  # fmt: skip
+    beyond = activity_beyond_layer_above(model, x, seed=0)
+    exact_beyond = torch.cat([(means1 - means1 @ (lower @ upper).T).var(0), exact[d1:]])
+    torch.testing.assert_close(beyond, exact_beyond, rtol=0.05, atol=1e-3)
+    diagnostics = collapse_diagnostics(model, x, seed=0, mi_examples=100)
+    assert diagnostics.active_units_per_layer == [2, 1]  # A_u alone cannot tell
+    assert diagnostics.active_units_beyond_layer_above == [1, 1]
+    torch.testing.assert_close(diagnostics.activity_beyond[d1:], diagnostics.activity[d1:])
+    assert (
+        active_units_text(diagnostics.to_dict()) == "3 of 5 (z1: 2 of 3, 1 beyond z2; z2: 1 of 2)"
+    )
+    one_layer = build_model(
+        ModelConfig(data_shape=(data,), latent_dim=2, hidden=(), likelihood="gaussian")
+    )
+    assert (
+        collapse_diagnostics(one_layer, x.float(), seed=0).to_dict()[
+            "active_units_beyond_layer_above"
+        ]
+        is None
+    )
+    with pytest.raises(ValueError, match="several layers"):
+        activity_beyond_layer_above(one_layer, x.float())
 
 
 # --------------------------------------------------------------------------- training and files

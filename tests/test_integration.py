@@ -155,6 +155,12 @@ def test_evaluate(model, capsys):
     assert diagnostics["latent_sizes"] == sizes
     per_layer = diagnostics["active_units_per_layer"]
     assert len(per_layer) == len(sizes) and sum(per_layer) == diagnostics["active_units"]
+    beyond = diagnostics["active_units_beyond_layer_above"]
+    if len(sizes) == 1:
+        assert beyond is None
+    else:  # every layer but the top one also counts what the layer above does not explain
+        assert len(beyond) == len(sizes) and beyond[-1] == per_layer[-1]
+        assert all(0 <= n <= d for n, d in zip(beyond, sizes, strict=True))
     # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.diagnostics); an IAF's is left
     # out by default (N² sequential inverses), and says so.
     information = diagnostics["mutual_information"]
@@ -192,6 +198,7 @@ def test_report(model, capsys, tmp_path):
     assert "nan" not in html.split("<table")[1].split("</table>")[0].lower()  # the metrics
     if len(latent_sizes(model[1])) > 1:  # active units of each stochastic layer
         assert "active units (z1)" in html and "active units (z2)" in html
+        assert "active units (z1) beyond z2" in html
     if model[1] in CONDITIONAL:  # a row of samples per class
         assert [html.count(f'alt="samples of {c}"') for c in range(10)] == [1] * 10
 

@@ -527,15 +527,18 @@ def diagnostics_summary(
 
 def active_units_text(diagnostics: dict[str, Any]) -> str:
     """The active units of a ``diagnostics_summary`` in words: "3 of 5", and with several
-    stochastic layers each layer's count, "3 of 5 (z1: 2 of 3, z2: 1 of 2)"."""
+    stochastic layers each layer's count, with the units active beyond the layer above for all
+    but the top one: "3 of 5 (z1: 2 of 3, 1 beyond z2; z2: 1 of 2)"."""
     text = f"{diagnostics['active_units']} of {diagnostics['latent_dim']}"
     sizes = diagnostics.get("latent_sizes") or []
     if len(sizes) > 1:
         counts = diagnostics["active_units_per_layer"]
-        layers = ", ".join(
-            f"z{i}: {n} of {d}" for i, (n, d) in enumerate(zip(counts, sizes, strict=True), 1)
-        )
-        text += f" ({layers})"
+        beyond = diagnostics.get("active_units_beyond_layer_above") or [None] * len(sizes)
+        layers = []
+        for i, (n, d, b) in enumerate(zip(counts, sizes, beyond, strict=True), 1):
+            more = f", {b} beyond z{i + 1}" if b is not None and i < len(sizes) else ""
+            layers.append(f"z{i}: {n} of {d}{more}")
+        text += f" ({'; '.join(layers)})"
     return text
 
 

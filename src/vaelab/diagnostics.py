@@ -5,6 +5,12 @@
   whose posterior mean does not move with x tells the decoder nothing. With several stochastic
   layers the units of each layer are counted apart, as Burda et al. report them (for z₂, … the
   mean is under q(z₂|x) = E_{q(z₁|x)}[q(z₂|z₁)], a Monte Carlo average).
+- **Activity beyond the layer above**, for every layer but the top one:
+  R_u = Var_x(E_q[z_{l,u} − m_{l,u}(z_{l+1}) | x]), m_l(z_{l+1}) the mean of the prior's
+  p(z_l | z_{l+1}). Under a learned p(z_l | z_{l+1}) a unit of z_l whose posterior has collapsed
+  onto its prior still has a mean that moves with x, through the active units of z_{l+1}, so A_u
+  counts it; R_u counts only what z_l says about x that the layer above does not. For the top
+  layer, whose prior does not depend on x, R_u = A_u.
 - **KL per dimension**, averaged over examples: E_x[KL(q(z_u|x) ‖ p(z_u))], exact when q and p
   factorise over dimensions (diagonal Gaussians); it sums to the rate. A collapsed unit has ≈ 0.
 - **Rate and distortion** (Alemi et al. 2018, "Fixing a broken ELBO"): R = E_x[KL(q(z|x) ‖ p(z))]
@@ -42,7 +48,7 @@ from tqdm.auto import tqdm
 from vaelab.conditioning import given_rows
 from vaelab.loglik import prepare_condition, prepare_data, standard_error
 from vaelab.model import VAEModel
-from vaelab.noise import ExampleNoise, fresh_seed, has_noise_form, posterior_mean
+from vaelab.noise import MEAN_SAMPLES, ExampleNoise, fresh_seed, has_noise_form, posterior_mean
 from vaelab.objectives import elbo, kl_per_dimension, kl_term
 
 __all__ = [
@@ -51,6 +57,7 @@ __all__ = [
     "MutualInformation",
     "RateDistortion",
     "activity",
+    "activity_beyond_layer_above",
     "collapse_diagnostics",
     "mean_kl_per_dimension",
     "mutual_information",
@@ -86,6 +93,39 @@ def activity(
         q = given_rows(model, condition, rows).posterior(x[rows])
         means.append(posterior_mean(q, x[rows], seed).double())
     return torch.cat(means).var(0).cpu()
+
+
+@torch.no_grad()
+def activity_beyond_layer_above(
+    model: VAEModel,
+    x: Any,
+    *,
+    batch_size: int = 100,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """R_u = Var_x(E_q[z_{l,u} − m_{l,u}(z_{l+1}) | x]) for every unit of a model with several
+    stochastic layers (see the module docstring), float64 ``[latent]``, z₁ first; the top
+    layer's entries are its activity A_u. The expectation is the mean over ``MEAN_SAMPLES``
+    draws of z ~ q(z|x) from each example's own stream (``seed``), the variance over examples
+    uses the n − 1 denominator."""
+    sizes = model.latent_sizes
+    if len(sizes) < 2:
+        raise ValueError("activity beyond the layer above needs a model with several layers")
+    x = prepare_data(model, x)
+    if x.shape[0] < 2:
+        raise ValueError("activity is a variance over examples and needs at least two")
+    prior = model.prior()
+    # The prior's conditionals in draw order: z_L → p(z_{L−1}|z_L), …, z₂ → p(z₁|z₂).
+    below = list(reversed(prior.conditionals))  # below[j]: z_{j+2} → p(z_{j+1} | z_{j+2})
+    innovations = []
+    for i in range(0, x.shape[0], batch_size):
+        rows = x[i : i + batch_size]
+        z = ExampleNoise(rows, seed).sample(model.posterior(rows), MEAN_SAMPLES)
+        layers = z.split(list(sizes), dim=-1)  # each [samples, rows, d_l]
+        parts = [layers[j] - below[j](layers[j + 1]).mean for j in range(len(sizes) - 1)]
+        parts.append(layers[-1])
+        innovations.append(torch.cat(parts, dim=-1).double().mean(0))
+    return torch.cat(innovations).var(0).cpu()
 
 
 @torch.no_grad()
@@ -242,7 +282,8 @@ class CollapseDiagnostics:
     not defined); rate and distortion are means over examples with their standard errors;
     ``mutual_information`` is ``None`` when it was not computed, ``mutual_information_note``
     saying why. ``latent_sizes`` are the stochastic layers' sizes as they lie in a code, z₁
-    first (empty: one layer of all the units).
+    first (empty: one layer of all the units); ``activity_beyond`` is R_u of every unit
+    ``[latent]`` for a model with several layers, else ``None``.
     """
 
     activity: torch.Tensor
@@ -255,6 +296,7 @@ class CollapseDiagnostics:
     mutual_information: MutualInformation | None
     mutual_information_note: str | None = None
     latent_sizes: tuple[int, ...] = ()
+    activity_beyond: torch.Tensor | None = None
 
     @property
     def active_units(self) -> int:
@@ -273,6 +315,15 @@ class CollapseDiagnostics:
         return [int((a > self.threshold).sum()) for a in layers]
 
     @property
+    def active_units_beyond_layer_above(self) -> list[int] | None:
+        """Units of each layer, z₁ first, with R_u above the threshold (the top layer's count is
+        its active units); None for a model with one layer."""
+        if self.activity_beyond is None:
+            return None
+        layers = self.activity_beyond.split(list(self.layer_sizes))
+        return [int((r > self.threshold).sum()) for r in layers]
+
+    @property
     def elbo(self) -> float:
         """−(distortion + rate): the mean ELBO, nats."""
         return -(self.distortion + self.rate)
@@ -285,6 +336,7 @@ class CollapseDiagnostics:
             "latent_dim": int(self.activity.numel()),
             "active_units_per_layer": self.active_units_per_layer,
             "latent_sizes": list(self.layer_sizes),
+            "active_units_beyond_layer_above": self.active_units_beyond_layer_above,
             "activity_threshold": self.threshold,
             "activity": self.activity.tolist(),
             "kl_per_dimension": (
@@ -371,4 +423,7 @@ def collapse_diagnostics(
         mutual_information=information,
         mutual_information_note=note,
         latent_sizes=model.latent_sizes,
+        activity_beyond=activity_beyond_layer_above(model, x, seed=seed)
+        if len(model.latent_sizes) > 1
+        else None,
     )

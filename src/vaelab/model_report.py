@@ -90,6 +90,16 @@ def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Me
                 zip(diagnostics["active_units_per_layer"], sizes, strict=True), 1
             ):
                 rows.append(Metric(f"active units (z{layer})", count, f"of {size}"))
+            beyond = diagnostics.get("active_units_beyond_layer_above") or []
+            for layer, count in enumerate(beyond[:-1], 1):
+                rows.append(
+                    Metric(
+                        f"active units (z{layer}) beyond z{layer + 1}",
+                        count,
+                        f"Var_x E_q[z{layer} − mean of p(z{layer}|z{layer + 1})] > "
+                        f"{diagnostics['activity_threshold']:g}",
+                    )
+                )
         mi = diagnostics["mutual_information"]
         if mi is None:
             rows.append(Metric("I(x; z)", None, diagnostics["mutual_information_note"]))
