@@ -35,7 +35,6 @@ import argparse
 import copy
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -189,11 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seed": args.seed,
         "rows": rows,
         "threads": torch.get_num_threads(),
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "other_processes": watch.busy(),
-        "versions": peers.versions(),
-        "argv": sys.argv[1:] if argv is None else argv,
+        **peers.run_context(load_start, watch, argv),
     }
     print_table(report)
     peers.save_result(report, "gradient-snr", args.out)

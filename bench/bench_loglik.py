@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -458,11 +457,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "ratio_ceiling": None if pythae is None else pythae["median"] / floor["median"],
         "ratio_vaelab_floor": ours["median"] / floor["median"],
         "threads": torch.get_num_threads(),
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "other_processes": watch.busy(),
+        **peers.run_context(load_start, watch, argv),
         "versions": versions,
-        "argv": sys.argv[1:] if argv is None else argv,
     }
     print_table(report)
     peers.save_result(report, "loglik", args.out)

@@ -202,12 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "runs": runs,
         "total_seconds": time.perf_counter() - started,
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "other_processes": watch.busy(),
-        "versions": peers.versions(),
+        **peers.run_context(load_start, watch, argv),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), **meminfo()},
-        "argv": sys.argv[1:] if argv is None else argv,
     }
     for p in report["other_processes"]:
         print(f"  also running: {p['percent_of_a_core']}% of a core: {p['command'][:100]}")

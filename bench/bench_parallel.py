@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -179,12 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model_options": args.model,
         "sides": summary,
         "total_seconds": time.perf_counter() - started,
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "other_processes": watch.busy(),
-        "versions": peers.versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "argv": sys.argv[1:] if argv is None else argv,
+        **peers.run_context(load_start, watch, argv),
     }
     print_table(report)
     peers.save_result(report, "parallel", args.out)

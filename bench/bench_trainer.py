@@ -70,7 +70,6 @@ import cProfile
 import io
 import math
 import os
-import platform
 import pstats
 import statistics
 import sys
@@ -1043,12 +1042,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "compile_cache": "warm" if inductor_cache is None else "empty at the start",
         "seed": args.seed,
         "total_seconds": total,
-        "load_average_start": list(load_start),
-        "load_average_end": list(os.getloadavg()),
-        "other_processes": watch.busy(),
-        "versions": peers.versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-        "argv": sys.argv[1:] if argv is None else argv,
+        **peers.run_context(load_start, watch, argv),
     }
     print_table(report)
     peers.save_result(report, "trainer", args.out)

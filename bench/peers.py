@@ -239,6 +239,22 @@ def versions() -> dict[str, str]:
     return found
 
 
+def run_context(
+    load_start: tuple[float, float, float], watch: ProcessWatch, argv: list[str] | None
+) -> dict[str, Any]:
+    """What a benchmark's numbers were measured beside, for its result file: the load averages
+    at the start and now, the other processes that used the CPU (``watch``), the versions, the
+    machine and the arguments (``argv``, None for the command line's)."""
+    return {
+        "load_average_start": list(load_start),
+        "load_average_end": list(os.getloadavg()),
+        "other_processes": watch.busy(),
+        "versions": versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "argv": sys.argv[1:] if argv is None else argv,
+    }
+
+
 def process_cpu() -> dict[int, tuple[float, str]]:
     """CPU seconds used so far by every process, from ``ps``: pid → (seconds, command)."""
     try:
