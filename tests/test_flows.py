@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
@@ -210,6 +210,14 @@ def raw_planar_parameters(draw):
 
 @settings(max_examples=300, deadline=None)
 @given(params=raw_planar_parameters(), seed=st.integers(0, 2**16))
+@example(  # Newton swung across the root where tanh bends, 200 times, before rtsafe's halving rule
+    params=(
+        torch.tensor([0.0, -8.4766, -8.4766], dtype=torch.float64),
+        torch.tensor([-0.5, -0.8496, -0.5], dtype=torch.float64),
+        torch.tensor(-0.9551, dtype=torch.float64),
+    ),
+    seed=263,
+)
 def test_planar_layers_are_invertible_for_any_network_output(params, seed):
     u, w, b = params
     u_hat, one_plus_m = planar_constraint(u, w)

@@ -258,22 +258,28 @@ def _planar_root(
 
     g′(α) = 1 + m sech²(α + b) > 0 for m > −1, so g is strictly increasing, and |tanh| < 1 puts
     the single root in [c − |m|, c + |m|] (Rezende & Mohamed 2015, Appendix A.1). Newton steps
-    kept inside a shrinking bracket, bisection where a step would leave it (Press et al.,
-    "Numerical Recipes", ``rtsafe``), run without gradients to float precision. Then the gradient of
+    kept inside a shrinking bracket, bisection where a step would leave it or would not halve
+    the step before (Press et al., "Numerical Recipes", ``rtsafe``), run without gradients to float precision. Then the gradient of
     one Newton step from the root: the implicit-function derivative −(∂g/∂θ) / g′, exact at the
     root, attached to the root's value.
     """
     with torch.no_grad():
         lo, hi = c - m.abs(), c + m.abs()
         alpha = c.clone()
+        previous = hi - lo  # the size of the step before
         eps = torch.finfo(c.dtype).eps
         for _ in range(_ROOT_ITERATIONS):
             residual = alpha + m * torch.tanh(alpha + b) - c
             lo = torch.where(residual < 0, alpha, lo)
             hi = torch.where(residual > 0, alpha, hi)
-            newton = alpha - residual / planar_log_det(alpha + b, one_plus_m).exp()
-            inside = (newton > lo) & (newton < hi)
-            following = torch.where(inside, newton, 0.5 * (lo + hi))
+            step = residual / planar_log_det(alpha + b, one_plus_m).exp()
+            newton = alpha - step
+            # Newton where it lands inside the bracket and at least halves the step before;
+            # else bisection. Without the second condition Newton can swing from one side of the
+            # root to the other where tanh bends, shrinking the bracket by a little each time.
+            fast = (newton > lo) & (newton < hi) & (2.0 * step.abs() <= previous)
+            following = torch.where(fast, newton, 0.5 * (lo + hi))
+            previous = (following - alpha).abs()
             # Converged when a step moves α by at most one unit in its last place, or the bracket
             # is down to neighbouring floats. Relative to |α|, not 1 + |α|: û may be ~10⁶ times
             # larger than α, and z = y − û tanh(α + b) needs α's every digit.
