@@ -9,6 +9,7 @@ what is missing; the fallback tests take the compiler away on purpose and run ev
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -122,6 +123,33 @@ def test_training_with_compile_follows_eager_training():
     np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
     for p, q in zip(runs[True][1].parameters(), runs[False][1].parameters(), strict=True):
         assert _relative(p.detach(), q.detach()) < 1e-4
+
+
+@needs_compiler
+@pytest.mark.parametrize("validating", [True, False])
+def test_compiling_leaves_the_distributions_argument_validation_as_it_was(validating):
+    """TorchDynamo turns torch.distributions' validation off process-wide when it traces a
+    Distribution; after a compiled training step (which builds q(z|x) and p(x|z)) it is as the
+    caller set it, so eager code later in the process still refuses NaN parameters."""
+    from torch.distributions import Distribution, Normal
+
+    before = Distribution._validate_args
+    Distribution.set_default_validate_args(validating)
+    try:
+        model = small_model()
+        x = binary_data(100)
+        model.likelihood.initialise(x)
+        trainer = Trainer(
+            model, TrainConfig(epochs=1, batch_size=50), torch.device("cpu"), compile=True
+        )
+        trainer.fit(IndexedBatches(x, 50, 0, binarize=True))
+        assert trainer._compiled is not None and trainer._compiled.active
+        assert Distribution._validate_args is validating
+        if validating:
+            with pytest.raises(ValueError, match="loc"):
+                Normal(torch.tensor(math.nan), 1.0)
+    finally:
+        Distribution.set_default_validate_args(before)
 
 
 @needs_compiler

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any, Generic, ParamSpec, TypeVar
 
 import torch
+from torch.distributions import Distribution
 
 from vaelab.model import VAEModel
 
@@ -100,12 +101,19 @@ class Compiled(Generic[P, R]):
         self._calls += 1
         if not self.active or self._calls == 1:
             return self.function(*args, **kwargs)
+        # TorchDynamo switches torch.distributions' argument validation off for the whole process
+        # when it traces code that builds a Distribution (torch 2.13), and leaves it off: every
+        # later eager Normal(NaN, …) would then pass silently. Put it back after every compiled
+        # call, since any call may trace again (a new shape, a failed guard).
+        validating = Distribution._validate_args
         try:
             if self._compiled is None:
                 return self._compile_and_call(*args, **kwargs)
             return self._compiled(*args, **kwargs)
         except _compile_failures() as error:
             self._fall_back(error)
+        finally:
+            Distribution.set_default_validate_args(validating)
         return self.function(*args, **kwargs)
 
     def _compile_and_call(self, *args: P.args, **kwargs: P.kwargs) -> R:
