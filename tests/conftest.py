@@ -13,6 +13,7 @@ from vaelab import VAE
 from vaelab.model import VAEModel
 from vaelab.ppca import LinearGaussianModel, random_linear_gaussian
 from vaelab.registry import ModelConfig, build_model
+from vaelab.training import Trainer, TrainingObserver
 
 # Tests use tiny tensors: one thread avoids thread hand-off costs and contention on 2 shared cores.
 torch.set_num_threads(1)
@@ -77,3 +78,15 @@ def fitted_linear() -> tuple[VAE, torch.Tensor]:
         hidden=(), likelihood="gaussian", latent_dim=2, epochs=15, seed=0, device="cpu"
     ).fit(x[:1200].numpy())
     return estimator, x[1200:]
+
+
+class CrashAfter(TrainingObserver):
+    """Simulates a process killed right after optimiser step ``n``: raises ``SystemExit``, which
+    the trainer does not catch, so the last checkpoint is what a killed run leaves."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def step(self, trainer: Trainer, batch_size: int) -> None:
+        if trainer.step == self.n:
+            raise SystemExit("killed")

@@ -25,6 +25,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
+from conftest import CrashAfter
 from vaelab import cli
 from vaelab.ais import ais, bdmc
 from vaelab.checkpoint import load_checkpoint
@@ -482,15 +483,6 @@ def test_each_worker_takes_the_conditions_of_its_own_rows():
         IndexedBatches(x, 8, seed=4, condition=condition[:36])
 
 
-class _CrashAfter(TrainingObserver):
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def step(self, trainer: Trainer, batch_size: int) -> None:
-        if trainer.step == self.n:
-            raise SystemExit("killed")
-
-
 def test_a_conditional_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     config = ModelConfig(data_shape=(64,), latent_dim=3, hidden=(16,), prior="conditional",
                          condition_dim=10)  # fmt: skip
@@ -517,7 +509,7 @@ def test_a_conditional_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     reference = fit(None)
     path = tmp_path / "checkpoint.safetensors"
     with pytest.raises(SystemExit):
-        fit(path, _CrashAfter(10))
+        fit(path, CrashAfter(10))
     resumed = fit(path, seed=99)
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key

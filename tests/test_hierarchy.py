@@ -14,6 +14,7 @@ from sklearn.datasets import load_digits
 from torch.distributions import MultivariateNormal, Normal
 
 import vaelab
+from conftest import CrashAfter
 from vaelab.ais import HmcSettings, ais
 from vaelab.diagnostics import activity, activity_beyond_layer_above, collapse_diagnostics
 from vaelab.gap import families_containing, fit_local_posteriors
@@ -438,13 +439,7 @@ def test_a_two_layer_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
         IndexedBatches,
         TrainConfig,
         Trainer,
-        TrainingObserver,
     )
-
-    class CrashAfter(TrainingObserver):
-        def step(self, trainer: Trainer, batch_size: int) -> None:
-            if trainer.step == 7:
-                raise SystemExit("killed")
 
     x = torch.from_numpy((load_digits().data[:96] / 16.0).astype(np.float32))
     config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, objective="iwae", k=3, gradient="dreg")
@@ -468,7 +463,9 @@ def test_a_two_layer_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     policy = CheckpointPolicy(path, every_steps=3, every_seconds=None)
     with pytest.raises(SystemExit):
         fit(
-            Trainer(model(0), config, torch.device("cpu"), observer=CrashAfter(), checkpoint=policy)
+            Trainer(
+                model(0), config, torch.device("cpu"), observer=CrashAfter(7), checkpoint=policy
+            )
         )
     tensors, state = load_checkpoint(path)
     resumed = Trainer(model(99), config, torch.device("cpu"))

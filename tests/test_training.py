@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import CrashAfter
 from vaelab import training
 from vaelab.checkpoint import (
     CheckpointError,
@@ -238,17 +239,6 @@ CONFIG = dict(
 def sources(x: torch.Tensor, valid: torch.Tensor) -> tuple[IndexedBatches, IndexedBatches]:
     train = IndexedBatches(x, 16, 5, binarize=True)
     return train, IndexedBatches(valid, 50, shuffle=False)
-
-
-class CrashAfter(TrainingObserver):
-    """Simulates a process killed right after optimiser step ``n``."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def step(self, trainer: Trainer, batch_size: int) -> None:
-        if trainer.step == self.n:
-            raise SystemExit("killed")
 
 
 def run(path: Path | None, observer: TrainingObserver | None = None, every: int | None = None):
