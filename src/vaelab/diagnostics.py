@@ -71,6 +71,11 @@ MI_EXAMPLES = 1000  # examples of the aggregate posterior in I(x; z) by default
 _MI_ELEMENTS = 2**22
 
 
+def _check_variance_over(x: torch.Tensor) -> None:
+    if x.shape[0] < 2:
+        raise ValueError("activity is a variance over examples and needs at least two")
+
+
 @torch.no_grad()
 def activity(
     model: VAEModel,
@@ -85,8 +90,7 @@ def activity(
     The variance over the examples of ``x`` uses the n − 1 denominator."""
     x = prepare_data(model, x)
     condition = prepare_condition(model, condition, x.shape[0])
-    if x.shape[0] < 2:
-        raise ValueError("activity is a variance over examples and needs at least two")
+    _check_variance_over(x)
     means = []
     for i in range(0, x.shape[0], batch_size):
         rows = slice(i, i + batch_size)
@@ -108,24 +112,32 @@ def activity_beyond_layer_above(
     layer's entries are its activity A_u. The expectation is the mean over ``MEAN_SAMPLES``
     draws of z ~ q(z|x) from each example's own stream (``seed``), the variance over examples
     uses the n − 1 denominator."""
-    sizes = model.latent_sizes
-    if len(sizes) < 2:
+    if len(model.latent_sizes) < 2:
         raise ValueError("activity beyond the layer above needs a model with several layers")
     x = prepare_data(model, x)
-    if x.shape[0] < 2:
-        raise ValueError("activity is a variance over examples and needs at least two")
-    prior = model.prior()
+    _check_variance_over(x)
+    return _layer_means(model, x, batch_size, seed)[1].var(0).cpu()
+
+
+def _layer_means(
+    model: VAEModel, x: torch.Tensor, batch_size: int, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """E_q[z | x] and E_q[z_l − m_l(z_{l+1}) | x] (the top layer: E_q[z_L | x]) of a model with
+    several layers, float64 ``[n, latent]`` each, from the same ``MEAN_SAMPLES`` draws per
+    example: the first is what :func:`posterior_mean` gives, so its variance is the activity."""
+    sizes = model.latent_sizes
     # The prior's conditionals in draw order: z_L → p(z_{L−1}|z_L), …, z₂ → p(z₁|z₂).
-    below = list(reversed(prior.conditionals))  # below[j]: z_{j+2} → p(z_{j+1} | z_{j+2})
-    innovations = []
+    below = list(reversed(model.prior().conditionals))  # below[j]: z_{j+2} → p(z_{j+1}|z_{j+2})
+    means, innovations = [], []
     for i in range(0, x.shape[0], batch_size):
         rows = x[i : i + batch_size]
         z = ExampleNoise(rows, seed).sample(model.posterior(rows), MEAN_SAMPLES)
+        means.append(z.mean(0).double())
         layers = z.split(list(sizes), dim=-1)  # each [samples, rows, d_l]
         parts = [layers[j] - below[j](layers[j + 1]).mean for j in range(len(sizes) - 1)]
         parts.append(layers[-1])
         innovations.append(torch.cat(parts, dim=-1).double().mean(0))
-    return torch.cat(innovations).var(0).cpu()
+    return torch.cat(means), torch.cat(innovations)
 
 
 @torch.no_grad()
@@ -412,8 +424,15 @@ def collapse_diagnostics(
             progress=progress,
             condition=subset_condition,
         )
+    if len(model.latent_sizes) > 1:  # both activities from one set of draws
+        _check_variance_over(x)
+        means, innovations = _layer_means(model, x, 100, seed)
+        unit_activity, activity_beyond = means.var(0).cpu(), innovations.var(0).cpu()
+    else:
+        unit_activity = activity(model, x, seed=seed, condition=condition)
+        activity_beyond = None
     return CollapseDiagnostics(
-        activity=activity(model, x, seed=seed, condition=condition),
+        activity=unit_activity,
         threshold=threshold,
         kl_per_dimension=mean_kl_per_dimension(model, x, condition=condition),
         rate=float(terms.rate.mean()),
@@ -423,7 +442,5 @@ def collapse_diagnostics(
         mutual_information=information,
         mutual_information_note=note,
         latent_sizes=model.latent_sizes,
-        activity_beyond=activity_beyond_layer_above(model, x, seed=seed)
-        if len(model.latent_sizes) > 1
-        else None,
+        activity_beyond=activity_beyond,
     )
