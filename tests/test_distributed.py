@@ -404,3 +404,27 @@ def test_rows_of_a_fortran_ordered_file_and_of_a_forked_reader(tmp_path):
         os._exit(0 if np.array_equal(rows[[5, 1]], x[[5, 1]]) else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_failed_worker_ends_at_once_and_a_lone_process_exits_normally(tmp_path):
+    """`python -m vaelab` as a worker of two whose command fails prints its one line and ends
+    with os._exit (no interpreter shutdown, where a live gloo group can abort with a C++ line);
+    the same failure in a lone process exits through the interpreter's normal shutdown."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(
+        "import atexit, sys\natexit.register(lambda: print('shut down', file=sys.stderr))\n"
+    )
+    line = "vaelab: error: `vaelab report` runs in one process; start it without torchrun"
+    for world in ({"WORLD_SIZE": "2", "RANK": "1"}, {}):
+        done = subprocess.run(
+            command("report", tmp_path / "no-run"),
+            env=environment(PYTHONPATH=str(inject), **world),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        worker = bool(world)
+        assert done.stderr.startswith(line) == worker, done.stderr
+        assert done.stderr.endswith("shut down\n") == (not worker), done.stderr

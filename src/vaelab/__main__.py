@@ -1,6 +1,6 @@
 """``python -m vaelab``: the ``vaelab`` command."""
 
-from vaelab.cli import main
+from vaelab.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -725,6 +725,21 @@ def _check_world(args: argparse.Namespace, world_size: int | None) -> None:
 DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap")
 
 
+def run() -> NoReturn:
+    """The ``vaelab`` program: :func:`main`, then exit with its code.
+
+    A worker of several whose command failed ends at once with ``os._exit``, once its output is
+    flushed: its message is already handed on, its files are complete (every write is atomic),
+    and what is left is its process group, whose teardown at exit while a peer is mid-collective
+    can abort the process with a line of C++ ("terminate called ...") on the shared stderr."""
+    code = main()
+    if code and distributed.environment_world_size() not in (None, 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C).
 

@@ -157,7 +157,7 @@ def _timeout() -> datetime.timedelta:
 @contextlib.contextmanager
 def session() -> Iterator[World]:
     """Join the workers torch's launcher started (or be :data:`SINGLE` outside one, or in a world
-    of one) and leave the group at the end.
+    of one) and leave the group at the end, together; on an error, leave it as it is.
 
     The backend is gloo for CPU tensors, and NCCL for CUDA tensors where torch has both; each
     worker then uses ``cuda:LOCAL_RANK``. When every worker runs on this machine and
@@ -180,11 +180,11 @@ def session() -> Iterator[World]:
         if local_rank < torch.cuda.device_count():  # else the run refuses CUDA, naming the count
             torch.cuda.set_device(local_rank)
     dist.init_process_group(backend, timeout=_timeout())
-    try:
-        yield World(rank=rank, size=size, local_rank=local_rank)
-        # Leave together: a worker that tears its group down while another still talks to it
-        # (rank 0 saving the model, DDP's last reduction in flight) can make gloo's threads in
-        # the other abort the process at exit ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    yield World(rank=rank, size=size, local_rank=local_rank)
+    # Leave together: a worker that tears its group down while another still talks to it
+    # (rank 0 saving the model, DDP's last reduction in flight) can make gloo's threads in the
+    # other abort the process at exit ("terminate called without an active exception"). A
+    # worker that failed does not tear its group down at all: it ends at once (``vaelab.cli.run``)
+    # and the system closes its connections, which the others see as their peer gone.
+    dist.barrier()
+    dist.destroy_process_group()
