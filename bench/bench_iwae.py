@@ -127,7 +127,7 @@ def vaelab_model(args: argparse.Namespace, x: torch.Tensor) -> VAEModel:
         activation=args.activation,
     )
     model = build_model(config).to(DEVICE)
-    model.likelihood.initialise(x[:INIT_EXAMPLES])
+    model.initialise(x[:INIT_EXAMPLES])
     return model
 
 

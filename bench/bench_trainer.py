@@ -223,7 +223,7 @@ def vaelab_model(setting: Setting, x: torch.Tensor, seed: int) -> VAEModel:
         activation=setting.activation,
     )
     model = build_model(config).to(DEVICE)
-    model.likelihood.initialise(x[:INIT_EXAMPLES])
+    model.initialise(x[:INIT_EXAMPLES])
     return model
 
 

@@ -141,6 +141,23 @@ def test_weights_of_another_architecture_are_refused(saved, tmp_path):
         vaelab.load(saved)
 
 
+def test_a_file_from_before_the_encoders_input_unit_loads_with_unit_one(saved, fitted):
+    """Files written before encoders read their input through ``InputScale`` lack its buffer:
+    they load (strictly otherwise) with the unit 1 they were trained with, giving the same
+    numbers."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(saved / WEIGHTS_FILE)
+    assert float(weights.pop("posterior.encoder.input_scale.unit")) == 1.0
+    save_file(weights, saved / WEIGHTS_FILE)
+    document = json.loads((saved / CONFIG_FILE).read_text())
+    document["weights"]["sha256"] = sha256_bytes((saved / WEIGHTS_FILE).read_bytes())
+    (saved / CONFIG_FILE).write_text(json.dumps(document))
+    loaded = vaelab.load(saved)
+    assert float(loaded.model_.state_dict()["posterior.encoder.input_scale.unit"]) == 1.0
+    assert np.array_equal(loaded.elbo(X), fitted.elbo(X))
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

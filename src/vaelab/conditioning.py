@@ -110,6 +110,10 @@ class GivenLikelihood(Likelihood):
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
         return self.likelihood.distribution(params)
 
+    @property
+    def data_unit(self) -> float:
+        return self.likelihood.data_unit
+
     def initialise(self, data: torch.Tensor | DataMoments) -> None:
         self.likelihood.initialise(data)
 

@@ -46,7 +46,7 @@ from vaelab.training import (
 
 EVAL_BATCH = 1024
 PROPOSALS = ("amortised", "refined")
-INIT_EXAMPLES = 10_000  # how many examples set the decoder's starting point (Likelihood.initialise)
+INIT_EXAMPLES = 10_000  # how many examples set the model's starting point (VAEModel.initialise)
 EVAL_SEED = 20131220  # salt of the per-example evaluation noise (vaelab.noise)
 
 
@@ -372,7 +372,7 @@ class VAE(TransformerMixin, BaseEstimator):
                 config = self.model_config(tuple(x.shape[1:]), size)
                 model = build_model(config).to(device)
                 model.likelihood.check_support(x)
-                model.likelihood.initialise(x[:INIT_EXAMPLES].to(device))
+                model.initialise(x[:INIT_EXAMPLES].to(device))
                 batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
             trainer = Trainer(
                 model,
@@ -411,7 +411,7 @@ class VAE(TransformerMixin, BaseEstimator):
                 break
         if model is None or config is None:
             raise DataError("the DataLoader yields no batches; give it data")
-        model.likelihood.initialise(moments)
+        model.initialise(moments)
         return model, config
 
     def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:

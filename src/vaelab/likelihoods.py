@@ -125,6 +125,12 @@ class Likelihood(nn.Module):
         first, *rest = h.unbind(dim=len(lead))
         return (first + self.offset, *rest)
 
+    @property
+    def data_unit(self) -> float:
+        """The data value the networks read as 1 (the encoder's ``InputScale``): 1 here, the
+        data as they are."""
+        return 1.0
+
     @torch.no_grad()
     def initialise(self, data: torch.Tensor | DataMoments) -> None:
         """Start the decoder at the data: a sample of training data ``[batch, *data_shape]`` or
@@ -538,8 +544,9 @@ class PixelLikelihood(Likelihood):
     Before ``initialise``, ``check_support`` accepts data on either grid.
 
     Units: the decoder's locations and log-scales are read in units of the pixel range (top level
-    1) on either grid, so one decoder gives the same probabilities to 0..255 and to /255 pixels,
-    and bits per dimension do not depend on the scaling. Locations start at the data mean and
+    1) on either grid, and the encoder reads the pixels in those units too (``data_unit``, the top
+    level), so one model gives the same probabilities to 0..255 and to /255 pixels, and bits per
+    dimension do not depend on the scaling. Locations start at the data mean and
     log-scales at a logistic with the data's spread (s = std √3 / π, a logistic's standard
     deviation being s π / √3), a tenth of the typical spread at least, as the Gaussian's σ does.
     """
@@ -554,6 +561,11 @@ class PixelLikelihood(Likelihood):
         self.register_buffer("log_scale_offset", torch.zeros(self.data_shape))
         self._grid_max: float | None = None
         self.register_load_state_dict_post_hook(_read_grid_max)
+
+    @property
+    def data_unit(self) -> float:
+        """The top level, 255 or 1 (1 before the grid is read)."""
+        return self._grid_max or 1.0
 
     @property
     def grid(self) -> PixelGrid:

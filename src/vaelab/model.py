@@ -12,7 +12,8 @@ from torch import nn
 from torch.distributions import Distribution
 
 from vaelab.conditioning import GivenLikelihood, GivenPosterior, GivenPrior
-from vaelab.likelihoods import Likelihood
+from vaelab.likelihoods import DataMoments, Likelihood
+from vaelab.networks import InputScale
 from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound
 
 
@@ -82,6 +83,18 @@ class VAEModel(nn.Module):
         ``(latent_dim,)`` for a model with one layer."""
         sizes: tuple[int, ...] | None = getattr(self.prior, "sizes", None)
         return (self.latent_dim,) if sizes is None else sizes
+
+    @torch.no_grad()
+    def initialise(self, data: torch.Tensor | DataMoments) -> None:
+        """Start the model at its training data, ``[batch, *data_shape]`` or the moments of a
+        stream of it: the decoder at the data's moments (``Likelihood.initialise``), and the
+        encoder reading its inputs in the units the decoder writes them in (every
+        ``InputScale`` of the posterior set to ``Likelihood.data_unit``: 8-bit pixels kept as
+        0..255 are read as pixels / 255)."""
+        self.likelihood.initialise(data)
+        for module in self.posterior.modules():
+            if isinstance(module, InputScale):
+                module.set(self.likelihood.data_unit)
 
     def encode(self, x: torch.Tensor) -> Distribution:
         """q(z|x): ``batch_shape [batch]``, ``event_shape [latent]``."""

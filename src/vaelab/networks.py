@@ -10,10 +10,15 @@ label or any vector; Sohn, Lee & Yan 2015): ``forward(input, condition)``. Its M
 flattened input and y side by side, ``[input, y]``, y broadcast over the input's leading sample
 dimensions (``[samples, batch, latent]`` codes share their example's y); a convolutional body
 gives y to its MLP part, after the convolutions of an encoder and before those of a decoder.
+
+An encoder body reads the data through an :class:`InputScale`, x / u, with u the value its model's
+likelihood reads as 1 (``Likelihood.data_unit``): 255 for 8-bit pixels kept as the integers
+0..255, so that the encoder reads them in the units the decoder writes them in, else 1.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -81,6 +86,43 @@ def flat_condition(
     return condition.expand(*lead, size).reshape(-1, size)
 
 
+class InputScale(nn.Module):
+    """x / u for the data an encoder reads, u > 0 (the buffer ``unit``, saved with the model;
+    1 until the model is initialised on its training data, ``VAEModel.initialise``).
+
+    At u = 1 the input passes as it is, untouched. Model files from before this buffer existed
+    load with u = 1, as they were trained."""
+
+    unit: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("unit", torch.tensor(1.0))
+        self._unit = 1.0  # the buffer as a number, so no step reads a tensor back
+        self.register_load_state_dict_pre_hook(_unit_of_older_files)
+        self.register_load_state_dict_post_hook(_read_unit)
+
+    @torch.no_grad()
+    def set(self, unit: float) -> None:
+        if not unit > 0:
+            raise ValueError(f"an input's unit must be positive, got {unit}")
+        self.unit.fill_(unit)
+        self._unit = float(unit)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self._unit == 1.0 else x / self._unit
+
+
+def _unit_of_older_files(
+    module: nn.Module, state: dict[str, torch.Tensor], prefix: str, *args: object
+) -> None:
+    state.setdefault(prefix + "unit", torch.tensor(1.0))
+
+
+def _read_unit(module: InputScale, incompatible_keys: object) -> None:
+    module._unit = float(module.unit)
+
+
 class MLP(nn.Module):
     """A multilayer perceptron ``in_features → hidden[0] → … → out_features``.
 
@@ -88,7 +130,8 @@ class MLP(nn.Module):
     probabilistic PCA. The input's trailing ``len(in_shape)`` dimensions are flattened, so images
     ``[batch, C, H, W]`` and vectors ``[batch, features]`` both work; leading dimensions pass through.
     With ``condition_dim = c`` the first layer reads ``[flattened input, y]``, ``in_features + c``
-    numbers (see the module docstring).
+    numbers (see the module docstring). An MLP that ``reads_data`` (an encoder's) scales its input
+    by an :class:`InputScale` first; y is read as it is.
     """
 
     def __init__(
@@ -98,8 +141,10 @@ class MLP(nn.Module):
         out_features: int,
         activation: str = "relu",
         condition_dim: int = 0,
+        reads_data: bool = False,
     ) -> None:
         super().__init__()
+        self.input_scale = InputScale() if reads_data else None
         self.in_shape = tuple(in_shape)
         self.in_features = math.prod(self.in_shape)
         self.condition_dim = condition_dim
@@ -117,6 +162,8 @@ class MLP(nn.Module):
         The leading dimensions are folded into one for the layers: matrix products of 2-D inputs,
         instead of a fold and an unfold around every layer as ``Linear`` does for more dimensions.
         """
+        if self.input_scale is not None:
+            x = self.input_scale(x)
         lead = x.shape[: x.dim() - len(self.in_shape)]
         flat = x if x.dim() == 2 and len(lead) == 1 else x.reshape(-1, self.in_features)
         y = flat_condition(condition, tuple(lead), self.condition_dim)
@@ -145,6 +192,7 @@ class ConvEncoder(nn.Module):
         condition_dim: int = 0,
     ) -> None:
         super().__init__()
+        self.input_scale = InputScale()
         if len(in_shape) != 3:
             raise ValueError(
                 f"a convolutional encoder needs images [C, H, W], got shape {in_shape}"
@@ -163,7 +211,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[: x.dim() - 3]
-        h = self.features(x.reshape(-1, *self.in_shape))
+        h = self.features(self.input_scale(x).reshape(-1, *self.in_shape))
         y = flat_condition(condition, tuple(lead), self.condition_dim)
         return self.head(h, y).reshape(*lead, -1)
 
@@ -258,7 +306,7 @@ def _conv_decoder(
 # name → (encoder body, decoder body), each called as (shapes, hidden, sizes, activation,
 # condition_dim). Decoders mirror the encoder: hidden sizes reversed.
 NETWORKS: dict[str, tuple[Callable[..., nn.Module], Callable[..., nn.Module]]] = {
-    "mlp": (MLP, _mlp_decoder),
+    "mlp": (functools.partial(MLP, reads_data=True), _mlp_decoder),
     "conv": (_conv_encoder, _conv_decoder),
 }
 

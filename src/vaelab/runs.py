@@ -484,8 +484,7 @@ def _set_up(
         except ValueError as error:
             raise RunError(str(error)) from None
         first = train_data[:INIT_EXAMPLES]
-        likelihood: Any = model.likelihood
-        likelihood.initialise(torch.as_tensor(np.asarray(first)).to(device))
+        model.initialise(torch.as_tensor(np.asarray(first)).to(device))
     dynamic = splits.binarize == "dynamic"
     source = IndexedBatches(
         train_data,
