@@ -63,11 +63,10 @@ import torch
 
 import peers  # bench/peers.py, beside this script
 from bench_loglik import export
+from bench_trainer import vaelab_model
 from vaelab.data import load_data
-from vaelab.estimator import INIT_EXAMPLES
 from vaelab.model import VAEModel
 from vaelab.objectives import log_importance_weights
-from vaelab.registry import ModelConfig, build_model
 from vaelab.training import IndexedBatches, TrainConfig, Trainer
 
 PEER_SCRIPT = peers.BENCH_DIR / "pythae_iwae_peer.py"
@@ -115,20 +114,6 @@ def training_data(args: argparse.Namespace) -> torch.Tensor:
     if args.examples:
         x = x[: args.examples]
     return torch.bernoulli(x, generator=torch.Generator().manual_seed(args.seed))
-
-
-def vaelab_model(args: argparse.Namespace, x: torch.Tensor) -> VAEModel:
-    torch.manual_seed(args.seed)
-    config = ModelConfig(
-        data_shape=tuple(int(s) for s in x.shape[1:]),
-        latent_dim=args.latent_dim,
-        hidden=args.hidden,
-        likelihood="bernoulli",
-        activation=args.activation,
-    )
-    model = build_model(config).to(DEVICE)
-    model.initialise(x[:INIT_EXAMPLES])
-    return model
 
 
 # --------------------------------------------------------------------------------- sanity check
@@ -194,7 +179,7 @@ def sanity_check(
 class Sides:
     def __init__(self, args: argparse.Namespace, x: torch.Tensor) -> None:
         self.args, self.x = args, x
-        self.model = vaelab_model(args, x)
+        self.model = vaelab_model(x, args.latent_dim, args.hidden, args.activation, args.seed)
         self.spec, self.weights = export(self.model)
         self.generator = torch.Generator().manual_seed(args.seed + 1)
         self.config = TrainConfig(

@@ -212,15 +212,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ------------------------------------------------------------------------------------ the sides
 
 
-def vaelab_model(setting: Setting, x: torch.Tensor, seed: int) -> VAEModel:
-    """The model as ``VAE.fit`` builds it: ``build_model`` then the decoder's start at the data."""
+def vaelab_model(
+    x: torch.Tensor, latent_dim: int, hidden: tuple[int, ...], activation: str, seed: int
+) -> VAEModel:
+    """The Bernoulli model as ``VAE.fit`` builds it: ``build_model``, then its start at the
+    data ``x`` (``VAEModel.initialise``). ``bench_iwae`` builds its model here too."""
     torch.manual_seed(seed)
     config = ModelConfig(
         data_shape=tuple(int(s) for s in x.shape[1:]),
-        latent_dim=setting.latent_dim,
-        hidden=setting.hidden,
+        latent_dim=latent_dim,
+        hidden=hidden,
         likelihood="bernoulli",
-        activation=setting.activation,
+        activation=activation,
     )
     model = build_model(config).to(DEVICE)
     model.initialise(x[:INIT_EXAMPLES])
@@ -389,7 +392,9 @@ class Bench:
     def __init__(self, setting: Setting, x: torch.Tensor, args: argparse.Namespace) -> None:
         self.setting, self.x, self.args = setting, x, args
         self.flat = x.reshape(x.shape[0], -1)  # B's view of the same memory
-        self.model = vaelab_model(setting, x, args.seed)
+        self.model = vaelab_model(
+            x, setting.latent_dim, setting.hidden, setting.activation, args.seed
+        )
         self.encoder, self.decoder = hand_networks(setting, self.model)
         self.sanity = sanity_check(
             self.model, self.encoder, self.decoder, x[: args.batch_size], setting.latent_dim
