@@ -110,7 +110,7 @@ def test_training_with_compile_follows_eager_training():
     last one of 20: one compilation, with dynamic shapes, serves both."""
     start = small_model()
     x = binary_data(620)
-    start.likelihood.initialise(x)
+    start.initialise(x)
     config = TrainConfig(epochs=3, batch_size=50)
     runs = {}
     for compile in (False, True):
@@ -138,7 +138,7 @@ def test_compiling_leaves_the_distributions_argument_validation_as_it_was(valida
     try:
         model = small_model()
         x = binary_data(100)
-        model.likelihood.initialise(x)
+        model.initialise(x)
         trainer = Trainer(
             model, TrainConfig(epochs=1, batch_size=50), torch.device("cpu"), compile=True
         )
@@ -158,7 +158,7 @@ def test_compiled_evaluation_gives_the_estimates_of_eager_evaluation():
     likelihood is compiled in place, against the same model uncompiled."""
     eager = small_model()
     x = binary_data(40)
-    eager.likelihood.initialise(x)
+    eager.initialise(x)
     fast = compile_evaluation(copy.deepcopy(eager))
     assert compile_evaluation(fast) is fast  # a second call changes nothing
     for _ in range(2):  # the first call of the compiled log-density runs eagerly
@@ -184,7 +184,7 @@ def test_without_a_compiler_training_falls_back_to_eager_after_one_warning(no_co
     weights of an eager run."""
     start = small_model()
     x = binary_data(300)
-    start.likelihood.initialise(x)
+    start.initialise(x)
     weights = {}
     for compile in (False, True):
         model = copy.deepcopy(start)
