@@ -44,8 +44,8 @@ import torch
 
 import peers  # bench/peers.py, beside this script
 import vaelab
-from vaelab.model import VAEModel
-from vaelab.objectives import GRADIENTS, iwae_bound
+from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.bounds import GRADIENTS, iwae_bound
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -64,10 +64,10 @@ import torch
 import peers  # bench/peers.py, beside this script
 from bench_loglik import export
 from bench_trainer import vaelab_model
-from vaelab.data import load_data
-from vaelab.model import VAEModel
-from vaelab.objectives import log_importance_weights
-from vaelab.training import IndexedBatches, TrainConfig, Trainer
+from vaelab.data.sources import load_data
+from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.bounds import log_importance_weights
+from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
 
 PEER_SCRIPT = peers.BENCH_DIR / "pythae_iwae_peer.py"
 DEVICE = torch.device("cpu")

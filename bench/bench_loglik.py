@@ -21,7 +21,7 @@ returns the mean over examples only. ``--pythae-batch-size`` must divide k so bo
 samples; the baseline runs under ``torch.no_grad()`` (its best case) unless ``--pythae-grad``.
 
 A fourth side, **vaelab compiled** (``--no-compile`` to skip), is vaelab's estimate with the
-likelihood's log p(x|z) compiled by ``torch.compile`` (``vaelab.fastpath.compile_evaluation``, what
+likelihood's log p(x|z) compiled by ``torch.compile`` (``vaelab.train.fastpath.compile_evaluation``, what
 ``vaelab evaluate --compile`` does), checked first to agree with the eager estimate to 10⁻⁴ nats
 per image; its compilation (from an empty TorchInductor cache unless ``--warm-compile-cache``) is
 timed apart. ``--no-pythae`` leaves pythae out (no peers venv needed): vaelab, compiled and floor.
@@ -54,13 +54,13 @@ from torch import nn
 
 import peers
 import vaelab
-from vaelab.data import DataSplits, load_data
-from vaelab.likelihoods import BernoulliLikelihood
-from vaelab.loglik import log_likelihood, log_likelihood_with_proposal
-from vaelab.model import VAEModel
-from vaelab.networks import MLP
-from vaelab.posteriors import DiagonalGaussianPosterior
-from vaelab.priors import StandardNormalPrior
+from vaelab.components.likelihoods import BernoulliLikelihood
+from vaelab.components.networks import MLP
+from vaelab.components.posteriors import DiagonalGaussianPosterior
+from vaelab.components.priors import StandardNormalPrior
+from vaelab.data.sources import DataSplits, load_data
+from vaelab.evaluation.loglik import log_likelihood, log_likelihood_with_proposal
+from vaelab.model.vae_model import VAEModel
 
 PEER_SCRIPT = peers.BENCH_DIR / "pythae_loglik_peer.py"
 # float32 sums of ~800 log-probabilities in two orders agree to ~1e-4 nats; a different network,
@@ -244,12 +244,12 @@ def time_vaelab(model: VAEModel, x: torch.Tensor, args: argparse.Namespace) -> d
 def compiled_model(
     model: VAEModel, x: torch.Tensor, args: argparse.Namespace
 ) -> tuple[VAEModel, dict[str, Any]]:
-    """A copy of ``model`` with its log p(x|z) compiled (``vaelab.fastpath``), compiled here on
+    """A copy of ``model`` with its log p(x|z) compiled (``vaelab.train.fastpath``), compiled here on
     the first images: the first call of log p(x|z) is eager, the second compiles, both within
     the first estimate. Checked against eager with the same draws (``seed``)."""
     import copy
 
-    from vaelab.fastpath import compile_evaluation
+    from vaelab.train.fastpath import compile_evaluation
 
     if not args.warm_compile_cache:
         # Read when TorchInductor first compiles: an empty cache times a first run's compile.

@@ -21,7 +21,7 @@ that, in one process, on the same core, alternating the two sides:
   scalars written each epoch) and a checkpoint at every epoch end (60 s mid-epoch, the default),
   in a temporary folder. Reported as its own line and as the overhead C / A.
 - **D, vaelab compiled** (``--no-compile`` to skip): A with ``Trainer(compile=True)``, the step's
-  loss through ``torch.compile`` (``vaelab.fastpath``), its own copy of the weights. Its warm-up
+  loss through ``torch.compile`` (``vaelab.train.fastpath``), its own copy of the weights. Its warm-up
   unit includes the compilation, reported apart; TorchInductor's cache starts empty in a
   temporary folder (``--warm-compile-cache`` keeps the user's), so that is what a first run pays.
 - **F, the floor** (``--no-floor`` to skip): the model's matrix products of one training step
@@ -88,17 +88,17 @@ from torch.distributions import Distribution
 
 import peers  # bench/peers.py, beside this script
 import vaelab
-from vaelab.checkpoint import CHECKPOINT_FILE
-from vaelab.data import DataError, load_data
-from vaelab.estimator import INIT_EXAMPLES
-from vaelab.model import VAEModel
-from vaelab.noise import reparameterise
-from vaelab.objectives import ElboTerms, kl_term
-from vaelab.registry import ModelConfig, build_model
-from vaelab.runconfig import RunConfig
-from vaelab.runs import RunLog
-from vaelab.streams import TrainingStreams
-from vaelab.training import (
+from vaelab.data.sources import DataError, load_data
+from vaelab.distributions.sampling import reparameterise
+from vaelab.estimator.facade import INIT_EXAMPLES
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.bounds import ElboTerms, kl_term
+from vaelab.runs.folder import RunLog
+from vaelab.runs.options import RunConfig
+from vaelab.train.checkpoint import CHECKPOINT_FILE
+from vaelab.train.streams import TrainingStreams
+from vaelab.train.trainer import (
     Batch,
     CheckpointPolicy,
     IndexedBatches,
@@ -427,7 +427,7 @@ class Bench:
                 )
             )
         else:
-            # The data order and noise come from vaelab.streams, keyed by (seed, epoch, batch).
+            # The data order and noise come from vaelab.train.streams, keyed by (seed, epoch, batch).
             source = IndexedBatches(self.x, self.args.batch_size, self.args.seed + 1)
             if side in ("A", "D"):
                 trainer = Trainer(
@@ -658,7 +658,7 @@ def hand_steps(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dic
 
 
 def vaelab_forward(bench: Bench, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
-    """A's forward pass cut into the lines of ``vaelab.objectives.elbo`` (one sample, β = 1, the
+    """A's forward pass cut into the lines of ``vaelab.objectives.bounds.elbo`` (one sample, β = 1, the
     KL chosen by ``kl_term``), with autograd recording as in training."""
     model = bench.model
     streams = TrainingStreams(bench.args.seed)
@@ -668,7 +668,7 @@ def vaelab_forward(bench: Bench, batches: Iterator[torch.Tensor], steps: int) ->
         clock.restart()
         q = model.posterior(x)
         clock.lap("encoder, q(z|x)")
-        # As the trainer: the batch's ε from its stream (vaelab.streams), then z = μ + σ ε.
+        # As the trainer: the batch's ε from its stream (vaelab.train.streams), then z = μ + σ ε.
         eps = streams.normal((1, x.shape[0], bench.setting.latent_dim), 0, i)
         z = reparameterise(q, eps[0])[0]
         clock.lap("sample z")
@@ -806,7 +806,7 @@ def breakdown(bench: Bench, steps: int) -> dict[str, Any]:
     print("  per-step breakdown, ms (A's phases follow Trainer.fit's loop body):")
     print_phases(ms, (*PHASES, "step"))
     forward_ms = interleaved_ms(kinds(vaelab_forward, hand_forward), FORWARD, block, "forward")
-    print("  forward pass, ms per step (A's pieces follow vaelab.objectives.elbo):")
+    print("  forward pass, ms per step (A's pieces follow vaelab.objectives.bounds.elbo):")
     print_phases(forward_ms, (*FORWARD, "forward"))
     return {
         "ms_per_step": ms,

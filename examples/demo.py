@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab import cli
+from vaelab.cli import app as cli
 
 
 def vaelab(*args: object) -> None:

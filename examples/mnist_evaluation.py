@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from vaelab import apply
-from vaelab.ais import HmcSettings, ais, bdmc
-from vaelab.estimator import EVAL_SEED
-from vaelab.files import atomic_write_json
+from vaelab.estimator.facade import EVAL_SEED
+from vaelab.evaluation.ais import HmcSettings, ais, bdmc
+from vaelab.io.files import atomic_write_json
+from vaelab.runs import apply
 
 
 def timed(what: str, work: Any) -> Any:

@@ -32,9 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaelab import apply
-from vaelab.estimator import EVAL_SEED
-from vaelab.loglik import log_likelihood
+from vaelab.estimator.facade import EVAL_SEED
+from vaelab.evaluation.loglik import log_likelihood
+from vaelab.runs import apply
 
 ARCHITECTURE = ["--latent-dim", "50", "--hidden", "200,200", "--activation", "tanh"]
 ROWS: dict[str, tuple[str, list[str]]] = {

@@ -10,10 +10,10 @@ import torch
 from hypothesis import settings
 
 from vaelab import VAE
-from vaelab.model import VAEModel
-from vaelab.ppca import LinearGaussianModel, random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
-from vaelab.training import Trainer, TrainingObserver
+from vaelab.evaluation.ppca import LinearGaussianModel, random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.vae_model import VAEModel
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 # Tests use tiny tensors: one thread avoids thread hand-off costs and contention on 2 shared cores.
 torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def fitted_linear() -> tuple[VAE, torch.Tensor]:
     """A linear-Gaussian VAE made the way users make one, ``VAE.fit`` (float32, the decoder offset
     set to the data mean), on pPCA data whose mean is far from 0 (about 5), and 200 further
     examples from the same data, float32 ``[200, 6]``. Exact answers for it come from
-    ``vaelab.linear.linear_gaussian_from_vae``, itself checked against the model's outputs."""
+    ``vaelab.evaluation.linear.linear_gaussian_from_vae``, itself checked against the model's outputs."""
     truth = random_linear_gaussian(6, 2, noise_var=0.3, seed=11)
     shifted = LinearGaussianModel(truth.weight, truth.bias + 5.0, truth.noise_var)
     x, _ = shifted.sample(1400, torch.Generator().manual_seed(12))

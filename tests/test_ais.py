@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import linear_vae
-from vaelab.ais import (
+from vaelab.evaluation.ais import (
     AisEstimate,
     HmcSettings,
     _hmc,
@@ -21,9 +21,9 @@ from vaelab.ais import (
     reverse_ais,
     simulate,
 )
-from vaelab.noise import ExampleNoise
-from vaelab.ppca import LinearGaussianModel, random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
+from vaelab.evaluation.ppca import LinearGaussianModel, random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.objectives.noise import ExampleNoise
 
 F64 = torch.float64
 HMC = HmcSettings(leapfrog_steps=5)

@@ -18,8 +18,10 @@ import torch
 from safetensors.torch import load_file
 
 import vaelab
-from vaelab import cli, runconfig, runs
-from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.cli import app as cli
+from vaelab.runs import folder as runs
+from vaelab.runs import options as runconfig
+from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64"]
 

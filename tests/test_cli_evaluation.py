@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from browser import check_page_in_browser, skip_unless_browser
-from vaelab import apply, cli
-from vaelab.ais import ais
-from vaelab.estimator import EVAL_SEED
+from vaelab.cli import app as cli
+from vaelab.estimator.facade import EVAL_SEED
+from vaelab.evaluation.ais import ais
+from vaelab.runs import apply
 
 TINY = ["--epochs", "30", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64"]
 

@@ -12,21 +12,21 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import vaelab
-from vaelab.likelihoods import (
+from vaelab.components.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
     GaussianLikelihood,
     LaplaceLikelihood,
 )
-from vaelab.networks import MLP, ConvDecoder, ConvEncoder, activation_module
-from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
-from vaelab.priors import (
+from vaelab.components.networks import MLP, ConvDecoder, ConvEncoder, activation_module
+from vaelab.components.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.components.priors import (
     LearnableGaussianPrior,
     MixtureOfGaussiansPrior,
     StandardNormalPrior,
     VampPrior,
 )
-from vaelab.registry import LIKELIHOODS, ModelConfig, build_model
+from vaelab.model.registry import LIKELIHOODS, ModelConfig, build_model
 
 
 class Constant(nn.Module):
@@ -322,7 +322,7 @@ def test_a_constant_dimension_cannot_make_the_elbo_unbounded(likelihood):
     so the log-density, and the ELBO, stay bounded; and it starts at a tenth of the typical
     deviation, so the first epochs are not thousands of nats below (once: σ started at 10⁻³
     and fell, the ELBO −102,396 at epoch 1)."""
-    from vaelab.likelihoods import SCALE_FLOOR
+    from vaelab.components.likelihoods.real_valued import SCALE_FLOOR
 
     rng = np.random.default_rng(0)
     x = rng.random((500, 10)).astype(np.float32)

@@ -26,19 +26,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
 from conftest import CrashAfter
-from vaelab import cli
-from vaelab.ais import ais, bdmc
-from vaelab.checkpoint import load_checkpoint
-from vaelab.conditioning import one_hot
-from vaelab.diagnostics import activity, collapse_diagnostics
-from vaelab.distributed import World
-from vaelab.gap import inference_gap
-from vaelab.loglik import log_likelihood
-from vaelab.networks import MLP, ConvDecoder, ConvEncoder
-from vaelab.objectives import kl_term
-from vaelab.priors import ConditionalGaussianPrior
-from vaelab.registry import LIKELIHOODS, ModelConfig, build_model
-from vaelab.training import (
+from vaelab.cli import app as cli
+from vaelab.components.networks import MLP, ConvDecoder, ConvEncoder
+from vaelab.components.priors import ConditionalGaussianPrior
+from vaelab.evaluation.ais import ais, bdmc
+from vaelab.evaluation.diagnostics import activity, collapse_diagnostics
+from vaelab.evaluation.gap import inference_gap
+from vaelab.evaluation.loglik import log_likelihood
+from vaelab.model.conditioning import one_hot
+from vaelab.model.registry import LIKELIHOODS, ModelConfig, build_model
+from vaelab.objectives.bounds import kl_term
+from vaelab.train.checkpoint import load_checkpoint
+from vaelab.train.distributed import World
+from vaelab.train.trainer import (
     CheckpointPolicy,
     IndexedBatches,
     TrainConfig,
@@ -171,7 +171,7 @@ def test_changing_the_condition_changes_q_and_the_likelihood(network, posterior)
 
 
 def _draw(q, eps):
-    from vaelab.noise import reparameterise
+    from vaelab.distributions.sampling import reparameterise
 
     return reparameterise(q, eps)
 
@@ -279,7 +279,7 @@ def test_given_refuses_what_it_cannot_bind():
         model.given(torch.zeros(3, 10)).sample_latent(4)
     with pytest.raises(ValueError, match="condition"):
         model.elbo(torch.from_numpy(X[:3]))  # a conditional model without its y
-    from vaelab.linear import linear_gaussian_from_vae
+    from vaelab.evaluation.linear import linear_gaussian_from_vae
 
     linear = build_model(ModelConfig(data_shape=(64,), latent_dim=2, hidden=(),
                                      likelihood="gaussian", condition_dim=10))  # fmt: skip
@@ -566,7 +566,7 @@ def test_evaluate_gap_reconstruct_encode_read_each_example_given_its_label(
     assert code == 0, err
     result = json.loads(out)
     loaded = vaelab.load(trained)
-    from vaelab import apply
+    from vaelab.runs import apply
 
     examples = apply.model_data(*apply.open_model(trained))
     x, y = apply.load_examples(examples).numpy(), examples.split.labels

@@ -1,4 +1,4 @@
-"""Tests of vaelab.data: real data sets, file formats, splits, scaling, binarisation, errors."""
+"""Tests of vaelab.data.sources: real data sets, file formats, splits, scaling, binarisation, errors."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from PIL import Image
 from scipy.io import loadmat
 
 from conftest import SHARED_DATA as DATA_DIR
-from vaelab import cli, data
-from vaelab.data import DataError, DataSplits, binarize_batch, describe, load_data
-from vaelab.npyrows import NpyRows
+from vaelab.cli import app as cli
+from vaelab.data import sources as data
+from vaelab.data.npyrows import NpyRows
+from vaelab.data.sources import DataError, DataSplits, binarize_batch, describe, load_data
 
 
 def needs(folder: str) -> None:

@@ -10,7 +10,8 @@ import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
 from conftest import linear_vae
-from vaelab.diagnostics import (
+from vaelab.distributions.kl import kl_standard_normal
+from vaelab.evaluation.diagnostics import (
     activity,
     collapse_diagnostics,
     mean_kl_per_dimension,
@@ -18,9 +19,8 @@ from vaelab.diagnostics import (
     pairwise_log_prob,
     rate_distortion,
 )
-from vaelab.kl import kl_standard_normal
-from vaelab.ppca import random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
+from vaelab.evaluation.ppca import random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
 
 F64 = torch.float64
 LATENT = 4

@@ -19,14 +19,16 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
-from vaelab import cli
-from vaelab.likelihoods import (
-    LOGISTIC_MIXTURE_COMPONENTS,
-    LOGISTIC_SCALE_FLOOR,
+from vaelab.cli import app as cli
+from vaelab.components.likelihoods import (
     DataMoments,
-    DiscretizedLogistic,
     DiscretizedLogisticLikelihood,
     DiscretizedLogisticMixtureLikelihood,
+)
+from vaelab.distributions.discretized_logistic import (
+    LOGISTIC_MIXTURE_COMPONENTS,
+    LOGISTIC_SCALE_FLOOR,
+    DiscretizedLogistic,
 )
 
 GRIDS = (1.0, 255.0)  # the top level: pixels / 255 (--scale auto) or the integers (--scale none)

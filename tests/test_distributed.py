@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from vaelab import cli
-from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from vaelab.data import DataError, load_data
-from vaelab.distributed import World
-from vaelab.npyrows import NpyRows
-from vaelab.streams import TrainingStreams, stream_key
-from vaelab.training import IndexedBatches, TrainConfig, Trainer
+from vaelab.cli import app as cli
+from vaelab.data.npyrows import NpyRows
+from vaelab.data.sources import DataError, load_data
+from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.train.distributed import World
+from vaelab.train.streams import TrainingStreams, stream_key
+from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
 
 # 1,437 training digits in batches of 8: 180 steps an epoch, the last batch of 5 split 2 + 3.
 RUN = [
@@ -181,7 +181,8 @@ INJECTED = """
 import os, time
 from pathlib import Path
 if os.environ.get("RANK") == "1":
-    from vaelab import data, training
+    from vaelab.data import sources as data
+    from vaelab.train import trainer as training
     batches = training.IndexedBatches.batches
     def failing(self, epoch, start=0, share=None):
         for batch in batches(self, epoch, start, share):
@@ -226,7 +227,7 @@ def test_the_worker_a_signal_killed_first_is_named_not_the_one_the_launcher_stop
     names worker 1, the cause, whatever the ranks' order; a lone SIGTERM is still named."""
     from types import SimpleNamespace
 
-    from vaelab.launch import _first_failure
+    from vaelab.train.launch import _first_failure
 
     failures = {
         0: SimpleNamespace(exitcode=-signal.SIGTERM, pid=100),
@@ -329,7 +330,7 @@ def test_the_noise_of_a_share_is_its_columns_of_the_batch_noise():
 
 
 def _model():
-    from vaelab.registry import ModelConfig, build_model
+    from vaelab.model.registry import ModelConfig, build_model
 
     return build_model(ModelConfig(data_shape=(4,), latent_dim=2, hidden=(8,)))
 

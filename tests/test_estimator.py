@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
-from vaelab.networks import InputScale
+from vaelab.components.networks import InputScale
 
 DIGITS = load_digits()
 X = (DIGITS.data[:400] / 16.0).astype(np.float32)
@@ -65,7 +65,7 @@ def test_scores_are_the_elbo_of_the_closed_form(fitted_linear):
     """score_samples is each example's ELBO and score their mean: on a fitted linear-Gaussian
     model both agree with the ELBO in closed form (``LinearGaussianModel.elbo`` of the encoder's
     q) within the Monte Carlo error of the reconstruction term."""
-    from vaelab.linear import linear_gaussian_from_vae
+    from vaelab.evaluation.linear import linear_gaussian_from_vae
 
     estimator, x = fitted_linear
     with torch.no_grad():
@@ -282,10 +282,10 @@ def test_log_likelihood_is_above_the_elbo_and_reproducible(fitted):
 
 def test_refine_reaches_the_best_elbo_of_the_family_and_tightens_iwae(fitted_linear):
     """Non-amortised VI on a fitted linear-Gaussian model, whose best diagonal q for each x and
-    whose log p(x) are known in closed form (Cremer et al. 2018's gaps; vaelab.ppca): refine's
+    whose log p(x) are known in closed form (Cremer et al. 2018's gaps; vaelab.evaluation.ppca): refine's
     ELBO reaches log p(x) − approximation gap, above the encoder's; IWAE with the refined q*
     as proposal is closer to log p(x) than with the encoder's q at the same k."""
-    from vaelab.linear import linear_gaussian_from_vae
+    from vaelab.evaluation.linear import linear_gaussian_from_vae
 
     estimator, x = fitted_linear
     x = x[:40]
@@ -316,10 +316,10 @@ def test_refine_reaches_the_best_elbo_of_the_family_and_tightens_iwae(fitted_lin
 
 def test_refine_gives_codes_for_a_posterior_without_a_closed_form_mean():
     """A flow's q* has no closed-form mean: refine's codes E_q*[z] are then the Monte Carlo mean
-    of each example's own draws (vaelab.noise.posterior_mean), as ``transform`` gives for q."""
-    from vaelab.estimator import EVAL_SEED
-    from vaelab.gap import fit_local_posteriors
-    from vaelab.noise import posterior_mean
+    of each example's own draws (vaelab.objectives.noise.posterior_mean), as ``transform`` gives for q."""
+    from vaelab.estimator.facade import EVAL_SEED
+    from vaelab.evaluation.gap import fit_local_posteriors
+    from vaelab.objectives.noise import posterior_mean
 
     x = (load_digits().data[:200] > 8).astype(np.float32)
     estimator = vaelab.VAE(

@@ -1,4 +1,4 @@
-"""The fast path (``vaelab.fastpath``, ``--compile``): compiled training and evaluation give the
+"""The fast path (``vaelab.train.fastpath``, ``--compile``): compiled training and evaluation give the
 numbers of eager execution to float rounding, and a compilation that fails falls back to eager
 execution after one warning.
 
@@ -19,12 +19,13 @@ import pytest
 import torch
 
 import vaelab
-from vaelab import cli, runconfig
-from vaelab.fastpath import Compiled, CompileWarning, compile_evaluation
-from vaelab.loglik import log_likelihood
-from vaelab.model import VAEModel
-from vaelab.registry import ModelConfig, build_model
-from vaelab.training import IndexedBatches, TrainConfig, Trainer
+from vaelab.cli import app as cli
+from vaelab.evaluation.loglik import log_likelihood
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.vae_model import VAEModel
+from vaelab.runs import options as runconfig
+from vaelab.train.fastpath import Compiled, CompileWarning, compile_evaluation
+from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
 
 
 def _missing_compiler() -> str | None:
@@ -256,7 +257,9 @@ def test_compile_is_an_option_of_runs_and_of_the_command_line(tmp_path):
     assert vaelab.VAE(compile=True).get_params()["compile"] is True
 
 
-@pytest.mark.filterwarnings("default::vaelab.fastpath.CompileWarning")  # shown, as outside pytest
+@pytest.mark.filterwarnings(
+    "default::vaelab.train.fastpath.CompileWarning"
+)  # shown, as outside pytest
 def test_the_command_line_says_a_failed_compilation_in_one_line(tmp_path, capsys, no_compiler):
     folder = Path(tmp_path) / "run"
     tiny = ["--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--batch-size", "128"]

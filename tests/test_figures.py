@@ -8,7 +8,7 @@ from sklearn.datasets import load_digits
 from sklearn.decomposition import PCA
 
 import vaelab
-from vaelab import figures
+from vaelab.report import figures
 
 X = (load_digits().data[:300] / 16.0).astype(np.float32)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
-from vaelab.flows import (
+from vaelab.components.flows import (
     FlowDistribution,
     IAFDistribution,
     IAFPosterior,
@@ -22,10 +22,10 @@ from vaelab.flows import (
     planar_constraint,
     planar_log_det,
 )
-from vaelab.made import MADE, MadeWeights
-from vaelab.networks import MLP
-from vaelab.objectives import kl_term
-from vaelab.priors import StandardNormalPrior
+from vaelab.components.made import MADE, MadeWeights
+from vaelab.components.networks import MLP
+from vaelab.components.priors import StandardNormalPrior
+from vaelab.objectives.bounds import kl_term
 
 FLOWS = ["planar", "iaf"]
 

@@ -1,4 +1,4 @@
-"""The inference gap against the exact gaps of linear-Gaussian models (vaelab.ppca)."""
+"""The inference gap against the exact gaps of linear-Gaussian models (vaelab.evaluation.ppca)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from conftest import exact_posterior_vae, linear_vae
-from vaelab.gap import (
+from vaelab.evaluation.gap import (
     InferenceGap,
     LocalGaussianPosterior,
     estimate_elbo,
     fit_local_posteriors,
     inference_gap,
 )
-from vaelab.loglik import LogLikelihoodEstimate
-from vaelab.ppca import random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
+from vaelab.evaluation.loglik import LogLikelihoodEstimate
+from vaelab.evaluation.ppca import random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
 
 F64 = torch.float64
 N = 120

@@ -18,8 +18,13 @@ from torch import nn
 from torch.distributions import Gamma, Independent, MultivariateNormal, Normal
 
 from conftest import exact_posterior_vae, linear_vae
-from vaelab.model import VAEModel
-from vaelab.objectives import (
+from vaelab.components.posteriors import DiagonalGaussianPosterior
+from vaelab.components.priors import LearnableGaussianPrior
+from vaelab.distributions.normal import DiagonalNormal
+from vaelab.distributions.stop_gradient import register_stop_gradient, stop_gradient
+from vaelab.evaluation.ppca import LinearGaussianModel, random_linear_gaussian
+from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.bounds import (
     GRADIENTS,
     KL_METHODS,
     OBJECTIVES,
@@ -28,14 +33,6 @@ from vaelab.objectives import (
     iwae_bound,
     objective_terms,
 )
-from vaelab.posteriors import (
-    DiagonalGaussianPosterior,
-    DiagonalNormal,
-    register_stop_gradient,
-    stop_gradient,
-)
-from vaelab.ppca import LinearGaussianModel, random_linear_gaussian
-from vaelab.priors import LearnableGaussianPrior
 
 DRAWS = 4000
 F64 = torch.float64

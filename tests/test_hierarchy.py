@@ -1,4 +1,4 @@
-"""Several stochastic layers (``vaelab.hierarchy``): the two-layer linear-Gaussian oracle for the
+"""Several stochastic layers (``vaelab.components.hierarchy``): the two-layer linear-Gaussian oracle for the
 bounds and AIS, the chain's densities against torch.distributions, ancestral moments, active units
 per layer, training, save/load/resume, and the refusals."""
 
@@ -15,16 +15,21 @@ from torch.distributions import MultivariateNormal, Normal
 
 import vaelab
 from conftest import CrashAfter
-from vaelab.ais import HmcSettings, ais
-from vaelab.diagnostics import activity, activity_beyond_layer_above, collapse_diagnostics
-from vaelab.gap import families_containing, fit_local_posteriors
-from vaelab.hierarchy import GaussianChain, LatentChain, LocalLayersPosterior
-from vaelab.loglik import log_likelihood
-from vaelab.noise import ExampleNoise, posterior_mean
-from vaelab.objectives import log_importance_weights
-from vaelab.posteriors import stop_gradient
-from vaelab.registry import ModelConfig, build_model
-from vaelab.runconfig import RunError, resolve
+from vaelab.components.hierarchy import LocalLayersPosterior
+from vaelab.distributions.chain import GaussianChain, LatentChain
+from vaelab.distributions.stop_gradient import stop_gradient
+from vaelab.evaluation.ais import HmcSettings, ais
+from vaelab.evaluation.diagnostics import (
+    activity,
+    activity_beyond_layer_above,
+    collapse_diagnostics,
+)
+from vaelab.evaluation.gap import families_containing, fit_local_posteriors
+from vaelab.evaluation.loglik import log_likelihood
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.objectives.bounds import log_importance_weights
+from vaelab.objectives.noise import ExampleNoise, posterior_mean
+from vaelab.runs.options import RunError, resolve
 
 F64 = torch.float64
 
@@ -337,7 +342,7 @@ def test_active_units_are_counted_per_layer():
     assert as_dict["active_units_per_layer"] == [2, 1] and as_dict["latent_sizes"] == [3, 2]
     assert as_dict["active_units"] == 3 and as_dict["latent_dim"] == 5
     assert as_dict["kl_per_dimension"] is None  # the layers' KLs do not split per unit
-    from vaelab.apply import active_units_text
+    from vaelab.runs.apply import active_units_text
 
     without = {**as_dict, "active_units_beyond_layer_above": None}
     assert active_units_text(without) == "3 of 5 (z1: 2 of 3; z2: 1 of 2)"
@@ -433,8 +438,8 @@ def test_save_load_and_the_gap(digits, tmp_path):
 
 
 def test_a_two_layer_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
-    from vaelab.checkpoint import load_checkpoint
-    from vaelab.training import (
+    from vaelab.train.checkpoint import load_checkpoint
+    from vaelab.train.trainer import (
         CheckpointPolicy,
         IndexedBatches,
         TrainConfig,
@@ -514,7 +519,7 @@ def test_combinations_without_a_meaning_are_refused(options, message):
 
 
 def test_a_two_layer_model_is_not_read_as_a_one_layer_linear_gaussian_model():
-    from vaelab.linear import linear_gaussian_from_vae
+    from vaelab.evaluation.linear import linear_gaussian_from_vae
 
     with pytest.raises(ValueError, match=r"several stochastic layers \(3, 2\)"):
         linear_gaussian_from_vae(TwoLayerLinear().model())

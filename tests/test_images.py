@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vaelab.files import atomic_write_bytes
-from vaelab.images import as_images, image_grid, png_bytes, png_data_uri, save_png
+from vaelab.io.files import atomic_write_bytes
+from vaelab.io.images import as_images, image_grid, png_bytes, png_data_uri, save_png
 
 
 def test_grid_of_two_grey_images_is_exact():

@@ -21,10 +21,10 @@ import pytest
 from sklearn.datasets import load_digits
 
 import vaelab
-from vaelab import cli
-from vaelab.networks import NETWORKS
-from vaelab.objectives import GRADIENTS, OBJECTIVES
-from vaelab.registry import LIKELIHOODS, POSTERIORS, PRIORS
+from vaelab.cli import app as cli
+from vaelab.components.networks import NETWORKS
+from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS
+from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
 
 # (likelihood, posterior, prior, network, objective, gradient, latent-dim): each value of each
 # option at least once, and two stochastic layers (3,2) with every posterior and prior they take.
@@ -161,7 +161,7 @@ def test_evaluate(model, capsys):
     else:  # every layer but the top one also counts what the layer above does not explain
         assert len(beyond) == len(sizes) and beyond[-1] == per_layer[-1]
         assert all(0 <= n <= d for n, d in zip(beyond, sizes, strict=True))
-    # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.diagnostics); an IAF's is left
+    # Î(x; z) lies in [0, log N] up to Monte Carlo noise (vaelab.evaluation.diagnostics); an IAF's is left
     # out by default (N² sequential inverses), and says so.
     information = diagnostics["mutual_information"]
     if information is None:

@@ -21,9 +21,8 @@ from torch.distributions import (
 )
 from torch.distributions.kl import _KL_REGISTRY, kl_divergence
 
-from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
-from vaelab.posteriors import DiagonalNormal
-from vaelab.priors import StandardNormal
+from vaelab.distributions.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
+from vaelab.distributions.normal import DiagonalNormal, StandardNormal
 
 F64 = torch.float64
 EPS64 = torch.finfo(F64).eps
@@ -281,7 +280,7 @@ PAIR_IDS = ["indep-mvn", "mvn-indep", "indep-lowrank", "lowrank-indep"]
 
 
 def test_registration_adds_the_missing_pairs_and_leaves_torch_pairs_alone():
-    ours = {pair for pair, fn in _KL_REGISTRY.items() if fn.__module__ == "vaelab.kl"}
+    ours = {pair for pair, fn in _KL_REGISTRY.items() if fn.__module__ == "vaelab.distributions.kl"}
     assert ours == {
         (Independent, StandardNormal),
         (DiagonalNormal, StandardNormal),

@@ -7,9 +7,9 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from conftest import linear_vae
-from vaelab.linear import linear_gaussian_from_vae
-from vaelab.ppca import random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
+from vaelab.evaluation.linear import linear_gaussian_from_vae
+from vaelab.evaluation.ppca import random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
 
 F64 = torch.float64
 

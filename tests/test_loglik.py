@@ -10,17 +10,17 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from conftest import linear_vae
-from vaelab.loglik import (
+from vaelab.distributions.sampling import location_scale_sample
+from vaelab.evaluation.loglik import (
     LogLikelihoodEstimate,
     bits_per_dim,
     log_likelihood,
     log_likelihood_with_proposal,
     summarise_log_weights,
 )
-from vaelab.noise import location_scale_sample
-from vaelab.objectives import elbo, log_importance_weights
-from vaelab.ppca import random_linear_gaussian
-from vaelab.registry import ModelConfig, build_model
+from vaelab.evaluation.ppca import random_linear_gaussian
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.objectives.bounds import elbo, log_importance_weights
 
 F64 = torch.float64
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import exact_posterior_vae, linear_vae
-from vaelab.objectives import elbo, iwae_bound, kl_per_dimension, kl_term
-from vaelab.ppca import random_linear_gaussian
-from vaelab.priors import MixtureOfGaussiansPrior, StandardNormalPrior
+from vaelab.components.priors import MixtureOfGaussiansPrior, StandardNormalPrior
+from vaelab.evaluation.ppca import random_linear_gaussian
+from vaelab.objectives.bounds import elbo, iwae_bound, kl_per_dimension, kl_term
 
 
 def standard_error(values: torch.Tensor) -> float:

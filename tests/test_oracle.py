@@ -14,7 +14,7 @@ import math
 import torch
 
 import vaelab
-from vaelab.ppca import ppca_max_log_likelihood, random_linear_gaussian
+from vaelab.evaluation.ppca import ppca_max_log_likelihood, random_linear_gaussian
 
 TOLERANCE = 0.05  # nats per example
 
@@ -37,7 +37,7 @@ def test_iwae_training_and_an_iaf_posterior_reach_the_ppca_maximum_likelihood():
     the right rotation; an IAF with z-independent steps is a diagonal Gaussian): a linear model
     trained on the IWAE-5 bound reaches the pPCA maximum in its exact log p(x), and a linear VAE
     with an IAF posterior reaches it in its ELBO, each within 0.05 nats per example."""
-    from vaelab.linear import linear_gaussian_from_vae
+    from vaelab.evaluation.linear import linear_gaussian_from_vae
 
     truth = random_linear_gaussian(10, 2, noise_var=0.5, seed=0)
     x, _ = truth.sample(2000, torch.Generator().manual_seed(1))

@@ -1,4 +1,4 @@
-"""Checks of the closed forms in vaelab.ppca against independent computations.
+"""Checks of the closed forms in vaelab.evaluation.ppca against independent computations.
 
 Independent means: torch.distributions densities and KLs, Gaussian conditioning of the joint
 covariance of (z, x), Monte Carlo, numerical optimisation, and autograd stationarity.
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from vaelab.ppca import (
+from vaelab.evaluation.ppca import (
     DiagonalGaussian,
     GaussianPosterior,
     InferenceGaps,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from browser import check_page_in_browser, skip_unless_browser
-from vaelab.report import (
+from vaelab.report.html import (
     LatentScatter,
     Metric,
     ReportContent,

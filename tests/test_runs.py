@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vaelab import cli, files, training
-from vaelab.checkpoint import CHECKPOINT_FILE, load_checkpoint
-from vaelab.runconfig import RunConfig
-from vaelab.runs import LOCK_FILE, RunLock
+from vaelab.cli import app as cli
+from vaelab.io import files
+from vaelab.runs.folder import LOCK_FILE, RunLock
+from vaelab.runs.options import RunConfig
+from vaelab.train import trainer as training
+from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64", "-q"]
 
@@ -229,7 +231,7 @@ def test_a_full_disk_names_the_file_keeps_the_last_checkpoint_and_says_how_to_re
 
 
 class SecondPerReading:
-    """Stands in for the ``time`` module in ``vaelab.training``: each reading is a second later."""
+    """Stands in for the ``time`` module in ``vaelab.train.trainer``: each reading is a second later."""
 
     def __init__(self) -> None:
         self.now = 0.0

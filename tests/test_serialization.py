@@ -14,8 +14,8 @@ import torch
 from sklearn.datasets import load_digits
 
 import vaelab
-from vaelab.files import sha256_bytes
-from vaelab.serialization import CONFIG_FILE, WEIGHTS_FILE, ModelFileError
+from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE, ModelFileError
+from vaelab.io.files import sha256_bytes
 
 X = (load_digits().data[:300] / 16.0).astype(np.float32)
 

@@ -13,17 +13,17 @@ import pytest
 import torch
 
 from conftest import CrashAfter
-from vaelab import training
-from vaelab.checkpoint import (
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.objectives.bounds import kl_per_dimension
+from vaelab.train import trainer as training
+from vaelab.train.checkpoint import (
     CheckpointError,
     capture_rng,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from vaelab.objectives import kl_per_dimension
-from vaelab.registry import ModelConfig, build_model
-from vaelab.training import (
+from vaelab.train.trainer import (
     CheckpointPolicy,
     EpochMetrics,
     IndexedBatches,
@@ -324,7 +324,7 @@ def test_checkpoints_do_not_change_the_result(tmp_path):
 
 
 class FakeTime:
-    """Stands in for the ``time`` module in ``vaelab.training``: its clock moves only when told."""
+    """Stands in for the ``time`` module in ``vaelab.train.trainer``: its clock moves only when told."""
 
     def __init__(self) -> None:
         self.now = 1000.0

@@ -7,18 +7,17 @@ attributes after ``import vaelab``: ``vaelab.loglik`` (IWAE-k), ``vaelab.ais`` (
 sampling, BDMC), ``vaelab.gap`` (inference gaps), ``vaelab.diagnostics`` (posterior collapse) and
 ``vaelab.ppca`` (linear-Gaussian models in closed form); ``vaelab.fastpath`` compiles training and
 evaluation with ``torch.compile``.
+
+The package is built in rooms, each importing only the rooms below it (``make lint`` checks it):
+``io`` → ``distributions`` → ``components`` → ``objectives`` → ``model`` → ``evaluation`` and
+``data`` → ``train`` → ``estimator`` → ``runs`` → ``report`` → ``cli``. The modules of the flat
+layout before it (``vaelab.loglik``, ``vaelab.kl``, ``vaelab.training``, …) still import, as names
+of their new rooms (``vaelab._legacy``).
 """
 
-from vaelab import ais as ais
-from vaelab import diagnostics as diagnostics
-from vaelab import fastpath as fastpath
-from vaelab import gap as gap
-from vaelab import loglik as loglik
-from vaelab import ppca as ppca
-from vaelab.estimator import VAE
-from vaelab.flows import IAFPosterior, PlanarFlowPosterior
-from vaelab.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
-from vaelab.likelihoods import (
+from vaelab import _legacy
+from vaelab.components.flows import IAFPosterior, PlanarFlowPosterior
+from vaelab.components.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
     DiscretizedLogisticLikelihood,
@@ -26,18 +25,29 @@ from vaelab.likelihoods import (
     GaussianLikelihood,
     LaplaceLikelihood,
 )
-from vaelab.model import VAEModel
-from vaelab.objectives import ElboTerms, IwaeTerms, elbo, iwae_bound, objective_terms
-from vaelab.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior, stop_gradient
-from vaelab.priors import (
+from vaelab.components.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.components.priors import (
     ConditionalGaussianPrior,
     LearnableGaussianPrior,
     MixtureOfGaussiansPrior,
     StandardNormalPrior,
     VampPrior,
 )
-from vaelab.registry import ModelConfig, build_model
-from vaelab.serialization import ModelFileError, load
+from vaelab.distributions.kl import kl_gaussian, kl_gaussian_tril, kl_standard_normal
+from vaelab.distributions.stop_gradient import stop_gradient
+from vaelab.estimator.facade import VAE, load
+from vaelab.estimator.serialization import ModelFileError
+from vaelab.evaluation import ais as ais
+from vaelab.evaluation import diagnostics as diagnostics
+from vaelab.evaluation import gap as gap
+from vaelab.evaluation import loglik as loglik
+from vaelab.evaluation import ppca as ppca
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.bounds import ElboTerms, IwaeTerms, elbo, iwae_bound, objective_terms
+from vaelab.train import fastpath as fastpath
+
+_legacy.install()
 
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """``python -m vaelab``: the ``vaelab`` command."""
 
-from vaelab.cli import run
+from vaelab.cli.app import run
 
 if __name__ == "__main__":
     run()

@@ -1,0 +1,832 @@
+"""The ``vaelab`` command: argument parsing and messages over the library, which does the work
+(``vaelab.runs.folder`` trains, ``vaelab.runs.apply`` evaluates, samples, reconstructs and encodes).
+
+    vaelab train DATA --out DIR [options]       train; DIR becomes a saved model
+    vaelab evaluate DIR [--data DATA] [--json]  test-set ELBO, reconstruction and KL
+    vaelab sample DIR -n N --out FILE           .png grid or .npy array
+    vaelab reconstruct DIR --data DATA --out FILE.png
+    vaelab encode DIR --data DATA --out Z.npy
+
+A user mistake prints one line ``vaelab: error: ...`` and exits with code 2 (``--debug`` shows the
+traceback instead), as do a run folder in use by another process and a full disk; Ctrl-C during
+training saves a checkpoint and exits with 130; a diverged run exits with 1.
+
+``train``, ``evaluate`` and ``gap`` take ``--nproc N``: the command runs on N workers started by
+torch's launcher (``vaelab.train.launch``), and a failing worker stops them all with one line. Started
+by ``torchrun`` instead, the same commands find their workers in the environment
+(``vaelab.train.distributed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
+
+import torch
+
+from vaelab import __version__
+from vaelab.data.sources import DATA_ENV, SOURCES
+from vaelab.io.files import DiskFullError
+from vaelab.report.content import ReportBudget
+from vaelab.runs import apply
+from vaelab.runs import folder as runs
+from vaelab.runs import options as runconfig
+from vaelab.train import distributed
+from vaelab.train.checkpoint import CheckpointError
+from vaelab.train.trainer import NonFiniteLossError, TrainingInterrupted
+
+PROG = "vaelab"
+# Where each group of RunConfig's options begins, for --help.
+GROUPS = {
+    "data_dir": "data",
+    "latent_dim": "model",
+    "epochs": "training",
+    "checkpoint_every": "checkpoints",
+}
+
+
+METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES", "latent": "N[,N]"}
+
+
+class UsageError(Exception):
+    """A command line argparse refused."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (raised, so ``main`` prints them) instead of usage."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
+
+
+def _run_option(name: str) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            return runconfig.convert(name, text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = name.replace("_", "-")  # argparse names the type in some messages
+    return parse
+
+
+def _default_text(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One option per ``RunConfig`` field, so --help, the TOML keys and config.json agree."""
+    group: Any = parser
+    for f in dataclasses.fields(runconfig.RunConfig):
+        if f.name == "data":
+            continue
+        if f.name in GROUPS:
+            group = parser.add_argument_group(f"{GROUPS[f.name]} options")
+        meta = f.metadata
+        default = _default_text(f.default)
+        if f.name == "data_dir":
+            default = f"${DATA_ENV}"
+        help_text = f"{meta['help']} (default: {default})"
+        if meta["kind"] == "bool":  # a switch: --compile / --no-compile
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=f"{meta['help']} (default: off)",
+            )
+            continue
+        metavar = METAVARS[meta["kind"].rstrip("?")] if f.name != "data_dir" else "DIR"
+        if meta["choices"]:
+            metavar = "{" + ",".join(meta["choices"]) + "}"
+        group.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=_run_option(f.name),
+            default=argparse.SUPPRESS,
+            metavar=metavar,
+            help=help_text,
+        )
+
+
+def build_parser() -> Parser:
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    common.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads for torch (default: torch's choice, one per core); on a machine others "
+        "share, 1 keeps small models from waiting on busy cores",
+    )
+
+    def parallel(what: str) -> Parser:
+        found = Parser(add_help=False)
+        found.add_argument(
+            "--nproc",
+            type=int,
+            metavar="N",
+            help=f"{what} on N worker processes on this machine, started by torch's launcher "
+            "(torch.distributed.run), one thread each unless --threads says otherwise; for "
+            "several machines use torchrun (see the README)",
+        )
+        return found
+
+    parser = Parser(
+        prog=PROG,
+        description="Variational autoencoders from the command line.",
+        formatter_class=_formatter,
+        epilog=f"Run `{PROG} COMMAND --help` for the options of each command.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"{PROG} {__version__} (torch {torch.__version__})",
+        help="print the versions of vaelab and torch",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    train = commands.add_parser(
+        "train",
+        parents=[common, parallel("train data-parallel (DistributedDataParallel)")],
+        formatter_class=_formatter,
+        help="train a model; the output folder is itself a saved model",
+        description=(
+            "Train a VAE on DATA and save it in DIR (open it with vaelab.load(DIR)).\n\n"
+            f"DATA is a data set name ({', '.join(SOURCES)}) or a path to\n"
+            "a .npy / .npz / .csv file, a folder of images or an IDX file.\n\n"
+            "Options come from the defaults, then --config FILE.toml (keys as the long option\n"
+            "names, e.g. latent-dim = 16, hidden = [400, 400]), then the command line. DIR gets\n"
+            "config.json (the resolved options), checkpoint.safetensors, metrics.jsonl,\n"
+            "tensorboard/ and, when training ends, the model (model.safetensors, vaelab.json).\n"
+            "Ctrl-C saves a checkpoint; --resume continues from it exactly.\n\n"
+            "--nproc N trains on N workers, each taking its share of every batch of\n"
+            "--batch-size examples (the global batch); the run is the same as on one process\n"
+            "up to the order of floating-point sums, and resumes on any number of workers."
+        ),
+    )
+    train.add_argument("data", metavar="DATA", nargs="?", help="data set name or path")
+    train.add_argument(
+        "--out", "-o", required=True, metavar="DIR", help="run folder (new, or resumed)"
+    )
+    train.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in DIR from its last checkpoint, with its saved configuration",
+    )
+    train.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bar: one log line per epoch"
+    )
+    add_train_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    reading = Parser(add_help=False)  # every command that reads a saved model
+    reading.add_argument(
+        "model", metavar="DIR", help="a model folder (vaelab train --out / VAE.save)"
+    )
+    reading.add_argument(
+        "--device",
+        metavar="NAME",
+        help="auto, cpu or cuda (default: where the model was trained when that device exists "
+        "here, else the CPU)",
+    )
+    with_data = Parser(add_help=False)  # ... and data
+    with_data.add_argument(
+        "--data",
+        metavar="DATA",
+        help="a data set name or path (default: the data the model was trained on)",
+    )
+    with_data.add_argument(
+        "--split",
+        choices=apply.SPLITS,
+        help="which examples: the model's own test split by default (for its training data and "
+        "for named data sets), all examples of another file",
+    )
+    _data_dir_option(with_data)
+    long_work = Parser(add_help=False)  # ... and may take a while
+    long_work.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bars (shown on a terminal)"
+    )
+    evaluating = [common, reading, with_data]
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        parents=[
+            *evaluating,
+            long_work,
+            parallel(
+                "split the examples among workers (the numbers are those of one process): run IWAE and AIS"
+            ),
+        ],
+        help="test-set ELBO, KL and reconstruction of a saved model",
+        description=(
+            "Mean ELBO (a lower bound on log p(x)), reconstruction term and KL, in nats per example, "
+            "on the model's own test split (another with --split or --data). Data is scaled and "
+            "binarised as it was for training."
+        ),
+    )
+    evaluate.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of a table"
+    )
+    evaluate.add_argument(
+        "--samples", type=int, default=16, metavar="L",
+        help="Monte Carlo samples per example for the reconstruction term (default: 16)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--k", type=int, metavar="K",
+        help="also estimate log p(x) by importance sampling with K samples per example (IWAE-K, "
+        "e.g. 5000), with its standard error, and bits per dimension where they are defined",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--ais", type=int, metavar="S",
+        help="also estimate log p(x) by annealed importance sampling with S intermediate "
+        "distributions and HMC transitions (Neal 2001; Wu et al. 2017): tighter than IWAE at "
+        "large S (e.g. 3000) and far slower, so pair it with --examples",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--ais-chains", type=int, default=16, metavar="C",
+        help="independent AIS chains per example (default: 16)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--examples", type=int, metavar="N",
+        help="evaluate a random subset of N examples (seeded: the same every time)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--per-example", metavar="FILE.npz",
+        help="also write each example's numbers (float64 arrays elbo, and iwae / ais when "
+        "asked, in the order of the examples evaluated) to an .npz file",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--no-diagnostics", action="store_true",
+        help="leave out the collapse diagnostics (active units, KL per dimension, I(x; z), rate, "
+        "distortion)",
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--compile", action="store_true",
+        help="run the decoder's log p(x|z) through torch.compile (faster IWAE / AIS / ELBO after "
+        "a compilation of seconds to a minute; the same numbers to float rounding)",
+    )  # fmt: skip
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    gap = commands.add_parser(
+        "gap",
+        parents=[
+            *evaluating,
+            long_work,
+            parallel(
+                "split the examples among workers (the numbers are those of one process): run the gaps"
+            ),
+        ],
+        help="approximation and amortisation gaps of a saved model",
+        description=(
+            "The inference gap (Cremer, Li & Duvenaud 2018) on a random subset of N examples: "
+            "log p(x) − ELBO(amortised q) split into the approximation gap log p(x) − ELBO(q*), "
+            "where q* is the best member of a family for each example (optimised with the decoder "
+            "frozen), and the amortisation gap ELBO(q*) − ELBO(amortised q); for each family that "
+            "contains the amortised q (diagonal and full covariance for a diagonal encoder, full "
+            "only for a full one), in nats per example with standard errors."
+        ),
+    )
+    gap.add_argument("--n", type=int, default=500, metavar="N", help="examples (default: 500)")
+    gap.add_argument(
+        "--k", type=int, default=5000, metavar="K",
+        help="importance samples for log p(x) (default: 5000)",
+    )  # fmt: skip
+    gap.add_argument(
+        "--steps", type=int, default=2000, metavar="S",
+        help="optimisation steps of the per-example q* (default: 2000)",
+    )  # fmt: skip
+    gap.add_argument(
+        "--ais", action="store_true",
+        help="estimate log p(x) by annealed importance sampling instead of IWAE-K",
+    )  # fmt: skip
+    gap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    gap.set_defaults(handler=cmd_gap)
+
+    budget = ReportBudget()
+    report = commands.add_parser(
+        "report",
+        parents=[*evaluating, long_work],
+        help="one self-contained HTML page about a saved model",
+        description=(
+            "Write DIR/report.html: training curves, a metrics table (ELBO, IWAE-K, inference "
+            "gaps, active units, I(x; z)), samples, reconstructions, the latent space coloured by "
+            "label, the 2-D latent manifold, interpolations and the KL per dimension. The default "
+            "budget takes about a minute on 10,000 MNIST images: IWAE on a random subset, the "
+            "gaps on a smaller one; the options below buy more."
+        ),
+    )
+    report.add_argument(
+        "--out", "-o", metavar="FILE.html", help="output file (default: DIR/report.html)"
+    )
+    report.add_argument(
+        "--k", type=int, default=budget.k, metavar="K",
+        help=f"importance samples of the IWAE-K estimate; 0 leaves it out (default: {budget.k})",
+    )  # fmt: skip
+    report.add_argument(
+        "--iwae-examples", type=_count_or_all, default=budget.iwae_examples, metavar="N",
+        help="random examples for IWAE-K, or 'all' (default: "
+        f"{budget.iwae_examples})",
+    )  # fmt: skip
+    report.add_argument(
+        "--gap-examples", type=int, default=budget.gap_examples, metavar="N",
+        help=f"random examples for the inference gaps; 0 leaves them out (default: "
+        f"{budget.gap_examples})",
+    )  # fmt: skip
+    report.add_argument(
+        "--gap-steps", type=int, default=budget.gap_steps, metavar="S",
+        help=f"optimisation steps of each example's q* (default: {budget.gap_steps})",
+    )  # fmt: skip
+    report.add_argument(
+        "--gap-k", type=int, default=budget.gap_k, metavar="K",
+        help=f"importance samples of the gaps' log p(x) (default: {budget.gap_k})",
+    )  # fmt: skip
+    report.set_defaults(handler=cmd_report)
+
+    sample = commands.add_parser(
+        "sample",
+        parents=[common, reading],
+        help="draw samples from a saved model",
+        description=(
+            "Decoder means at z ~ p(z): a PNG grid (image data) or an [n, ...] .npy array. A "
+            "conditional model draws z ~ p(z|y) and decodes given y, the class --label."
+        ),
+    )
+    sample.add_argument(
+        "-n", type=int, default=64, metavar="N", help="how many samples (default: 64)"
+    )
+    sample.add_argument("--out", "-o", required=True, metavar="FILE", help="output .png or .npy")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
+    sample.add_argument(
+        "--label", metavar="CLASS",
+        help="the class to draw, for a conditional model (a label of its data, or a class "
+        "folder's name)",
+    )  # fmt: skip
+    sample.set_defaults(handler=cmd_sample)
+
+    reconstruct = commands.add_parser(
+        "reconstruct",
+        parents=evaluating,
+        help="reconstruct examples through a saved model",
+        description=(
+            "N random examples of DATA (rows of originals) over their reconstructions E[x|z] at "
+            "the posterior mean, as a PNG; or a [2, N, ...] .npy array (originals, reconstructions)."
+        ),
+    )
+    reconstruct.add_argument(
+        "--out", "-o", required=True, metavar="FILE.png", help="output .png or .npy"
+    )
+    reconstruct.add_argument(
+        "-n", type=int, default=10, metavar="N", help="how many examples (default: 10)"
+    )
+    reconstruct.set_defaults(handler=cmd_reconstruct)
+
+    encode = commands.add_parser(
+        "encode",
+        parents=evaluating,
+        help="posterior means of every example, as .npy",
+        description="Posterior means E_q[z|x] of every example of DATA, [n, latent] float32, in file order.",
+    )
+    encode.add_argument("--out", "-o", required=True, metavar="Z.npy", help="output .npy file")
+    encode.set_defaults(handler=cmd_encode)
+    return parser
+
+
+def _count_or_all(text: str) -> int | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of examples or 'all', got {text!r}"
+        ) from None
+
+
+def _data_dir_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help=f"folder of named data sets (default: ${DATA_ENV}, else the one used for training)",
+    )
+
+
+# ------------------------------------------------------------------------------------ commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    settings: dict[str, Any] = {}
+    if args.config is not None:
+        settings.update(runconfig.read_config_file(args.config))
+    flags = {n: getattr(args, n) for n in runconfig.OPTIONS if n != "data" and hasattr(args, n)}
+    if args.data is not None:
+        flags["data"] = args.data
+    if "data_dir" not in flags and "data_dir" not in settings and os.environ.get(DATA_ENV):
+        flags["data_dir"] = os.environ[DATA_ENV]
+    settings.update(flags)
+    world = args.world
+    try:
+        result = runs.train(settings, args.out, resume=args.resume, quiet=args.quiet, world=world)
+    except TrainingInterrupted as stop:
+        launched = os.environ.get("VAELAB_WORKER_MESSAGES") and world.size > 1
+        again = f" --nproc {world.size}" if launched else ""
+        raise TrainingInterrupted(
+            f"{stop}; checkpoint saved in {args.out}: continue with "
+            f"`vaelab train --out {args.out} --resume{again}`"
+        ) from None
+    except NonFiniteLossError as error:
+        raise NonFiniteLossError(f"{error}; {_last_checkpoint(args.out)}") from None
+    except DiskFullError as error:
+        error.advice = _after_a_full_disk(args.out)
+        raise
+    if not world.main:
+        return 0
+    best = ""
+    if result.best_epoch is not None:
+        best = f" (the weights of epoch {result.best_epoch}, best by validation ELBO)"
+    print(f"saved the model to {result.folder}{best}; next: vaelab evaluate {result.folder}")
+    return 0
+
+
+def _last_checkpoint(out: str) -> str:
+    from vaelab.train.checkpoint import CHECKPOINT_FILE
+
+    path = os.path.join(out, CHECKPOINT_FILE)
+    if os.path.exists(path):
+        return f"the last good checkpoint, {path}, is kept"
+    return "no checkpoint had been written"
+
+
+def _after_a_full_disk(out: str) -> str:
+    try:
+        checkpoint = runs.describe_checkpoint(out)
+    except CheckpointError as error:
+        return str(error)
+    if checkpoint is None:
+        return f"no checkpoint had been written: free some space, delete {out} and train again"
+    return f"{checkpoint}; free some space and continue with `vaelab train --out {out} --resume`"
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    result = apply.evaluate(
+        args.model,
+        args.data,
+        _data_dir(args),
+        samples=args.samples,
+        k=args.k,
+        examples_limit=args.examples,
+        diagnostics=not args.no_diagnostics,
+        progress=_progress(args),
+        ais_steps=args.ais,
+        ais_chains=args.ais_chains,
+        split=args.split,
+        device=args.device,
+        per_example=args.per_example,
+        world=args.world,
+        compile=args.compile,
+    )
+    if result is None:  # a worker other than rank 0, which reports
+        return 0
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    rows = [
+        ("model", result["model"]),
+        ("data", result["examples_described"]),
+        ("ELBO", f"{result['elbo']:.4f} ± {result['elbo_standard_error']:.4f} nats/example"),
+        ("reconstruction", f"{result['reconstruction']:.4f} nats/example"),
+        ("KL", f"{result['kl']:.4f} nats/example"),
+        ("examples", f"{result['count']:,}"),
+    ]
+    iwae = result.get("iwae")
+    if iwae:
+        rows.append(
+            (f"IWAE-{iwae['k']}", f"{iwae['mean']:.4f} ± {iwae['standard_error']:.4f} nats/example")
+        )
+        if iwae["bits_per_dim"] is not None:
+            rows.append(("bits/dim", f"{iwae['bits_per_dim']:.4f} (IWAE-{iwae['k']})"))
+        else:
+            rows.append(("bits/dim", f"— {iwae['bits_per_dim_note']}"))
+    found_ais = result.get("ais")
+    if found_ais:
+        rows.append(
+            (
+                found_ais["bound"],
+                f"{found_ais['mean']:.4f} ± {found_ais['standard_error']:.4f} nats/example "
+                f"({found_ais['examples']:,} examples, {found_ais['chains']} chains, effective "
+                f"sample size {found_ais['mean_effective_sample_size']:.1f}, HMC acceptance "
+                f"{found_ais['acceptance_rate']:.2f})",
+            )
+        )
+    found = result.get("diagnostics")
+    if found:
+        mi = found["mutual_information"]
+        rows += [
+            ("active units", apply.active_units_text(found)),
+            (
+                "I(x; z)",
+                f"— {found['mutual_information_note']}"
+                if mi is None
+                else f"{mi['mean']:.4f} ± {mi['standard_error']:.4f} nats",
+            ),
+            ("rate", f"{found['rate']['mean']:.4f} nats/example"),
+            ("distortion", f"{found['distortion']['mean']:.4f} nats/example"),
+        ]
+        if found["kl_per_dimension"] is not None:
+            kl = ", ".join(f"{v:.2f}" for v in found["kl_per_dimension"])
+            rows.append(("KL per dim", kl))
+    for name, value in rows:
+        print(f"{name:<16}{value}")
+    return 0
+
+
+def cmd_gap(args: argparse.Namespace) -> int:
+    result = apply.gap(
+        args.model,
+        args.data,
+        _data_dir(args),
+        n=args.n,
+        k=args.k,
+        steps=args.steps,
+        use_ais=args.ais,
+        progress=_progress(args),
+        split=args.split,
+        device=args.device,
+        world=args.world,
+    )
+    if result is None:  # a worker other than rank 0, which reports
+        return 0
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['examples_described']}; log p(x) by {result['log_px_method']}; nats per "
+          "example (mean ± standard error)")  # fmt: skip
+    names = (
+        "log_px",
+        "elbo_optimal",
+        "elbo_amortised",
+        "approximation_gap",
+        "amortisation_gap",
+        "total_gap",
+    )
+    print(f"{'':<20}" + "".join(f"{family:>22}" for family in result["families"]))
+    for name in names:
+        cells = "".join(
+            f"{found[name]['mean']:>13.4f} ± {found[name]['standard_error']:<6.4f}"
+            for found in result["families"].values()
+        )
+        print(f"{name:<20}{cells}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from vaelab.report.content import write_model_report
+
+    budget = ReportBudget(
+        k=args.k,
+        iwae_examples=args.iwae_examples,
+        gap_examples=args.gap_examples,
+        gap_steps=args.gap_steps,
+        gap_k=args.gap_k,
+    )
+    try:
+        budget.validate()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    path = write_model_report(
+        args.model, args.out, data=args.data, data_dir=_data_dir(args), budget=budget,
+        split=args.split, device=args.device, progress=_progress(args),
+    )  # fmt: skip
+    print(f"wrote {path}; open it in a browser")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    path = apply.sample(
+        args.model, args.n, args.out, seed=args.seed, device=args.device, label=args.label
+    )
+    of = "" if args.label is None else f" of class {args.label}"
+    print(f"wrote {args.n} samples{of} to {path}")
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    path, examples = apply.reconstruct(
+        args.model, args.data, args.out, n=args.n, data_dir=_data_dir(args), split=args.split,
+        device=args.device,
+    )  # fmt: skip
+    print(f"wrote reconstructions of {examples.description} to {path}")
+    return 0
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    path, examples = apply.encode(
+        args.model, args.data, args.out, data_dir=_data_dir(args), split=args.split,
+        device=args.device,
+    )  # fmt: skip
+    print(f"wrote latent codes of {examples.description} to {path}")
+    return 0
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on stderr when it is a terminal and --quiet was not given."""
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _data_dir(args: argparse.Namespace) -> str | None:
+    return args.data_dir if args.data_dir is not None else os.environ.get(DATA_ENV) or None
+
+
+# ---------------------------------------------------------------------------------------- main
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _set_threads(threads: int | None, worker: bool) -> None:
+    """Torch's CPU threads: ``--threads``, else one per worker of a data-parallel run (N workers
+    with a thread per core each would oversubscribe the cores N times), else torch's default."""
+    if threads is None:
+        if worker:
+            torch.set_num_threads(1)
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def _without_nproc(arguments: list[str]) -> list[str]:
+    """The command line as the workers run it: without ``--nproc N`` (or ``--nproc=N``)."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip:
+            skip = False
+        elif argument == "--nproc":
+            skip = True
+        elif not argument.startswith("--nproc="):
+            kept.append(argument)
+    return kept
+
+
+def _launch(args: argparse.Namespace, arguments: list[str]) -> int:
+    """Run the command on ``args.nproc`` workers (``vaelab.train.launch``) and print its one line."""
+    from vaelab.train import launch
+
+    advice = None
+    if args.command == "train":
+
+        def advice() -> str:
+            return _after_a_stop(args.out, args.nproc)
+
+    code, line = launch.launch(_without_nproc(arguments), args.nproc, advice)
+    if line is not None:
+        print(line, file=sys.stderr)
+    return code
+
+
+def _after_a_stop(out: str, nproc: int) -> str:
+    try:
+        checkpoint = runs.describe_checkpoint(out)
+    except CheckpointError as error:
+        return str(error)
+    if checkpoint is None:
+        return "no checkpoint had been written"
+    return f"{checkpoint}; continue with `vaelab train --out {out} --resume --nproc {nproc}`"
+
+
+def _check_world(args: argparse.Namespace, world_size: int | None) -> None:
+    nproc = getattr(args, "nproc", None)
+    if nproc is not None and nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {nproc}")
+    if world_size is None or world_size == 1:
+        return
+    if nproc is not None:
+        raise UsageError(
+            "--nproc starts its own workers; under torchrun (or another launcher) leave it out"
+        )
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise UsageError(
+            f"`vaelab {args.command}` runs in one process; start it without torchrun "
+            f"(these commands run on several: {', '.join(DISTRIBUTED_COMMANDS)})"
+        )
+
+
+DISTRIBUTED_COMMANDS = ("train", "evaluate", "gap")
+
+
+def run() -> NoReturn:
+    """The ``vaelab`` program: :func:`main`, then exit with its code.
+
+    A worker of several whose command failed ends at once with ``os._exit``, once its output is
+    flushed: its message is already handed on, its files are complete (every write is atomic),
+    and what is left is its process group, whose teardown at exit while a peer is mid-collective
+    can abort the process with a line of C++ ("terminate called ...") on the shared stderr."""
+    code = main()
+    if code and distributed.environment_world_size() not in (None, 1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``vaelab`` command; returns the exit code (0 ok, 1 diverged, 2 mistake, 130 Ctrl-C).
+
+    As one worker of several (started by ``--nproc`` or ``torchrun``), an error is handed to
+    the launcher (``vaelab.train.launch.worker_message``) or printed by the worker that caused it; a
+    worker stopped by another's failure stays quiet."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in arguments
+    world_size = distributed.environment_world_size()
+    worker = world_size is not None and world_size > 1
+    rank = int(os.environ.get("RANK", "0")) if worker else 0
+    try:
+        args = build_parser().parse_args(arguments)
+        _check_world(args, world_size)
+        if getattr(args, "nproc", None) is not None and args.nproc > 1:
+            return _launch(args, arguments)
+        _set_threads(args.threads, worker)
+        with _one_line_warnings(), distributed.session() as world:
+            args.world = world
+            return int(args.handler(args))
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except UsageError as error:
+        return _fail(2, f"{PROG}: error: {_one_line(error)}")
+    except distributed.PeerFailure:
+        return _fail(2, "", primary=False)  # the worker that failed says why
+    except (TrainingInterrupted, KeyboardInterrupt) as stop:
+        if debug:
+            raise
+        line = f"{PROG}: {_one_line(stop) if str(stop) else 'interrupted'}"
+        return _fail(130, line, primary=rank == 0)
+    except NonFiniteLossError as error:
+        if debug:
+            raise
+        return _fail(1, f"{PROG}: error: {_worker(rank, world_size)}{_one_line(error)}")
+    except (ValueError, OSError) as error:
+        if debug:
+            raise
+        return _fail(2, f"{PROG}: error: {_worker(rank, world_size)}{_one_line(error)}")
+    except Exception as error:
+        if debug or not worker:
+            raise
+        # A collective that lost its peer (gloo: "Connection closed by peer"), or the launcher's
+        # SIGTERM after another worker failed: a consequence, not the cause.
+        line = f"{PROG}: error: worker {rank} of {world_size} stopped: {_one_line(error)}"
+        return _fail(2, line[:500], primary=False, show=True)
+
+
+@contextlib.contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """vaelab's own warnings (a compilation that fell back to eager) as one line
+    ``vaelab: warning: ...`` on stderr, without Python's file name and source line."""
+    from vaelab.train.fastpath import CompileWarning
+
+    shown = warnings.showwarning
+
+    def show(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, CompileWarning):
+            print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _worker(rank: int, world_size: int | None) -> str:
+    """ "worker R of N: " before a message from a worker other than rank 0."""
+    return f"worker {rank} of {world_size}: " if rank else ""
+
+
+def _fail(code: int, line: str, *, primary: bool = True, show: bool | None = None) -> int:
+    """Hand ``line`` to the launcher of this worker, else print it (a secondary one only when
+    ``show``); return ``code``."""
+    from vaelab.train.launch import worker_message
+
+    if distributed.environment_world_size() not in (None, 1) and worker_message(
+        code, line, primary
+    ):
+        return code
+    if line and (primary or show):
+        print(line, file=sys.stderr)
+    return code

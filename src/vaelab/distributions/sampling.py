@@ -1,0 +1,77 @@
+"""Drawing z from a distribution with given standard normal noise ε, differentiably in its
+parameters: the reparameterisation z = μ + L ε of a location-scale family (Kingma & Welling 2014),
+or a flow's own ``from_noise``. The noise itself, keyed per example, is ``vaelab.objectives.noise``.
+
+Shapes: ε and z ``[samples, batch, latent]``; log q(z) ``[samples, batch]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+
+
+def a_parameter(q: Distribution) -> torch.Tensor:
+    """A tensor of ``q``'s dtype and device, to make noise like."""
+    for name in ("loc", "mean_parameter"):
+        value = getattr(q, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    # A chain of stochastic layers (vaelab.components.hierarchy) is made like its first layer.
+    first = getattr(q, "first", None)
+    if isinstance(first, Distribution):
+        return first.base_dist.loc if isinstance(first, Independent) else a_parameter(first)
+    raise TypeError(f"cannot tell the dtype and device of a {type(q).__name__}")
+
+
+def has_noise_form(q: Distribution) -> bool:
+    """Whether ``q``'s samples are a differentiable function of standard normal noise that
+    :func:`reparameterise` can apply to given ε: a Gaussian (location-scale) or a distribution
+    with a ``from_noise`` method (a flow)."""
+    return is_location_scale(q) or callable(getattr(q, "from_noise", None))
+
+
+def reparameterise(
+    q: Distribution, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z from standard normal ε ``[samples, batch, latent]``, differentiable in q's parameters,
+    and log q(z) ``[samples, batch]`` where the same pass gives it: a flow's density comes free
+    with its sample (``from_noise``) and would cost an inverse afterwards; a Gaussian's is left to
+    whoever needs it (None), which the exact KL never does."""
+    from_noise = getattr(q, "from_noise", None)
+    if callable(from_noise):
+        z, log_q = from_noise(noise)
+        return z, log_q
+    return location_scale_sample(q, noise), None
+
+
+def rsample_with_log_prob(
+    q: Distribution, sample_shape: Sequence[int] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``q.rsample(sample_shape)`` and, where the same pass gives it (a flow's
+    ``rsample_and_log_prob``), log q of the sample; else None."""
+    both = getattr(q, "rsample_and_log_prob", None)
+    if callable(both):
+        z, log_q = both(torch.Size(sample_shape))
+        return z, log_q
+    return q.rsample(torch.Size(sample_shape)), None
+
+
+def is_location_scale(q: Distribution) -> bool:
+    """Whether ``q`` is a Gaussian that ``location_scale_sample`` can draw from with given ε."""
+    return isinstance(q, MultivariateNormal) or (
+        isinstance(q, Independent) and isinstance(q.base_dist, Normal)
+    )
+
+
+def location_scale_sample(q: Distribution, noise: torch.Tensor) -> torch.Tensor:
+    """z = μ + L ε for a Gaussian q with ``batch_shape [batch]`` (or ``[]``) and ε
+    ``[samples, batch, latent]`` → ``[samples, batch, latent]``, differentiable in q's
+    parameters."""
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        return q.base_dist.loc + q.base_dist.scale * noise
+    if isinstance(q, MultivariateNormal):
+        return q.loc + (q.scale_tril @ noise.unsqueeze(-1)).squeeze(-1)
+    raise NotImplementedError(f"no location-scale form for {type(q).__name__}")

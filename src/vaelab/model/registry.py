@@ -1,0 +1,323 @@
+"""Configuration strings → component objects, resolved once.
+
+A configuration says ``likelihood="bernoulli"``; the table here says which class does the work. A new
+component is one entry in a table, never a branch elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from vaelab.components.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
+from vaelab.components.hierarchy import FirstLayerDecoder, HierarchicalPosterior, HierarchicalPrior
+from vaelab.components.likelihoods import (
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    DiscretizedLogisticLikelihood,
+    DiscretizedLogisticMixtureLikelihood,
+    GaussianLikelihood,
+    LaplaceLikelihood,
+    Likelihood,
+)
+from vaelab.components.networks import ACTIVATIONS, MLP, NETWORKS, decoder_network, encoder_network
+from vaelab.components.posteriors import DiagonalGaussianPosterior, FullCovariancePosterior
+from vaelab.components.priors import (
+    ConditionalGaussianPrior,
+    LearnableGaussianPrior,
+    MixtureOfGaussiansPrior,
+    StandardNormalPrior,
+    VampPrior,
+)
+from vaelab.distributions.discretized_logistic import LOGISTIC_MIXTURE_COMPONENTS
+from vaelab.model.vae_model import VAEModel
+
+
+@dataclass(frozen=True)
+class LikelihoodSpec:
+    """How to build a likelihood: parameters per data dimension and a constructor."""
+
+    params_per_dim: int
+    build: Callable[[nn.Module, tuple[int, ...]], Likelihood]
+    summary: str
+
+
+LIKELIHOODS: dict[str, LikelihoodSpec] = {
+    "bernoulli": LikelihoodSpec(
+        1, BernoulliLikelihood, "Bernoulli with decoder logits; data in [0, 1]"
+    ),
+    "continuous-bernoulli": LikelihoodSpec(
+        1, ContinuousBernoulliLikelihood, "continuous Bernoulli (normalised on [0, 1])"
+    ),
+    "gaussian": LikelihoodSpec(
+        1, lambda d, s: GaussianLikelihood(d, s, "shared"), "Gaussian, one learned σ (isotropic)"
+    ),
+    "gaussian-fixed": LikelihoodSpec(
+        1, lambda d, s: GaussianLikelihood(d, s, "fixed"), "Gaussian with σ = 1 fixed"
+    ),
+    "gaussian-per-dimension": LikelihoodSpec(
+        1,
+        lambda d, s: GaussianLikelihood(d, s, "per-dimension"),
+        "Gaussian, a learned σ per data dimension",
+    ),
+    "gaussian-decoder": LikelihoodSpec(
+        2,
+        lambda d, s: GaussianLikelihood(d, s, "decoder"),
+        "Gaussian, σ(z) predicted by the decoder",
+    ),
+    "laplace": LikelihoodSpec(1, LaplaceLikelihood, "Laplace, one learned scale"),
+    "discretized-logistic": LikelihoodSpec(
+        2,
+        DiscretizedLogisticLikelihood,
+        "discretised logistic per pixel; 8-bit pixels, 0..255 or /255",
+    ),
+    "discretized-logistic-mixture": LikelihoodSpec(
+        3 * LOGISTIC_MIXTURE_COMPONENTS,
+        DiscretizedLogisticMixtureLikelihood,
+        f"mixture of {LOGISTIC_MIXTURE_COMPONENTS} discretised logistics per pixel; 8-bit pixels",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class PosteriorSpec:
+    """How to build a posterior: the encoder features it reads for (latent, flow_steps), and a
+    constructor taking (encoder, latent, flow_steps)."""
+
+    n_params: Callable[[int, int], int]
+    build: Callable[[nn.Module, int, int], nn.Module]
+    summary: str
+
+
+POSTERIORS: dict[str, PosteriorSpec] = {
+    "diagonal": PosteriorSpec(
+        lambda latent, steps: DiagonalGaussianPosterior.n_params(latent),
+        lambda encoder, latent, steps: DiagonalGaussianPosterior(encoder, latent),
+        "diagonal Gaussian",
+    ),
+    "full": PosteriorSpec(
+        lambda latent, steps: FullCovariancePosterior.n_params(latent),
+        lambda encoder, latent, steps: FullCovariancePosterior(encoder, latent),
+        "full-covariance Gaussian (Cholesky factor)",
+    ),
+    "planar": PosteriorSpec(
+        PlanarFlowPosterior.n_params,
+        PlanarFlowPosterior,
+        "diagonal Gaussian through flow_steps planar layers (Rezende & Mohamed 2015)",
+    ),
+    "iaf": PosteriorSpec(
+        IAFPosterior.n_params,
+        IAFPosterior,
+        "diagonal Gaussian through flow_steps inverse autoregressive steps (Kingma et al. 2016)",
+    ),
+}
+
+# name → prior built from (latent size, posterior, data shape, condition size).
+PRIORS: dict[str, Callable[[int, nn.Module, tuple[int, ...], int], nn.Module]] = {
+    "normal": lambda latent, posterior, shape, condition: StandardNormalPrior(latent),
+    "learnable": lambda latent, posterior, shape, condition: LearnableGaussianPrior(latent),
+    "mixture": lambda latent, posterior, shape, condition: MixtureOfGaussiansPrior(latent),
+    "vamp": lambda latent, posterior, shape, condition: VampPrior(posterior, shape),
+    "conditional": lambda latent, posterior, shape, condition: ConditionalGaussianPrior(
+        latent, condition
+    ),
+}
+
+
+# Components that cannot be one of several stochastic layers, and why.
+NOT_LAYERED: dict[tuple[str, str], str] = {
+    ("posterior", "planar"): (
+        "each layer's q is a Gaussian conditional read off the layer below; use "
+        "posterior='diagonal' or 'full', or one latent size for a flow"
+    ),
+    ("posterior", "iaf"): (
+        "each layer's q is a Gaussian conditional read off the layer below; use "
+        "posterior='diagonal' or 'full', or one latent size for a flow"
+    ),
+    ("prior", "vamp"): (
+        "the VampPrior mixes the encoder's posteriors q(z|u), which here are distributions over "
+        "every layer rather than a prior for the top one; use prior='normal', 'learnable' or "
+        "'mixture'"
+    ),
+}
+
+
+# Why a conditional model cannot have the VampPrior or several stochastic layers.
+NOT_CONDITIONAL = {
+    "vamp": (
+        "the VampPrior mixes the encoder's posteriors at learned pseudo-inputs, and a "
+        "conditional encoder would need a condition for each of them; use prior='normal', "
+        "'learnable', 'mixture' or 'conditional'"
+    ),
+    "layers": "conditioning is implemented for one stochastic layer; use one latent size",
+}
+
+
+def _choose(kind: str, name: object, table: Any) -> Any:
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild a model's architecture (saved as JSON beside its weights)."""
+
+    data_shape: tuple[int, ...]
+    latent_dim: int | tuple[int, ...] = 8
+    hidden: tuple[int, ...] = (256,)
+    likelihood: str = "bernoulli"
+    prior: str = "normal"
+    posterior: str = "diagonal"
+    network: str = "mlp"
+    activation: str = "relu"
+    flow_steps: int = DEFAULT_FLOW_STEPS
+    condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
+
+    @property
+    def latent_sizes(self) -> tuple[int, ...]:
+        """The stochastic layers' sizes, z₁ (the one the likelihood reads) first: ``(d,)`` for
+        an integer ``latent_dim``."""
+        return self.latent_dim if isinstance(self.latent_dim, tuple) else (self.latent_dim,)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first option that cannot work."""
+        sizes = self.latent_sizes
+        if not sizes or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in sizes):
+            raise ValueError(
+                "latent_dim must be a positive integer, or a tuple of them for several "
+                f"stochastic layers (z₁ first, e.g. (100, 50)), got {self.latent_dim!r}"
+            )
+        if any(not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a tuple of positive integers, got {self.hidden!r}")
+        _choose("likelihood", self.likelihood, LIKELIHOODS)
+        _choose("prior", self.prior, PRIORS)
+        _choose("posterior", self.posterior, POSTERIORS)
+        if not isinstance(self.flow_steps, int) or self.flow_steps < 1:
+            raise ValueError(f"flow_steps must be a positive integer, got {self.flow_steps!r}")
+        _choose("network", self.network, NETWORKS)
+        _choose("activation", self.activation, ACTIVATIONS)
+        self._validate_condition()
+        if len(sizes) > 1:
+            for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
+                why = NOT_LAYERED.get((kind, name))
+                if why is not None:
+                    raise ValueError(
+                        f"{kind}={name!r} does not work with several stochastic layers "
+                        f"(latent_dim={self.latent_dim!r}): {why}"
+                    )
+
+    def _validate_condition(self) -> None:
+        """The condition size, and the components a conditional model cannot have."""
+        c = self.condition_dim
+        if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+            raise ValueError(f"condition_dim must be a non-negative integer, got {c!r}")
+        if c == 0:
+            if self.prior == "conditional":
+                raise ValueError(
+                    "prior='conditional' is p(z|y), which needs a condition y; train a "
+                    "conditional model (conditional=True, --conditional) or choose another prior"
+                )
+            return
+        if self.prior == "vamp":
+            raise ValueError(
+                f"prior='vamp' does not work with a conditional model: {NOT_CONDITIONAL['vamp']}"
+            )
+        if len(self.latent_sizes) > 1:
+            raise ValueError(
+                f"latent_dim={self.latent_dim!r} does not work with a conditional model: "
+                f"{NOT_CONDITIONAL['layers']}"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - fields
+        if unknown:
+            raise ValueError(f"unknown model configuration keys: {sorted(unknown)}")
+        values = dict(data)
+        for key in ("data_shape", "hidden"):
+            if key in values:
+                values[key] = tuple(values[key])
+        if isinstance(values.get("latent_dim"), list):  # several stochastic layers
+            values["latent_dim"] = tuple(values["latent_dim"])
+        return cls(**values)
+
+
+def build_model(config: ModelConfig) -> VAEModel:
+    """A freshly initialised ``VAEModel`` for ``config``.
+
+    With several latent sizes (d₁, …, d_L) the x ↔ z₁ networks are those of one layer of size d₁
+    (``network`` and ``hidden``), p(z_L) is the chosen prior, and each pair of neighbouring layers
+    is joined by MLPs with as many hidden layers as ``hidden`` has, each as wide as the lower
+    layer z_l: q(z_{l+1}|z_l) of the chosen posterior family and a diagonal Gaussian
+    p(z_l|z_{l+1}). With ``hidden=(200, 200)`` and (100, 50) that is the two-stochastic-layer
+    model of Burda et al. (2016): x → 200 → 200 → z₁ (100) → 100 → 100 → z₂ (50) and its mirror;
+    ``hidden=()`` keeps every map linear.
+    """
+    config.validate()
+    sizes = config.latent_sizes
+    posterior_spec = POSTERIORS[config.posterior]
+    likelihood = LIKELIHOODS[config.likelihood]
+    # A conditional model's networks read y beside x (encoder) and beside z (decoder).
+    condition = config.condition_dim
+    encoder = encoder_network(
+        config.network,
+        config.data_shape,
+        config.hidden,
+        posterior_spec.n_params(sizes[0], config.flow_steps),
+        config.activation,
+        condition,
+    )
+    posterior = posterior_spec.build(encoder, sizes[0], config.flow_steps)
+    decoder = decoder_network(
+        config.network,
+        sizes[0],
+        config.hidden,
+        config.data_shape,
+        likelihood.params_per_dim,
+        config.activation,
+        condition,
+    )
+    prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape, condition)
+    if len(sizes) > 1:
+        posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
+    return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape), condition)
+
+
+def _stochastic_layers(
+    config: ModelConfig, posterior: nn.Module, prior: nn.Module, decoder: nn.Module
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The single-layer pieces for z₁ (``posterior``, ``decoder``) and z_L (``prior``) joined by
+    the conditionals between the layers (see ``build_model``)."""
+    sizes, spec, depth = config.latent_sizes, POSTERIORS[config.posterior], len(config.hidden)
+
+    def body(d_in: int, width: int, d_out: int) -> MLP:
+        return MLP((d_in,), (width,) * depth, d_out, config.activation)
+
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=True))  # (d_l, d_{l+1}), z₁ side first
+    upward = [
+        spec.build(
+            body(lower, lower, spec.n_params(upper, config.flow_steps)), upper, config.flow_steps
+        )
+        for lower, upper in pairs
+    ]
+    # The prior's conditionals in the order they are drawn: p(z_{L−1}|z_L) first.
+    downward = [
+        DiagonalGaussianPosterior(
+            body(upper, lower, DiagonalGaussianPosterior.n_params(lower)), lower
+        )
+        for lower, upper in reversed(pairs)
+    ]
+    return (
+        HierarchicalPosterior(posterior, upward, sizes),
+        HierarchicalPrior(prior, downward, sizes),
+        FirstLayerDecoder(decoder, sizes[0]),
+    )

@@ -1,0 +1,285 @@
+"""What ``vaelab report`` says about a trained model: numbers, curves and pictures gathered from a
+model folder into a ``vaelab.report.html.ReportContent``, which ``vaelab.report.html`` renders as one HTML file.
+
+Every number comes from the library's own estimators (``vaelab.runs.apply.evaluate`` for the ELBO,
+IWAE-k and collapse diagnostics, ``vaelab.runs.apply.gap`` for the inference gaps), so the report and
+the command line never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vaelab.report import figures
+from vaelab.report.html import LatentScatter, Metric, ReportContent, write_report
+from vaelab.runs import apply
+
+REPORT_FILE = "report.html"
+SCATTER_POINTS = 2000
+
+
+def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Training curves from ``metrics.jsonl`` (a ``vaelab train`` run), else none."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not history:
+        return {}
+    epochs = [float(m["epoch"]) for m in history]
+    elbo: dict[str, tuple[list[float], list[float]]] = {
+        "train": (epochs, [m["elbo"] for m in history])
+    }
+    if any(m.get("iwae") is not None for m in history):
+        iwae = [m.get("iwae") for m in history]
+        elbo["train (IWAE bound)"] = (epochs, [float("nan") if v is None else v for v in iwae])
+    if any(m.get("valid_elbo") is not None for m in history):
+        valid = [m.get("valid_elbo") for m in history]
+        elbo["validation"] = (epochs, [float("nan") if v is None else v for v in valid])
+    return {
+        "ELBO per epoch (nats/example)": elbo,
+        "KL per epoch (nats/example)": {
+            "KL": (epochs, [m["kl"] for m in history]),
+        },
+        "learning rate": {"lr": (epochs, [m["lr"] for m in history])},
+    }
+
+
+def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Metric]:
+    n = evaluation["count"]
+    rows = [
+        Metric(
+            "ELBO",
+            evaluation["elbo"],
+            f"± {evaluation['elbo_standard_error']:.3f}; lower bound on log p(x), nats/example, "
+            f"{n:,} examples ({evaluation['split']})",
+        ),
+        Metric("reconstruction", evaluation["reconstruction"], "E_q[log p(x|z)], nats/example"),
+        Metric("KL", evaluation["kl"], "KL(q(z|x) ‖ p(z)), nats/example (the rate)"),
+    ]
+    iwae = evaluation.get("iwae")
+    if iwae:
+        note = (
+            f"± {iwae['standard_error']:.3f}; importance-weighted bound, nats/example, on a "
+            f"random {iwae['examples']:,} of the {n:,} examples"
+        )
+        rows.append(Metric(f"IWAE-{iwae['k']}", iwae["mean"], note))
+        if iwae.get("bits_per_dim") is not None:
+            rows.append(
+                Metric("bits per dimension", iwae["bits_per_dim"], f"from IWAE-{iwae['k']}")
+            )
+        else:
+            rows.append(Metric("bits per dimension", None, iwae["bits_per_dim_note"]))
+    diagnostics = evaluation.get("diagnostics")
+    if diagnostics:
+        rows.append(
+            Metric(
+                "active units",
+                diagnostics["active_units"],
+                f"of {diagnostics['latent_dim']} (Cov_x E_q[z_u] > {diagnostics['activity_threshold']:g})",
+            )
+        )
+        sizes = diagnostics.get("latent_sizes") or []
+        if len(sizes) > 1:  # several stochastic layers: each one's count (Burda et al. 2016)
+            for layer, (count, size) in enumerate(
+                zip(diagnostics["active_units_per_layer"], sizes, strict=True), 1
+            ):
+                rows.append(Metric(f"active units (z{layer})", count, f"of {size}"))
+            beyond = diagnostics.get("active_units_beyond_layer_above") or []
+            for layer, count in enumerate(beyond[:-1], 1):
+                rows.append(
+                    Metric(
+                        f"active units (z{layer}) beyond z{layer + 1}",
+                        count,
+                        f"Var_x E_q[z{layer} − mean of p(z{layer}|z{layer + 1})] > "
+                        f"{diagnostics['activity_threshold']:g}",
+                    )
+                )
+        mi = diagnostics["mutual_information"]
+        if mi is None:
+            rows.append(Metric("I(x; z)", None, diagnostics["mutual_information_note"]))
+        else:
+            rows.append(
+                Metric(
+                    "I(x; z)",
+                    mi["mean"],
+                    f"± {mi['standard_error']:.3f} nats, aggregate posterior over "
+                    f"{mi['examples']:,} examples (at most log N = {mi['upper_bound']:.2f})",
+                )
+            )
+    for family, found in (gaps or {}).get("families", {}).items():
+        for name in ("approximation_gap", "amortisation_gap"):
+            value = found[name]
+            label = name.replace("_", " ")
+            rows.append(
+                Metric(
+                    f"{label} ({family})",
+                    value["mean"],
+                    f"± {value['standard_error']:.3f} nats, {found['examples']} examples",
+                )
+            )
+    return rows
+
+
+@dataclass(frozen=True)
+class ReportBudget:
+    """How much estimation the report does. The defaults finish in about a minute on 10,000
+    MNIST test images on two CPU cores: the ELBO and the diagnostics on every example, IWAE-k on
+    a random subset (its standard error says how far that mean may be from all examples'), the
+    inference gaps on a smaller one. ``k=0`` or ``gap_examples=0`` leaves that part out;
+    ``iwae_examples=None`` runs IWAE on every example."""
+
+    k: int = 1000
+    iwae_examples: int | None = 1000
+    gap_examples: int = 100
+    gap_steps: int = 300
+    gap_k: int = 1000
+
+    def validate(self) -> None:
+        for name in ("k", "gap_examples"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} must not be negative (0 leaves it out)"
+                )
+        for name in ("gap_steps", "gap_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.iwae_examples is not None and self.iwae_examples < 1:
+            raise ValueError("--iwae-examples must be at least 1 (or 'all')")
+        if self.gap_examples == 1:
+            raise ValueError("--gap-examples must be 0 (no gaps) or at least 2")
+
+
+def build_report(
+    folder: str | os.PathLike[str],
+    data: str | None = None,
+    data_dir: str | None = None,
+    budget: ReportBudget | None = None,
+    split: str | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> ReportContent:
+    """The report of the model in ``folder`` on its test data (or ``data`` / ``split``):
+    metrics (ELBO, IWAE-k, inference gaps, active units), training curves, samples,
+    reconstructions, the latent space, interpolations and the KL per dimension, within
+    ``budget``."""
+    budget = budget or ReportBudget()
+    budget.validate()
+    folder = Path(folder)
+    estimator, document = apply.open_model(folder, device)
+    examples = apply.model_data(estimator, document, data, data_dir, split)
+    evaluation = apply.evaluate(
+        folder,
+        data,
+        data_dir,
+        k=budget.k if budget.k > 0 else None,
+        iwae_examples=budget.iwae_examples,
+        split=split,
+        device=device,
+        progress=progress,
+    )
+    assert evaluation is not None  # one process: the result is here
+    gaps = None
+    if budget.gap_examples > 0:
+        gaps = apply.gap(
+            folder,
+            data,
+            data_dir,
+            n=budget.gap_examples,
+            k=budget.gap_k,
+            steps=budget.gap_steps,
+            split=split,
+            device=device,
+            progress=progress,
+        )
+    shown = examples.subset(SCATTER_POINTS)
+    x = apply.load_examples(shown).numpy()
+    labels = shown.split.labels
+    labels = None if labels is None else np.asarray(labels)
+    conditional = bool(estimator.model_.condition_dim)
+    # A conditional model reads each example given its label: the same labels go with x.
+    y = labels if conditional else None
+    points, axes = figures.latent_scatter(estimator, x, y)
+    diagnostics = evaluation.get("diagnostics") or {}
+    run = document.get("run") or document.get("estimator", {})
+    config = {key: value for key, value in run.items() if not isinstance(value, dict)}
+    samples: Any = None
+    sample_rows = None
+    if conditional:
+        config["classes"] = [str(c) for c in estimator.classes_]
+        found = figures.class_samples(estimator, per_class=8)
+        if found is not None:
+            samples, sample_rows = found
+    else:
+        samples = figures.samples(estimator, 64)
+    notes = [
+        f"Data: {evaluation['examples_described']}. Numbers are nats per example; higher is "
+        "better. The ELBO uses the exact KL where a closed form exists and "
+        f"{evaluation['samples']} Monte Carlo samples for the reconstruction term.",
+    ]
+    if conditional:
+        notes.append(
+            "A conditional VAE (Sohn, Lee & Yan 2015): every number is of log p(x|y), each "
+            "example given its own class label y; the samples are a row per class, z ~ p(z|y) "
+            "decoded given y; interpolations decode given the first example's class."
+        )
+    iwae = evaluation.get("iwae")
+    if iwae:
+        notes.append(
+            f"IWAE-{iwae['k']} (Burda et al. 2016) on a random {iwae['examples']:,} of the "
+            f"{evaluation['count']:,} examples (vaelab report --iwae-examples all for every "
+            "example)."
+        )
+        if iwae.get("bits_per_dim") is None:
+            notes.append(f"Bits per dimension: {iwae['bits_per_dim_note']}.")
+    if gaps:
+        families = " and ".join(gaps["families"])
+        notes.append(
+            f"Inference gaps (Cremer, Li & Duvenaud 2018) for the {families} famil"
+            f"{'ies' if len(gaps['families']) > 1 else 'y'} (those containing the amortised "
+            f"posterior) on a random {gaps['examples']} examples, log p̂(x) by "
+            f"{gaps['log_px_method']} with k = {budget.gap_k}, q* optimised per example for "
+            f"{budget.gap_steps} steps: approximation gap = log p̂(x) − ELBO(q*), amortisation "
+            "gap = ELBO(q*) − ELBO(amortised q)."
+        )
+    return ReportContent(
+        title=f"vaelab report: {folder.name}",
+        subtitle=(
+            f"{document['model']['likelihood']} likelihood, {document['model']['posterior']} "
+            f"posterior, {document['model']['prior']} prior, {_latent_words(document)}"
+        ),
+        config=config,
+        metrics=_metrics(evaluation, gaps),
+        curves=_curves(folder),
+        samples=samples,
+        sample_rows=sample_rows,
+        reconstructions=figures.reconstructions(estimator, x[:20], None if y is None else y[:20]),
+        latent_scatter=LatentScatter(points, labels, axes),
+        manifold=figures.latent_manifold(estimator),
+        interpolations=figures.interpolations(estimator, x[:12], y=None if y is None else y[:12]),
+        kl_per_dimension=diagnostics.get("kl_per_dimension"),
+        notes=notes,
+    )
+
+
+def _latent_words(document: dict[str, Any]) -> str:
+    """ "latent dimension 8", or for several stochastic layers "stochastic layers z1 (100),
+    z2 (50)"."""
+    latent = document["model"]["latent_dim"]
+    if not isinstance(latent, list) or len(latent) < 2:
+        return f"latent dimension {latent}"
+    return "stochastic layers " + ", ".join(f"z{i} ({d})" for i, d in enumerate(latent, 1))
+
+
+def write_model_report(
+    folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
+) -> Path:
+    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``)."""
+    target = Path(out) if out is not None else Path(folder) / REPORT_FILE
+    return write_report(target, build_report(folder, **options))

@@ -1,0 +1,7 @@
+"""Training a model: the trainer and its configuration (``trainer``), the random streams of
+training keyed by (seed, epoch, batch) (``streams``), checkpoints (``checkpoint``), data-parallel
+workers (``distributed``, ``launch``) and ``torch.compile`` (``fastpath``).
+
+May import the model, the objectives, the components, the distributions, ``vaelab.data`` and
+``vaelab.io``; never the evaluation, the estimator or the outer rooms.
+"""
