@@ -23,7 +23,9 @@ import torch
 from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.ais import HmcSettings, ais, bdmc
 from vaelab.io.files import atomic_write_json
-from vaelab.runs import apply
+from vaelab.runs.evaluate import evaluate
+from vaelab.runs.inference_gaps import gap
+from vaelab.runs.model_data import load_examples, model_data, open_model
 
 
 def timed(what: str, work: Any) -> Any:
@@ -31,6 +33,11 @@ def timed(what: str, work: Any) -> Any:
     result = work()
     print(f"{what}: {time.perf_counter() - started:.0f} s", flush=True)
     return result
+
+
+def _json(found: Any) -> dict[str, Any]:
+    """A typed result (``Evaluation``, ``GapEvaluation``) as the JSON the results file holds."""
+    return found.to_json()
 
 
 def main() -> None:
@@ -51,25 +58,27 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     results: dict[str, Any] = {"model": args.model, "unit": "nats per example"}
+    opened = open_model(args.model)
+    estimator = opened.estimator
+    examples = model_data(opened, None, args.data_dir)
     results["elbo"] = timed(
         "ELBO and diagnostics (all test images)",
-        lambda: apply.evaluate(args.model, data_dir=args.data_dir),
+        lambda: _json(evaluate(opened, examples)),
     )
     results["iwae"] = timed(
         f"IWAE-{args.k} ({args.iwae_examples} images)",
-        lambda: apply.evaluate(
-            args.model,
-            data_dir=args.data_dir,
-            k=args.k,
-            examples_limit=args.iwae_examples,
-            diagnostics=False,
-            progress=True,
+        lambda: _json(
+            evaluate(
+                opened,
+                examples.subset(args.iwae_examples),
+                k=args.k,
+                diagnostics=False,
+                progress=True,
+            )
         ),
     )
-    estimator, document = apply.open_model(args.model)
-    examples = apply.model_data(estimator, document, None, args.data_dir)
     settings = {"chains": args.ais_chains, "steps": args.ais_steps, "hmc": HmcSettings()}
-    x = apply.load_examples(examples, args.ais_examples)
+    x = load_examples(examples, args.ais_examples)
     found = timed(
         f"AIS ({args.ais_examples} images, {args.ais_steps} steps, {args.ais_chains} chains)",
         lambda: ais(
@@ -80,10 +89,7 @@ def main() -> None:
             **settings,
         ),
     )
-    same = apply.evaluate(
-        args.model, data_dir=args.data_dir, k=args.k, examples_limit=args.ais_examples,
-        diagnostics=False,
-    )  # fmt: skip
+    same = _json(evaluate(opened, examples.subset(args.ais_examples), k=args.k, diagnostics=False))
     results["ais"] = {
         **found.to_dict(),
         "elbo_same_images": same["elbo"],
@@ -91,13 +97,14 @@ def main() -> None:
     }
     results["gaps"] = timed(
         f"inference gaps ({args.gap_examples} images)",
-        lambda: apply.gap(
-            args.model,
-            data_dir=args.data_dir,
-            n=args.gap_examples,
-            k=args.k,
-            steps=args.gap_steps,
-            progress=True,
+        lambda: _json(
+            gap(
+                opened,
+                examples.subset(args.gap_examples),
+                k=args.k,
+                steps=args.gap_steps,
+                progress=True,
+            )
         ),
     )
     sandwich = timed(

@@ -34,7 +34,7 @@ import torch
 
 from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.loglik import log_likelihood
-from vaelab.runs import apply
+from vaelab.runs.model_data import load_examples, model_data, open_model
 
 ARCHITECTURE = ["--latent-dim", "50", "--hidden", "200,200", "--activation", "tanh"]
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -90,10 +90,10 @@ def paired(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     torch.set_num_threads(1)
     per_image = {}
     for name in names:
-        estimator, document = apply.open_model(args.runs / name)
-        examples = apply.model_data(estimator, document, data_dir=str(args.data_dir))
-        x = apply.load_examples(examples.subset(args.paired))
-        estimate = log_likelihood(estimator.model_, x, 5000, seed=EVAL_SEED)
+        opened = open_model(args.runs / name)
+        examples = model_data(opened, data_dir=str(args.data_dir))
+        x = load_examples(examples.subset(args.paired))
+        estimate = log_likelihood(opened.estimator.model_, x, 5000, seed=EVAL_SEED)
         per_image[name] = estimate.log_px.double().numpy()
     base = per_image[names[0]]
     found = {}

@@ -12,7 +12,7 @@ from browser import check_page_in_browser, skip_unless_browser
 from vaelab.cli import app as cli
 from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.ais import ais
-from vaelab.runs import apply
+from vaelab.runs.model_data import load_examples, model_data, open_model
 
 TINY = ["--epochs", "30", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64"]
 
@@ -85,9 +85,9 @@ def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, cap
     assert (found["steps"], found["chains"], found["examples"]) == (30, 4, 12)
     assert found["bound"] == "AIS-30" and 0 < found["acceptance_rate"] <= 1
     assert 1 <= found["mean_effective_sample_size"] <= 4
-    estimator, document = apply.open_model(trained)
-    x = apply.load_examples(apply.model_data(estimator, document).subset(12))
-    direct = ais(estimator.model_, x, chains=4, steps=30, seed=EVAL_SEED)
+    opened = open_model(trained)
+    x = load_examples(model_data(opened).subset(12))
+    direct = ais(opened.estimator.model_, x, chains=4, steps=30, seed=EVAL_SEED)
     assert found["mean"] == pytest.approx(direct.mean, abs=1e-9)
     assert found["standard_error"] == pytest.approx(direct.standard_error, abs=1e-9)
     code, out, _ = run(capsys, "evaluate", trained, *argv)
@@ -143,7 +143,10 @@ def test_gap_splits_the_total_gap(trained, capsys):
         (["report", "{run}", "--iwae-examples", "many"], "a number of examples or 'all'"),
         (["report", "{run}", "--gap-steps", "0"], "--gap-steps must be at least 1"),
         (["evaluate", "{run}", "--split", "everything"], "invalid choice: 'everything'"),
-        (["evaluate", "{run}", "--data", "digits", "--split", "all"], "choose --split train"),
+        (
+            ["evaluate", "{run}", "--data", "digits", "--split", "all"],
+            "--split must be train, valid or test",
+        ),
         (["evaluate", "{run}", "--device", "cuda"], "not available here"),
         (["report", "{tmp}/missing"], "does not exist"),
     ],

@@ -566,10 +566,10 @@ def test_evaluate_gap_reconstruct_encode_read_each_example_given_its_label(
     assert code == 0, err
     result = json.loads(out)
     loaded = vaelab.load(trained)
-    from vaelab.runs import apply
+    from vaelab.runs.model_data import load_examples, model_data, open_model
 
-    examples = apply.model_data(*apply.open_model(trained))
-    x, y = apply.load_examples(examples).numpy(), examples.split.labels
+    examples = model_data(open_model(trained))
+    x, y = load_examples(examples).numpy(), examples.split.labels
     assert result["count"] == 180
     assert result["elbo"] == pytest.approx(float(np.mean(loaded.elbo(x, y))), abs=1e-9)
     assert result["iwae"]["mean"] > result["elbo"] - 0.5

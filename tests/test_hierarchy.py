@@ -342,10 +342,13 @@ def test_active_units_are_counted_per_layer():
     assert as_dict["active_units_per_layer"] == [2, 1] and as_dict["latent_sizes"] == [3, 2]
     assert as_dict["active_units"] == 3 and as_dict["latent_dim"] == 5
     assert as_dict["kl_per_dimension"] is None  # the layers' KLs do not split per unit
-    from vaelab.runs.apply import active_units_text
+    from dataclasses import replace
 
-    without = {**as_dict, "active_units_beyond_layer_above": None}
-    assert active_units_text(without) == "3 of 5 (z1: 2 of 3; z2: 1 of 2)"
+    from vaelab.runs.evaluate import active_units_text
+
+    assert active_units_text(replace(diagnostics, activity_beyond=None)) == (
+        "3 of 5 (z1: 2 of 3; z2: 1 of 2)"
+    )
 
     # The prior's p(z₁|z₂) = N(E z₂ + f, ·) with E[0, 0] = 1 / 0.7 explains z₁'s unit 0 by z₂'s
     # unit 0 exactly: z₁₀ − m₀(z₂) = z₁₀ − (0.7 z₁₀ + 1) / 0.7 − f₀ is constant in x, so only
@@ -364,9 +367,7 @@ def test_active_units_are_counted_per_layer():
     assert diagnostics.active_units_per_layer == [2, 1]  # A_u alone cannot tell
     assert diagnostics.active_units_beyond_layer_above == [1, 1]
     torch.testing.assert_close(diagnostics.activity_beyond[d1:], diagnostics.activity[d1:])
-    assert (
-        active_units_text(diagnostics.to_dict()) == "3 of 5 (z1: 2 of 3, 1 beyond z2; z2: 1 of 2)"
-    )
+    assert active_units_text(diagnostics) == "3 of 5 (z1: 2 of 3, 1 beyond z2; z2: 1 of 2)"
     one_layer = build_model(
         ModelConfig(data_shape=(data,), latent_dim=2, hidden=(), likelihood="gaussian")
     )

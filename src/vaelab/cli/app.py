@@ -26,7 +26,8 @@ import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
@@ -35,11 +36,25 @@ from vaelab import __version__
 from vaelab.data.sources import DATA_ENV, SOURCES
 from vaelab.io.files import DiskFullError
 from vaelab.report.content import ReportBudget
-from vaelab.runs import apply
 from vaelab.runs import folder as runs
 from vaelab.runs import options as runconfig
+from vaelab.runs.evaluate import active_units_text, evaluate
+from vaelab.runs.inference_gaps import gap
+from vaelab.runs.model_data import (
+    SPLITS,
+    ModelData,
+    OpenedModel,
+    attempt,
+    model_data,
+    open_model,
+    output_path,
+    save_arrays,
+)
+from vaelab.runs.options import ParameterError, check_at_least
+from vaelab.runs.outputs import encode, reconstruct, sample
 from vaelab.train import distributed
 from vaelab.train.checkpoint import CheckpointError
+from vaelab.train.distributed import World
 from vaelab.train.trainer import NonFiniteLossError, TrainingInterrupted
 
 PROG = "vaelab"
@@ -212,7 +227,7 @@ def build_parser() -> Parser:
     )
     with_data.add_argument(
         "--split",
-        choices=apply.SPLITS,
+        choices=SPLITS,
         help="which examples: the model's own test split by default (for its training data and "
         "for named data sets), all examples of another file",
     )
@@ -428,7 +443,7 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------------ commands
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace, world: World) -> int:
     settings: dict[str, Any] = {}
     if args.config is not None:
         settings.update(runconfig.read_config_file(args.config))
@@ -438,7 +453,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "data_dir" not in flags and "data_dir" not in settings and os.environ.get(DATA_ENV):
         flags["data_dir"] = os.environ[DATA_ENV]
     settings.update(flags)
-    world = args.world
     try:
         result = runs.train(settings, args.out, resume=args.resume, quiet=args.quiet, world=world)
     except TrainingInterrupted as stop:
@@ -481,165 +495,215 @@ def _after_a_full_disk(out: str) -> str:
     return f"{checkpoint}; free some space and continue with `vaelab train --out {out} --resume`"
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    result = apply.evaluate(
-        args.model,
-        args.data,
-        _data_dir(args),
+def _open(args: argparse.Namespace, *, compile: bool = False) -> OpenedModel:
+    """The model folder of a command, opened once."""
+    return open_model(args.model, args.device, compile=compile)
+
+
+def _examples(args: argparse.Namespace, opened: OpenedModel, count: int | None) -> ModelData:
+    """The examples a command reads: its --data / --split of the model's data, a random subset
+    of ``count`` of them (all when None)."""
+    return model_data(opened, args.data, _data_dir(args), args.split).subset(count)
+
+
+def _open_examples(
+    args: argparse.Namespace, world: World, count: int | None, *, compile: bool = False
+) -> tuple[OpenedModel, ModelData]:
+    """Every worker opens the model and its examples; a mistake found by one is reported once by
+    all (``World.settle``)."""
+    opened, failure = attempt(lambda: _open(args, compile=compile))
+    world.settle(failure)
+    assert opened is not None
+    examples, failure = attempt(lambda: _examples(args, opened, count))
+    world.settle(failure)
+    assert examples is not None
+    return opened, examples
+
+
+def cmd_evaluate(args: argparse.Namespace, world: World) -> int:
+    check_at_least(examples=(args.examples, 1))
+    out = None if args.per_example is None else output_path(args.per_example, (".npz",))
+    opened, examples = _open_examples(args, world, args.examples, compile=args.compile)
+    result = evaluate(
+        opened,
+        examples,
         samples=args.samples,
         k=args.k,
-        examples_limit=args.examples,
-        diagnostics=not args.no_diagnostics,
-        progress=_progress(args),
         ais_steps=args.ais,
         ais_chains=args.ais_chains,
-        split=args.split,
-        device=args.device,
-        per_example=args.per_example,
-        world=args.world,
-        compile=args.compile,
+        diagnostics=not args.no_diagnostics,
+        progress=_progress(args),
+        world=world,
     )
     if result is None:  # a worker other than rank 0, which reports
         return 0
+    if out is not None:
+        save_arrays(out, **result.per_example)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_json()))
         return 0
+    elbo = result.elbo
     rows = [
-        ("model", result["model"]),
-        ("data", result["examples_described"]),
-        ("ELBO", f"{result['elbo']:.4f} ± {result['elbo_standard_error']:.4f} nats/example"),
-        ("reconstruction", f"{result['reconstruction']:.4f} nats/example"),
-        ("KL", f"{result['kl']:.4f} nats/example"),
-        ("examples", f"{result['count']:,}"),
+        ("model", result.model),
+        ("data", result.examples_described),
+        ("ELBO", f"{elbo.elbo:.4f} ± {elbo.standard_error:.4f} nats/example"),
+        ("reconstruction", f"{elbo.reconstruction:.4f} nats/example"),
+        ("KL", f"{elbo.kl:.4f} nats/example"),
+        ("examples", f"{elbo.examples:,}"),
     ]
-    iwae = result.get("iwae")
-    if iwae:
-        rows.append(
-            (f"IWAE-{iwae['k']}", f"{iwae['mean']:.4f} ± {iwae['standard_error']:.4f} nats/example")
-        )
-        if iwae["bits_per_dim"] is not None:
-            rows.append(("bits/dim", f"{iwae['bits_per_dim']:.4f} (IWAE-{iwae['k']})"))
+    iwae = result.iwae
+    if iwae is not None:
+        rows.append((iwae.bound, f"{iwae.mean:.4f} ± {iwae.standard_error:.4f} nats/example"))
+        if iwae.bits_per_dim is not None:
+            rows.append(("bits/dim", f"{iwae.bits_per_dim:.4f} ({iwae.bound})"))
         else:
-            rows.append(("bits/dim", f"— {iwae['bits_per_dim_note']}"))
-    found_ais = result.get("ais")
-    if found_ais:
+            rows.append(("bits/dim", f"— {iwae.bits_per_dim_note}"))
+    found_ais = result.ais
+    if found_ais is not None:
         rows.append(
             (
-                found_ais["bound"],
-                f"{found_ais['mean']:.4f} ± {found_ais['standard_error']:.4f} nats/example "
-                f"({found_ais['examples']:,} examples, {found_ais['chains']} chains, effective "
-                f"sample size {found_ais['mean_effective_sample_size']:.1f}, HMC acceptance "
-                f"{found_ais['acceptance_rate']:.2f})",
+                found_ais.bound,
+                f"{found_ais.mean:.4f} ± {found_ais.standard_error:.4f} nats/example "
+                f"({found_ais.examples:,} examples, {found_ais.chains} chains, effective "
+                f"sample size {found_ais.mean_effective_sample_size:.1f}, HMC acceptance "
+                f"{found_ais.acceptance_rate:.2f})",
             )
         )
-    found = result.get("diagnostics")
-    if found:
-        mi = found["mutual_information"]
+    found = result.diagnostics
+    if found is not None:
+        mi = found.mutual_information
         rows += [
-            ("active units", apply.active_units_text(found)),
+            ("active units", active_units_text(found)),
             (
                 "I(x; z)",
-                f"— {found['mutual_information_note']}"
+                f"— {found.mutual_information_note}"
                 if mi is None
-                else f"{mi['mean']:.4f} ± {mi['standard_error']:.4f} nats",
+                else f"{mi.value:.4f} ± {mi.standard_error:.4f} nats",
             ),
-            ("rate", f"{found['rate']['mean']:.4f} nats/example"),
-            ("distortion", f"{found['distortion']['mean']:.4f} nats/example"),
+            ("rate", f"{found.rate:.4f} nats/example"),
+            ("distortion", f"{found.distortion:.4f} nats/example"),
         ]
-        if found["kl_per_dimension"] is not None:
-            kl = ", ".join(f"{v:.2f}" for v in found["kl_per_dimension"])
+        if found.kl_per_dimension is not None:
+            kl = ", ".join(f"{v:.2f}" for v in found.kl_per_dimension.tolist())
             rows.append(("KL per dim", kl))
     for name, value in rows:
         print(f"{name:<16}{value}")
     return 0
 
 
-def cmd_gap(args: argparse.Namespace) -> int:
-    result = apply.gap(
-        args.model,
-        args.data,
-        _data_dir(args),
-        n=args.n,
+def cmd_gap(args: argparse.Namespace, world: World) -> int:
+    opened, examples = _open_examples(args, world, args.n)
+    result = gap(
+        opened,
+        examples,
         k=args.k,
         steps=args.steps,
         use_ais=args.ais,
         progress=_progress(args),
-        split=args.split,
-        device=args.device,
-        world=args.world,
+        world=world,
     )
     if result is None:  # a worker other than rank 0, which reports
         return 0
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(result.to_json()))
         return 0
-    print(f"{result['examples_described']}; log p(x) by {result['log_px_method']}; nats per "
-          "example (mean ± standard error)")  # fmt: skip
-    names = (
-        "log_px",
-        "elbo_optimal",
-        "elbo_amortised",
-        "approximation_gap",
-        "amortisation_gap",
-        "total_gap",
+    print(
+        f"{result.examples_described}; log p(x) by {result.log_px_method}; nats per example "
+        "(mean ± standard error)"
     )
-    print(f"{'':<20}" + "".join(f"{family:>22}" for family in result["families"]))
-    for name in names:
+    print(f"{'':<20}" + "".join(f"{family:>22}" for family in result.families))
+    summaries = [found.summary() for found in result.families.values()]
+    for name in GAP_ROWS:
         cells = "".join(
-            f"{found[name]['mean']:>13.4f} ± {found[name]['standard_error']:<6.4f}"
-            for found in result["families"].values()
+            f"{summary[name][0]:>13.4f} ± {summary[name][1]:<6.4f}" for summary in summaries
         )
         print(f"{name:<20}{cells}")
     return 0
 
 
-def cmd_report(args: argparse.Namespace) -> int:
+GAP_ROWS = (
+    "log_px",
+    "elbo_optimal",
+    "elbo_amortised",
+    "approximation_gap",
+    "amortisation_gap",
+    "total_gap",
+)
+
+
+def cmd_report(args: argparse.Namespace, world: World) -> int:
     from vaelab.report.content import write_model_report
 
     budget = ReportBudget(
         k=args.k,
-        iwae_examples=args.iwae_examples,
         gap_examples=args.gap_examples,
         gap_steps=args.gap_steps,
         gap_k=args.gap_k,
     )
-    try:
-        budget.validate()
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    budget.validate()
     path = write_model_report(
-        args.model, args.out, data=args.data, data_dir=_data_dir(args), budget=budget,
-        split=args.split, device=args.device, progress=_progress(args),
-    )  # fmt: skip
+        args.model,
+        args.out,
+        data=args.data,
+        data_dir=_data_dir(args),
+        budget=budget,
+        split=args.split,
+        device=args.device,
+        progress=_progress(args),
+    )
     print(f"wrote {path}; open it in a browser")
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    path = apply.sample(
-        args.model, args.n, args.out, seed=args.seed, device=args.device, label=args.label
-    )
+def cmd_sample(args: argparse.Namespace, world: World) -> int:
+    check_at_least(n=(args.n, 1))
+    output_path(args.out, (".png", ".npy"))
+    path = sample(_open(args), args.n, args.out, seed=args.seed, label=args.label)
     of = "" if args.label is None else f" of class {args.label}"
     print(f"wrote {args.n} samples{of} to {path}")
     return 0
 
 
-def cmd_reconstruct(args: argparse.Namespace) -> int:
-    path, examples = apply.reconstruct(
-        args.model, args.data, args.out, n=args.n, data_dir=_data_dir(args), split=args.split,
-        device=args.device,
-    )  # fmt: skip
-    print(f"wrote reconstructions of {examples.description} to {path}")
+def cmd_reconstruct(args: argparse.Namespace, world: World) -> int:
+    check_at_least(n=(args.n, 1))
+    return _write_from_examples(args, reconstruct, "reconstructions", (".png", ".npy"), args.n)
+
+
+def cmd_encode(args: argparse.Namespace, world: World) -> int:
+    return _write_from_examples(args, encode, "latent codes", (".npy",), None)
+
+
+def _write_from_examples(
+    args: argparse.Namespace,
+    write: Callable[[OpenedModel, ModelData, str], Path],
+    what: str,
+    suffixes: tuple[str, ...],
+    count: int | None,
+) -> int:
+    """``reconstruct`` and ``encode``: check the output, open the model and its examples, write
+    what ``write`` makes of them, and say so."""
+    output_path(args.out, suffixes)
+    opened = _open(args)
+    examples = _examples(args, opened, count)
+    path = write(opened, examples, args.out)
+    print(f"wrote {what} of {examples.description} to {path}")
     return 0
 
 
-def cmd_encode(args: argparse.Namespace) -> int:
-    path, examples = apply.encode(
-        args.model, args.data, args.out, data_dir=_data_dir(args), split=args.split,
-        device=args.device,
-    )  # fmt: skip
-    print(f"wrote latent codes of {examples.description} to {path}")
-    return 0
+# A library parameter whose flag is not --<parameter> (per command where they differ).
+_FLAGS = {
+    ("evaluate", "ais_steps"): "--ais",
+    ("gap", "examples"): "--n",
+    ("sample", "n"): "-n",
+    ("reconstruct", "n"): "-n",
+    ("reconstruct", "examples"): "-n",
+}
+
+
+def _flag(args: argparse.Namespace, parameter: str) -> str:
+    """The command line's flag for a library parameter named in a ``ParameterError``."""
+    command = str(getattr(args, "command", ""))
+    return _FLAGS.get((command, parameter), "--" + parameter.replace("_", "-"))
 
 
 def _progress(args: argparse.Namespace) -> bool:
@@ -762,12 +826,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _launch(args, arguments)
         _set_threads(args.threads, worker)
         with _one_line_warnings(), distributed.session() as world:
-            args.world = world
-            return int(args.handler(args))
+            return int(args.handler(args, world))
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except UsageError as error:
         return _fail(2, f"{PROG}: error: {_one_line(error)}")
+    except ParameterError as error:
+        if debug:
+            raise
+        line = " ".join(f"{_flag(args, error.parameter)} {error.problem}".split())
+        return _fail(2, f"{PROG}: error: {_worker(rank, world_size)}{line}")
     except distributed.PeerFailure:
         return _fail(2, "", primary=False)  # the worker that failed says why
     except (TrainingInterrupted, KeyboardInterrupt) as stop:

@@ -29,7 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 from vaelab.components.flows import DEFAULT_FLOW_STEPS
 from vaelab.components.likelihoods import DataMoments
 from vaelab.data.sources import DataError
-from vaelab.estimator.serialization import CONFIG_FILE, ModelFileError, read_model, save_model
+from vaelab.estimator.serialization import (
+    CONFIG_FILE,
+    ModelFileError,
+    SavedModel,
+    read_model,
+    save_model,
+)
 from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel, given_rows
@@ -713,7 +719,12 @@ def load(path: str | os.PathLike[str], device: str | None = None) -> VAE:
     a model trained on a GPU opens on a machine without one. The estimator's ``device`` parameter
     then names the device it is on, so a refit or a save stays possible here.
     """
-    saved = read_model(path)
+    return from_saved(read_model(path), device)
+
+
+def from_saved(saved: SavedModel, device: str | None = None) -> VAE:
+    """The fitted ``VAE`` of a model folder already read (``read_model``), on ``device`` (as
+    ``load``)."""
     try:
         estimator = VAE(**saved.params)
     except TypeError as error:

@@ -1,8 +1,8 @@
 """What ``vaelab report`` says about a trained model: numbers, curves and pictures gathered from a
 model folder into a ``vaelab.report.html.ReportContent``, which ``vaelab.report.html`` renders as one HTML file.
 
-Every number comes from the library's own estimators (``vaelab.runs.apply.evaluate`` for the ELBO,
-IWAE-k and collapse diagnostics, ``vaelab.runs.apply.gap`` for the inference gaps), so the report and
+Every number comes from the library's own estimators (``vaelab.runs.evaluate`` for the ELBO,
+IWAE-k and collapse diagnostics, ``vaelab.runs.inference_gaps`` for the inference gaps), so the report and
 the command line never disagree.
 """
 
@@ -18,7 +18,10 @@ import numpy as np
 
 from vaelab.report import figures
 from vaelab.report.html import LatentScatter, Metric, ReportContent, write_report
-from vaelab.runs import apply
+from vaelab.runs.evaluate import Evaluation, evaluate
+from vaelab.runs.inference_gaps import GapEvaluation, gap
+from vaelab.runs.model_data import load_examples, model_data, open_model
+from vaelab.runs.options import ParameterError, check_at_least
 
 REPORT_FILE = "report.html"
 SCATTER_POINTS = 2000
@@ -51,77 +54,76 @@ def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]
     }
 
 
-def _metrics(evaluation: dict[str, Any], gaps: dict[str, Any] | None) -> list[Metric]:
-    n = evaluation["count"]
+def _metrics(evaluation: Evaluation, gaps: GapEvaluation | None) -> list[Metric]:
+    elbo = evaluation.elbo
+    n = elbo.examples
     rows = [
         Metric(
             "ELBO",
-            evaluation["elbo"],
-            f"± {evaluation['elbo_standard_error']:.3f}; lower bound on log p(x), nats/example, "
-            f"{n:,} examples ({evaluation['split']})",
+            elbo.elbo,
+            f"± {elbo.standard_error:.3f}; lower bound on log p(x), nats/example, "
+            f"{n:,} examples ({evaluation.split})",
         ),
-        Metric("reconstruction", evaluation["reconstruction"], "E_q[log p(x|z)], nats/example"),
-        Metric("KL", evaluation["kl"], "KL(q(z|x) ‖ p(z)), nats/example (the rate)"),
+        Metric("reconstruction", elbo.reconstruction, "E_q[log p(x|z)], nats/example"),
+        Metric("KL", elbo.kl, "KL(q(z|x) ‖ p(z)), nats/example (the rate)"),
     ]
-    iwae = evaluation.get("iwae")
-    if iwae:
+    iwae = evaluation.iwae
+    if iwae is not None:
         note = (
-            f"± {iwae['standard_error']:.3f}; importance-weighted bound, nats/example, on a "
-            f"random {iwae['examples']:,} of the {n:,} examples"
+            f"± {iwae.standard_error:.3f}; importance-weighted bound, nats/example, on a "
+            f"random {iwae.examples:,} of the {n:,} examples"
         )
-        rows.append(Metric(f"IWAE-{iwae['k']}", iwae["mean"], note))
-        if iwae.get("bits_per_dim") is not None:
-            rows.append(
-                Metric("bits per dimension", iwae["bits_per_dim"], f"from IWAE-{iwae['k']}")
-            )
+        rows.append(Metric(iwae.bound, iwae.mean, note))
+        if iwae.bits_per_dim is not None:
+            rows.append(Metric("bits per dimension", iwae.bits_per_dim, f"from {iwae.bound}"))
         else:
-            rows.append(Metric("bits per dimension", None, iwae["bits_per_dim_note"]))
-    diagnostics = evaluation.get("diagnostics")
-    if diagnostics:
+            rows.append(Metric("bits per dimension", None, iwae.bits_per_dim_note or ""))
+    found = evaluation.diagnostics
+    if found is not None:
+        threshold = f"{found.threshold:g}"
         rows.append(
             Metric(
                 "active units",
-                diagnostics["active_units"],
-                f"of {diagnostics['latent_dim']} (Cov_x E_q[z_u] > {diagnostics['activity_threshold']:g})",
+                found.active_units,
+                f"of {int(found.activity.numel())} (Cov_x E_q[z_u] > {threshold})",
             )
         )
-        sizes = diagnostics.get("latent_sizes") or []
+        sizes = list(found.layer_sizes)
         if len(sizes) > 1:  # several stochastic layers: each one's count (Burda et al. 2016)
             for layer, (count, size) in enumerate(
-                zip(diagnostics["active_units_per_layer"], sizes, strict=True), 1
+                zip(found.active_units_per_layer, sizes, strict=True), 1
             ):
                 rows.append(Metric(f"active units (z{layer})", count, f"of {size}"))
-            beyond = diagnostics.get("active_units_beyond_layer_above") or []
+            beyond = found.active_units_beyond_layer_above or []
             for layer, count in enumerate(beyond[:-1], 1):
                 rows.append(
                     Metric(
                         f"active units (z{layer}) beyond z{layer + 1}",
                         count,
-                        f"Var_x E_q[z{layer} − mean of p(z{layer}|z{layer + 1})] > "
-                        f"{diagnostics['activity_threshold']:g}",
+                        f"Var_x E_q[z{layer} − mean of p(z{layer}|z{layer + 1})] > {threshold}",
                     )
                 )
-        mi = diagnostics["mutual_information"]
+        mi = found.mutual_information
         if mi is None:
-            rows.append(Metric("I(x; z)", None, diagnostics["mutual_information_note"]))
+            rows.append(Metric("I(x; z)", None, found.mutual_information_note or ""))
         else:
             rows.append(
                 Metric(
                     "I(x; z)",
-                    mi["mean"],
-                    f"± {mi['standard_error']:.3f} nats, aggregate posterior over "
-                    f"{mi['examples']:,} examples (at most log N = {mi['upper_bound']:.2f})",
+                    mi.value,
+                    f"± {mi.standard_error:.3f} nats, aggregate posterior over "
+                    f"{mi.examples:,} examples (at most log N = {mi.upper_bound:.2f})",
                 )
             )
-    for family, found in (gaps or {}).get("families", {}).items():
+    for family, found_gap in ({} if gaps is None else gaps.families).items():
+        summary = found_gap.summary()
         for name in ("approximation_gap", "amortisation_gap"):
-            value = found[name]
-            label = name.replace("_", " ")
+            mean, error = summary[name]
             rows.append(
                 Metric(
-                    f"{label} ({family})",
-                    value["mean"],
-                    f"± {value['standard_error']:.3f} nats, {found['examples']} examples",
+                    f"{name.replace('_', ' ')} ({family})",
+                    mean,
+                    f"± {error:.3f} nats, {int(found_gap.log_px.numel())} examples",
                 )
             )
     return rows
@@ -142,18 +144,15 @@ class ReportBudget:
     gap_k: int = 1000
 
     def validate(self) -> None:
+        """Refuse a budget that cannot be spent, naming the field."""
         for name in ("k", "gap_examples"):
             if getattr(self, name) < 0:
-                raise ValueError(
-                    f"--{name.replace('_', '-')} must not be negative (0 leaves it out)"
-                )
-        for name in ("gap_steps", "gap_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise ParameterError(name, "must not be negative (0 leaves it out)")
+        check_at_least(gap_steps=(self.gap_steps, 1), gap_k=(self.gap_k, 1))
         if self.iwae_examples is not None and self.iwae_examples < 1:
-            raise ValueError("--iwae-examples must be at least 1 (or 'all')")
+            raise ParameterError("iwae_examples", "must be at least 1 (or 'all')")
         if self.gap_examples == 1:
-            raise ValueError("--gap-examples must be 0 (no gaps) or at least 2")
+            raise ParameterError("gap_examples", "must be 0 (no gaps) or at least 2")
 
 
 def build_report(
@@ -172,41 +171,34 @@ def build_report(
     budget = budget or ReportBudget()
     budget.validate()
     folder = Path(folder)
-    estimator, document = apply.open_model(folder, device)
-    examples = apply.model_data(estimator, document, data, data_dir, split)
-    evaluation = apply.evaluate(
-        folder,
-        data,
-        data_dir,
+    opened = open_model(folder, device)  # once: every part of the report reads this one
+    estimator, document = opened.estimator, opened.document
+    examples = model_data(opened, data, data_dir, split)
+    evaluation = evaluate(
+        opened,
+        examples,
         k=budget.k if budget.k > 0 else None,
         iwae_examples=budget.iwae_examples,
-        split=split,
-        device=device,
         progress=progress,
     )
     assert evaluation is not None  # one process: the result is here
     gaps = None
     if budget.gap_examples > 0:
-        gaps = apply.gap(
-            folder,
-            data,
-            data_dir,
-            n=budget.gap_examples,
+        gaps = gap(
+            opened,
+            examples.subset(budget.gap_examples),
             k=budget.gap_k,
             steps=budget.gap_steps,
-            split=split,
-            device=device,
             progress=progress,
         )
     shown = examples.subset(SCATTER_POINTS)
-    x = apply.load_examples(shown).numpy()
+    x = load_examples(shown).numpy()
     labels = shown.split.labels
     labels = None if labels is None else np.asarray(labels)
     conditional = bool(estimator.model_.condition_dim)
     # A conditional model reads each example given its label: the same labels go with x.
     y = labels if conditional else None
     points, axes = figures.latent_scatter(estimator, x, y)
-    diagnostics = evaluation.get("diagnostics") or {}
     run = document.get("run") or document.get("estimator", {})
     config = {key: value for key, value in run.items() if not isinstance(value, dict)}
     samples: Any = None
@@ -219,9 +211,9 @@ def build_report(
     else:
         samples = figures.samples(estimator, 64)
     notes = [
-        f"Data: {evaluation['examples_described']}. Numbers are nats per example; higher is "
+        f"Data: {evaluation.examples_described}. Numbers are nats per example; higher is "
         "better. The ELBO uses the exact KL where a closed form exists and "
-        f"{evaluation['samples']} Monte Carlo samples for the reconstruction term.",
+        f"{evaluation.elbo.samples} Monte Carlo samples for the reconstruction term.",
     ]
     if conditional:
         notes.append(
@@ -229,22 +221,22 @@ def build_report(
             "example given its own class label y; the samples are a row per class, z ~ p(z|y) "
             "decoded given y; interpolations decode given the first example's class."
         )
-    iwae = evaluation.get("iwae")
-    if iwae:
+    iwae = evaluation.iwae
+    if iwae is not None:
         notes.append(
-            f"IWAE-{iwae['k']} (Burda et al. 2016) on a random {iwae['examples']:,} of the "
-            f"{evaluation['count']:,} examples (vaelab report --iwae-examples all for every "
+            f"{iwae.bound} (Burda et al. 2016) on a random {iwae.examples:,} of the "
+            f"{evaluation.elbo.examples:,} examples (vaelab report --iwae-examples all for every "
             "example)."
         )
-        if iwae.get("bits_per_dim") is None:
-            notes.append(f"Bits per dimension: {iwae['bits_per_dim_note']}.")
+        if iwae.bits_per_dim is None:
+            notes.append(f"Bits per dimension: {iwae.bits_per_dim_note}.")
     if gaps:
-        families = " and ".join(gaps["families"])
+        families = " and ".join(gaps.families)
         notes.append(
             f"Inference gaps (Cremer, Li & Duvenaud 2018) for the {families} famil"
-            f"{'ies' if len(gaps['families']) > 1 else 'y'} (those containing the amortised "
-            f"posterior) on a random {gaps['examples']} examples, log p̂(x) by "
-            f"{gaps['log_px_method']} with k = {budget.gap_k}, q* optimised per example for "
+            f"{'ies' if len(gaps.families) > 1 else 'y'} (those containing the amortised "
+            f"posterior) on a random {gaps.examples} examples, log p̂(x) by "
+            f"{gaps.log_px_method} with k = {budget.gap_k}, q* optimised per example for "
             f"{budget.gap_steps} steps: approximation gap = log p̂(x) − ELBO(q*), amortisation "
             "gap = ELBO(q*) − ELBO(amortised q)."
         )
@@ -263,7 +255,11 @@ def build_report(
         latent_scatter=LatentScatter(points, labels, axes),
         manifold=figures.latent_manifold(estimator),
         interpolations=figures.interpolations(estimator, x[:12], y=None if y is None else y[:12]),
-        kl_per_dimension=diagnostics.get("kl_per_dimension"),
+        kl_per_dimension=(
+            None
+            if evaluation.diagnostics is None or evaluation.diagnostics.kl_per_dimension is None
+            else evaluation.diagnostics.kl_per_dimension.tolist()
+        ),
         notes=notes,
     )
 

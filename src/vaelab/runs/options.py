@@ -30,6 +30,24 @@ class RunError(ValueError):
     """A mistake in a run's options or folder; the message says what is wrong and what to do."""
 
 
+class ParameterError(RunError):
+    """A bad value of one parameter of a library function, named as the library names it
+    (``samples must be at least 1, got 0``); the command line says the same with its flag
+    (``--samples must be …``), so the library never speaks in flags."""
+
+    def __init__(self, parameter: str, problem: str) -> None:
+        super().__init__(f"{parameter} {problem}")
+        self.parameter = parameter
+        self.problem = problem
+
+
+def check_at_least(**values: tuple[int | None, int]) -> None:
+    """Refuse the first ``name=(value, least)`` whose value (when given) is below ``least``."""
+    for name, (value, least) in values.items():
+        if value is not None and value < least:
+            raise ParameterError(name, f"must be at least {least}, got {value}")
+
+
 def _option(default: Any, help: str, kind: str, choices: tuple[str, ...] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
 
