@@ -90,13 +90,13 @@ import peers  # bench/peers.py, beside this script
 import vaelab
 from vaelab.data.sources import DataError, load_data
 from vaelab.distributions.sampling import reparameterise
-from vaelab.estimator.facade import INIT_EXAMPLES
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, kl_term
 from vaelab.runs.folder import RunLog
 from vaelab.runs.options import RunConfig
 from vaelab.train.checkpoint import CHECKPOINT_FILE
+from vaelab.train.start import INIT_EXAMPLES
 from vaelab.train.streams import TrainingStreams
 from vaelab.train.trainer import (
     Batch,

@@ -44,7 +44,6 @@ from vaelab.runs.model_data import (
     SPLITS,
     ModelData,
     OpenedModel,
-    attempt,
     model_data,
     open_model,
     output_path,
@@ -54,7 +53,7 @@ from vaelab.runs.options import ParameterError, check_at_least
 from vaelab.runs.outputs import encode, reconstruct, sample
 from vaelab.train import distributed
 from vaelab.train.checkpoint import CheckpointError
-from vaelab.train.distributed import World
+from vaelab.train.distributed import World, attempt
 from vaelab.train.trainer import NonFiniteLossError, TrainingInterrupted
 
 PROG = "vaelab"

@@ -42,18 +42,17 @@ from vaelab.model.vae_model import VAEModel, given_rows
 from vaelab.objectives.bounds import ElboTerms
 from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
 from vaelab.train.fastpath import compile_evaluation
+from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.train.trainer import (
     BatchSource,
     EpochMetrics,
     IndexedBatches,
     LoaderBatches,
     TrainConfig,
-    Trainer,
 )
 
 EVAL_BATCH = 1024
 PROPOSALS = ("amortised", "refined")
-INIT_EXAMPLES = 10_000  # how many examples set the model's starting point (VAEModel.initialise)
 EVAL_SEED = 20131220  # salt of the per-example evaluation noise (vaelab.objectives.noise)
 
 
@@ -359,36 +358,47 @@ class VAE(TransformerMixin, BaseEstimator):
                 "conditional=True trains on arrays X with their y; a Dataset or DataLoader "
                 "is not supported for a conditional VAE"
             )
-        with seeded(self.seed, device):
-            # One seed for the data order and the training noise (vaelab.train.streams), drawn before
-            # the initialisation, as `vaelab train` draws it.
-            streams_seed = int(torch.randint(0, 2**62, ()).item())
-            batches: BatchSource
-            if isinstance(X, (Dataset, DataLoader)):
+        if isinstance(X, (Dataset, DataLoader)):
+            dataset = X
+
+            def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, BatchSource]:
                 generator = torch.Generator().manual_seed(streams_seed)
-                loader = X if isinstance(X, DataLoader) else self._loader(X, generator)
+                if isinstance(dataset, DataLoader):
+                    loader = dataset
+                else:
+                    loader = self._loader(dataset, generator)
                 batches = LoaderBatches(loader)
                 model, config = self._start_from_stream(batches, device)
-            else:
-                x = torch.from_numpy(self._validate(X, reset=True))
-                conditions = None
-                if self.conditional:
-                    conditions = torch.from_numpy(self._learn_conditions(y, x.shape[0]))
+                return model, config, batches
+
+        else:
+            x = torch.from_numpy(self._validate(X, reset=True))
+            conditions = None
+            if self.conditional:
+                conditions = torch.from_numpy(self._learn_conditions(y, x.shape[0]))
+
+            def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, BatchSource]:
                 size = 0 if conditions is None else conditions.shape[1]
                 config = self.model_config(tuple(x.shape[1:]), size)
-                model = build_model(config).to(device)
-                model.likelihood.check_support(x)
-                model.initialise(x[:INIT_EXAMPLES].to(device))
+                model = start_model(
+                    config,
+                    device,
+                    x[:INIT_EXAMPLES],
+                    check=lambda model: model.likelihood.check_support(x),
+                )
                 batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
-            trainer = Trainer(
-                model,
-                train_config,
-                device,
-                on_epoch=self._report,
-                seed=streams_seed,
-                compile=self.compile,
-            )
-            history = trainer.fit(batches)
+                return model, config, batches
+
+        with start_training(
+            self.seed,
+            device,
+            build,
+            train_config,
+            on_epoch=self._report,
+            compile=self.compile,
+        ) as start:
+            history = start.trainer.fit(start.batches)
+        model, config = start.model, start.config
         self._set_fitted(model, config, device, history)
         return self
 

@@ -39,12 +39,14 @@ import torch
 from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
 from vaelab.model.conditioning import one_hot
 from vaelab.data.sources import DataSplits, Split, load_data
-from vaelab.train.distributed import SINGLE, World
-from vaelab.estimator.facade import INIT_EXAMPLES, VAE, resolve_device
+from vaelab.train.distributed import SINGLE, World, attempt
+from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
 from vaelab.objectives.noise import seeded
 from vaelab.data.npyrows import NpyRows
-from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.registry import ModelConfig
+from vaelab.model.vae_model import VAEModel
+from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
 from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
 from vaelab.train.trainer import (
@@ -319,14 +321,6 @@ def _read_run(
     return config_text, (folder / CHECKPOINT_FILE).read_bytes(), seen
 
 
-def _attempt(action: Any) -> tuple[Any, BaseException | None]:
-    """``action()`` and None, or None and the exception it raised (for ``World.settle``)."""
-    try:
-        return action(), None
-    except Exception as error:
-        return None, error
-
-
 def _train_locked(
     settings: Mapping[str, Any],
     folder: Path,
@@ -338,15 +332,16 @@ def _train_locked(
 ) -> TrainResult:
     found, failure = (None, None)
     if world.main:
-        found, failure = _attempt(lambda: _read_run(folder, resume, lock))
+        found, failure = attempt(lambda: _read_run(folder, resume, lock))
     world.settle(failure)
     seen = found[2] if found is not None else None  # rank 0's alone
     config_text, checkpoint_bytes = world.broadcast(None if found is None else found[:2])
-    setup, failure = _attempt(
+    setup, failure = attempt(
         lambda: _set_up(settings, folder, config_text, checkpoint_bytes, world)
     )
     world.settle(failure)
-    config, splits, model_config, device, trainer, source, valid, checkpoint, classes = setup
+    assert setup is not None
+    config, trainer, checkpoint = setup.config, setup.trainer, setup.checkpoint
 
     # Everything is checked: from here on rank 0 writes the folder.
     def prepare_folder() -> None:
@@ -364,7 +359,7 @@ def _train_locked(
         if not resume:
             atomic_write_json(folder / RUN_CONFIG_FILE, config.to_json())
 
-    world.settle(_attempt(prepare_folder)[1] if world.main else None)
+    world.settle(attempt(prepare_folder)[1] if world.main else None)
     observer: TrainingObserver = TrainingObserver()
     run_log = None
     if world.main:
@@ -381,13 +376,15 @@ def _train_locked(
     trainer.observer = observer
     try:
         with _stop_on_signals(trainer):
-            history = trainer.fit(source, valid)
+            history = trainer.fit(setup.batches, setup.valid)
     finally:
         if run_log is not None:
             run_log.close()
 
     estimator = config.estimator()
-    estimator._set_fitted(trainer.model, model_config, device, history, classes)
+    estimator._set_fitted(
+        trainer.model, setup.model_config, setup.device, history, setup.classes
+    )
     best_epoch = None
     if trainer.best_valid is not None:
         best_epoch = next(m.epoch for m in history if m.valid_elbo == trainer.best_valid)
@@ -406,22 +403,24 @@ def _train_locked(
     if world.main:
         estimator.save(
             folder,
-            extra={"data": splits.record, "run": config.to_json(), "training": summary},
+            extra={"data": setup.splits.record, "run": config.to_json(), "training": summary},
         )
     return TrainResult(estimator, history, folder, best_epoch, stopped_early)
 
 
-_Setup = tuple[
-    RunConfig,
-    DataSplits,
-    ModelConfig,
-    torch.device,
-    Trainer,
-    IndexedBatches,
-    IndexedBatches | None,
-    tuple[Tensors, dict[str, Any]] | None,
-    np.ndarray | None,  # a conditional run's classes
-]
+@dataclass
+class _RunSetup:
+    """Every worker's preparation of a run, before anything is written."""
+
+    config: RunConfig
+    splits: DataSplits
+    model_config: ModelConfig
+    device: torch.device
+    trainer: Trainer
+    batches: IndexedBatches
+    valid: IndexedBatches | None
+    checkpoint: tuple[Tensors, dict[str, Any]] | None
+    classes: np.ndarray | None  # a conditional run's classes
 
 
 def _set_up(
@@ -430,7 +429,7 @@ def _set_up(
     config_text: str | None,
     checkpoint_bytes: bytes | None,
     world: World,
-) -> _Setup:
+) -> _RunSetup:
     """Every worker's preparation, before anything is written: the configuration, the data, the
     model, the batches, the trainer, restored from the checkpoint when resuming. Raises a
     ``ValueError`` (a ``RunError``, ``DataError`` or ``CheckpointError``) for any mistake."""
@@ -467,24 +466,26 @@ def _set_up(
     classes = class_labels(splits) if config.conditional else None
     train_conditions = _conditions(splits.train, classes)
     model_config = config.model_config(splits.shape, 0 if classes is None else len(classes))
-    with seeded(config.seed, device):
-        # As in VAE.fit: the streams' seed (data order, binarisation, noise), then initialisation.
-        streams_seed = int(torch.randint(0, 2**62, ()).item())
+    dynamic = splits.binarize == "dynamic"
+
+    def check(model: VAEModel) -> None:
         try:
-            model = build_model(model_config).to(device)
             check_support(model, splits)
         except ValueError as error:
             raise RunError(str(error)) from None
-        first = train_data[:INIT_EXAMPLES]
-        model.initialise(torch.as_tensor(np.asarray(first)).to(device))
-    dynamic = splits.binarize == "dynamic"
-    source = IndexedBatches(
-        train_data,
-        config.batch_size,
-        streams_seed,
-        binarize=dynamic,
-        condition=train_conditions,
-    )
+
+    def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, IndexedBatches]:
+        first = torch.as_tensor(np.asarray(train_data[:INIT_EXAMPLES]))
+        model = start_model(model_config, device, first, check=check)
+        batches = IndexedBatches(
+            train_data,
+            config.batch_size,
+            streams_seed,
+            binarize=dynamic,
+            condition=train_conditions,
+        )
+        return model, model_config, batches
+
     valid = None
     if len(splits.valid):
         valid = IndexedBatches(
@@ -499,15 +500,16 @@ def _set_up(
         every_seconds=config.checkpoint_seconds or None,
         extra={"run": config.to_json()},
     )
-    trainer = Trainer(
-        model,
-        config.train_config(),
+    with start_training(
+        config.seed,
         device,
+        build,
+        config.train_config(),
         checkpoint=policy,
-        seed=streams_seed,
         world=world,
         compile=config.compile,
-    )
+    ) as start:
+        trainer, source = start.trainer, start.batches
     try:
         first_conditions = None
         if train_conditions is not None:
@@ -523,7 +525,9 @@ def _set_up(
                 f"the checkpoint in {folder} does not fit this run ({error}); "
                 "delete the folder and train again without --resume"
             ) from None
-    return config, splits, model_config, device, trainer, source, valid, checkpoint, classes
+    return _RunSetup(
+        config, splits, model_config, device, trainer, source, valid, checkpoint, classes
+    )
 
 
 def _worker_device(device: torch.device, world: World) -> torch.device:

@@ -24,9 +24,9 @@ import contextlib
 import datetime
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -188,3 +188,15 @@ def session() -> Iterator[World]:
     # and the system closes its connections, which the others see as their peer gone.
     dist.barrier()
     dist.destroy_process_group()
+
+
+T = TypeVar("T")
+
+
+def attempt(action: Callable[[], T]) -> tuple[T | None, BaseException | None]:
+    """``action()`` and None, or None and the exception it raised: what every worker hands to
+    ``World.settle``, so a mistake found by one is reported once by all."""
+    try:
+        return action(), None
+    except Exception as error:
+        return None, error
