@@ -31,13 +31,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, MultivariateNormal, Normal
+from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
-from vaelab.components.flows import FlowDistribution, LocalFlowPosterior
-from vaelab.components.hierarchy import GaussianChain, LocalLayersPosterior
 from vaelab.components.likelihoods import Likelihood
 from vaelab.distributions.sampling import has_noise_form, reparameterise
+from vaelab.evaluation.families import GAUSSIAN_FAMILIES as FAMILIES
+from vaelab.evaluation.families import (
+    Family,
+    LocalGaussianPosterior,
+    LocalPosterior,
+    families_of,
+    family_named,
+)
 from vaelab.evaluation.loglik import (
     LogLikelihoodEstimate,
     auto_chunk,
@@ -60,121 +66,18 @@ __all__ = [
     "inference_gap",
 ]
 
-FAMILIES = ("diagonal", "full")
-
-
-class LocalGaussianPosterior(nn.Module):
-    """A separate Gaussian q_n(z) for each of n examples: non-amortised variational parameters.
-
-    ``family="diagonal"``: q_n = N(μ_n, diag σ_n²), parameters μ and log σ.
-    ``family="full"``: q_n = N(μ_n, L_n L_nᵀ) with L_n lower triangular, parameters μ, log diag L
-    and the strictly lower triangle of L (every value gives a valid covariance).
-
-    It follows the posterior contract, ``forward(x) -> Distribution`` with ``batch_shape [n]``,
-    so the objectives take it in place of an encoder; ``x`` must be the n examples it was made for
-    (only their number is checked).
-    """
-
-    _rows: torch.Tensor
-    _cols: torch.Tensor
-
-    def __init__(
-        self,
-        loc: torch.Tensor,
-        scale_tril: torch.Tensor,
-        family: str = "diagonal",
-    ) -> None:
-        super().__init__()
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
-        n, latent = loc.shape
-        if tuple(scale_tril.shape) != (n, latent, latent):
-            raise ValueError(
-                f"scale_tril must be [n, latent, latent] = {(n, latent, latent)}, "
-                f"got {tuple(scale_tril.shape)}"
-            )
-        self.family = family
-        diagonal = scale_tril.diagonal(dim1=-2, dim2=-1)
-        if not bool((diagonal > 0).all()):
-            raise ValueError("scale_tril must have a positive diagonal")
-        self.loc = nn.Parameter(loc.detach().clone())
-        self.log_diag = nn.Parameter(diagonal.detach().log())
-        rows, cols = torch.tril_indices(latent, latent, offset=-1)
-        self.register_buffer("_rows", rows, persistent=False)
-        self.register_buffer("_cols", cols, persistent=False)
-        if family == "full":
-            self.lower = nn.Parameter(scale_tril.detach()[:, rows, cols].clone())
-
-    @classmethod
-    def from_distribution(cls, q: Distribution, family: str) -> LocalGaussianPosterior:
-        """Start from a Gaussian q with ``batch_shape [n]``, e.g. the amortised q(z|x). A
-        full-covariance q cannot start a diagonal family: that would change the family."""
-        if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
-            scale_tril = torch.diag_embed(q.base_dist.scale)
-        elif isinstance(q, MultivariateNormal):
-            if family == "diagonal":
-                raise ValueError(
-                    "the amortised posterior has a full covariance, which the diagonal family "
-                    "does not contain; use family='full'"
-                )
-            scale_tril = q.scale_tril
-        else:
-            raise ValueError(
-                "optimised posteriors start from a Gaussian amortised posterior (diagonal or "
-                f"full covariance), got {type(q).__name__}"
-            )
-        return cls(q.mean.detach(), scale_tril.detach(), family)
-
-    @property
-    def n_examples(self) -> int:
-        return int(self.loc.shape[0])
-
-    def scale_tril(self) -> torch.Tensor:
-        """L ``[n, latent, latent]``."""
-        tril = torch.diag_embed(self.log_diag.exp())
-        if self.family == "full":
-            tril[:, self._rows, self._cols] = self.lower
-        return tril
-
-    def distribution(self) -> Distribution:
-        if self.family == "diagonal":
-            return Independent(Normal(self.loc, self.log_diag.exp()), 1)
-        return MultivariateNormal(self.loc, scale_tril=self.scale_tril())
-
-    def forward(self, x: torch.Tensor) -> Distribution:
-        if x.shape[0] != self.n_examples:
-            raise ValueError(
-                f"these local posteriors belong to {self.n_examples} examples, got {x.shape[0]}"
-            )
-        return self.distribution()
-
 
 def families_containing(q: Distribution) -> tuple[str, ...]:
-    """The families q* can be fitted in that contain the amortised posterior ``q``, simplest
-    first: only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined. A diagonal q
-    lies in both Gaussian families (``FAMILIES``); a full-covariance q only in the full one; a
-    flow only in its own family (``"planar"``, ``"iaf"``: the same maps with per-example
-    parameters, ``vaelab.components.flows.LocalFlowPosterior``). For several stochastic layers the family is
-    that of the first layer's q(z₁|x), the conditionals q(z₂|z₁), … kept as they are
-    (``vaelab.components.hierarchy.LocalLayersPosterior``)."""
-    family = family_of(q)
-    if family not in FAMILIES:
-        return (family,)
-    return FAMILIES[FAMILIES.index(family) :]
+    """The names of the families q* can be fitted in that contain the amortised posterior ``q``,
+    simplest first: only for those is an amortisation gap ELBO(q*) − ELBO(q) ≥ 0 defined
+    (``vaelab.evaluation.families``)."""
+    return tuple(family.name for family in families_of(q))
 
 
 def family_of(q: Distribution) -> str:
-    """``"diagonal"`` or ``"full"`` for a Gaussian q, the flow's family (``"planar"``, ``"iaf"``)
-    for a flow, the first layer's for several stochastic layers; ``ValueError`` otherwise."""
-    if isinstance(q, GaussianChain):
-        return family_of(q.first)
-    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
-        return "diagonal"
-    if isinstance(q, MultivariateNormal):
-        return "full"
-    if isinstance(q, FlowDistribution):
-        return q.family
-    raise ValueError(f"cannot tell the family of a {type(q).__name__} posterior; pass family=")
+    """The name of the simplest family that contains ``q`` (``"diagonal"``, ``"full"``, a flow's
+    ``"planar"`` or ``"iaf"``; the first layer's for several stochastic layers)."""
+    return families_of(q)[0].name
 
 
 def _learning_rate(lr: float, step: int, steps: int, floor: float = 0.01) -> float:
@@ -195,7 +98,7 @@ def fit_local_posteriors(
     seed: int | None = None,
     progress: bool = False,
     condition: Any = None,
-) -> LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior:
+) -> LocalPosterior:
     """Optimise a separate q_n(z) for each example of ``x`` in ``family`` with the model frozen:
     a Gaussian (diagonal or full covariance), or for a flow posterior the same flow with
     per-example parameters (``vaelab.components.flows.LocalFlowPosterior``), or for several stochastic
@@ -224,26 +127,14 @@ def fit_local_posteriors(
     with torch.no_grad():
         amortised = model.posterior(x)
         prior = model.prior()
-    family = family_of(amortised) if family is None else family
-    local: LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior
-    if isinstance(amortised, GaussianChain):
-        first = LocalGaussianPosterior.from_distribution(amortised.first, family)
-        local = LocalLayersPosterior(first, amortised)
-    elif isinstance(amortised, FlowDistribution):
-        if family != amortised.family:
-            raise ValueError(
-                f"the amortised posterior is a {amortised.family} flow, which only its own "
-                f"family contains; use family={amortised.family!r}"
-            )
-        local = LocalFlowPosterior(amortised)
-    else:
-        local = LocalGaussianPosterior.from_distribution(amortised, family)
+    chosen = family_named(amortised, family)
+    local = chosen.local_posterior(amortised)
     params = list(local.parameters())
     optimiser = torch.optim.Adam(params, lr=lr)
     shape = (samples, x.shape[0], *amortised.event_shape)
     fixed_prior = _Fixed(prior)
     noise_streams = ExampleNoise(x, seed)  # each example's q* sees its own draws only
-    for step in tqdm(range(steps), desc=f"q* ({family})", unit="step", disable=not progress):
+    for step in tqdm(range(steps), desc=f"q* ({chosen.name})", unit="step", disable=not progress):
         for group in optimiser.param_groups:
             group["lr"] = _learning_rate(lr, step, steps)
         half = noise_streams.normal(-(-samples // 2), shape[2:], like=x)
@@ -432,20 +323,18 @@ def inference_gap(
     with torch.no_grad():
         amortised = model.posterior(x)
         prior = model.prior()
-    family = family_of(amortised) if family is None else family
-    if family not in families_containing(amortised) and family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
+    chosen = family_named(amortised, family)
     if log_px is not None and log_px.log_px.shape != (x.shape[0],):
         raise ValueError(
             f"log_px must hold one estimate per example of x ({x.shape[0]}), "
             f"got {tuple(log_px.log_px.shape)}"
         )
 
-    def fit(family: str) -> LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior:
+    def fit(family: Family) -> LocalPosterior:
         return fit_local_posteriors(
             model,
             x,
-            family,
+            family.name,
             steps=steps,
             lr=lr,
             samples=samples,
@@ -453,21 +342,22 @@ def inference_gap(
             progress=progress,
         )
 
-    local = fit(family)
+    local = fit(chosen)
     with torch.no_grad():
         optimal = local.distribution()
         optimal_elbo, amortised_elbo = estimate_elbo(
             x, [optimal, amortised], prior, model.likelihood, eval_samples, seed=seed
         )
         if log_px is None:
-            # The diagonal q* is too narrow a proposal (heavy-tailed weights); the full one is
-            # not, and a flow's q* is its own family's best.
-            proposal = fit("full").distribution() if family == "diagonal" else optimal
+            # A family names its proposal: the diagonal q* is too narrow (heavy-tailed
+            # weights), the full one is not, and a flow's q* is its own family's best.
+            proposal_family = chosen.proposal()
+            proposal = optimal if proposal_family is chosen else fit(proposal_family).distribution()
             log_px = log_likelihood_with_proposal(
                 x, proposal, prior, model.likelihood, k, seed=seed, method="iwae-q*"
             )
     return InferenceGap(
-        family=family,
+        family=chosen.name,
         log_px=log_px.log_px,
         elbo_optimal=optimal_elbo.elbo,
         elbo_amortised=amortised_elbo.elbo,
