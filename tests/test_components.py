@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributions import Independent, MultivariateNormal, Normal, kl_divergence
 
 import vaelab
+from conftest import Constant
 from vaelab.components.likelihoods import (
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -27,17 +28,6 @@ from vaelab.components.priors import (
     VampPrior,
 )
 from vaelab.model.registry import LIKELIHOODS, ModelConfig, build_model
-
-
-class Constant(nn.Module):
-    """A 'network' returning fixed features, so a component's read-out can be checked exactly."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__()
-        self.features = features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features.expand(*x.shape[:-1], self.features.shape[-1])
 
 
 # ------------------------------------------------------------------------------------ likelihoods
