@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import settings
+from torch import nn
 
 from vaelab import VAE
+from vaelab.cli import app as cli
+from vaelab.evaluation.loglik import standard_error  # noqa: F401  (shared: see below)
 from vaelab.evaluation.ppca import LinearGaussianModel, random_linear_gaussian
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel
@@ -25,6 +29,51 @@ settings.register_profile("ci", derandomize=True, database=None)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# ``standard_error`` (std / √n) is the library's, imported above so that tests share one
+# definition with the error bars vaelab reports: ``from conftest import standard_error``.
+
+
+# ------------------------------------------------------------------------------ command line
+def vaelab_cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
+    """``vaelab ARGS`` in this process, through ``cli.main`` as the console script calls it:
+    (exit code, stdout, stderr). Arguments may be paths or numbers; they are passed as strings."""
+    code = cli.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def vaelab_command(*args: object) -> list[str]:
+    """The argv of ``python -m vaelab ARGS`` in a fresh interpreter, with warnings as errors as
+    under pytest, for tests that need their own process (signals, workers, a terminal)."""
+    return [sys.executable, "-W", "error", "-m", "vaelab", *map(str, args)]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """This environment for a ``vaelab`` subprocess, plus ``extra``: one thread, so that results
+    compare bit for bit with in-process runs, and no ``VAELAB_DATA``, so that "digits" means the
+    bundled digits whatever the developer's shell says."""
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("VAELAB_DATA", None)
+    env.update(extra)
+    return env
+
+
+# ------------------------------------------------------------------------- fixed components
+class Constant(nn.Module):
+    """A 'network' (encoder or decoder) returning fixed ``features`` ``[..., F]`` whatever its
+    input ``[*batch, D]``, as ``[*batch, F]``: a component's read-out can then be checked exactly."""
+
+    def __init__(self, features: torch.Tensor) -> None:
+        super().__init__()
+        self.features = features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features.expand(*x.shape[:-1], self.features.shape[-1])
+
+
+# ---------------------------------------------------------------------- linear-Gaussian models
 
 
 def linear_vae(
@@ -62,6 +111,22 @@ def exact_posterior_vae(truth: LinearGaussianModel) -> VAEModel:
     at_units = truth.optimal_diagonal_q(eye)
     weight = (at_units.mean - at_zero.mean).T
     return linear_vae(truth, weight, at_zero.mean[0], at_zero.variance[0].log())
+
+
+def linear_vae_with_a_poor_encoder(
+    examples: int,
+) -> tuple[LinearGaussianModel, torch.Tensor, VAEModel]:
+    """pPCA with 12 dimensions and 3 correlated latents (seed 3), ``examples`` float64 examples
+    from it ``[examples, 12]`` (seed 4), and a linear VAE with its exact decoder and a deliberately
+    poor diagonal encoder: the mean-field-optimal means shrunk by 0.8 and shifted by 0.1, the
+    variances e^0.5 ≈ 1.6 times too wide. Every bound of it is then strict, and the diagonal
+    family has a real approximation gap (the latents are correlated)."""
+    truth = random_linear_gaussian(12, 3, noise_var=0.3, seed=3)
+    x, _ = truth.sample(examples, torch.Generator().manual_seed(4))
+    q = truth.optimal_diagonal_q(torch.zeros(1, 12, dtype=torch.float64))
+    weight = 0.8 * (truth.optimal_diagonal_q(torch.eye(12, dtype=torch.float64)).mean - q.mean).T
+    model = linear_vae(truth, weight, q.mean[0] + 0.1, q.variance[0].log() + 0.5)
+    return truth, x, model
 
 
 @pytest.fixture(scope="session")

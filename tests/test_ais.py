@@ -4,12 +4,11 @@ models, and the HMC transitions against exact (tempered) posteriors."""
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from conftest import linear_vae
+from conftest import linear_vae, standard_error
 from vaelab.evaluation.ais import (
     AisEstimate,
     HmcSettings,
@@ -27,10 +26,6 @@ from vaelab.objectives.noise import ExampleNoise
 
 F64 = torch.float64
 HMC = HmcSettings(leapfrog_steps=5)
-
-
-def standard_error(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,29 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 import vaelab
+from conftest import subprocess_env, vaelab_cli, vaelab_command
 from vaelab.cli import app as cli
 from vaelab.runs import folder as runs
 from vaelab.runs import options as runconfig
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64"]
-
-
-def vaelab_cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # the same threads in every run, so results compare bit for bit
-    env.pop("VAELAB_DATA", None)
-    return env
-
-
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-W", "error", "-m", "vaelab", *map(str, args)]
 
 
 @pytest.fixture(scope="module")
@@ -420,7 +403,7 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_the_installed_command_reports_a_mistake_in_one_line(tmp_path):
     run = subprocess.run(
-        command("train", tmp_path / "nope.npy", "--out", tmp_path / "run"),
+        vaelab_command("train", tmp_path / "nope.npy", "--out", tmp_path / "run"),
         capture_output=True,
         text=True,
         env=subprocess_env(),
@@ -454,7 +437,7 @@ def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
     env = subprocess_env()
     reference = tmp_path / "reference"
     uninterrupted = subprocess.Popen(
-        command("train", binary_data, "--out", reference, *KILL_ARGS),
+        vaelab_command("train", binary_data, "--out", reference, *KILL_ARGS),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -462,7 +445,7 @@ def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
     stops = {"killed": signal.SIGKILL, "interrupted": signal.SIGINT}
     victims = {
         name: subprocess.Popen(
-            command("train", binary_data, "--out", tmp_path / name, *KILL_ARGS),
+            vaelab_command("train", binary_data, "--out", tmp_path / name, *KILL_ARGS),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -9,18 +9,13 @@ import numpy as np
 import pytest
 
 from browser import check_page_in_browser, skip_unless_browser
+from conftest import vaelab_cli
 from vaelab.cli import app as cli
 from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.ais import ais
 from vaelab.runs.model_data import load_examples, model_data, open_model
 
 TINY = ["--epochs", "30", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64"]
-
-
-def run(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +26,7 @@ def trained(tmp_path_factory) -> Path:
 
 
 def test_evaluate_with_k_reports_iwae_above_the_elbo_and_diagnostics(trained, capsys):
-    code, out, _ = run(capsys, "evaluate", trained, "--k", "200", "--json")
+    code, out, _ = vaelab_cli(capsys, "evaluate", trained, "--k", "200", "--json")
     assert code == 0
     result = json.loads(out)
     iwae = result["iwae"]
@@ -47,7 +42,7 @@ def test_evaluate_with_k_reports_iwae_above_the_elbo_and_diagnostics(trained, ca
     assert 0 <= found["active_units"] <= found["latent_dim"] == 2
     assert sum(found["kl_per_dimension"]) == pytest.approx(found["rate"]["mean"], rel=1e-4)
     assert found["rate"]["mean"] == pytest.approx(result["kl"], rel=1e-4)
-    code, out, _ = run(capsys, "evaluate", trained, "--k", "50")
+    code, out, _ = vaelab_cli(capsys, "evaluate", trained, "--k", "50")
     assert code == 0 and "IWAE-50" in out and "active units" in out
     assert "bits/dim" in out and "not defined" in out
 
@@ -69,7 +64,7 @@ def test_bits_per_dimension_only_where_they_are_a_code_length(
     options = ["--likelihood", likelihood, "--binarize", binarize, "--epochs", "2", "-q"]
     assert cli.main(["train", "digits", "--out", str(folder), *options]) == 0
     capsys.readouterr()
-    code, out, _ = run(capsys, "evaluate", folder, "--k", "20", "--json", "--no-diagnostics")
+    code, out, _ = vaelab_cli(capsys, "evaluate", folder, "--k", "20", "--json", "--no-diagnostics")
     iwae = json.loads(out)["iwae"]
     if defined:
         assert iwae["bits_per_dim"] == pytest.approx(-iwae["mean"] / (64 * np.log(2)))
@@ -79,7 +74,7 @@ def test_bits_per_dimension_only_where_they_are_a_code_length(
 
 def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, capsys):
     argv = ["--ais", "30", "--ais-chains", "4", "--examples", "12", "--no-diagnostics"]
-    code, out, _ = run(capsys, "evaluate", trained, *argv, "--json")
+    code, out, _ = vaelab_cli(capsys, "evaluate", trained, *argv, "--json")
     assert code == 0
     found = json.loads(out)["ais"]
     assert (found["steps"], found["chains"], found["examples"]) == (30, 4, 12)
@@ -90,22 +85,22 @@ def test_evaluate_with_ais_is_the_librarys_ais_on_the_same_examples(trained, cap
     direct = ais(opened.estimator.model_, x, chains=4, steps=30, seed=EVAL_SEED)
     assert found["mean"] == pytest.approx(direct.mean, abs=1e-9)
     assert found["standard_error"] == pytest.approx(direct.standard_error, abs=1e-9)
-    code, out, _ = run(capsys, "evaluate", trained, *argv)
+    code, out, _ = vaelab_cli(capsys, "evaluate", trained, *argv)
     assert code == 0 and "AIS-30" in out and "4 chains" in out
 
 
 def test_evaluate_on_a_random_subset(trained, capsys):
     """--examples N: a seeded random N of the test split, the same every time, said so."""
     argv = ("evaluate", trained, "--examples", "40", "--json", "--no-diagnostics")
-    code, out, _ = run(capsys, *argv)
+    code, out, _ = vaelab_cli(capsys, *argv)
     result = json.loads(out)
     assert code == 0 and result["count"] == 40 and "diagnostics" not in result
     assert "a random 40 of its 180 examples" in result["examples_described"]
-    assert json.loads(run(capsys, *argv)[1])["elbo"] == result["elbo"]
+    assert json.loads(vaelab_cli(capsys, *argv)[1])["elbo"] == result["elbo"]
 
 
 def test_gap_splits_the_total_gap(trained, capsys):
-    code, out, _ = run(
+    code, out, _ = vaelab_cli(
         capsys, "gap", trained, "--n", "30", "--k", "500", "--steps", "200", "--json"
     )
     assert code == 0
@@ -115,7 +110,7 @@ def test_gap_splits_the_total_gap(trained, capsys):
     # amortised ELBO is evaluate's ELBO there (independent Monte Carlo draws: within 4 standard
     # errors), and its log p(x), by IWAE with q*, agrees with IWAE-2000 with the encoder.
     argv = ("evaluate", trained, "--examples", "30", "--k", "2000", "--json", "--no-diagnostics")
-    evaluation = json.loads(run(capsys, *argv)[1])
+    evaluation = json.loads(vaelab_cli(capsys, *argv)[1])
     diagonal, full = result["families"]["diagonal"], result["families"]["full"]
     assert diagonal["log_px"]["mean"] == full["log_px"]["mean"]
     amortised = diagonal["elbo_amortised"]["mean"]
@@ -124,7 +119,7 @@ def test_gap_splits_the_total_gap(trained, capsys):
     assert abs(full["log_px"]["mean"] - iwae["mean"]) < 0.05
     for found in (diagonal, full):
         assert found["elbo_optimal"]["mean"] >= amortised - 1e-3  # q* starts at q, climbs
-    code, out, _ = run(capsys, "gap", trained, "--n", "10", "--k", "100", "--steps", "50")
+    code, out, _ = vaelab_cli(capsys, "gap", trained, "--n", "10", "--k", "100", "--steps", "50")
     assert code == 0 and "approximation_gap" in out and "amortisation_gap" in out
 
 
@@ -153,7 +148,7 @@ def test_gap_splits_the_total_gap(trained, capsys):
 )
 def test_bad_evaluation_options_are_one_line_and_exit_2(trained, tmp_path, capsys, args, message):
     argv = [a.format(run=trained, tmp=tmp_path) for a in args]
-    code, out, err = run(capsys, *argv)
+    code, out, err = vaelab_cli(capsys, *argv)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
 
@@ -161,14 +156,16 @@ def test_bad_evaluation_options_are_one_line_and_exit_2(trained, tmp_path, capsy
 def test_report_without_iwae_still_has_its_gaps(trained, capsys, tmp_path):
     """--k 0 leaves IWAE out and nothing else (once it failed unless --gap-examples 0 too)."""
     out = tmp_path / "r.html"
-    code, _, err = run(capsys, "report", trained, "--k", "0", "--gap-examples", "5", "-o", out)
+    code, _, err = vaelab_cli(
+        capsys, "report", trained, "--k", "0", "--gap-examples", "5", "-o", out
+    )
     assert code == 0, err
     html = out.read_text()
     assert "IWAE-" not in html and "approximation gap (diagonal)" in html
 
 
 def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
-    code, out, _ = run(capsys, "report", trained, "--k", "100", "--gap-examples", "10")
+    code, out, _ = vaelab_cli(capsys, "report", trained, "--k", "100", "--gap-examples", "10")
     assert code == 0
     page = trained / "report.html"
     html = page.read_text()
@@ -191,11 +188,13 @@ def test_a_model_trained_on_a_file_is_evaluated_on_its_own_test_split(tmp_path, 
     np.save(tmp_path / "x.npy", x)
     folder = tmp_path / "run"
     train = ["train", tmp_path / "x.npy", "--out", folder, "--epochs", "1", "--hidden", "8", "-q"]
-    assert run(capsys, *train)[0] == 0
+    assert vaelab_cli(capsys, *train)[0] == 0
     capsys.readouterr()
 
     def evaluated(*options: object) -> dict:
-        code, out, err = run(capsys, "evaluate", folder, "--json", "--no-diagnostics", *options)
+        code, out, err = vaelab_cli(
+            capsys, "evaluate", folder, "--json", "--no-diagnostics", *options
+        )
         assert code == 0, err
         return json.loads(out)
 
@@ -208,10 +207,10 @@ def test_a_model_trained_on_a_file_is_evaluated_on_its_own_test_split(tmp_path, 
     np.save(tmp_path / "other.npy", x[:30])
     other = evaluated("--data", tmp_path / "other.npy")
     assert other["count"] == 30 and other["split"] == "all examples"
-    code, out, _ = run(capsys, "encode", folder, "--out", tmp_path / "z.npy")
+    code, out, _ = vaelab_cli(capsys, "encode", folder, "--out", tmp_path / "z.npy")
     assert code == 0 and "test split, 20 examples" in out
     assert np.load(tmp_path / "z.npy").shape == (20, 8)
-    code, out, _ = run(capsys, "evaluate", folder)
+    code, out, _ = vaelab_cli(capsys, "evaluate", folder)
     assert code == 0 and "(test split, 20 examples)" in out
 
 
@@ -220,14 +219,14 @@ def test_gap_and_report_of_a_full_covariance_model(tmp_path, capsys):
     both commands failed: the diagonal family 'does not contain' the amortised q)."""
     folder = tmp_path / "full"
     train = ["train", "digits", "--out", folder, "--posterior", "full", "--epochs", "2", "-q"]
-    assert run(capsys, *train)[0] == 0
+    assert vaelab_cli(capsys, *train)[0] == 0
     capsys.readouterr()
     argv = ("gap", folder, "--n", "6", "--k", "50", "--steps", "20", "--json")
-    code, out, err = run(capsys, *argv)
+    code, out, err = vaelab_cli(capsys, *argv)
     assert code == 0, err
     result = json.loads(out)
     assert list(result["families"]) == ["full"]
-    code, _, err = run(
+    code, _, err = vaelab_cli(
         capsys, "report", folder, "--k", "20", "--gap-examples", "4", "--gap-steps", "5"
     )
     assert code == 0, err

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
-from conftest import CrashAfter
+from conftest import CrashAfter, subprocess_env, vaelab_cli, vaelab_command
 from vaelab.cli import app as cli
 from vaelab.components.networks import MLP, ConvDecoder, ConvEncoder
 from vaelab.components.priors import ConditionalGaussianPrior
@@ -519,12 +517,6 @@ def test_a_conditional_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
 # ------------------------------------------------------------------------------ command line
 
 
-def vaelab_cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 RUN = ["--epochs", "20", "--hidden", "64", "--latent-dim", "4", "--lr", "3e-3", "--quiet"]
 
 
@@ -638,12 +630,9 @@ def test_two_workers_train_the_conditional_model_one_process_trains(tmp_path, ca
                "--latent-dim", "3", "--seed", "2", "--quiet"]  # fmt: skip
     code, _, err = vaelab_cli(capsys, "train", "digits", "--out", tmp_path / "one", *options)
     assert code == 0, err
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VAELAB_DIST_TIMEOUT": "60"}
-    env.pop("VAELAB_DATA", None)
     done = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "vaelab", "train", "digits",
-         "--out", str(tmp_path / "two"), "--nproc", "2", *options],
-        env=env, capture_output=True, text=True, timeout=300,
+        vaelab_command("train", "digits", "--out", tmp_path / "two", "--nproc", "2", *options),
+        env=subprocess_env(VAELAB_DIST_TIMEOUT="60"), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     one, two = (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import Independent, MultivariateNormal, Normal
 
-from conftest import linear_vae
+from conftest import linear_vae, standard_error
 from vaelab.distributions.kl import kl_standard_normal
 from vaelab.evaluation.diagnostics import (
     activity,
@@ -25,10 +25,6 @@ from vaelab.model.registry import ModelConfig, build_model
 F64 = torch.float64
 LATENT = 4
 USED = 2  # the encoder reads x into the first two latent units only
-
-
-def standard_error(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
+from conftest import Constant
 from vaelab.cli import app as cli
 from vaelab.components.likelihoods import (
     DataMoments,
@@ -33,17 +34,6 @@ from vaelab.distributions.discretized_logistic import (
 
 GRIDS = (1.0, 255.0)  # the top level: pixels / 255 (--scale auto) or the integers (--scale none)
 SOME = settings(max_examples=60, deadline=None)
-
-
-class Constant(nn.Module):
-    """A 'decoder' returning fixed features, so the likelihood reads exactly the given numbers."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__()
-        self.features = features
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.features.expand(*z.shape[:-1], self.features.shape[-1])
 
 
 def on_grid(likelihood, grid_max: float, pixels: int):

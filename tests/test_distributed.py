@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from vaelab.cli import app as cli
+from conftest import subprocess_env, vaelab_cli, vaelab_command
 from vaelab.data.npyrows import NpyRows
 from vaelab.data.sources import DataError, load_data
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -35,22 +34,8 @@ STEPS = 2 * 180
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"  # one thread per process, as in the in-process runs
-    env["VAELAB_DIST_TIMEOUT"] = "60"  # a stuck collective gives up in a minute, not 30
-    env.pop("VAELAB_DATA", None)
-    env.update(extra)
-    return env
-
-
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-W", "error", "-m", "vaelab", *map(str, args)]
-
-
-def vaelab_cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
+    # A stuck collective gives up in a minute, not 30.
+    return subprocess_env(VAELAB_DIST_TIMEOUT="60", **extra)
 
 
 def metrics(folder: Path) -> list[dict]:
@@ -74,7 +59,7 @@ def two_workers(tmp_path_factory) -> Path:
     """A run on two workers started by ``--nproc 2``: the reference of the tests below."""
     folder = tmp_path_factory.mktemp("ddp") / "two"
     done = subprocess.run(
-        command("train", "digits", "--out", folder, "--nproc", 2, *RUN),
+        vaelab_command("train", "digits", "--out", folder, "--nproc", 2, *RUN),
         env=environment(),
         capture_output=True,
         text=True,
@@ -116,7 +101,7 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_bytes_of_an_uninterrupted_run(
     the reference's weights byte for byte, and on one worker within float tolerance."""
     out = tmp_path / "killed"
     run = subprocess.Popen(
-        command("train", "digits", "--out", out, "--nproc", 2, *RUN),
+        vaelab_command("train", "digits", "--out", out, "--nproc", 2, *RUN),
         env=environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -150,7 +135,7 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_bytes_of_an_uninterrupted_run(
 
     one = Path(shutil.copytree(out, tmp_path / "on-one-worker"))
     resumed = subprocess.run(
-        command("train", "--out", out, "--resume", "--nproc", 2, "-q"),
+        vaelab_command("train", "--out", out, "--resume", "--nproc", 2, "-q"),
         env=environment(),
         capture_output=True,
         text=True,
@@ -205,7 +190,7 @@ def test_a_failing_worker_stops_the_run_in_one_line_within_seconds(tmp_path):
     path = os.pathsep.join([str(inject), os.environ.get("PYTHONPATH", "")])
     out = tmp_path / "run"
     done = subprocess.run(
-        command("train", "digits", "--out", out, "--nproc", 2, *RUN),
+        vaelab_command("train", "digits", "--out", out, "--nproc", 2, *RUN),
         env=environment(PYTHONPATH=path, FAILED_AT=str(failed_at)),
         capture_output=True,
         text=True,
@@ -256,7 +241,7 @@ def test_distributed_evaluation_gives_every_example_the_bytes_of_one_process(
     )
     assert code == 0, err
     done = subprocess.run(
-        command(
+        vaelab_command(
             "evaluate", two_workers, *options, "--per-example", tmp_path / "two.npz", "--nproc", 2
         ),
         env=environment(),
@@ -419,7 +404,7 @@ def test_a_failed_worker_ends_at_once_and_a_lone_process_exits_normally(tmp_path
     line = "vaelab: error: `vaelab report` runs in one process; start it without torchrun"
     for world in ({"WORLD_SIZE": "2", "RANK": "1"}, {}):
         done = subprocess.run(
-            command("report", tmp_path / "no-run"),
+            vaelab_command("report", tmp_path / "no-run"),
             env=environment(PYTHONPATH=str(inject), **world),
             capture_output=True,
             text=True,

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
+from conftest import Constant
 from vaelab.components.flows import (
     FlowDistribution,
     IAFDistribution,
@@ -98,17 +98,6 @@ def noise(q: FlowDistribution, *sample_shape: int, seed: int = 1) -> torch.Tenso
 def base_log_density(q: FlowDistribution, z0: torch.Tensor) -> torch.Tensor:
     """log N(z₀; μ, diag σ²) from torch.distributions, independent of the flow's own formula."""
     return Normal(q.loc, torch.exp(0.5 * q.log_var)).log_prob(z0).sum(-1)
-
-
-class Constant(nn.Module):
-    """An 'encoder' returning fixed features."""
-
-    def __init__(self, features: torch.Tensor) -> None:
-        super().__init__()
-        self.features = features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features.expand(x.shape[0], -1)
 
 
 # ------------------------------------------------------------------ (1) change of variables

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
 
-from conftest import exact_posterior_vae, linear_vae
+from conftest import (
+    exact_posterior_vae,
+    linear_vae_with_a_poor_encoder,
+    standard_error,
+)
 from vaelab.evaluation.gap import (
     InferenceGap,
     LocalGaussianPosterior,
@@ -17,7 +20,6 @@ from vaelab.evaluation.gap import (
     inference_gap,
 )
 from vaelab.evaluation.loglik import LogLikelihoodEstimate
-from vaelab.evaluation.ppca import random_linear_gaussian
 from vaelab.model.registry import ModelConfig, build_model
 
 F64 = torch.float64
@@ -25,20 +27,11 @@ N = 120
 FIT = {"steps": 600, "eval_samples": 1000, "k": 1000}
 
 
-def standard_error(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
-
-
 @pytest.fixture(scope="module")
 def setting():
     """pPCA with 12 dimensions and 3 correlated latents (so the diagonal family has a real
     approximation gap), 120 examples, and a linear VAE with its decoder and a poor encoder."""
-    truth = random_linear_gaussian(12, 3, noise_var=0.3, seed=3)
-    x, _ = truth.sample(N, torch.Generator().manual_seed(4))
-    q = truth.optimal_diagonal_q(torch.zeros(1, 12, dtype=F64))
-    weight = 0.8 * (truth.optimal_diagonal_q(torch.eye(12, dtype=F64)).mean - q.mean).T
-    model = linear_vae(truth, weight, q.mean[0] + 0.1, q.variance[0].log() + 0.5)
-    return truth, x, model
+    return linear_vae_with_a_poor_encoder(N)
 
 
 def exact_gaps(truth, model, x, family):

@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from torch.distributions import MultivariateNormal, Normal
 
 import vaelab
-from conftest import CrashAfter
+from conftest import CrashAfter, standard_error
 from vaelab.components.hierarchy import LocalLayersPosterior
 from vaelab.distributions.chain import GaussianChain, LatentChain
 from vaelab.distributions.stop_gradient import stop_gradient
@@ -32,10 +32,6 @@ from vaelab.objectives.noise import ExampleNoise, posterior_mean
 from vaelab.runs.options import RunError, resolve
 
 F64 = torch.float64
-
-
-def sem(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
 
 
 # ------------------------------------------------------------------------- the linear oracle
@@ -155,14 +151,17 @@ def test_iwae_and_ais_agree_with_the_exact_likelihood_and_the_elbo_lies_below(or
 
     found = ais(model, x, chains=16, steps=200, hmc=HmcSettings(leapfrog_steps=5), seed=0)
     error = found.log_px - exact
-    assert abs(float(error.mean())) < 3 * sem(error), (float(error.mean()), sem(error))
+    assert abs(float(error.mean())) < 3 * standard_error(error), (
+        float(error.mean()),
+        standard_error(error),
+    )
     assert 0.5 < found.acceptance_rate < 0.8
 
     with torch.no_grad():
         noise = ExampleNoise(x, 0).normal(500, (5,), like=x)
         elbo = model.elbo(x, noise=noise).elbo  # [n], a Monte Carlo KL over both layers
     gap = exact - elbo  # KL(q ‖ p(z|x)) per example: positive, not noise
-    assert float(gap.mean()) > 10 * sem(gap) > 0
+    assert float(gap.mean()) > 10 * standard_error(gap) > 0
 
 
 # ------------------------------------------------------------- densities and ancestral sampling

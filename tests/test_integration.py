@@ -21,6 +21,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 import vaelab
+from conftest import vaelab_cli
 from vaelab.cli import app as cli
 from vaelab.components.networks import NETWORKS
 from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS
@@ -115,12 +116,6 @@ def model(request, data, data_8_bit, tmp_path_factory) -> tuple[Path, tuple[str,
     return folder, request.param
 
 
-def run(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_train_writes_a_model_that_loads_as_configured(model, capsys):
     folder, (likelihood, posterior, prior, network, objective, gradient, latent) = model
     loaded = vaelab.load(folder)
@@ -141,7 +136,7 @@ def test_train_writes_a_model_that_loads_as_configured(model, capsys):
 def test_evaluate(model, capsys):
     folder, (likelihood, *_) = model
     sizes = latent_sizes(model[1])
-    code, out, err = run(capsys, "evaluate", folder, "--k", "20", "--json")
+    code, out, err = vaelab_cli(capsys, "evaluate", folder, "--k", "20", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["split"] == "test split" and result["count"] == 24
@@ -175,7 +170,9 @@ def test_evaluate(model, capsys):
 
 def test_gap(model, capsys):
     folder, (_, posterior, *_) = model
-    code, out, err = run(capsys, "gap", folder, "--n", "6", "--k", "50", "--steps", "10", "--json")
+    code, out, err = vaelab_cli(
+        capsys, "gap", folder, "--n", "6", "--k", "50", "--steps", "10", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     expected = {"diagonal": ["diagonal", "full"], "full": ["full"]}.get(posterior, [posterior])
@@ -190,7 +187,7 @@ def test_report(model, capsys, tmp_path):
     folder, _ = model
     out = tmp_path / "report.html"
     budget = ["--k", "10", "--iwae-examples", "12", "--gap-examples", "3", "--gap-steps", "3"]
-    code, _, err = run(capsys, "report", folder, *budget, "--gap-k", "10", "-o", out)
+    code, _, err = vaelab_cli(capsys, "report", folder, *budget, "--gap-k", "10", "-o", out)
     assert code == 0, err
     html = out.read_text()
     for section in ("Metrics", "Samples", "Reconstructions", "Latent space", "IWAE-10"):
@@ -206,15 +203,21 @@ def test_report(model, capsys, tmp_path):
 def test_sample_reconstruct_encode(model, capsys, tmp_path):
     folder, _ = model
     label = ["--label", "3"] if model[1] in CONDITIONAL else []
-    assert run(capsys, "sample", folder, "-n", "5", *label, "--out", tmp_path / "s.npy")[0] == 0
+    assert (
+        vaelab_cli(capsys, "sample", folder, "-n", "5", *label, "--out", tmp_path / "s.npy")[0] == 0
+    )
     samples = np.load(tmp_path / "s.npy")
     assert samples.shape == (5, 1, 8, 8) and np.isfinite(samples).all()
-    assert run(capsys, "sample", folder, "-n", "4", *label, "--out", tmp_path / "s.png")[0] == 0
-    code, out, err = run(capsys, "reconstruct", folder, "-n", "4", "--out", tmp_path / "r.npy")
+    assert (
+        vaelab_cli(capsys, "sample", folder, "-n", "4", *label, "--out", tmp_path / "s.png")[0] == 0
+    )
+    code, out, err = vaelab_cli(
+        capsys, "reconstruct", folder, "-n", "4", "--out", tmp_path / "r.npy"
+    )
     assert code == 0, err
     pairs = np.load(tmp_path / "r.npy")
     assert pairs.shape == (2, 4, 1, 8, 8) and np.isfinite(pairs).all()
-    code, out, err = run(capsys, "encode", folder, "--out", tmp_path / "z.npy")
+    code, out, err = vaelab_cli(capsys, "encode", folder, "--out", tmp_path / "z.npy")
     assert code == 0 and "test split, 24 examples" in out, err
     codes = np.load(tmp_path / "z.npy")
     assert codes.shape == (24, sum(latent_sizes(model[1]))) and np.isfinite(codes).all()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from conftest import linear_vae
+from conftest import linear_vae_with_a_poor_encoder, standard_error
 from vaelab.distributions.sampling import location_scale_sample
 from vaelab.evaluation.loglik import (
     LogLikelihoodEstimate,
@@ -18,27 +18,17 @@ from vaelab.evaluation.loglik import (
     log_likelihood_with_proposal,
     summarise_log_weights,
 )
-from vaelab.evaluation.ppca import random_linear_gaussian
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.objectives.bounds import elbo, log_importance_weights
 
 F64 = torch.float64
 
 
-def standard_error(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
-
-
 @pytest.fixture(scope="module")
 def setting():
     """A 12-dimensional pPCA model with 3 latents, 300 examples from it, and a linear VAE with its
     decoder and a deliberately poor encoder (shrunk means, too-wide variances)."""
-    truth = random_linear_gaussian(12, 3, noise_var=0.3, seed=3)
-    x, _ = truth.sample(300, torch.Generator().manual_seed(4))
-    q = truth.optimal_diagonal_q(torch.zeros(1, 12, dtype=F64))
-    weight = 0.8 * (truth.optimal_diagonal_q(torch.eye(12, dtype=F64)).mean - q.mean).T
-    model = linear_vae(truth, weight, q.mean[0] + 0.1, q.variance[0].log() + 0.5)
-    return truth, x, model
+    return linear_vae_with_a_poor_encoder(300)
 
 
 def exact_elbo(truth, model, x):

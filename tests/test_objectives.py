@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from conftest import exact_posterior_vae, linear_vae
+from conftest import (
+    exact_posterior_vae,
+    linear_vae_with_a_poor_encoder,
+    standard_error,
+)
 from vaelab.components.priors import MixtureOfGaussiansPrior, StandardNormalPrior
-from vaelab.evaluation.ppca import random_linear_gaussian
 from vaelab.objectives.bounds import elbo, iwae_bound, kl_per_dimension, kl_term
-
-
-def standard_error(values: torch.Tensor) -> float:
-    return float(values.std() / math.sqrt(values.numel()))
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +19,7 @@ def setting():
     """A 12-dimensional linear-Gaussian model with 3 latents, data from it, and a linear VAE whose
     encoder is deliberately off (so the bounds are strict)."""
     torch.manual_seed(0)
-    truth = random_linear_gaussian(12, 3, noise_var=0.3, seed=3)
-    x, _ = truth.sample(400, torch.Generator().manual_seed(4))
-    q = truth.optimal_diagonal_q(torch.zeros(1, 12, dtype=torch.float64))
-    weight = 0.8 * (truth.optimal_diagonal_q(torch.eye(12, dtype=torch.float64)).mean - q.mean).T
-    model = linear_vae(truth, weight, q.mean[0] + 0.1, q.variance[0].log() + 0.5)
-    return truth, x, model
+    return linear_vae_with_a_poor_encoder(400)
 
 
 def amortised_q(model, x):

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import subprocess_env, vaelab_cli, vaelab_command
 from vaelab.cli import app as cli
 from vaelab.io import files
 from vaelab.runs.folder import LOCK_FILE, RunLock
@@ -22,23 +22,6 @@ from vaelab.train import trainer as training
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 
 TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", "64", "-q"]
-
-
-def vaelab_cli(capsys, *args: object) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def command(*args: object) -> list[str]:
-    return [sys.executable, "-W", "error", "-m", "vaelab", *map(str, args)]
-
-
-def subprocess_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("VAELAB_DATA", None)
-    return env
 
 
 # ---------------------------------------------------------------------- one process per folder
@@ -53,7 +36,7 @@ def test_of_two_processes_started_on_one_folder_one_trains_and_the_other_names_i
     options += ["--checkpoint-every", "10", "--quiet"]
     racers = {  # the seed tells whose config.json the folder holds
         seed: subprocess.Popen(
-            command("train", tmp_path / "x.npy", "--out", out, "--seed", seed, *options),
+            vaelab_command("train", tmp_path / "x.npy", "--out", out, "--seed", seed, *options),
             env=subprocess_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -21,9 +21,11 @@ if TYPE_CHECKING:
 
 
 def to_images(estimator: VAE, x: np.ndarray) -> np.ndarray | None:
-    """``x: [n, *data_shape]`` as images ``[n, C, H, W]`` clipped to [0, 1], or ``None`` when the
-    data are not image-like (e.g. 10 tabular features)."""
-    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
+    """``x: [n, *data_shape]`` as images ``[n, C, H, W]`` in [0, 1], or ``None`` when the data are
+    not image-like (e.g. 10 tabular features). Values are read in the model's data unit
+    (``Likelihood.data_unit``: 255 for 8-bit pixels kept as 0..255, else 1), then clipped."""
+    unit = estimator.model_.likelihood.data_unit
+    flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1) / np.float32(unit)
     images = as_images(flat, estimator.data_shape_)
     return None if images is None else np.clip(images, 0.0, 1.0)
 
