@@ -22,19 +22,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from vaelab.model.vae_model import given_rows
 from vaelab.data.sources import SOURCES, Split, load_data
-from vaelab.train.distributed import SINGLE, World
-from vaelab.estimator.facade import EVAL_SEED, VAE
-from vaelab.train.fastpath import compile_evaluation
-from vaelab.io.files import atomic_write_bytes
+from vaelab.estimator.facade import EVAL_SEED, VAE, load
+from vaelab.estimator.serialization import CONFIG_FILE, ModelFileError, read_model_document
 from vaelab.evaluation.gap import InferenceGap
 from vaelab.evaluation.loglik import LogLikelihoodEstimate, standard_error
+from vaelab.io.files import atomic_write_bytes
+from vaelab.model.vae_model import given_rows
 from vaelab.objectives.noise import ExampleNoise
-from vaelab.runs.options import RunError
 from vaelab.runs.folder import RUN_CONFIG_FILE
-from vaelab.estimator.facade import load
-from vaelab.estimator.serialization import CONFIG_FILE, ModelFileError, read_model_document
+from vaelab.runs.options import RunError
+from vaelab.train.distributed import SINGLE, World
+from vaelab.train.fastpath import compile_evaluation
 
 CHUNK = 4096  # rows per evaluation / encoding step
 

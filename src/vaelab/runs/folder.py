@@ -36,17 +36,17 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
-from vaelab.model.conditioning import one_hot
-from vaelab.data.sources import DataSplits, Split, load_data
-from vaelab.train.distributed import SINGLE, World
-from vaelab.estimator.facade import INIT_EXAMPLES, VAE, resolve_device
-from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
-from vaelab.objectives.noise import seeded
 from vaelab.data.npyrows import NpyRows
-from vaelab.model.registry import ModelConfig, build_model
-from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
+from vaelab.data.sources import DataSplits, Split, load_data
+from vaelab.estimator.facade import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
+from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
+from vaelab.model.conditioning import one_hot
+from vaelab.model.registry import ModelConfig, build_model
+from vaelab.objectives.noise import seeded
+from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
+from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
+from vaelab.train.distributed import SINGLE, World
 from vaelab.train.trainer import (
     CheckpointPolicy,
     EpochMetrics,
