@@ -40,7 +40,7 @@ from vaelab.runs import folder as runs
 from vaelab.runs import options as runconfig
 from vaelab.train import distributed
 from vaelab.train.checkpoint import CheckpointError
-from vaelab.train.trainer import NonFiniteLossError, TrainingInterrupted
+from vaelab.train.progress import NonFiniteLossError, TrainingInterrupted
 
 PROG = "vaelab"
 # Where each group of RunConfig's options begins, for --help.

@@ -45,15 +45,17 @@ from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.objectives.noise import seeded
 from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
-from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
-from vaelab.train.distributed import SINGLE, World
-from vaelab.train.trainer import (
+from vaelab.train.batches import IndexedBatches
+from vaelab.train.checkpoint import (
+    CHECKPOINT_FILE,
     CheckpointPolicy,
-    EpochMetrics,
-    IndexedBatches,
-    Trainer,
-    TrainingObserver,
+    Tensors,
+    checkpoint_from_bytes,
+    load_checkpoint,
 )
+from vaelab.train.distributed import SINGLE, World
+from vaelab.train.progress import EpochMetrics, TrainingObserver
+from vaelab.train.trainer import Trainer
 
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

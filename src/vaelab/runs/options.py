@@ -23,7 +23,7 @@ from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig
 from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
-from vaelab.train.trainer import LR_SCHEDULES, TrainConfig
+from vaelab.train.config import LR_SCHEDULES, TrainConfig
 
 
 class RunError(ValueError):
