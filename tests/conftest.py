@@ -13,8 +13,7 @@ from vaelab import VAE
 from vaelab.evaluation.ppca import LinearGaussianModel, random_linear_gaussian
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel
-from vaelab.train.progress import TrainingObserver
-from vaelab.train.trainer import Trainer
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 # Tests use tiny tensors: one thread avoids thread hand-off costs and contention on 2 shared cores.
 torch.set_num_threads(1)

@@ -40,8 +40,7 @@ from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import CheckpointPolicy, load_checkpoint
 from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
-from vaelab.train.progress import TrainingObserver
-from vaelab.train.trainer import Trainer
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)  # [1797, 64] in [0, 1]

@@ -67,12 +67,11 @@ def test_the_trainers_names_still_import_from_vaelab_training():
     from vaelab.train import batches, checkpoint, config, progress
 
     for module, names in (
-        (training, ["Trainer"]),
+        (training, ["Trainer", "TrainingObserver"]),
         (config, ["TrainConfig", "LR_SCHEDULES", "learning_rate"]),
         (batches, ["Batch", "BatchSource", "IndexedBatches", "LoaderBatches"]),
         (checkpoint, ["CheckpointPolicy"]),
         (progress, ["EpochMetrics", "NonFiniteLossError", "TrainingInterrupted"]),
-        (progress, ["TrainingObserver"]),
     ):
         for name in names:
             assert getattr(training, name) is getattr(module, name), name

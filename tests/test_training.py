@@ -30,9 +30,8 @@ from vaelab.train.progress import (
     EpochMetrics,
     NonFiniteLossError,
     TrainingInterrupted,
-    TrainingObserver,
 )
-from vaelab.train.trainer import Trainer
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 CPU = torch.device("cpu")
 SHAPE = (12,)

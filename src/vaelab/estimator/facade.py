@@ -38,8 +38,8 @@ from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
 from vaelab.train.batches import BatchSource, IndexedBatches, LoaderBatches
 from vaelab.train.config import TrainConfig
 from vaelab.train.fastpath import compile_evaluation
-from vaelab.train.progress import EpochMetrics, TrainingObserver
-from vaelab.train.trainer import Trainer
+from vaelab.train.progress import EpochMetrics
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 EVAL_BATCH = 1024
 PROPOSALS = ("amortised", "refined")

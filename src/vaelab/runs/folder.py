@@ -54,8 +54,8 @@ from vaelab.train.checkpoint import (
     load_checkpoint,
 )
 from vaelab.train.distributed import SINGLE, World
-from vaelab.train.progress import EpochMetrics, TrainingObserver
-from vaelab.train.trainer import Trainer
+from vaelab.train.progress import EpochMetrics
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

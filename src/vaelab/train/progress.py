@@ -1,14 +1,11 @@
-"""What training reports and how it ends early: the means of each epoch (``EpochMetrics``), the hooks
-of whoever watches (``TrainingObserver``: progress bars, run logs, ``VAE(verbose=True)``), and
-the two ways it stops before its last epoch (``NonFiniteLossError``, ``TrainingInterrupted``)."""
+"""What training reports and how it ends early: the means of each epoch (``EpochMetrics``), which
+the trainer's observers hear of (``vaelab.train.trainer.TrainingObserver``), and the two ways it
+stops before its last epoch (``NonFiniteLossError``, ``TrainingInterrupted``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from vaelab.train.trainer import Trainer
+from typing import Any
 
 
 class NonFiniteLossError(RuntimeError):
@@ -45,16 +42,3 @@ class EpochMetrics:
         """The fields as a JSON-ready dict. ``dataclasses.asdict`` deep-copies every value, which
         over a whole history at every epoch end cost more than the digits' epochs themselves."""
         return {**vars(self), "extra": dict(self.extra)}
-
-
-class TrainingObserver:
-    """Hooks for progress bars and logs; every method is optional."""
-
-    def epoch_start(self, trainer: Trainer, epoch: int, start: int, steps: int) -> None:
-        """Epoch ``epoch`` (0-based) begins at batch ``start`` of ``steps``."""
-
-    def step(self, trainer: Trainer, batch_size: int) -> None:
-        """One optimiser step on ``batch_size`` examples is done."""
-
-    def epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
-        """An epoch (and its validation) is done; ``trainer.history`` includes ``metrics``."""

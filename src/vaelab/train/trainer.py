@@ -60,12 +60,7 @@ from vaelab.train.config import LR_SCHEDULES, TrainConfig, learning_rate
 from vaelab.train.distributed import SINGLE, World
 from vaelab.train.fastpath import Compiled
 from vaelab.train.loss import CHECKPOINT, FLAGS, STOP, StepObjective, data_parallel, noise_shape
-from vaelab.train.progress import (
-    EpochMetrics,
-    NonFiniteLossError,
-    TrainingInterrupted,
-    TrainingObserver,
-)
+from vaelab.train.progress import EpochMetrics, NonFiniteLossError, TrainingInterrupted
 from vaelab.train.streams import TrainingStreams
 from vaelab.train.validation import VALID_SEED, mean_elbo
 
@@ -88,6 +83,20 @@ __all__ = [
     "learning_rate",
     "mean_elbo",
 ]
+
+
+class TrainingObserver:
+    """What watches a ``Trainer`` (progress bars, run logs, the lines of ``VAE(verbose=True)``):
+    its hooks, each optional, hear of every epoch's start and end and of every step."""
+
+    def epoch_start(self, trainer: Trainer, epoch: int, start: int, steps: int) -> None:
+        """Epoch ``epoch`` (0-based) begins at batch ``start`` of ``steps``."""
+
+    def step(self, trainer: Trainer, batch_size: int) -> None:
+        """One optimiser step on ``batch_size`` examples is done."""
+
+    def epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+        """An epoch (and its validation) is done; ``trainer.history`` includes ``metrics``."""
 
 
 class Trainer:
