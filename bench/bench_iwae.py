@@ -67,7 +67,9 @@ from bench_trainer import vaelab_model
 from vaelab.data.sources import load_data
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import log_importance_weights
-from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
+from vaelab.train.batches import IndexedBatches
+from vaelab.train.config import TrainConfig
+from vaelab.train.trainer import Trainer
 
 PEER_SCRIPT = peers.BENCH_DIR / "pythae_iwae_peer.py"
 DEVICE = torch.device("cpu")

@@ -95,17 +95,12 @@ from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, kl_term
 from vaelab.runs.folder import RunLog
 from vaelab.runs.options import RunConfig
-from vaelab.train.checkpoint import CHECKPOINT_FILE
+from vaelab.train.batches import Batch, IndexedBatches
+from vaelab.train.checkpoint import CHECKPOINT_FILE, CheckpointPolicy
+from vaelab.train.config import TrainConfig, learning_rate
 from vaelab.train.start import INIT_EXAMPLES
 from vaelab.train.streams import TrainingStreams
-from vaelab.train.trainer import (
-    Batch,
-    CheckpointPolicy,
-    IndexedBatches,
-    TrainConfig,
-    Trainer,
-    learning_rate,
-)
+from vaelab.train.trainer import Trainer
 
 VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
 DEVICE = torch.device("cpu")

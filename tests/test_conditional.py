@@ -34,15 +34,11 @@ from vaelab.evaluation.loglik import log_likelihood
 from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import LIKELIHOODS, ModelConfig, build_model
 from vaelab.objectives.bounds import kl_term
-from vaelab.train.checkpoint import load_checkpoint
+from vaelab.train.batches import IndexedBatches
+from vaelab.train.checkpoint import CheckpointPolicy, load_checkpoint
+from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
-from vaelab.train.trainer import (
-    CheckpointPolicy,
-    IndexedBatches,
-    TrainConfig,
-    Trainer,
-    TrainingObserver,
-)
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)  # [1797, 64] in [0, 1]

@@ -1,4 +1,4 @@
-"""Tests of vaelab.data.sources: real data sets, file formats, splits, scaling, binarisation, errors."""
+"""Tests of vaelab.data: real data sets, file formats, splits, scaling, binarisation, errors."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from scipy.io import loadmat
 
 from conftest import SHARED_DATA as DATA_DIR
 from vaelab.cli import app as cli
+from vaelab.data import scaling
 from vaelab.data import sources as data
 from vaelab.data.npyrows import NpyRows
 from vaelab.data.sources import DataError, DataSplits, binarize_batch, describe, load_data
+from vaelab.data.splits import permuted_split
 
 
 def needs(folder: str) -> None:
@@ -96,9 +98,9 @@ def test_permuted_split_is_a_sorted_partition(n: int, valid: float, test: float,
 
     if n - share(valid) - share(test) < 1:
         with pytest.raises(DataError, match="too few to split"):
-            data._permuted_split(n, valid, test, seed)
+            permuted_split(n, valid, test, seed)
         return
-    train_rows, valid_rows, test_rows = data._permuted_split(n, valid, test, seed)
+    train_rows, valid_rows, test_rows = permuted_split(n, valid, test, seed)
     np.testing.assert_array_equal(
         np.sort(np.concatenate([train_rows, valid_rows, test_rows])), np.arange(n)
     )
@@ -251,7 +253,7 @@ def test_npy_images_get_a_channel_and_uint8_is_divided_by_255(tmp_path: Path) ->
 def test_npy_nan_and_inf_are_found_chunk_by_chunk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(data, "_CHUNK_BYTES", 64)  # 4 rows of 4 float32 per chunk
+    monkeypatch.setattr(scaling, "_CHUNK_BYTES", 64)  # 4 rows of 4 float32 per chunk
     x = np.zeros((30, 4), np.float32)
     x[12, 1] = x[12, 2] = x[20, 0] = np.nan
     np.save(tmp_path / "nan.npy", x)

@@ -19,10 +19,12 @@ from safetensors.numpy import load_file
 from conftest import subprocess_env, vaelab_cli, vaelab_command
 from vaelab.data.npyrows import NpyRows
 from vaelab.data.sources import DataError, load_data
+from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
 from vaelab.train.streams import TrainingStreams, stream_key
-from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
+from vaelab.train.trainer import Trainer
 
 # 1,437 training digits in batches of 8: 180 steps an epoch, the last batch of 5 split 2 + 3.
 RUN = [
@@ -166,16 +168,16 @@ INJECTED = """
 import os, time
 from pathlib import Path
 if os.environ.get("RANK") == "1":
-    from vaelab.data import sources as data
-    from vaelab.train import trainer as training
-    batches = training.IndexedBatches.batches
+    from vaelab.data import DataError
+    from vaelab.train.batches import IndexedBatches
+    batches = IndexedBatches.batches
     def failing(self, epoch, start=0, share=None):
         for batch in batches(self, epoch, start, share):
             if share is not None and (epoch, batch.number) == (0, 30):
                 Path(os.environ["FAILED_AT"]).write_text(repr(time.time()))
-                raise data.DataError("row 1234 of this worker's file cannot be read")
+                raise DataError("row 1234 of this worker's file cannot be read")
             yield batch
-    training.IndexedBatches.batches = failing
+    IndexedBatches.batches = failing
 """
 
 

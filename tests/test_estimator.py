@@ -98,6 +98,24 @@ def test_same_seed_same_model_and_global_random_state_untouched():
     assert not np.array_equal(a.transform(X), c.transform(X))
 
 
+def test_verbose_prints_one_line_per_epoch_with_the_history_numbers(capsys):
+    """``verbose=True`` prints each epoch's line as it ends, with the numbers of ``history_``;
+    under the IWAE bound the line leads with it. ``verbose=False`` prints nothing."""
+    quiet = vaelab.VAE(**SMALL).fit(X)
+    assert capsys.readouterr().out == ""
+    loud = vaelab.VAE(**SMALL, verbose=True).fit(X)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        f"epoch {m.epoch}/2: ELBO {m.elbo:.3f} (reconstruction {m.reconstruction:.3f}, "
+        f"KL {m.kl:.3f}) nats/example"
+        for m in loud.history_
+    ]
+    assert [m.elbo for m in loud.history_] == [m.elbo for m in quiet.history_]
+    iwae = vaelab.VAE(**{**SMALL, "epochs": 1}, objective="iwae", k=3, verbose=True).fit(X)
+    (line,) = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"epoch 1/1: IWAE-3 {iwae.history_[0].iwae:.3f}, ELBO ")
+
+
 def test_seed_none_means_fresh_randomness_and_leaves_the_caller_alone():
     """``seed=None``: two fits differ, two samples differ (once, both repeated: None forked the
     global generator and restored it, so every run started from the same state)."""

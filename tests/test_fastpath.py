@@ -24,8 +24,10 @@ from vaelab.evaluation.loglik import log_likelihood
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel
 from vaelab.runs import options as runconfig
+from vaelab.train.batches import IndexedBatches
+from vaelab.train.config import TrainConfig
 from vaelab.train.fastpath import Compiled, CompileWarning, compile_evaluation
-from vaelab.train.trainer import IndexedBatches, TrainConfig, Trainer
+from vaelab.train.trainer import Trainer
 
 
 def _missing_compiler() -> str | None:

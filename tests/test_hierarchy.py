@@ -438,13 +438,10 @@ def test_save_load_and_the_gap(digits, tmp_path):
 
 
 def test_a_two_layer_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
-    from vaelab.train.checkpoint import load_checkpoint
-    from vaelab.train.trainer import (
-        CheckpointPolicy,
-        IndexedBatches,
-        TrainConfig,
-        Trainer,
-    )
+    from vaelab.train.batches import IndexedBatches
+    from vaelab.train.checkpoint import CheckpointPolicy, load_checkpoint
+    from vaelab.train.config import TrainConfig
+    from vaelab.train.trainer import Trainer
 
     x = torch.from_numpy((load_digits().data[:96] / 16.0).astype(np.float32))
     config = TrainConfig(epochs=3, batch_size=16, lr=3e-3, objective="iwae", k=3, gradient="dreg")

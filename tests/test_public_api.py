@@ -58,3 +58,21 @@ def test_every_module_of_the_flat_layout_is_its_new_room():
 
     assert log_likelihood is vaelab.evaluation.loglik.log_likelihood
     assert Trainer is vaelab.train.trainer.Trainer
+
+
+def test_the_trainers_names_still_import_from_vaelab_training():
+    """The trainer's room is split by idea (config, batches, loss, progress, ...); what users
+    imported from the flat ``vaelab.training`` still imports from it, as the same objects."""
+    from vaelab import training
+    from vaelab.train import batches, checkpoint, config, progress
+
+    for module, names in (
+        (training, ["Trainer", "TrainingObserver"]),
+        (config, ["TrainConfig", "LR_SCHEDULES", "learning_rate"]),
+        (batches, ["Batch", "BatchSource", "IndexedBatches", "LoaderBatches"]),
+        (checkpoint, ["CheckpointPolicy"]),
+        (progress, ["EpochMetrics", "NonFiniteLossError", "TrainingInterrupted"]),
+    ):
+        for name in names:
+            assert getattr(training, name) is getattr(module, name), name
+            assert name in training.__all__, name

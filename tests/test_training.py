@@ -16,24 +16,22 @@ from conftest import CrashAfter
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.objectives.bounds import kl_per_dimension
 from vaelab.train import trainer as training
+from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import (
     CheckpointError,
+    CheckpointPolicy,
     capture_rng,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
 )
-from vaelab.train.trainer import (
-    CheckpointPolicy,
+from vaelab.train.config import TrainConfig, learning_rate
+from vaelab.train.progress import (
     EpochMetrics,
-    IndexedBatches,
     NonFiniteLossError,
-    TrainConfig,
-    Trainer,
     TrainingInterrupted,
-    TrainingObserver,
-    learning_rate,
 )
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 CPU = torch.device("cpu")
 SHAPE = (12,)

@@ -54,7 +54,7 @@ from vaelab.runs.outputs import encode, reconstruct, sample
 from vaelab.train import distributed
 from vaelab.train.checkpoint import CheckpointError
 from vaelab.train.distributed import World, attempt
-from vaelab.train.trainer import NonFiniteLossError, TrainingInterrupted
+from vaelab.train.progress import NonFiniteLossError, TrainingInterrupted
 
 PROG = "vaelab"
 # Where each group of RunConfig's options begins, for --help.

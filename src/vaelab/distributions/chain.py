@@ -120,12 +120,6 @@ class LatentChain(Distribution):
             "form; average samples instead (vaelab.objectives.noise.posterior_mean does)"
         )
 
-    @property
-    def layer_slices(self) -> list[slice]:
-        """Where each layer lies in a code, z₁ first."""
-        ends = list(itertools.accumulate(self.sizes))
-        return [slice(end - size, end) for size, end in zip(self.sizes, ends, strict=True)]
-
 
 class GaussianChain(LatentChain):
     """A :class:`LatentChain` whose every layer is a Gaussian (a location-scale distribution), so

@@ -41,15 +41,12 @@ from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel, given_rows
 from vaelab.objectives.bounds import ElboTerms
 from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
+from vaelab.train.batches import BatchSource, IndexedBatches, LoaderBatches
+from vaelab.train.config import TrainConfig
 from vaelab.train.fastpath import compile_evaluation
+from vaelab.train.progress import EpochMetrics
 from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
-from vaelab.train.trainer import (
-    BatchSource,
-    EpochMetrics,
-    IndexedBatches,
-    LoaderBatches,
-    TrainConfig,
-)
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 EVAL_BATCH = 1024
 PROPOSALS = ("amortised", "refined")
@@ -76,6 +73,20 @@ def resolve_device(device: str) -> torch.device:
             f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
         )
     return resolved
+
+
+class _PrintEpochs(TrainingObserver):
+    """``VAE(verbose=True)``: one line per epoch as it ends, its bound and terms in nats per
+    example."""
+
+    def epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
+        config = trainer.config
+        bound = "" if metrics.iwae is None else f"IWAE-{config.k} {metrics.iwae:.3f}, "
+        print(
+            f"epoch {metrics.epoch}/{config.epochs}: {bound}ELBO {metrics.elbo:.3f} "
+            f"(reconstruction {metrics.reconstruction:.3f}, KL {metrics.kl:.3f}) nats/example",
+            flush=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -394,7 +405,7 @@ class VAE(TransformerMixin, BaseEstimator):
             device,
             build,
             train_config,
-            on_epoch=self._report,
+            observer=_PrintEpochs() if self.verbose else None,
             compile=self.compile,
         ) as start:
             history = start.trainer.fit(start.batches)
@@ -428,15 +439,6 @@ class VAE(TransformerMixin, BaseEstimator):
 
     def _loader(self, dataset: Dataset, generator: torch.Generator) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator)
-
-    def _report(self, metrics: EpochMetrics) -> None:
-        if self.verbose:
-            bound = "" if metrics.iwae is None else f"IWAE-{self.k} {metrics.iwae:.3f}, "
-            print(
-                f"epoch {metrics.epoch}/{self.epochs}: {bound}ELBO {metrics.elbo:.3f} "
-                f"(reconstruction {metrics.reconstruction:.3f}, KL {metrics.kl:.3f}) nats/example",
-                flush=True,
-            )
 
     # ------------------------------------------------------------------------------- inference
     def _chunks(

@@ -146,19 +146,6 @@ def summarise_log_weights(
     return log_mean, ess, torch.sqrt(relative_variance * samples / (samples - 1))
 
 
-def estimate_from_log_weights(
-    log_w: torch.Tensor, method: str, data_dim: int
-) -> LogLikelihoodEstimate:
-    """A :class:`LogLikelihoodEstimate` from all log weights at once, ``[samples, batch]``."""
-    log_w = log_w.double()
-    log_px, ess, se = summarise_log_weights(
-        torch.logsumexp(log_w, 0), torch.logsumexp(2.0 * log_w, 0), log_w.shape[0]
-    )
-    return LogLikelihoodEstimate(
-        log_px.cpu(), se.cpu(), ess.cpu(), log_w.shape[0], method, data_dim
-    )
-
-
 def model_device_dtype(model: VAEModel) -> tuple[torch.device, torch.dtype]:
     """Where the model's floating-point parameters (or buffers) live, and their dtype."""
     for tensor in [*model.parameters(), *model.buffers()]:

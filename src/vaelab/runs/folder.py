@@ -36,26 +36,27 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
-from vaelab.model.conditioning import one_hot
-from vaelab.data.sources import DataSplits, Split, load_data
-from vaelab.train.distributed import SINGLE, World, attempt
-from vaelab.estimator.facade import VAE, resolve_device
-from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
-from vaelab.objectives.noise import seeded
 from vaelab.data.npyrows import NpyRows
+from vaelab.data.sources import DataSplits, Split, load_data
+from vaelab.estimator.facade import VAE, resolve_device
+from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
+from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
+from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import ModelConfig
 from vaelab.model.vae_model import VAEModel
-from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
-from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
-from vaelab.train.trainer import (
+from vaelab.train.batches import IndexedBatches
+from vaelab.train.checkpoint import (
+    CHECKPOINT_FILE,
     CheckpointPolicy,
-    EpochMetrics,
-    IndexedBatches,
-    Trainer,
-    TrainingObserver,
+    Tensors,
+    checkpoint_from_bytes,
+    load_checkpoint,
 )
+from vaelab.train.distributed import SINGLE, World, attempt
+from vaelab.train.progress import EpochMetrics
+from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
+from vaelab.train.trainer import Trainer, TrainingObserver
 
 RUN_CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -382,9 +383,7 @@ def _train_locked(
             run_log.close()
 
     estimator = config.estimator()
-    estimator._set_fitted(
-        trainer.model, setup.model_config, setup.device, history, setup.classes
-    )
+    estimator._set_fitted(trainer.model, setup.model_config, setup.device, history, setup.classes)
     best_epoch = None
     if trainer.best_valid is not None:
         best_epoch = next(m.epoch for m in history if m.valid_elbo == trainer.best_valid)

@@ -75,9 +75,7 @@ def gap(
     and rank 0 returns the result (the others None)."""
     check_at_least(k=(k, 1), steps=(steps, 1))
     if len(examples) < 2:
-        raise ParameterError(
-            "examples", f"must be at least 2: {examples.description} holds fewer"
-        )
+        raise ParameterError("examples", f"must be at least 2: {examples.description} holds fewer")
     estimator = opened.estimator
     model = estimator.model_
     with torch.no_grad():

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
-from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.components.flows import DEFAULT_FLOW_STEPS
 from vaelab.components.networks import ACTIVATIONS, NETWORKS
-from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
+from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
+from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig
-from vaelab.train.trainer import LR_SCHEDULES, TrainConfig
+from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
+from vaelab.train.config import LR_SCHEDULES, TrainConfig
 
 
 class RunError(ValueError):

@@ -17,12 +17,11 @@ from vaelab.runs.model_data import (
     OpenedModel,
     labels_of,
     load_examples,
-    model_data,
-    open_model,
     output_path,
     save_npy,
 )
 from vaelab.runs.options import ParameterError, RunError
+
 
 def _pictures(x: np.ndarray, document: dict[str, Any], what: str) -> np.ndarray:
     """Examples as ``[n, C, H, W]`` in [0, 1] for a PNG: values outside [0, 1] (data not scaled to
@@ -97,9 +96,7 @@ def class_of(estimator: Any, document: dict[str, Any], label: str | None) -> Any
     raise RunError(f"--label {label} is not one of this model's classes ({shown})")
 
 
-def reconstruct(
-    opened: OpenedModel, examples: ModelData, out: str | os.PathLike[str]
-) -> Path:
+def reconstruct(opened: OpenedModel, examples: ModelData, out: str | os.PathLike[str]) -> Path:
     """``examples`` and their reconstructions: a PNG with originals and reconstructions in
     alternating rows, or an .npy array ``[2, n, *shape]``."""
     target = output_path(out, (".png", ".npy"))
@@ -139,5 +136,3 @@ def encode(opened: OpenedModel, examples: ModelData, out: str | os.PathLike[str]
     z = np.concatenate(parts) if parts else np.zeros((0, estimator.model_.latent_dim), np.float32)
     save_npy(target, z.astype(np.float32))
     return target
-
-

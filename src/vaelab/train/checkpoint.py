@@ -14,6 +14,7 @@ state at once: a process killed at any moment leaves either the previous checkpo
   so a truncated, bit-flipped or hand-edited file is refused instead of resuming a damaged run.
 
 ``torch.load`` is never used: safetensors holds raw numbers and a JSON header, nothing executable.
+Where and how often the trainer writes one is its ``CheckpointPolicy``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import os
 import random
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +171,15 @@ def restore_rng(tensors: Tensors, state: dict[str, Any], device: torch.device) -
     )
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+
+
+@dataclass
+class CheckpointPolicy:
+    """Where and how often to checkpoint: at the end of every epoch, and mid-epoch every
+    ``every_steps`` optimiser steps and/or ``every_seconds`` seconds (0 or None: not by that rule).
+    ``extra`` is JSON stored with each checkpoint (a run keeps its configuration there)."""
+
+    path: Path
+    every_steps: int | None = None
+    every_seconds: float | None = 60.0
+    extra: dict[str, Any] = field(default_factory=dict)

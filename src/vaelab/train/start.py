@@ -22,7 +22,8 @@ from vaelab.components.likelihoods import DataMoments
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.noise import seeded
-from vaelab.train.trainer import TrainConfig, Trainer
+from vaelab.train.config import TrainConfig
+from vaelab.train.trainer import Trainer
 
 INIT_EXAMPLES = 10_000  # how many examples set the model's starting point (VAEModel.initialise)
 
