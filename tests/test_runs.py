@@ -265,3 +265,20 @@ def test_vaelab_train_checkpoints_mid_epoch_every_minute_by_default(tmp_path, mo
     args = ("train", "digits", "--out", tmp_path / "b", *one_long_epoch, "--checkpoint-seconds", 0)
     assert vaelab_cli(capsys, *args)[0] == 0
     assert [batch for _, batch in written] == [0]  # only the epoch's end
+
+
+def test_run_settings_take_numpy_integers_as_integers_and_refuse_floats():
+    """A library caller's ``vaelab.runs.folder.train(settings)`` may hold numpy integers (from a
+    grid of ``np.arange``): they are the same integers; floats are still refused."""
+    from vaelab.runs.options import RunError, resolve
+
+    config = resolve(
+        {"latent_dim": np.int64(3), "hidden": np.array([16, 8]), "epochs": np.int32(2)}
+    )
+    assert (config.latent_dim, config.hidden, config.epochs) == (3, (16, 8), 2)
+    assert type(config.latent_dim) is int and type(config.epochs) is int
+    assert resolve({"latent_dim": np.arange(4, 2, -1)}).latent_dim == (4, 3)
+    with pytest.raises(RunError, match="latent_dim must be a positive integer"):
+        resolve({"latent_dim": np.float64(3)})
+    with pytest.raises(RunError, match="epochs must be an integer"):
+        resolve({"epochs": np.float32(2)})
