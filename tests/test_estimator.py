@@ -370,6 +370,7 @@ def test_numpy_integers_are_integers_in_a_grid_search_and_in_the_saved_file(tmp_
         ({"latent_dim": True}, "latent_dim must be a positive integer"),
         ({"hidden": (8.0,)}, "hidden must be a tuple of positive integers"),
         ({"hidden": np.array([True])}, "hidden must be a tuple of positive integers"),
+        ({"hidden": (True,)}, "hidden must be a tuple of positive integers"),
         ({"posterior": "planar", "flow_steps": 2.0}, "flow_steps must be a positive integer"),
         ({"posterior": "planar", "flow_steps": np.bool_(True)}, "flow_steps must be a positive"),
     ],
