@@ -719,3 +719,34 @@ def test_the_report_heads_each_row_of_samples_with_its_class_folders_name(number
         np.testing.assert_allclose(content.samples[j], np.clip(row, 0, 1), atol=1e-6)
     # The latent scatter's legend names the folders too.
     assert set(np.asarray(content.latent_scatter.labels).tolist()) <= set(names)
+
+
+def test_an_npz_with_string_labels_trains_a_conditional_model_of_its_named_classes(
+    capsys, tmp_path
+):
+    """``np.savez(path, x=X, y=names)``: the names are the classes (kept in the data's record, in
+    sorted order, as an image folder's are), ``--label`` takes a name; labels that are neither
+    integers nor strings are refused with the reason, not as if there were none."""
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])  # fmt: skip
+    path = tmp_path / "named.npz"
+    np.savez(path, x=X[:300], y=names[Y[:300]])
+    out = tmp_path / "run"
+    options = ["--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet"]
+    code, _, err = vaelab_cli(capsys, "train", path, "--conditional", "--out", out, *options)
+    assert code == 0, err
+    document = json.loads((out / "vaelab.json").read_text())
+    assert document["data"]["classes"] == sorted(names.tolist())
+    assert document["classes"] == list(range(10))
+    code, printed, err = vaelab_cli(
+        capsys, "sample", out, "--label", "three", "-n", "4", "--out", tmp_path / "s.npy"
+    )
+    assert code == 0 and "4 samples of class three" in printed, err
+    expected = vaelab.load(out).sample(4, y=sorted(names.tolist()).index("three"), seed=0)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), expected.astype(np.float32))
+
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=X[:300], y=Y[:300].astype(np.float64))
+    code, _, err = vaelab_cli(capsys, "train", floats, "--conditional", "--out", tmp_path / "f")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "array 'y' was not used as labels: it is float64 (300,)" in err, err

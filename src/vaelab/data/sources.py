@@ -21,7 +21,9 @@ Paths (a name wins over a file of the same name in the working directory):
   file-name order as one data set (zero-pad numbers: ``part-002.npy`` before ``part-010.npy``),
   read like one file and split by a seeded permutation like any path.
 - ``x.npz`` or ``x.npz:key``: one array; ``:key`` picks it when the file holds several. An integer
-  ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels. Never unpickles.
+  or string ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels (strings
+  become the index of the name in sorted order, the names kept as an image folder's are). Never
+  unpickles.
 - ``x.csv``: numbers separated by commas; a first row that is not all numbers is a header.
 - a folder of PNG / JPEG / ... images of one size, sorted by file name; grey images keep one
   channel, colour ones become RGB. One subfolder per class gives labels (the index of the
@@ -126,6 +128,8 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _NPZ_DATA_KEYS = ("x", "X", "images", "data")
 _NPZ_LABEL_KEYS = ("labels", "y", "targets")
+# The note on an array that looks like labels but is not (``class_labels`` repeats it).
+LABELS_NOT_USED = "was not used as labels"
 # IDX type codes (LeCun's format description); every multi-byte value is big-endian.
 _IDX_TYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -711,7 +715,7 @@ def _load_binarized_mnist(data_dir: str | os.PathLike[str] | None) -> _Loaded:
             raise DataError(
                 f"'{path}' does not exist; restore the binarized MNIST files in {folder}"
             )
-        x, _, _ = _read_npz(path, "images")
+        x, *_ = _read_npz(path, "images")
         if x.ndim != 2 or x.shape[1] != 784:
             raise DataError(f"'{path}' holds shape {x.shape}, not [n, 784]; restore the file")
         parts.append(_Part(x.reshape(-1, 1, 28, 28), None, f"'{path}'"))
@@ -793,8 +797,9 @@ def _load_path(source: str | os.PathLike[str]) -> _Loaded:
     if name.endswith(".npy"):
         return _load_npy(path)
     if name.endswith(".npz"):
-        x, labels, notes = _read_npz(path, key)
-        return _Loaded(path.stem, "npz", _Part(x, labels, f"'{path}'"), notes=notes)
+        x, labels, classes, notes = _read_npz(path, key)
+        part = _Part(x, labels, f"'{path}'")
+        return _Loaded(path.stem, "npz", part, classes=classes, notes=notes)
     if name.endswith(".csv"):
         return _load_csv(path)
     if idx:
@@ -832,9 +837,13 @@ def _load_npy_shards(folder: Path) -> _Loaded:
     return _Loaded(folder.resolve().name, "npy-shards", _Part(x, None, origin))  # type: ignore[arg-type]
 
 
-def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
-    """The data array of a .npz file, its labels if it has an integer ``labels``/``y`` array."""
+def _read_npz(
+    path: Path, key: str | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None, tuple[str, ...]]:
+    """The data array of a .npz file; its labels if it has an integer or string
+    ``labels``/``y`` array (strings as indices into their sorted names, which come third); notes."""
     notes: tuple[str, ...] = ()
+    classes = None
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
@@ -844,12 +853,19 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | Non
             label_key = next((k for k in _NPZ_LABEL_KEYS if k in keys and k != key), None)
             if label_key is not None:
                 candidate = archive[label_key]
-                if candidate.dtype.kind in "iu" and candidate.shape == (x.shape[0],):
+                one_each = candidate.shape == (x.shape[0],)
+                if one_each and candidate.dtype.kind in "iu":
                     labels = candidate
+                elif one_each and candidate.dtype.kind in "US":
+                    names, labels = np.unique(candidate, return_inverse=True)
+                    classes = tuple(
+                        n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
+                        for n in names.tolist()
+                    )
                 else:
                     notes = (
-                        f"array {label_key!r} was not used as labels: it is {candidate.dtype} "
-                        f"{candidate.shape}, not integers with one per example",
+                        f"array {label_key!r} {LABELS_NOT_USED}: it is {candidate.dtype} "
+                        f"{candidate.shape}, not integers or strings with one per example",
                     )
     except DataError:
         raise
@@ -858,7 +874,7 @@ def _read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | Non
             f"cannot read '{path}' as a .npz archive of numeric arrays "
             f"({str(error).rstrip('.')}); save numeric arrays with numpy.savez"
         ) from error
-    return x, labels, notes
+    return x, labels, classes, notes
 
 
 def _npz_key(path: Path, keys: list[str], key: str | None) -> str:

@@ -38,7 +38,7 @@ import torch
 
 from vaelab.train.checkpoint import CHECKPOINT_FILE, Tensors, checkpoint_from_bytes, load_checkpoint
 from vaelab.model.conditioning import one_hot
-from vaelab.data.sources import DataSplits, Split, load_data
+from vaelab.data.sources import LABELS_NOT_USED, DataSplits, Split, load_data
 from vaelab.train.distributed import SINGLE, World
 from vaelab.estimator.facade import INIT_EXAMPLES, VAE, resolve_device
 from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
@@ -87,10 +87,13 @@ def class_labels(splits: DataSplits) -> np.ndarray:
     of the test split has its column too. Data without labels is refused in a sentence."""
     labelled = [s.labels for s in (splits.train, splits.valid, splits.test) if len(s)]
     if any(labels is None for labels in labelled):
+        # An array that looked like labels but could not be used says why in a note.
+        why = [n for n in splits.record.get("notes", []) if LABELS_NOT_USED in n]
         raise RunError(
-            f"--conditional trains on the examples' class labels, and {splits.name} has none; "
-            "give data with labels (digits, MNIST or an IDX folder with its labels files, an "
-            "image folder with a subfolder per class, an .npz file with a labels or y array)"
+            f"--conditional trains on the examples' class labels, and {splits.name} has none"
+            f"{f' ({why[0]})' if why else ''}; give data with labels (digits, MNIST or an IDX "
+            "folder with its labels files, an image folder with a subfolder per class, an .npz "
+            "file with an integer or string labels or y array)"
         )
     return np.unique(np.concatenate([np.asarray(labels) for labels in labelled]))
 
