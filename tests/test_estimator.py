@@ -378,3 +378,19 @@ def test_numpy_integers_are_integers_in_a_grid_search_and_in_the_saved_file(tmp_
 def test_floats_and_booleans_are_not_layer_sizes(options, message):
     with pytest.raises(ValueError, match=message):
         vaelab.VAE(**{**SMALL, **options}).fit(X)
+
+
+def test_a_count_in_the_place_of_y_is_refused_naming_the_keyword_it_meant(fitted):
+    """``elbo(X, 100)`` passes 100 as y (the second positional argument), which a VAE without
+    conditioning refuses: the message says so and names ``samples=100``."""
+    cases = [
+        (lambda: fitted.elbo(X[:3], 100), "the number of samples by name, samples=100"),
+        (lambda: fitted.elbo_terms(X[:3], np.int64(8)), "the number of samples by name, samples=8"),
+        (lambda: fitted.log_likelihood(X[:3], 50), "importance samples by name, k=50"),
+        (lambda: fitted.refine(X[:3], 10), "the number of steps by name, steps=10"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError) as refused:
+            call()
+        message = str(refused.value)
+        assert "the second positional argument is y" in message and words in message, message
