@@ -190,6 +190,24 @@ class RunLock:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
+    def holder(self) -> str | None:
+        """Who holds the lock now ("process 1234"), or None when nobody does; takes nothing.
+
+        flock has no query, so this takes a shared lock for an instant: a run starting in that
+        instant is refused as in use, as it would be a moment later by any reader of the folder.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file: no run ever held the folder
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        finally:
+            os.close(fd)  # which drops a shared lock taken
+        return None
+
     def release(self) -> None:
         if self._fd is None:
             return
