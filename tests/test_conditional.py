@@ -643,3 +643,95 @@ def test_two_workers_train_the_conditional_model_one_process_trains(tmp_path, ca
     )
     for key in a:
         assert np.abs(a[key] - b[key]).max() <= 1e-4 * np.abs(a[key]).max(), key
+
+
+@pytest.fixture(scope="module")
+def numbered_folders(tmp_path_factory) -> Path:
+    """A conditional model of an image folder whose class folders are named ``1`` … ``10``: the
+    model's classes are the folders' positions 0..9 in sorted order ``1, 10, 2, …, 9``."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("numbered")
+    for c in range(1, 11):
+        (root / "images" / str(c)).mkdir(parents=True)
+        for i in range(3):
+            pixels = np.zeros((8, 8), np.uint8)
+            pixels[(c + i) % 8, :] = 255  # rows differ by class, so the folders are told apart
+            Image.fromarray(pixels).save(root / "images" / str(c) / f"{i}.png")
+    out = root / "run"
+    options = ["--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet"]
+    assert (
+        cli.main(["train", str(root / "images"), "--conditional", "--out", str(out), *options]) == 0
+    )
+    return out
+
+
+def test_a_label_names_a_class_folder_before_it_is_read_as_a_position(
+    numbered_folders, capsys, tmp_path
+):
+    """``--label 1`` is the folder named 1 (position 0), not the class at position 1 (folder 10);
+    a name no folder has is refused with the folders' names."""
+    loaded = vaelab.load(numbered_folders)
+    names = json.loads((numbered_folders / "vaelab.json").read_text())["data"]["classes"]
+    assert names == ["1", "10", "2", "3", "4", "5", "6", "7", "8", "9"]
+    for label in ("1", "10", "3"):
+        target = tmp_path / f"{label}.npy"
+        code, out, err = vaelab_cli(
+            capsys, "sample", numbered_folders, "--label", label, "-n", "5", "--out", target
+        )
+        assert code == 0 and f"5 samples of class {label} " in out, err
+        expected = loaded.sample(5, y=names.index(label), seed=0)
+        np.testing.assert_array_equal(np.load(target), expected.astype(np.float32))
+    code, _, err = vaelab_cli(
+        capsys, "sample", numbered_folders, "--label", "0", "--out", tmp_path / "0.npy"
+    )
+    assert code == 2 and "--label 0 is not one of this model's classes (1, 10, 2," in err
+
+
+def test_the_report_heads_each_row_of_samples_with_its_class_folders_name(numbered_folders):
+    from vaelab.report.content import ReportBudget, build_report
+
+    loaded = vaelab.load(numbered_folders)
+    budget = ReportBudget(k=0, gap_examples=0)
+    content = build_report(numbered_folders, budget=budget)
+    names = ["1", "10", "2", "3", "4", "5", "6", "7", "8", "9"]
+    assert list(content.sample_rows or []) == names
+    assert content.config["classes"] == names
+    assert content.samples is not None
+    # Row j is drawn given the class at position j, the folder names[j].
+    for j in (0, 1, 3):
+        row = loaded.sample(8, y=j, seed=0).reshape(8, 1, 8, 8)
+        np.testing.assert_allclose(content.samples[j], np.clip(row, 0, 1), atol=1e-6)
+    # The latent scatter's legend names the folders too.
+    assert set(np.asarray(content.latent_scatter.labels).tolist()) <= set(names)
+
+
+def test_an_npz_with_string_labels_trains_a_conditional_model_of_its_named_classes(
+    capsys, tmp_path
+):
+    """``np.savez(path, x=X, y=names)``: the names are the classes (kept in the data's record, in
+    sorted order, as an image folder's are), ``--label`` takes a name; labels that are neither
+    integers nor strings are refused with the reason, not as if there were none."""
+    names = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
+                      "nine"])  # fmt: skip
+    path = tmp_path / "named.npz"
+    np.savez(path, x=X[:300], y=names[Y[:300]])
+    out = tmp_path / "run"
+    options = ["--epochs", "1", "--hidden", "8", "--latent-dim", "2", "--quiet"]
+    code, _, err = vaelab_cli(capsys, "train", path, "--conditional", "--out", out, *options)
+    assert code == 0, err
+    document = json.loads((out / "vaelab.json").read_text())
+    assert document["data"]["classes"] == sorted(names.tolist())
+    assert document["classes"] == list(range(10))
+    code, printed, err = vaelab_cli(
+        capsys, "sample", out, "--label", "three", "-n", "4", "--out", tmp_path / "s.npy"
+    )
+    assert code == 0 and "4 samples of class three" in printed, err
+    expected = vaelab.load(out).sample(4, y=sorted(names.tolist()).index("three"), seed=0)
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), expected.astype(np.float32))
+
+    floats = tmp_path / "floats.npz"
+    np.savez(floats, x=X[:300], y=Y[:300].astype(np.float64))
+    code, _, err = vaelab_cli(capsys, "train", floats, "--conditional", "--out", tmp_path / "f")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "array 'y' was not used as labels: it is float64 (300,)" in err, err

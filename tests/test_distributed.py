@@ -3,12 +3,15 @@ one line when a worker fails, and the streams and shares underneath."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from safetensors.numpy import load_file
 from conftest import subprocess_env, vaelab_cli, vaelab_command
 from vaelab.data.npyrows import NpyRows
 from vaelab.data.sources import DataError, load_data
+from vaelab.runs import folder
 from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from vaelab.train.config import TrainConfig
@@ -162,6 +166,71 @@ def test_a_worker_killed_mid_epoch_resumes_to_the_bytes_of_an_uninterrupted_run(
     code, _, err = vaelab_cli(capsys, "train", "--out", one, "--resume", "-q")
     assert code == 0, err
     assert_close_runs(one, two_workers, tolerance=1e-4)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: any of its threads not a zombie. (A process whose
+    main thread has exited shows as a zombie while its other threads are still ending, and
+    holds its files, and locks, until the last of them has.)"""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return False
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            stat = Path(f"/proc/{pid}/task/{task}/stat").read_text()
+            if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def _stop_at_once(trainer: Trainer) -> Iterator[None]:
+    trainer.request_stop()
+    yield
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
+def test_workers_die_with_a_killed_launcher_and_leave_the_run_free_to_resume(
+    tmp_path, capsys, monkeypatch
+):
+    """SIGKILL of the process the user started (`vaelab train --nproc 2`) stops its workers
+    within seconds, rather than leaving them training with the run's lock; --resume then starts."""
+    out = tmp_path / "orphaned"
+    run = subprocess.Popen(
+        vaelab_command("train", "digits", "--out", out, "--nproc", 2, *RUN, "--epochs", 1000),
+        env=subprocess_env(TMPDIR=str(tmp_path)),  # where the killed launcher leaves its folder
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / CHECKPOINT_FILE).exists():
+            assert run.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        workers = _workers(run.pid)
+        assert len(workers) == 2
+        run.kill()
+        run.wait()
+        killed = time.monotonic()
+        # SIGTERM, as after Ctrl-C: they stop after the step, rank 0 saving a checkpoint.
+        while any(_alive(pid) for pid in workers) and time.monotonic() < killed + 10:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "the workers outlived their launcher"
+    finally:
+        if run.poll() is None:
+            workers = _workers(run.pid)
+            run.kill()
+            run.wait()
+        for pid in workers:  # none trains on after a failure
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    # The resumed run takes the lock and starts, then stops after a step as Ctrl-C would stop it.
+    monkeypatch.setattr(folder, "_stop_on_signals", _stop_at_once)
+    code, printed, err = vaelab_cli(capsys, "train", "--out", out, "--resume", "-q")
+    assert printed.startswith(f"resuming {out} from "), err
+    assert code == 130 and "in use" not in err, err
 
 
 INJECTED = """

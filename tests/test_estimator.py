@@ -372,3 +372,66 @@ def test_refine_gives_codes_for_a_posterior_without_a_closed_form_mean(flow):
     gain = refined.elbo - amortised.elbo.double().numpy()
     noise = np.hypot(refined.elbo_standard_error, amortised.mc_standard_error.double().numpy())
     assert (gain > -4 * noise).all() and gain.mean() > 0
+
+
+def test_numpy_integers_are_integers_in_a_grid_search_and_in_the_saved_file(tmp_path):
+    """``GridSearchCV(VAE(), {"latent_dim": np.arange(2, 4)})`` hands np.int64 sizes; layer sizes
+    may be integer arrays: all train, and save as plain JSON integers that load back."""
+    import json
+
+    from sklearn.model_selection import GridSearchCV
+
+    base = vaelab.VAE(hidden=np.array([16]), epochs=1, batch_size=100, seed=0, device="cpu")
+    search = GridSearchCV(base, {"latent_dim": np.arange(2, 4)}, cv=2).fit(X)
+    assert search.best_params_["latent_dim"] in (2, 3)
+    flows = vaelab.VAE(
+        posterior="planar", flow_steps=np.int64(2), latent_dim=np.int32(2),
+        hidden=np.array([8, 8], dtype=np.uint8), epochs=1, seed=0, device="cpu",
+    ).fit(X)  # fmt: skip
+    layers = vaelab.VAE(latent_dim=np.array([3, 2]), hidden=(8,), epochs=1, seed=0).fit(X)
+    assert layers.model_config((64,)).latent_dim == (3, 2)
+    for name, model in (("best", search.best_estimator_), ("flows", flows), ("layers", layers)):
+        model.save(tmp_path / name)
+        document = json.loads((tmp_path / name / "vaelab.json").read_text())
+        for part in ("model", "estimator"):
+            for key in ("latent_dim", "hidden", "flow_steps"):
+                value = document[part][key]
+                assert all(type(v) is int for v in (value if isinstance(value, list) else [value]))
+        loaded = vaelab.load(tmp_path / name)
+        assert np.array_equal(loaded.score_samples(X[:20]), model.score_samples(X[:20]))
+    assert document["model"]["latent_dim"] == [3, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"latent_dim": 2.0}, "latent_dim must be a positive integer"),
+        ({"latent_dim": np.float64(2)}, "latent_dim must be a positive integer"),
+        ({"latent_dim": np.array([2.0, 1.0])}, "latent_dim must be a positive integer"),
+        ({"latent_dim": True}, "latent_dim must be a positive integer"),
+        ({"hidden": (8.0,)}, "hidden must be a tuple of positive integers"),
+        ({"hidden": np.array([True])}, "hidden must be a tuple of positive integers"),
+        ({"hidden": (True,)}, "hidden must be a tuple of positive integers"),
+        ({"posterior": "planar", "flow_steps": 2.0}, "flow_steps must be a positive integer"),
+        ({"posterior": "planar", "flow_steps": np.bool_(True)}, "flow_steps must be a positive"),
+    ],
+)
+def test_floats_and_booleans_are_not_layer_sizes(options, message):
+    with pytest.raises(ValueError, match=message):
+        vaelab.VAE(**{**SMALL, **options}).fit(X)
+
+
+def test_a_count_in_the_place_of_y_is_refused_naming_the_keyword_it_meant(fitted):
+    """``elbo(X, 100)`` passes 100 as y (the second positional argument), which a VAE without
+    conditioning refuses: the message says so and names ``samples=100``."""
+    cases = [
+        (lambda: fitted.elbo(X[:3], 100), "the number of samples by name, samples=100"),
+        (lambda: fitted.elbo_terms(X[:3], np.int64(8)), "the number of samples by name, samples=8"),
+        (lambda: fitted.log_likelihood(X[:3], 50), "importance samples by name, k=50"),
+        (lambda: fitted.refine(X[:3], 10), "the number of steps by name, steps=10"),
+    ]
+    for call, words in cases:
+        with pytest.raises(ValueError) as refused:
+            call()
+        message = str(refused.value)
+        assert "the second positional argument is y" in message and words in message, message

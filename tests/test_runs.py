@@ -107,6 +107,31 @@ def test_a_folder_in_use_is_refused_before_anything_is_read_or_changed(tmp_path,
         holder.release()
 
 
+def test_a_model_command_on_a_run_still_training_says_it_is_in_progress(tmp_path, capsys):
+    """`vaelab evaluate` on a run without its model: while a process holds the run, it is in
+    progress (wait, or stop it), not a run to --resume (which would be refused as in use); once
+    nobody holds it, --resume; without a checkpoint, train again."""
+    out = tmp_path / "run"
+    assert vaelab_cli(capsys, "train", "digits", "--out", out, *TINY)[0] == 0
+    (out / "vaelab.json").unlink()  # as a run still training has none yet
+    holder = RunLock(out)
+    holder.acquire(create=True)
+    try:
+        code, _, err = vaelab_cli(capsys, "evaluate", out)
+        assert code == 2 and err.count("\n") == 1, err
+        assert f"is a training run in progress, held by process {os.getpid()}" in err
+        assert "wait for it to finish or stop it" in err and "--resume" not in err
+        code, _, err = vaelab_cli(capsys, "sample", out, "--out", tmp_path / "s.png")
+        assert code == 2 and "in progress" in err and "--resume" not in err
+    finally:
+        holder.release()
+    code, _, err = vaelab_cli(capsys, "evaluate", out)
+    assert code == 2 and f"finish it with `vaelab train --out {out} --resume`" in err, err
+    (out / CHECKPOINT_FILE).unlink()
+    code, _, err = vaelab_cli(capsys, "evaluate", out)
+    assert code == 2 and "--resume" not in err and "before its first checkpoint" in err, err
+
+
 def test_the_lock_is_released_when_a_run_ends_and_a_lock_file_alone_is_an_empty_folder(
     tmp_path, capsys
 ):
@@ -248,3 +273,20 @@ def test_vaelab_train_checkpoints_mid_epoch_every_minute_by_default(tmp_path, mo
     args = ("train", "digits", "--out", tmp_path / "b", *one_long_epoch, "--checkpoint-seconds", 0)
     assert vaelab_cli(capsys, *args)[0] == 0
     assert [batch for _, batch in written] == [0]  # only the epoch's end
+
+
+def test_run_settings_take_numpy_integers_as_integers_and_refuse_floats():
+    """A library caller's ``vaelab.runs.folder.train(settings)`` may hold numpy integers (from a
+    grid of ``np.arange``): they are the same integers; floats are still refused."""
+    from vaelab.runs.options import RunError, resolve
+
+    config = resolve(
+        {"latent_dim": np.int64(3), "hidden": np.array([16, 8]), "epochs": np.int32(2)}
+    )
+    assert (config.latent_dim, config.hidden, config.epochs) == (3, (16, 8), 2)
+    assert type(config.latent_dim) is int and type(config.epochs) is int
+    assert resolve({"latent_dim": np.arange(4, 2, -1)}).latent_dim == (4, 3)
+    with pytest.raises(RunError, match="latent_dim must be a positive integer"):
+        resolve({"latent_dim": np.float64(3)})
+    with pytest.raises(RunError, match="epochs must be an integer"):
+        resolve({"epochs": np.float32(2)})

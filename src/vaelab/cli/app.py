@@ -818,6 +818,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     world_size = distributed.environment_world_size()
     worker = world_size is not None and world_size > 1
     rank = int(os.environ.get("RANK", "0")) if worker else 0
+    if worker:
+        from vaelab.train.launch import stop_with_launcher
+
+        stop_with_launcher()  # before anything else: a launcher killed now takes this with it
     try:
         args = build_parser().parse_args(arguments)
         _check_world(args, world_size)

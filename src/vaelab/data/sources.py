@@ -21,7 +21,9 @@ Paths (a name wins over a file of the same name in the working directory):
   file-name order as one data set (zero-pad numbers: ``part-002.npy`` before ``part-010.npy``),
   read like one file and split by a seeded permutation like any path.
 - ``x.npz`` or ``x.npz:key``: one array; ``:key`` picks it when the file holds several. An integer
-  ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels. Never unpickles.
+  or string ``labels`` / ``y`` / ``targets`` array with one entry per example gives labels (strings
+  become the index of the name in sorted order, the names kept as an image folder's are). Never
+  unpickles.
 - ``x.csv``: numbers separated by commas; a first row that is not all numbers is a header.
 - a folder of PNG / JPEG / ... images of one size, sorted by file name; grey images keep one
   channel, colour ones become RGB. One subfolder per class gives labels (the index of the
@@ -97,7 +99,7 @@ from typing import Any
 import numpy as np
 
 from vaelab.data.errors import DataError
-from vaelab.data.formats.arrays import load_csv, load_npy, read_npz
+from vaelab.data.formats.arrays import LABELS_NOT_USED, load_csv, load_npy, read_npz
 from vaelab.data.formats.idx import idx_sets, load_idx_file, load_idx_folder, part_files
 from vaelab.data.formats.image_folder import load_image_folder
 from vaelab.data.formats.named import DATA_ENV, NAMED, SOURCES
@@ -121,6 +123,7 @@ __all__ = [
     "SCALINGS",
     "SOURCES",
     "DataError",
+    "LABELS_NOT_USED",
     "DataSplits",
     "Split",
     "binarize_batch",
@@ -288,8 +291,9 @@ def _load_path(source: str | os.PathLike[str]) -> Loaded:
     if name.endswith(".npy"):
         return load_npy(path)
     if name.endswith(".npz"):
-        x, labels, notes = read_npz(path, key)
-        return Loaded(path.stem, "npz", Part(x, labels, f"'{path}'"), notes=notes)
+        x, labels, classes, notes = read_npz(path, key)
+        part = Part(x, labels, f"'{path}'")
+        return Loaded(path.stem, "npz", part, classes=classes, notes=notes)
     if name.endswith(".csv"):
         return load_csv(path)
     if idx:

@@ -330,14 +330,29 @@ class VAE(TransformerMixin, BaseEstimator):
         return one_hot(found, self.classes_) if labels else _condition_vectors(found, size)
 
     def _condition(
-        self, y: Any, n: int, *, ignored: bool = False, shared: bool = False
+        self,
+        y: Any,
+        n: int,
+        *,
+        ignored: bool = False,
+        shared: bool = False,
+        count: str | None = None,
     ) -> torch.Tensor | None:
         """The conditions of ``n`` examples as a tensor ``[n, c]`` (None for a VAE without
         conditioning); with ``shared``, one label or vector may stand for all of them. A
         conditional VAE needs ``y``; one without refuses a ``y`` it would silently ignore, unless
-        ``ignored`` (scikit-learn passes a y to ``score`` of any estimator)."""
+        ``ignored`` (scikit-learn passes a y to ``score`` of any estimator). ``count`` is the
+        keyword of the method's count after y (``samples``), which an integer in y's place,
+        ``elbo(X, 100)``, was most likely meant as: the refusal names it."""
         check_is_fitted(self, "model_")
         if self.model_.condition_dim == 0:
+            integer = isinstance(y, (int, np.integer)) and not isinstance(y, bool)
+            if y is not None and not ignored and count is not None and integer:
+                raise ValueError(
+                    f"this VAE is not conditional, so it would ignore y, and the second "
+                    f"positional argument is y (here {y}); give {_COUNTS[count]} by name, "
+                    f"{count}={y}"
+                )
             if y is not None and not ignored:
                 raise ValueError(
                     "this VAE is not conditional, so it would ignore y; leave y out, or fit a "
@@ -514,7 +529,7 @@ class VAE(TransformerMixin, BaseEstimator):
         """Each example's ELBO with its reconstruction and KL terms: float64 CPU tensors ``[n]`` in
         nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
         x = self._tensor(X)
-        condition = self._condition(y, x.shape[0])
+        condition = self._condition(y, x.shape[0], count="samples")
         self._compile_evaluation()
         parts = []
         for chunk, model in self._chunks(x, condition):
@@ -561,7 +576,7 @@ class VAE(TransformerMixin, BaseEstimator):
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         x = self._tensor(X)
-        condition = self._condition(y, x.shape[0])
+        condition = self._condition(y, x.shape[0], count="k")
         self._compile_evaluation()
         if proposal == "amortised":
             with torch.no_grad():
@@ -604,7 +619,7 @@ class VAE(TransformerMixin, BaseEstimator):
         from vaelab.evaluation.gap import estimate_elbo
 
         x = self._tensor(X)
-        condition = self._condition(y, x.shape[0])
+        condition = self._condition(y, x.shape[0], count="steps")
         elbos, errors, codes = [], [], []
         for chunk, model in self._chunks(x, condition):
             local = self._refined(model, chunk, steps, lr=lr)
@@ -694,6 +709,14 @@ class VAE(TransformerMixin, BaseEstimator):
         if tags.transformer_tags is not None:
             tags.transformer_tags.preserves_dtype = ["float32"]
         return tags
+
+
+# The counts that follow y in a method's arguments, for the refusal of ``elbo(X, 100)``.
+_COUNTS = {
+    "samples": "the number of samples",
+    "k": "the number of importance samples",
+    "steps": "the number of steps",
+}
 
 
 def _check_labels(labels: np.ndarray) -> None:

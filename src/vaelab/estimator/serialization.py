@@ -60,10 +60,7 @@ def save_model(
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = save_safetensors(state, metadata={"format": FORMAT})
     atomic_write_bytes(folder / WEIGHTS_FILE, weights)
-    params = dict(params)
-    params["hidden"] = list(params["hidden"])
-    if isinstance(params["latent_dim"], tuple):
-        params["latent_dim"] = list(params["latent_dim"])
+    params = {name: _plain(value) for name, value in params.items()}
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -76,6 +73,18 @@ def save_model(
         document["classes"] = np.asarray(classes).tolist()
     atomic_write_json(folder / CONFIG_FILE, document)
     return folder
+
+
+def _plain(value: Any) -> Any:
+    """A hyper-parameter as JSON writes it: numpy scalars and arrays (``np.int64(3)`` from a
+    grid search) as Python numbers and lists, tuples as lists."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def read_model_document(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from vaelab.components.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
@@ -163,9 +164,26 @@ def _choose(kind: str, name: object, table: Any) -> Any:
     return table[name]
 
 
+def plain_integers(value: Any) -> Any:
+    """``value`` with numpy integers as Python ints: ``np.int64(3)`` → 3, an integer array
+    ``[d]`` or a list or tuple holding numpy integers → a tuple of ints (the sizes that
+    ``GridSearchCV`` hands over from ``np.arange``, which JSON cannot write). Anything else
+    (floats, booleans, strings) is returned as it is, for validation to refuse in its words."""
+    if isinstance(value, np.integer):  # np.bool_ is not one
+        return int(value)
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.ndim <= 1:
+        return int(value) if value.ndim == 0 else tuple(int(v) for v in value)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, np.integer) for v in value):
+        return tuple(plain_integers(v) for v in value)
+    return value
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Everything needed to rebuild a model's architecture (saved as JSON beside its weights)."""
+    """Everything needed to rebuild a model's architecture (saved as JSON beside its weights).
+
+    Numpy integers given for sizes are kept as Python ints (``plain_integers``), so that the
+    configuration is written to JSON as given."""
 
     data_shape: tuple[int, ...]
     latent_dim: int | tuple[int, ...] = 8
@@ -177,6 +195,10 @@ class ModelConfig:
     activation: str = "relu"
     flow_steps: int = DEFAULT_FLOW_STEPS
     condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
+
+    def __post_init__(self) -> None:
+        for name in ("latent_dim", "hidden", "flow_steps", "condition_dim"):
+            object.__setattr__(self, name, plain_integers(getattr(self, name)))
 
     @property
     def latent_sizes(self) -> tuple[int, ...]:
@@ -192,12 +214,13 @@ class ModelConfig:
                 "latent_dim must be a positive integer, or a tuple of them for several "
                 f"stochastic layers (z₁ first, e.g. (100, 50)), got {self.latent_dim!r}"
             )
-        if any(not isinstance(h, int) or h < 1 for h in self.hidden):
+        if any(not isinstance(h, int) or isinstance(h, bool) or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a tuple of positive integers, got {self.hidden!r}")
         _choose("likelihood", self.likelihood, LIKELIHOODS)
         _choose("prior", self.prior, PRIORS)
         _choose("posterior", self.posterior, POSTERIORS)
-        if not isinstance(self.flow_steps, int) or self.flow_steps < 1:
+        steps = self.flow_steps
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"flow_steps must be a positive integer, got {self.flow_steps!r}")
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)

@@ -22,6 +22,7 @@ from vaelab.runs.evaluate import Evaluation, evaluate
 from vaelab.runs.inference_gaps import GapEvaluation, gap
 from vaelab.runs.model_data import load_examples, model_data, open_model
 from vaelab.runs.options import ParameterError, check_at_least
+from vaelab.runs.outputs import class_names
 
 REPORT_FILE = "report.html"
 SCATTER_POINTS = 2000
@@ -199,13 +200,17 @@ def build_report(
     # A conditional model reads each example given its label: the same labels go with x.
     y = labels if conditional else None
     points, axes = figures.latent_scatter(estimator, x, y)
+    names = class_names(estimator, document) if conditional else None
+    legend = labels
+    if names is not None and labels is not None:  # the classes' names, not their positions
+        legend = np.asarray(names)[np.searchsorted(estimator.classes_, labels)]
     run = document.get("run") or document.get("estimator", {})
     config = {key: value for key, value in run.items() if not isinstance(value, dict)}
     samples: Any = None
     sample_rows = None
     if conditional:
-        config["classes"] = [str(c) for c in estimator.classes_]
-        found = figures.class_samples(estimator, per_class=8)
+        config["classes"] = names
+        found = figures.class_samples(estimator, per_class=8, names=names)
         if found is not None:
             samples, sample_rows = found
     else:
@@ -252,7 +257,7 @@ def build_report(
         samples=samples,
         sample_rows=sample_rows,
         reconstructions=figures.reconstructions(estimator, x[:20], None if y is None else y[:20]),
-        latent_scatter=LatentScatter(points, labels, axes),
+        latent_scatter=LatentScatter(points, legend, axes),
         manifold=figures.latent_manifold(estimator),
         interpolations=figures.interpolations(estimator, x[:12], y=None if y is None else y[:12]),
         kl_per_dimension=(

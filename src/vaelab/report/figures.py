@@ -36,17 +36,17 @@ def samples(estimator: VAE, n: int = 64, seed: int = 0) -> np.ndarray | None:
 
 
 def class_samples(
-    estimator: VAE, per_class: int = 8, seed: int = 0
+    estimator: VAE, per_class: int = 8, seed: int = 0, names: list[str] | None = None
 ) -> tuple[np.ndarray, list[str]] | None:
     """A conditional model's samples, a row per class: decoder means at z ~ p(z|y) given each
-    class y in turn, ``[classes, per_class, C, H, W]`` with the classes' names; ``None`` for
-    non-image data."""
+    class y in turn, ``[classes, per_class, C, H, W]`` with the classes' names (``names``, in the
+    order of ``classes_``, else the labels as written); ``None`` for non-image data."""
     rows = [estimator.sample(per_class, y=label, seed=seed) for label in estimator.classes_]
     images = to_images(estimator, np.concatenate(rows))
     if images is None:
         return None
     shaped = images.reshape(len(rows), per_class, *images.shape[1:])
-    return shaped, [str(label) for label in estimator.classes_]
+    return shaped, names or [str(label) for label in estimator.classes_]
 
 
 def reconstructions(

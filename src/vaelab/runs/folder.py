@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from vaelab.data.npyrows import NpyRows
-from vaelab.data.sources import DataSplits, Split, load_data
+from vaelab.data.sources import LABELS_NOT_USED, DataSplits, Split, load_data
 from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
 from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
@@ -90,10 +90,13 @@ def class_labels(splits: DataSplits) -> np.ndarray:
     of the test split has its column too. Data without labels is refused in a sentence."""
     labelled = [s.labels for s in (splits.train, splits.valid, splits.test) if len(s)]
     if any(labels is None for labels in labelled):
+        # An array that looked like labels but could not be used says why in a note.
+        why = [n for n in splits.record.get("notes", []) if LABELS_NOT_USED in n]
         raise RunError(
-            f"--conditional trains on the examples' class labels, and {splits.name} has none; "
-            "give data with labels (digits, MNIST or an IDX folder with its labels files, an "
-            "image folder with a subfolder per class, an .npz file with a labels or y array)"
+            f"--conditional trains on the examples' class labels, and {splits.name} has none"
+            f"{f' ({why[0]})' if why else ''}; give data with labels (digits, MNIST or an IDX "
+            "folder with its labels files, an image folder with a subfolder per class, an .npz "
+            "file with an integer or string labels or y array)"
         )
     return np.unique(np.concatenate([np.asarray(labels) for labels in labelled]))
 
@@ -189,6 +192,24 @@ class RunLock:
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+    def holder(self) -> str | None:
+        """Who holds the lock now ("process 1234"), or None when nobody does; takes nothing.
+
+        flock has no query, so this takes a shared lock for an instant: a run starting in that
+        instant is refused as in use, as it would be a moment later by any reader of the folder.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:  # no lock file: no run ever held the folder
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        finally:
+            os.close(fd)  # which drops a shared lock taken
+        return None
 
     def release(self) -> None:
         if self._fd is None:

@@ -23,8 +23,9 @@ from vaelab.estimator.facade import EVAL_SEED, VAE, from_saved
 from vaelab.estimator.serialization import CONFIG_FILE, ModelFileError, read_model
 from vaelab.io.files import atomic_write_bytes
 from vaelab.objectives.noise import ExampleNoise
-from vaelab.runs.folder import RUN_CONFIG_FILE
+from vaelab.runs.folder import RUN_CONFIG_FILE, RunLock
 from vaelab.runs.options import ParameterError, RunError
+from vaelab.train.checkpoint import CHECKPOINT_FILE
 from vaelab.train.fastpath import compile_evaluation
 
 CHUNK = 4096  # rows per evaluation / encoding step
@@ -48,17 +49,37 @@ def open_model(
     its estimates run the likelihood's log p(x|z) compiled (``vaelab.train.fastpath``), whatever
     the model was trained with: each command decides for itself."""
     path = Path(folder)
-    if path.is_dir() and not (path / CONFIG_FILE).exists() and (path / RUN_CONFIG_FILE).exists():
-        raise ModelFileError(
-            f"{path} holds a training run that has not finished (no {CONFIG_FILE} yet); finish it "
-            f"with `vaelab train --out {path} --resume`"
-        )
+    if path.is_dir() and not (path / CONFIG_FILE).exists():
+        _refuse_unfinished_run(path)
     saved = read_model(path)
     estimator = from_saved(saved, device)
     estimator.compile = compile
     if compile:
         compile_evaluation(estimator.model_)
     return OpenedModel(path, estimator, saved.document)
+
+
+def _refuse_unfinished_run(path: Path) -> None:
+    """A run folder without its model yet, in words: still training while a process holds it
+    (``RunLock``, whose --resume would be refused as in use), else stopped, to be resumed from its
+    checkpoint or, without one, trained again. A folder that is no run is left to ``load``."""
+    holder = RunLock(path).holder()
+    if holder is not None:
+        raise ModelFileError(
+            f"{path} is a training run in progress, held by {holder}, and has no model "
+            f"({CONFIG_FILE}) yet; wait for it to finish or stop it"
+        )
+    if not (path / RUN_CONFIG_FILE).exists():
+        return
+    if not (path / CHECKPOINT_FILE).exists():
+        raise ModelFileError(
+            f"{path} holds a training run that stopped before its first checkpoint, so it has no "
+            f"model; delete the folder and train again"
+        )
+    raise ModelFileError(
+        f"{path} holds a training run that has not finished (no {CONFIG_FILE} yet); finish it "
+        f"with `vaelab train --out {path} --resume`"
+    )
 
 
 SPLITS = ("test", "valid", "train", "all")

@@ -21,7 +21,7 @@ from vaelab.components.flows import DEFAULT_FLOW_STEPS
 from vaelab.components.networks import ACTIVATIONS, NETWORKS
 from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator.facade import VAE, resolve_device
-from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig
+from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig, plain_integers
 from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
 from vaelab.train.config import LR_SCHEDULES, TrainConfig
 
@@ -273,6 +273,7 @@ def convert(name: str, value: Any) -> Any:
     ``float?`` /
     ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
     spec = OPTIONS[name].metadata
+    value = plain_integers(value)  # np.int64(3) from a library caller is the integer 3
     kind, choices = spec["kind"].rstrip("?"), spec["choices"]
     optional = spec["kind"].endswith("?")
     off = isinstance(value, str) and value.strip().lower() == "none" and kind != "str"

@@ -69,8 +69,9 @@ def sample(
 
 def class_of(estimator: Any, document: dict[str, Any], label: str | None) -> Any:
     """The class of a conditional model that ``label`` names: one of its labels as written
-    (``3``), or the name of an image folder's class folder; refused in a sentence otherwise, or
-    for a model that is not conditional."""
+    (``3``), or for an image folder the name of a class folder (``cat``, or ``10`` for the folder
+    named 10, whatever its position); refused in a sentence otherwise, or for a model that is not
+    conditional."""
     classes = getattr(estimator, "classes_", None)
     if not estimator.model_.condition_dim:
         raise RunError(
@@ -82,18 +83,28 @@ def class_of(estimator: Any, document: dict[str, Any], label: str | None) -> Any
             "this conditional model was trained on condition vectors, which --label cannot "
             "give; use the library (vaelab.load(DIR).sample(n, y=...))"
         )
-    shown = ", ".join(str(c) for c in classes)
+    names = class_names(estimator, document)
+    shown = ", ".join(names)
     if label is None:
         raise RunError(
             f"this model is conditional: choose the class to draw with --label ({shown})"
         )
-    for value in classes:
-        if str(value) == label.strip():
-            return value
-    names = ((document.get("data") or {}).get("classes")) or []
-    if label in names and names.index(label) in classes:  # an image folder's class folder
-        return names.index(label)
+    # Names only: an image folder's classes are its folders' positions, and reading a label as
+    # a position too would make --label 1 the second folder whenever folders are named by number.
+    if label.strip() in names:
+        return classes[names.index(label.strip())]
     raise RunError(f"--label {label} is not one of this model's classes ({shown})")
+
+
+def class_names(estimator: Any, document: dict[str, Any]) -> list[str]:
+    """The names of a conditional model's classes, in the order of ``classes_``: an image
+    folder's class folders (its labels are the folders' positions in sorted order), else the
+    labels as written."""
+    classes = [c.item() if isinstance(c, np.generic) else c for c in estimator.classes_]
+    folders = (document.get("data") or {}).get("classes") or []
+    if folders and all(isinstance(c, int) and 0 <= c < len(folders) for c in classes):
+        return [str(folders[c]) for c in classes]
+    return [str(c) for c in classes]
 
 
 def reconstruct(opened: OpenedModel, examples: ModelData, out: str | os.PathLike[str]) -> Path:

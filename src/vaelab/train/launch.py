@@ -4,7 +4,8 @@
 ``--nproc``, in N worker processes on this machine through ``torch.distributed.launcher`` (the API
 behind ``torchrun --standalone --nproc-per-node N -m vaelab …``): rendezvous on the loopback
 interface at a free port, no restarts, workers watched every 0.1 s. Each worker finds its rank in
-its environment (``vaelab.train.distributed.session``).
+its environment (``vaelab.train.distributed.session``). Workers die with the launcher
+(:func:`stop_with_launcher`): killing the process the user started stops them all.
 
 When a worker fails, the launcher stops the others (SIGTERM) within a fraction of a second, and
 this process prints one line: the message of the worker that failed first. Workers do not print
@@ -35,9 +36,11 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MESSAGES_ENV", "launch", "worker_message"]
+__all__ = ["LAUNCHER_ENV", "MESSAGES_ENV", "launch", "stop_with_launcher", "worker_message"]
 
 MESSAGES_ENV = "VAELAB_WORKER_MESSAGES"
+LAUNCHER_ENV = "VAELAB_LAUNCHER_PID"  # the process whose death stops the workers
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 MONITOR_SECONDS = 0.1  # how often the launcher looks at its workers
 
 
@@ -55,6 +58,28 @@ def worker_message(code: int, line: str, primary: bool) -> bool:
     temporary.write_text(json.dumps(record), encoding="utf-8")
     os.replace(temporary, path)  # the launcher reads it whole or not at all
     return True
+
+
+def stop_with_launcher() -> None:
+    """Have this worker of :func:`launch` receive SIGTERM when the launcher dies, so that a
+    launcher killed by SIGKILL (or the OOM killer) leaves no worker training on while it holds the
+    run's lock; SIGTERM, like Ctrl-C, stops training after the step, rank 0 saving a checkpoint.
+
+    Linux only (``prctl(PR_SET_PDEATHSIG)``, prctl(2)); elsewhere, or not started by
+    :func:`launch`, nothing. The signal comes when the *thread* that started the worker ends: the
+    launcher starts its workers from its main thread (torch's agent runs in it), whose end is the
+    process's. A launcher that died before the request was made never sends it: a worker whose
+    parent is no longer the launcher stops at once."""
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    import ctypes  # here: only workers on Linux need it
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # refused (a seccomp filter): the worker runs on as it did before
+    if os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _messages(folder: Path) -> list[dict[str, Any]]:
@@ -134,6 +159,7 @@ def launch(
         )
         environment = {
             MESSAGES_ENV: str(folder),
+            LAUNCHER_ENV: str(os.getpid()),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME") or _loopback_interface(),
         }

@@ -18,6 +18,8 @@ from vaelab.data.npyrows import NpyRows
 # the names a .npz archive's data array and its labels go by, tried in this order
 _NPZ_DATA_KEYS = ("x", "X", "images", "data")
 _NPZ_LABEL_KEYS = ("labels", "y", "targets")
+# The note on an array that looks like labels but is not (``class_labels`` repeats it).
+LABELS_NOT_USED = "was not used as labels"
 
 
 def load_npy(path: Path) -> Loaded:
@@ -28,9 +30,13 @@ def load_npy(path: Path) -> Loaded:
     return Loaded(path.stem, "npy", Part(x, None, f"'{path}'"))  # type: ignore[arg-type]
 
 
-def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...]]:
-    """The data array of a .npz file, its labels if it has an integer ``labels``/``y`` array."""
+def read_npz(
+    path: Path, key: str | None
+) -> tuple[np.ndarray, np.ndarray | None, tuple[str, ...] | None, tuple[str, ...]]:
+    """The data array of a .npz file; its labels if it has an integer or string
+    ``labels``/``y`` array (strings as indices into their sorted names, which come third); notes."""
     notes: tuple[str, ...] = ()
+    classes = None
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = list(archive.files)
@@ -40,12 +46,19 @@ def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None
             label_key = next((k for k in _NPZ_LABEL_KEYS if k in keys and k != key), None)
             if label_key is not None:
                 candidate = archive[label_key]
-                if candidate.dtype.kind in "iu" and candidate.shape == (x.shape[0],):
+                one_each = candidate.shape == (x.shape[0],)
+                if one_each and candidate.dtype.kind in "iu":
                     labels = candidate
+                elif one_each and candidate.dtype.kind in "US":
+                    names, labels = np.unique(candidate, return_inverse=True)
+                    classes = tuple(
+                        n.decode("utf-8", "replace") if isinstance(n, bytes) else str(n)
+                        for n in names.tolist()
+                    )
                 else:
                     notes = (
-                        f"array {label_key!r} was not used as labels: it is {candidate.dtype} "
-                        f"{candidate.shape}, not integers with one per example",
+                        f"array {label_key!r} {LABELS_NOT_USED}: it is {candidate.dtype} "
+                        f"{candidate.shape}, not integers or strings with one per example",
                     )
     except DataError:
         raise
@@ -54,7 +67,7 @@ def read_npz(path: Path, key: str | None) -> tuple[np.ndarray, np.ndarray | None
             f"cannot read '{path}' as a .npz archive of numeric arrays "
             f"({str(error).rstrip('.')}); save numeric arrays with numpy.savez"
         ) from error
-    return x, labels, notes
+    return x, labels, classes, notes
 
 
 def _npz_key(path: Path, keys: list[str], key: str | None) -> str:

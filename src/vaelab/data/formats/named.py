@@ -84,7 +84,7 @@ def _load_binarized_mnist(data_dir: str | os.PathLike[str] | None) -> Loaded:
             raise DataError(
                 f"'{path}' does not exist; restore the binarized MNIST files in {folder}"
             )
-        x, _, _ = read_npz(path, "images")
+        x, *_ = read_npz(path, "images")
         if x.ndim != 2 or x.shape[1] != 784:
             raise DataError(f"'{path}' holds shape {x.shape}, not [n, 784]; restore the file")
         parts.append(Part(x.reshape(-1, 1, 28, 28), None, f"'{path}'"))
