@@ -271,3 +271,37 @@ def test_long_evaluation_shows_progress_on_a_terminal_and_quiet_hides_it(trained
     json.loads(out)  # stdout is the JSON alone
     _, err = stderr_on_a_terminal("--json", "--quiet")
     assert "IWAE-400" not in err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--prior", "mixture", "--latent-dim", "3,2", "--hidden", "16"],
+        ["--posterior", "full", "--likelihood", "gaussian-decoder", "--latent-dim", "3,2"],
+    ],
+    ids=["mixture-two-layers", "full-gaussian-decoder"],
+)
+def test_ais_of_models_whose_hmc_steps_diverge_finishes_with_finite_estimates(
+    tmp_path, capsys, options
+):
+    """AIS on these models meets leapfrog trajectories that leave for NaN; it once ended with
+    'Expected value argument … within the support' instead of rejecting those steps."""
+    folder = tmp_path / "model"
+    train = ["train", "digits", "--out", folder, "--epochs", "2", "-q", *options]
+    assert run(capsys, *train)[0] == 0
+    code, out, err = run(
+        capsys,
+        "evaluate",
+        folder,
+        "--k",
+        "20",
+        "--ais",
+        "50",
+        "--examples",
+        "5",
+        "--no-diagnostics",
+        "--json",
+    )
+    assert code == 0, err[:300]
+    found = json.loads(out)["ais"]
+    assert all(np.isfinite(found[key]) for key in ("mean", "acceptance_rate")), found
