@@ -164,6 +164,29 @@ def test_report_without_iwae_still_has_its_gaps(trained, capsys, tmp_path):
     assert "IWAE-" not in html and "approximation gap (diagonal)" in html
 
 
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_report_to_an_output_it_cannot_write_fails_before_any_work(
+    trained, capsys, tmp_path, monkeypatch, where
+):
+    """`report -o missing/r.html` once evaluated the model, drew every figure, and only then
+    failed on its temporary file; now it is one line and exit 2, before the model is opened."""
+    from vaelab.report import content
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report was built for an output it cannot write")
+
+    monkeypatch.setattr(content, "build_report", no_work)
+    monkeypatch.setattr(apply, "open_model", no_work)
+    out = tmp_path / "missing" / "r.html" if where == "missing folder" else tmp_path
+    before = sorted(tmp_path.rglob("*"))
+    code, stdout, err = run(capsys, "report", trained, "-o", out)
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaelab: error: "), err
+    assert str(out) in err and stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
     code, out, _ = run(capsys, "report", trained, "--k", "100", "--gap-examples", "10")
     assert code == 0

@@ -19,6 +19,7 @@ import numpy as np
 from vaelab.report import figures
 from vaelab.report.html import LatentScatter, Metric, ReportContent, write_report
 from vaelab.runs import apply
+from vaelab.runs.options import RunError
 
 REPORT_FILE = "report.html"
 SCATTER_POINTS = 2000
@@ -277,9 +278,24 @@ def _latent_words(document: dict[str, Any]) -> str:
     return "stochastic layers " + ", ".join(f"z{i} ({d})" for i, d in enumerate(latent, 1))
 
 
+def _check_output(out: Path) -> None:
+    """A ``RunError`` unless ``out`` names a file in a folder that exists."""
+    if out.is_dir():
+        raise RunError(f"--out {out} is a folder; give a file name such as {out / REPORT_FILE}")
+    if not out.parent.is_dir():
+        raise RunError(f"the folder of --out {out} does not exist; create {out.parent} first")
+
+
 def write_model_report(
     folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
 ) -> Path:
-    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``)."""
+    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``).
+
+    A given ``out`` is checked first, as ``vaelab sample`` and ``encode`` check theirs: building
+    the report evaluates the model and draws every figure, minutes of work that an output that
+    cannot be written would throw away at the end.
+    """
+    if out is not None:
+        _check_output(Path(out))
     target = Path(out) if out is not None else Path(folder) / REPORT_FILE
     return write_report(target, build_report(folder, **options))
