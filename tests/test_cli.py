@@ -442,6 +442,20 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert state["position"]["step"] == 1 and not (out / "vaelab.json").exists()
 
 
+def test_a_command_is_given_its_world_apart_from_its_arguments(monkeypatch):
+    """Runtime state is passed, not stored in the parsed arguments (once ``args.world``)."""
+    seen: dict[str, object] = {}
+
+    def sample(args: object, world: object) -> int:
+        seen.update(args=args, world=world)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "sample", sample)
+    assert cli.main(["sample", "somewhere", "--out", "s.png"]) == 0
+    assert seen["world"].size == 1 and not hasattr(seen["args"], "world")
+    assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(ValueError, match="does not exist"):
         cli.main(["train", str(tmp_path / "nope.npy"), "--out", str(tmp_path / "r"), "--debug"])
