@@ -211,3 +211,31 @@ def test_an_examples_estimate_depends_on_nothing_but_the_example(model):
     shifted = ais(model, x[1:6], batch_size=2, **settings)
     assert torch.equal(first.log_px[1:], shifted.log_px[:4])
     assert torch.equal(first.step_sizes[:, 1:], shifted.step_sizes[:, :4])
+
+
+@pytest.mark.parametrize(
+    ("prior", "likelihood"),
+    [
+        ("mixture", "bernoulli"),
+        ("learnable", "bernoulli"),
+        ("normal", "gaussian"),
+        ("normal", "laplace"),
+    ],
+)
+def test_a_diverged_hmc_step_is_rejected_not_a_crash(prior, likelihood):
+    """A step of 1e30 throws the leapfrog trajectory to huge, then inf and NaN codes, where the
+    decoder's parameters are NaN too. Such a proposal is rejected: every chain stays where it
+    was and its acceptance probability is 0 (once torch.distributions' argument checks raised)."""
+    torch.manual_seed(0)
+    config = ModelConfig(
+        data_shape=(6,), latent_dim=2, hidden=(8,), prior=prior, likelihood=likelihood
+    )
+    net = build_model(config)
+    x = torch.rand(3, 6).round()
+    with torch.no_grad():
+        target = _Target(x, net.prior(), net.likelihood)
+    state = target(torch.randn(4, 3, 2))
+    new, accept = _hmc(state, 1.0, torch.full((3,), 1e30), target, 3, ExampleNoise(x, 0))
+    for before, after in zip(state, new, strict=True):
+        assert torch.equal(before, after)
+    assert torch.equal(accept, torch.zeros(4, 3))

@@ -385,6 +385,35 @@ def test_every_mistake_is_one_line_exit_2_and_leaves_nothing(
     assert _snapshot(watched) == before  # nothing created, nothing changed
 
 
+DEVICE_COMMANDS: dict[str, Callable[[Path, Path], list[object]]] = {
+    "train": lambda t, r: ["train", "digits", "--out", t / "run", "--epochs", "1"],
+    "evaluate": lambda t, r: ["evaluate", r],
+    "gap": lambda t, r: ["gap", r],
+    "report": lambda t, r: ["report", r, "--out", t / "r.html"],
+    "sample": lambda t, r: ["sample", r, "--out", t / "s.png"],
+    "reconstruct": lambda t, r: ["reconstruct", r, "--out", t / "r.png"],
+    "encode": lambda t, r: ["encode", r, "--out", t / "z.npy"],
+}
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+@pytest.mark.parametrize("command", DEVICE_COMMANDS.values(), ids=DEVICE_COMMANDS.keys())
+def test_a_device_torch_cannot_use_here_is_one_line_exit_2(
+    command, device, trained, tmp_path, capsys
+):
+    """mps and xpu do not exist on this CPU machine and meta holds no data: each was a
+    traceback and exit 1 once, from the first tensor moved there."""
+    if device != "meta" and getattr(torch, device).is_available():
+        pytest.skip(f"this machine has a {device} device")
+    before = _snapshot(trained)
+    code, out, err = vaelab_cli(capsys, *command(tmp_path, trained), "--device", device)
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaelab: error: "), err
+    assert f"device {device!r}" in err and out == ""
+    assert list(tmp_path.iterdir()) == [] and _snapshot(trained) == before
+
+
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     args = ("--lr", "1e25", "--likelihood", "gaussian", "--checkpoint-every", "1", "-q")
@@ -394,6 +423,20 @@ def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoin
     assert "last good checkpoint" in err and "Traceback" not in err
     _, state = load_checkpoint(out / CHECKPOINT_FILE)
     assert state["position"]["step"] == 1 and not (out / "vaelab.json").exists()
+
+
+def test_a_command_is_given_its_world_apart_from_its_arguments(monkeypatch):
+    """Runtime state is passed, not stored in the parsed arguments (once ``args.world``)."""
+    seen: dict[str, object] = {}
+
+    def sample(args: object, world: object) -> int:
+        seen.update(args=args, world=world)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "sample", sample)
+    assert cli.main(["sample", "somewhere", "--out", "s.png"]) == 0
+    assert seen["world"].size == 1 and not hasattr(seen["args"], "world")
+    assert set(cli.COMMANDS) == set(cli.build_parser()._subparsers._group_actions[0].choices)
 
 
 def test_debug_shows_the_traceback(tmp_path, capsys):

@@ -164,6 +164,29 @@ def test_report_without_iwae_still_has_its_gaps(trained, capsys, tmp_path):
     assert "IWAE-" not in html and "approximation gap (diagonal)" in html
 
 
+@pytest.mark.parametrize("where", ["missing folder", "a folder"])
+def test_report_to_an_output_it_cannot_write_fails_before_any_work(
+    trained, capsys, tmp_path, monkeypatch, where
+):
+    """`report -o missing/r.html` once evaluated the model, drew every figure, and only then
+    failed on its temporary file; now it is one line and exit 2, before the model is opened."""
+    from vaelab.report import content
+
+    def no_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report was built for an output it cannot write")
+
+    monkeypatch.setattr(content, "build_report", no_work)
+    monkeypatch.setattr(content, "open_model", no_work)
+    out = tmp_path / "missing" / "r.html" if where == "missing folder" else tmp_path
+    before = sorted(tmp_path.rglob("*"))
+    code, stdout, err = vaelab_cli(capsys, "report", trained, "-o", out)
+    assert code == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vaelab: error: "), err
+    assert str(out) in err and stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+
 def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
     code, out, _ = vaelab_cli(capsys, "report", trained, "--k", "100", "--gap-examples", "10")
     assert code == 0
@@ -273,3 +296,37 @@ def test_long_evaluation_shows_progress_on_a_terminal_and_quiet_hides_it(trained
     json.loads(out)  # stdout is the JSON alone
     _, err = stderr_on_a_terminal("--json", "--quiet")
     assert "IWAE-400" not in err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--prior", "mixture", "--latent-dim", "3,2", "--hidden", "16"],
+        ["--posterior", "full", "--likelihood", "gaussian-decoder", "--latent-dim", "3,2"],
+    ],
+    ids=["mixture-two-layers", "full-gaussian-decoder"],
+)
+def test_ais_of_models_whose_hmc_steps_diverge_finishes_with_finite_estimates(
+    tmp_path, capsys, options
+):
+    """AIS on these models meets leapfrog trajectories that leave for NaN; it once ended with
+    'Expected value argument … within the support' instead of rejecting those steps."""
+    folder = tmp_path / "model"
+    train = ["train", "digits", "--out", folder, "--epochs", "2", "-q", *options]
+    assert vaelab_cli(capsys, *train)[0] == 0
+    code, out, err = vaelab_cli(
+        capsys,
+        "evaluate",
+        folder,
+        "--k",
+        "20",
+        "--ais",
+        "50",
+        "--examples",
+        "5",
+        "--no-diagnostics",
+        "--json",
+    )
+    assert code == 0, err[:300]
+    found = json.loads(out)["ais"]
+    assert all(np.isfinite(found[key]) for key in ("mean", "acceptance_rate")), found

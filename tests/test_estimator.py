@@ -291,6 +291,17 @@ def test_unknown_options_are_refused_at_fit():
         vaelab.VAE(device="tpu", **SMALL).fit(X)
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta"])
+def test_a_device_torch_cannot_use_here_is_refused_at_fit(device):
+    """Once torch's own error from the first tensor moved there (a RuntimeError, an
+    AssertionError, or for meta a failed ``.item()``)."""
+    if device != "meta" and getattr(torch, device).is_available():
+        pytest.skip(f"this machine has a {device} device")
+    with pytest.raises(ValueError, match=f"device '{device}' ") as refused:
+        vaelab.VAE(device=device, **SMALL).fit(X)
+    assert "\n" not in str(refused.value)
+
+
 def test_log_likelihood_is_above_the_elbo_and_reproducible(fitted):
     log_px = fitted.log_likelihood(X[:50], k=500)
     assert log_px.shape == (50,) and log_px.dtype == np.float64

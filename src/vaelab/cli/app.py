@@ -1,5 +1,7 @@
-"""The ``vaelab`` command: argument parsing and messages over the library, which does the work
-(``vaelab.runs.folder`` trains, ``vaelab.runs.apply`` evaluates, samples, reconstructs and encodes).
+"""The ``vaelab`` command: what each command line parsed by ``vaelab.cli.parser`` runs, and its
+messages, over the library, which does the work (``vaelab.runs.folder`` trains,
+``vaelab.runs.evaluate``, ``inference_gaps`` and ``outputs`` evaluate, sample, reconstruct and
+encode; the CLI only renders their typed results and translates a parameter's name to its flag).
 
     vaelab train DATA --out DIR [options]       train; DIR becomes a saved model
     vaelab evaluate DIR [--data DATA] [--json]  test-set ELBO, reconstruction and KL
@@ -21,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -32,8 +33,8 @@ from typing import Any, NoReturn
 
 import torch
 
-from vaelab import __version__
-from vaelab.data.sources import DATA_ENV, SOURCES
+from vaelab.cli.parser import PROG, UsageError, build_parser
+from vaelab.data.sources import DATA_ENV
 from vaelab.io.files import DiskFullError
 from vaelab.report.content import ReportBudget
 from vaelab.runs import folder as runs
@@ -41,7 +42,6 @@ from vaelab.runs import options as runconfig
 from vaelab.runs.evaluate import active_units_text, evaluate
 from vaelab.runs.inference_gaps import gap
 from vaelab.runs.model_data import (
-    SPLITS,
     ModelData,
     OpenedModel,
     model_data,
@@ -56,387 +56,7 @@ from vaelab.train.checkpoint import CheckpointError
 from vaelab.train.distributed import World, attempt
 from vaelab.train.progress import NonFiniteLossError, TrainingInterrupted
 
-PROG = "vaelab"
-# Where each group of RunConfig's options begins, for --help.
-GROUPS = {
-    "data_dir": "data",
-    "latent_dim": "model",
-    "epochs": "training",
-    "checkpoint_every": "checkpoints",
-}
-
-
-METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES", "latent": "N[,N]"}
-
-
-class UsageError(Exception):
-    """A command line argparse refused."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (raised, so ``main`` prints them) instead of usage."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}; see `{self.prog} --help`")
-
-
-def _formatter(prog: str) -> argparse.HelpFormatter:
-    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32)
-
-
-def _run_option(name: str) -> Any:
-    def parse(text: str) -> Any:
-        try:
-            return runconfig.convert(name, text)
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    parse.__name__ = name.replace("_", "-")  # argparse names the type in some messages
-    return parse
-
-
-def _default_text(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
-
-
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One option per ``RunConfig`` field, so --help, the TOML keys and config.json agree."""
-    group: Any = parser
-    for f in dataclasses.fields(runconfig.RunConfig):
-        if f.name == "data":
-            continue
-        if f.name in GROUPS:
-            group = parser.add_argument_group(f"{GROUPS[f.name]} options")
-        meta = f.metadata
-        default = _default_text(f.default)
-        if f.name == "data_dir":
-            default = f"${DATA_ENV}"
-        help_text = f"{meta['help']} (default: {default})"
-        if meta["kind"] == "bool":  # a switch: --compile / --no-compile
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=argparse.SUPPRESS,
-                help=f"{meta['help']} (default: off)",
-            )
-            continue
-        metavar = METAVARS[meta["kind"].rstrip("?")] if f.name != "data_dir" else "DIR"
-        if meta["choices"]:
-            metavar = "{" + ",".join(meta["choices"]) + "}"
-        group.add_argument(
-            "--" + f.name.replace("_", "-"),
-            dest=f.name,
-            type=_run_option(f.name),
-            default=argparse.SUPPRESS,
-            metavar=metavar,
-            help=help_text,
-        )
-
-
-def build_parser() -> Parser:
-    common = Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    common.add_argument(
-        "--threads",
-        type=int,
-        metavar="N",
-        help="CPU threads for torch (default: torch's choice, one per core); on a machine others "
-        "share, 1 keeps small models from waiting on busy cores",
-    )
-
-    def parallel(what: str) -> Parser:
-        found = Parser(add_help=False)
-        found.add_argument(
-            "--nproc",
-            type=int,
-            metavar="N",
-            help=f"{what} on N worker processes on this machine, started by torch's launcher "
-            "(torch.distributed.run), one thread each unless --threads says otherwise; for "
-            "several machines use torchrun (see the README)",
-        )
-        return found
-
-    parser = Parser(
-        prog=PROG,
-        description="Variational autoencoders from the command line.",
-        formatter_class=_formatter,
-        epilog=f"Run `{PROG} COMMAND --help` for the options of each command.",
-    )
-    parser.add_argument(
-        "--version",
-        action="version",
-        version=f"{PROG} {__version__} (torch {torch.__version__})",
-        help="print the versions of vaelab and torch",
-    )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    train = commands.add_parser(
-        "train",
-        parents=[common, parallel("train data-parallel (DistributedDataParallel)")],
-        formatter_class=_formatter,
-        help="train a model; the output folder is itself a saved model",
-        description=(
-            "Train a VAE on DATA and save it in DIR (open it with vaelab.load(DIR)).\n\n"
-            f"DATA is a data set name ({', '.join(SOURCES)}) or a path to\n"
-            "a .npy / .npz / .csv file, a folder of images or an IDX file.\n\n"
-            "Options come from the defaults, then --config FILE.toml (keys as the long option\n"
-            "names, e.g. latent-dim = 16, hidden = [400, 400]), then the command line. DIR gets\n"
-            "config.json (the resolved options), checkpoint.safetensors, metrics.jsonl,\n"
-            "tensorboard/ and, when training ends, the model (model.safetensors, vaelab.json).\n"
-            "Ctrl-C saves a checkpoint; --resume continues from it exactly.\n\n"
-            "--nproc N trains on N workers, each taking its share of every batch of\n"
-            "--batch-size examples (the global batch); the run is the same as on one process\n"
-            "up to the order of floating-point sums, and resumes on any number of workers."
-        ),
-    )
-    train.add_argument("data", metavar="DATA", nargs="?", help="data set name or path")
-    train.add_argument(
-        "--out", "-o", required=True, metavar="DIR", help="run folder (new, or resumed)"
-    )
-    train.add_argument("--config", metavar="FILE.toml", help="read options from a TOML file")
-    train.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in DIR from its last checkpoint, with its saved configuration",
-    )
-    train.add_argument(
-        "--quiet", "-q", action="store_true", help="no progress bar: one log line per epoch"
-    )
-    add_train_options(train)
-    train.set_defaults(handler=cmd_train)
-
-    reading = Parser(add_help=False)  # every command that reads a saved model
-    reading.add_argument(
-        "model", metavar="DIR", help="a model folder (vaelab train --out / VAE.save)"
-    )
-    reading.add_argument(
-        "--device",
-        metavar="NAME",
-        help="auto, cpu or cuda (default: where the model was trained when that device exists "
-        "here, else the CPU)",
-    )
-    with_data = Parser(add_help=False)  # ... and data
-    with_data.add_argument(
-        "--data",
-        metavar="DATA",
-        help="a data set name or path (default: the data the model was trained on)",
-    )
-    with_data.add_argument(
-        "--split",
-        choices=SPLITS,
-        help="which examples: the model's own test split by default (for its training data and "
-        "for named data sets), all examples of another file",
-    )
-    _data_dir_option(with_data)
-    long_work = Parser(add_help=False)  # ... and may take a while
-    long_work.add_argument(
-        "--quiet", "-q", action="store_true", help="no progress bars (shown on a terminal)"
-    )
-    evaluating = [common, reading, with_data]
-
-    evaluate = commands.add_parser(
-        "evaluate",
-        parents=[
-            *evaluating,
-            long_work,
-            parallel(
-                "split the examples among workers (the numbers are those of one process): run IWAE and AIS"
-            ),
-        ],
-        help="test-set ELBO, KL and reconstruction of a saved model",
-        description=(
-            "Mean ELBO (a lower bound on log p(x)), reconstruction term and KL, in nats per example, "
-            "on the model's own test split (another with --split or --data). Data is scaled and "
-            "binarised as it was for training."
-        ),
-    )
-    evaluate.add_argument(
-        "--json", action="store_true", help="print one JSON object instead of a table"
-    )
-    evaluate.add_argument(
-        "--samples", type=int, default=16, metavar="L",
-        help="Monte Carlo samples per example for the reconstruction term (default: 16)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--k", type=int, metavar="K",
-        help="also estimate log p(x) by importance sampling with K samples per example (IWAE-K, "
-        "e.g. 5000), with its standard error, and bits per dimension where they are defined",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--ais", type=int, metavar="S",
-        help="also estimate log p(x) by annealed importance sampling with S intermediate "
-        "distributions and HMC transitions (Neal 2001; Wu et al. 2017): tighter than IWAE at "
-        "large S (e.g. 3000) and far slower, so pair it with --examples",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--ais-chains", type=int, default=16, metavar="C",
-        help="independent AIS chains per example (default: 16)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--examples", type=int, metavar="N",
-        help="evaluate a random subset of N examples (seeded: the same every time)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--per-example", metavar="FILE.npz",
-        help="also write each example's numbers (float64 arrays elbo, and iwae / ais when "
-        "asked, in the order of the examples evaluated) to an .npz file",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--no-diagnostics", action="store_true",
-        help="leave out the collapse diagnostics (active units, KL per dimension, I(x; z), rate, "
-        "distortion)",
-    )  # fmt: skip
-    evaluate.add_argument(
-        "--compile", action="store_true",
-        help="run the decoder's log p(x|z) through torch.compile (faster IWAE / AIS / ELBO after "
-        "a compilation of seconds to a minute; the same numbers to float rounding)",
-    )  # fmt: skip
-    evaluate.set_defaults(handler=cmd_evaluate)
-
-    gap = commands.add_parser(
-        "gap",
-        parents=[
-            *evaluating,
-            long_work,
-            parallel(
-                "split the examples among workers (the numbers are those of one process): run the gaps"
-            ),
-        ],
-        help="approximation and amortisation gaps of a saved model",
-        description=(
-            "The inference gap (Cremer, Li & Duvenaud 2018) on a random subset of N examples: "
-            "log p(x) − ELBO(amortised q) split into the approximation gap log p(x) − ELBO(q*), "
-            "where q* is the best member of a family for each example (optimised with the decoder "
-            "frozen), and the amortisation gap ELBO(q*) − ELBO(amortised q); for each family that "
-            "contains the amortised q (diagonal and full covariance for a diagonal encoder, full "
-            "only for a full one), in nats per example with standard errors."
-        ),
-    )
-    gap.add_argument("--n", type=int, default=500, metavar="N", help="examples (default: 500)")
-    gap.add_argument(
-        "--k", type=int, default=5000, metavar="K",
-        help="importance samples for log p(x) (default: 5000)",
-    )  # fmt: skip
-    gap.add_argument(
-        "--steps", type=int, default=2000, metavar="S",
-        help="optimisation steps of the per-example q* (default: 2000)",
-    )  # fmt: skip
-    gap.add_argument(
-        "--ais", action="store_true",
-        help="estimate log p(x) by annealed importance sampling instead of IWAE-K",
-    )  # fmt: skip
-    gap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    gap.set_defaults(handler=cmd_gap)
-
-    budget = ReportBudget()
-    report = commands.add_parser(
-        "report",
-        parents=[*evaluating, long_work],
-        help="one self-contained HTML page about a saved model",
-        description=(
-            "Write DIR/report.html: training curves, a metrics table (ELBO, IWAE-K, inference "
-            "gaps, active units, I(x; z)), samples, reconstructions, the latent space coloured by "
-            "label, the 2-D latent manifold, interpolations and the KL per dimension. The default "
-            "budget takes about a minute on 10,000 MNIST images: IWAE on a random subset, the "
-            "gaps on a smaller one; the options below buy more."
-        ),
-    )
-    report.add_argument(
-        "--out", "-o", metavar="FILE.html", help="output file (default: DIR/report.html)"
-    )
-    report.add_argument(
-        "--k", type=int, default=budget.k, metavar="K",
-        help=f"importance samples of the IWAE-K estimate; 0 leaves it out (default: {budget.k})",
-    )  # fmt: skip
-    report.add_argument(
-        "--iwae-examples", type=_count_or_all, default=budget.iwae_examples, metavar="N",
-        help="random examples for IWAE-K, or 'all' (default: "
-        f"{budget.iwae_examples})",
-    )  # fmt: skip
-    report.add_argument(
-        "--gap-examples", type=int, default=budget.gap_examples, metavar="N",
-        help=f"random examples for the inference gaps; 0 leaves them out (default: "
-        f"{budget.gap_examples})",
-    )  # fmt: skip
-    report.add_argument(
-        "--gap-steps", type=int, default=budget.gap_steps, metavar="S",
-        help=f"optimisation steps of each example's q* (default: {budget.gap_steps})",
-    )  # fmt: skip
-    report.add_argument(
-        "--gap-k", type=int, default=budget.gap_k, metavar="K",
-        help=f"importance samples of the gaps' log p(x) (default: {budget.gap_k})",
-    )  # fmt: skip
-    report.set_defaults(handler=cmd_report)
-
-    sample = commands.add_parser(
-        "sample",
-        parents=[common, reading],
-        help="draw samples from a saved model",
-        description=(
-            "Decoder means at z ~ p(z): a PNG grid (image data) or an [n, ...] .npy array. A "
-            "conditional model draws z ~ p(z|y) and decodes given y, the class --label."
-        ),
-    )
-    sample.add_argument(
-        "-n", type=int, default=64, metavar="N", help="how many samples (default: 64)"
-    )
-    sample.add_argument("--out", "-o", required=True, metavar="FILE", help="output .png or .npy")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the draws (default: 0)")
-    sample.add_argument(
-        "--label", metavar="CLASS",
-        help="the class to draw, for a conditional model (a label of its data, or a class "
-        "folder's name)",
-    )  # fmt: skip
-    sample.set_defaults(handler=cmd_sample)
-
-    reconstruct = commands.add_parser(
-        "reconstruct",
-        parents=evaluating,
-        help="reconstruct examples through a saved model",
-        description=(
-            "N random examples of DATA (rows of originals) over their reconstructions E[x|z] at "
-            "the posterior mean, as a PNG; or a [2, N, ...] .npy array (originals, reconstructions)."
-        ),
-    )
-    reconstruct.add_argument(
-        "--out", "-o", required=True, metavar="FILE.png", help="output .png or .npy"
-    )
-    reconstruct.add_argument(
-        "-n", type=int, default=10, metavar="N", help="how many examples (default: 10)"
-    )
-    reconstruct.set_defaults(handler=cmd_reconstruct)
-
-    encode = commands.add_parser(
-        "encode",
-        parents=evaluating,
-        help="posterior means of every example, as .npy",
-        description="Posterior means E_q[z|x] of every example of DATA, [n, latent] float32, in file order.",
-    )
-    encode.add_argument("--out", "-o", required=True, metavar="Z.npy", help="output .npy file")
-    encode.set_defaults(handler=cmd_encode)
-    return parser
-
-
-def _count_or_all(text: str) -> int | None:
-    if text.strip().lower() == "all":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a number of examples or 'all', got {text!r}"
-        ) from None
-
-
-def _data_dir_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data-dir",
-        metavar="DIR",
-        help=f"folder of named data sets (default: ${DATA_ENV}, else the one used for training)",
-    )
+__all__ = ["COMMANDS", "build_parser", "main", "run"]
 
 
 # ------------------------------------------------------------------------------------ commands
@@ -689,6 +309,17 @@ def _write_from_examples(
     return 0
 
 
+COMMANDS: dict[str, Callable[[argparse.Namespace, World], int]] = {
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "gap": cmd_gap,
+    "report": cmd_report,
+    "sample": cmd_sample,
+    "reconstruct": cmd_reconstruct,
+    "encode": cmd_encode,
+}
+
+
 # A library parameter whose flag is not --<parameter> (per command where they differ).
 _FLAGS = {
     ("evaluate", "ais_steps"): "--ais",
@@ -829,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _launch(args, arguments)
         _set_threads(args.threads, worker)
         with _one_line_warnings(), distributed.session() as world:
-            return int(args.handler(args, world))
+            return COMMANDS[args.command](args, world)
     except SystemExit as exit_:  # --help
         return exit_.code if isinstance(exit_.code, int) else 0
     except UsageError as error:

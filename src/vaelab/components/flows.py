@@ -251,45 +251,71 @@ def planar_log_det(a: torch.Tensor, one_plus_m: torch.Tensor) -> torch.Tensor:
     ) - 2.0 * torch.log1p(e)
 
 
+@torch.library.custom_op("vaelab::planar_root_value", mutates_args=())
+def _planar_root_value(
+    c: torch.Tensor, b: torch.Tensor, m: torch.Tensor, one_plus_m: torch.Tensor
+) -> torch.Tensor:
+    """The root α of :func:`_planar_root`, without gradients: Newton steps kept inside a shrinking
+    bracket, bisection where a step would leave it or would not halve the step before (Press et
+    al., "Numerical Recipes", ``rtsafe``), until α is known to float precision.
+
+    One operation to ``torch.compile`` (``--compile``), a custom op whose output is shaped like
+    its broadcast inputs: the loop stops as soon as every root has converged, a test on data that
+    TorchDynamo cannot trace. Traced, it split the graph at every iteration, which took tens of
+    seconds and printed a 27-line graph-break warning; kept out with ``torch.compiler.disable``,
+    it still split the graph around each call. As an opaque operation the graph stays whole, and
+    the differentiable Newton step after it is compiled with the rest.
+    """
+    lo, hi = c - m.abs(), c + m.abs()
+    alpha = c.clone()
+    previous = hi - lo  # the size of the step before
+    eps = torch.finfo(c.dtype).eps
+    for _ in range(_ROOT_ITERATIONS):
+        residual = alpha + m * torch.tanh(alpha + b) - c
+        lo = torch.where(residual < 0, alpha, lo)
+        hi = torch.where(residual > 0, alpha, hi)
+        step = residual / planar_log_det(alpha + b, one_plus_m).exp()
+        newton = alpha - step
+        # Newton where it lands inside the bracket and at least halves the step before;
+        # else bisection. Without the second condition Newton can swing from one side of the
+        # root to the other where tanh bends, shrinking the bracket by a little each time.
+        fast = (newton > lo) & (newton < hi) & (2.0 * step.abs() <= previous)
+        following = torch.where(fast, newton, 0.5 * (lo + hi))
+        previous = (following - alpha).abs()
+        # Converged when a step moves α by at most one unit in its last place, or the bracket
+        # is down to neighbouring floats. Relative to |α|, not 1 + |α|: û may be ~10⁶ times
+        # larger than α, and z = y − û tanh(α + b) needs α's every digit.
+        size = torch.maximum(following.abs(), alpha.abs())
+        done = ((following - alpha).abs() <= eps * size) | (
+            hi - lo <= eps * torch.maximum(lo.abs(), hi.abs())
+        )
+        alpha = following
+        if bool(done.all()):
+            break
+    return alpha
+
+
+@_planar_root_value.register_fake
+def _planar_root_shape(
+    c: torch.Tensor, b: torch.Tensor, m: torch.Tensor, one_plus_m: torch.Tensor
+) -> torch.Tensor:
+    """What tracing sees of :func:`_planar_root_value`: a tensor of the broadcast shape."""
+    shape = torch.broadcast_shapes(c.shape, b.shape, m.shape, one_plus_m.shape)
+    return c.new_empty(shape)
+
+
 def _planar_root(
     c: torch.Tensor, b: torch.Tensor, m: torch.Tensor, one_plus_m: torch.Tensor
 ) -> torch.Tensor:
     """The α with g(α) = α + m tanh(α + b) = c, for a planar inverse along w (α = wᵀz).
 
     g′(α) = 1 + m sech²(α + b) > 0 for m > −1, so g is strictly increasing, and |tanh| < 1 puts
-    the single root in [c − |m|, c + |m|] (Rezende & Mohamed 2015, Appendix A.1). Newton steps
-    kept inside a shrinking bracket, bisection where a step would leave it or would not halve
-    the step before (Press et al., "Numerical Recipes", ``rtsafe``), run without gradients to float precision. Then the gradient of
+    the single root in [c − |m|, c + |m|] (Rezende & Mohamed 2015, Appendix A.1). The root is
+    found to float precision without gradients (:func:`_planar_root_value`). Then the gradient of
     one Newton step from the root: the implicit-function derivative −(∂g/∂θ) / g′, exact at the
     root, attached to the root's value.
     """
-    with torch.no_grad():
-        lo, hi = c - m.abs(), c + m.abs()
-        alpha = c.clone()
-        previous = hi - lo  # the size of the step before
-        eps = torch.finfo(c.dtype).eps
-        for _ in range(_ROOT_ITERATIONS):
-            residual = alpha + m * torch.tanh(alpha + b) - c
-            lo = torch.where(residual < 0, alpha, lo)
-            hi = torch.where(residual > 0, alpha, hi)
-            step = residual / planar_log_det(alpha + b, one_plus_m).exp()
-            newton = alpha - step
-            # Newton where it lands inside the bracket and at least halves the step before;
-            # else bisection. Without the second condition Newton can swing from one side of the
-            # root to the other where tanh bends, shrinking the bracket by a little each time.
-            fast = (newton > lo) & (newton < hi) & (2.0 * step.abs() <= previous)
-            following = torch.where(fast, newton, 0.5 * (lo + hi))
-            previous = (following - alpha).abs()
-            # Converged when a step moves α by at most one unit in its last place, or the bracket
-            # is down to neighbouring floats. Relative to |α|, not 1 + |α|: û may be ~10⁶ times
-            # larger than α, and z = y − û tanh(α + b) needs α's every digit.
-            size = torch.maximum(following.abs(), alpha.abs())
-            done = ((following - alpha).abs() <= eps * size) | (
-                hi - lo <= eps * torch.maximum(lo.abs(), hi.abs())
-            )
-            alpha = following
-            if bool(done.all()):
-                break
+    alpha = _planar_root_value(c.detach(), b.detach(), m.detach(), one_plus_m.detach())
     residual = alpha + m * torch.tanh(alpha + b) - c
     # Only the gradient of this step is wanted: its value, a rounding-level residual over a slope
     # that may be tiny where the layer is nearly singular, is dropped, so the root stays the

@@ -56,7 +56,14 @@ EVAL_SEED = 20131220  # salt of the per-example evaluation noise (vaelab.objecti
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` is CUDA when available, else the CPU; anything else is passed to ``torch.device``
     and must exist here (a ``ValueError`` says so, rather than torch failing at the first
-    tensor moved there)."""
+    tensor moved there).
+
+    CUDA devices are checked against ``torch.cuda``; any other kind (``mps``, ``xpu``, …) by
+    allocating an empty tensor there, the one test every backend answers the same way (torch
+    raises a ``RuntimeError`` for mps and an ``AssertionError`` for xpu when it was built
+    without them). ``meta`` always allocates but holds no data, so nothing can be trained or
+    evaluated on it.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -72,6 +79,16 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(
             f"device {device!r} does not exist: torch sees {torch.cuda.device_count()} CUDA GPU(s)"
         )
+    if resolved.type == "meta":
+        raise ValueError(f"device {device!r} holds no data; use device='cpu' or 'auto'")
+    if resolved.type not in ("cpu", "cuda"):
+        try:
+            torch.empty(0, device=resolved)
+        except Exception:  # backends disagree on what they raise (see above)
+            raise ValueError(
+                f"device {device!r} is not available here (this torch cannot use it); "
+                "use device='cpu' or 'auto'"
+            ) from None
     return resolved
 
 

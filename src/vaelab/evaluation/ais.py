@@ -39,7 +39,8 @@ them backwards, so both directions apply the same transitions T_t, as BDMC presc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -204,8 +205,32 @@ class _State(NamedTuple):
     grad_lik: torch.Tensor
 
 
+@contextmanager
+def _without_argument_checks() -> Iterator[None]:
+    """torch.distributions' argument validation off for the block, as it was after it.
+
+    The checks guard a user's inputs; the codes the sampler evaluates are its own. A leapfrog
+    trajectory that diverges lands on NaN or infinite codes, or on codes so large that the
+    decoder's parameters are NaN; validation would raise there (``Expected value argument … to
+    be within the support``), before the Metropolis test could reject the step as it must.
+    Instances built without ``validate_args`` read the class default when they check, so this
+    covers the prior already built as well as the likelihood built inside ``log_prob``.
+    """
+    validating = Distribution._validate_args
+    Distribution.set_default_validate_args(False)
+    try:
+        yield
+    finally:
+        Distribution.set_default_validate_args(validating)
+
+
 class _Target:
-    """log p(z) and log p(x|z) for fixed x, evaluated with their gradients in z."""
+    """log p(z) and log p(x|z) for fixed x, evaluated with their gradients in z.
+
+    A code that is not finite has log p(z) = log p(x|z) = −∞ (its density is 0 on the real
+    line), whatever the distributions make of it, so a proposal reaching one is rejected by
+    :func:`_hmc`; energies that come out NaN (NaN decoder parameters) are rejected there too.
+    """
 
     def __init__(self, x: torch.Tensor, prior: Distribution, likelihood: Likelihood) -> None:
         self.x, self.prior, self.likelihood = x, prior, likelihood
@@ -213,7 +238,7 @@ class _Target:
     def __call__(self, z: torch.Tensor) -> _State:
         # Two leaves holding the same z give the two gradients separately from one backward
         # pass: the state is reused at the next, different, temperature.
-        with torch.enable_grad():
+        with torch.enable_grad(), _without_argument_checks():
             z_prior = z.detach().requires_grad_(True)
             z_lik = z.detach().requires_grad_(True)
             log_prior = self.prior.log_prob(z_prior)  # [chains, batch]
@@ -221,7 +246,10 @@ class _Target:
             grad_prior, grad_lik = torch.autograd.grad(
                 log_prior.sum() + log_lik.sum(), (z_prior, z_lik)
             )
-        return _State(z.detach(), log_prior.detach(), log_lik.detach(), grad_prior, grad_lik)
+        finite = torch.isfinite(z).flatten(2).all(-1)  # [chains, batch]
+        log_prior = torch.where(finite, log_prior.detach(), -math.inf)
+        log_lik = torch.where(finite, log_lik.detach(), -math.inf)
+        return _State(z.detach(), log_prior, log_lik, grad_prior, grad_lik)
 
 
 def _where(mask: torch.Tensor, new: _State, old: _State) -> _State:

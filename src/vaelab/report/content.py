@@ -278,9 +278,28 @@ def _latent_words(document: dict[str, Any]) -> str:
     return "stochastic layers " + ", ".join(f"z{i} ({d})" for i, d in enumerate(latent, 1))
 
 
+def _check_output(out: Path) -> None:
+    """Refuse an ``out`` that is not a file in a folder that exists, naming the parameter."""
+    if out.is_dir():
+        raise ParameterError(
+            "out", f"{out} is a folder; give a file name such as {out / REPORT_FILE}"
+        )
+    if not out.parent.is_dir():
+        raise ParameterError(
+            "out", f"{out} is in a folder that does not exist; create {out.parent} first"
+        )
+
+
 def write_model_report(
     folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
 ) -> Path:
-    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``)."""
+    """Write the report of the model in ``folder`` to ``out`` (default ``folder/report.html``).
+
+    A given ``out`` is checked first, as ``vaelab sample`` and ``encode`` check theirs: building
+    the report evaluates the model and draws every figure, minutes of work that an output that
+    cannot be written would throw away at the end.
+    """
+    if out is not None:
+        _check_output(Path(out))
     target = Path(out) if out is not None else Path(folder) / REPORT_FILE
     return write_report(target, build_report(folder, **options))
