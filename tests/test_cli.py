@@ -472,6 +472,7 @@ def binary_data(tmp_path) -> Path:
     return _npy(tmp_path / "x.npy", 0.25 + 0.5 * x)  # grey values: dynamic binarisation draws
 
 
+@pytest.mark.slow
 def test_a_run_killed_or_interrupted_mid_epoch_resumes_to_bit_identical_weights(
     tmp_path, binary_data, capsys
 ):

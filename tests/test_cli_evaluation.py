@@ -257,6 +257,7 @@ def test_gap_and_report_of_a_full_covariance_model(tmp_path, capsys):
     assert "approximation gap (full)" in html and "(diagonal)" not in html
 
 
+@pytest.mark.slow
 def test_long_evaluation_shows_progress_on_a_terminal_and_quiet_hides_it(trained, tmp_path):
     """Progress bars go to stderr when it is a terminal (a pseudo-terminal here), not with
     --quiet, and never into --json's stdout."""

@@ -603,7 +603,7 @@ def test_command_line_refusals_are_one_line(trained, capsys, tmp_path):
             ("sample", trained, "--label", "12", "--out", tmp_path / "s.npy"),
             "--label 12 is not one",
         ),
-        (("sample", trained, "--out", tmp_path / "s.npy"), "choose the class to draw with --label"),
+        (("sample", trained, "--out", tmp_path / "s.npy"), "--label must name the class to draw"),
         (("evaluate", trained, "--data", unlabelled), "reads each example's class label"),
     ]
     plain = tmp_path / "plain"
@@ -619,6 +619,7 @@ def test_command_line_refusals_are_one_line(trained, capsys, tmp_path):
     assert not (tmp_path / "s.npy").exists()
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_conditional_model_one_process_trains(tmp_path, capsys):
     """Each worker binds its share's labels: one and two workers differ only in the order of
     floating-point sums."""

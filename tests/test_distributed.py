@@ -98,6 +98,7 @@ def _workers(parent: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers in /proc")
 def test_a_worker_killed_mid_epoch_resumes_to_the_bytes_of_an_uninterrupted_run(
     two_workers, tmp_path, capsys
@@ -190,6 +191,7 @@ def _stop_at_once(trainer: Trainer) -> Iterator[None]:
     yield
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a Linux parent-death signal")
 def test_workers_die_with_a_killed_launcher_and_leave_the_run_free_to_resume(
     tmp_path, capsys, monkeypatch
@@ -250,6 +252,7 @@ if os.environ.get("RANK") == "1":
 """
 
 
+@pytest.mark.slow
 def test_a_failing_worker_stops_the_run_in_one_line_within_seconds(tmp_path):
     """Worker 1 meets bad data at step 31 (injected where it reads its share): its message,
     prefixed with its rank, is the one line printed; exit 2; the other worker, waiting in the
@@ -299,6 +302,7 @@ def test_the_worker_a_signal_killed_first_is_named_not_the_one_the_launcher_stop
     assert line == "vaelab: error: worker 3 (pid 7) was killed by SIGTERM, which stopped the others"
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_gives_every_example_the_bytes_of_one_process(
     two_workers, tmp_path, capsys
 ):
@@ -463,6 +467,7 @@ def test_rows_of_a_fortran_ordered_file_and_of_a_forked_reader(tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+@pytest.mark.slow
 def test_a_failed_worker_ends_at_once_and_a_lone_process_exits_normally(tmp_path):
     """`python -m vaelab` as a worker of two whose command fails prints its one line and ends
     with os._exit (no interpreter shutdown, where a live gloo group can abort with a C++ line);

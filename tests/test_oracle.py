@@ -19,6 +19,7 @@ from vaelab.evaluation.ppca import ppca_max_log_likelihood, random_linear_gaussi
 TOLERANCE = 0.05  # nats per example
 
 
+@pytest.mark.slow
 def test_linear_vae_reaches_the_ppca_maximum_likelihood():
     truth = random_linear_gaussian(10, 2, noise_var=0.5, seed=0)
     x, _ = truth.sample(5000, torch.Generator().manual_seed(1))
@@ -32,6 +33,7 @@ def test_linear_vae_reaches_the_ppca_maximum_likelihood():
     assert best - TOLERANCE < float(elbo.mean()) < best + 4 * standard_error, (elbo.mean(), best)
 
 
+@pytest.mark.slow
 def test_iwae_training_and_an_iaf_posterior_reach_the_ppca_maximum_likelihood():
     """Both families contain the optimum (Lucas et al. 2019: the pPCA posterior is diagonal in
     the right rotation; an IAF with z-independent steps is a diagonal Gaussian): a linear model

@@ -27,6 +27,7 @@ TINY = ["--epochs", "2", "--hidden", "16", "--latent-dim", "2", "--batch-size", 
 # ---------------------------------------------------------------------- one process per folder
 
 
+@pytest.mark.slow
 def test_of_two_processes_started_on_one_folder_one_trains_and_the_other_names_it(tmp_path, capsys):
     x = np.random.default_rng(0).random((400, 4)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)

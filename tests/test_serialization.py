@@ -41,7 +41,7 @@ def saved(fitted, tmp_path) -> Path:
         ("full", "learnable", "laplace"),
         ("diagonal", "normal", "gaussian-per-dimension"),
         ("planar", "learnable", "bernoulli"),
-        ("iaf", "vamp", "gaussian"),
+        pytest.param("iaf", "vamp", "gaussian", marks=pytest.mark.slow),  # 10 s
     ],
 )
 def test_round_trip_is_bit_identical(posterior, prior, likelihood, tmp_path):

@@ -74,26 +74,28 @@ def class_of(estimator: Any, document: dict[str, Any], label: str | None) -> Any
     conditional."""
     classes = getattr(estimator, "classes_", None)
     if not estimator.model_.condition_dim:
-        raise RunError(
-            "--label picks a class of a conditional model, and this model is not conditional "
-            "(train with --conditional)"
+        raise ParameterError(
+            "label",
+            "picks a class of a conditional model, and this model is not conditional (train "
+            "with conditional = true)",
         )
     if classes is None:
-        raise RunError(
-            "this conditional model was trained on condition vectors, which --label cannot "
-            "give; use the library (vaelab.load(DIR).sample(n, y=...))"
+        raise ParameterError(
+            "label",
+            "cannot give the condition vectors this conditional model was trained on; use the "
+            "library (vaelab.load(DIR).sample(n, y=...))",
         )
     names = class_names(estimator, document)
     shown = ", ".join(names)
     if label is None:
-        raise RunError(
-            f"this model is conditional: choose the class to draw with --label ({shown})"
+        raise ParameterError(
+            "label", f"must name the class to draw, since this model is conditional ({shown})"
         )
     # Names only: an image folder's classes are its folders' positions, and reading a label as
     # a position too would make --label 1 the second folder whenever folders are named by number.
     if label.strip() in names:
         return classes[names.index(label.strip())]
-    raise RunError(f"--label {label} is not one of this model's classes ({shown})")
+    raise ParameterError("label", f"{label} is not one of this model's classes ({shown})")
 
 
 def class_names(estimator: Any, document: dict[str, Any]) -> list[str]:
