@@ -179,6 +179,7 @@ def test_compiled_evaluation_gives_the_estimates_of_eager_evaluation():
     assert set(fast.state_dict()) == set(eager.state_dict())  # saving is unchanged
 
 
+@pytest.mark.slow
 def test_a_planar_posteriors_inverse_compiles_without_a_graph_break(capfd):
     """The STL ELBO of a planar posterior evaluates log q(z) through the flow's inverse, whose
     root search loops until it converges. Traced by TorchDynamo (its own "eager" backend: no C++

@@ -25,6 +25,7 @@ from vaelab.evaluation.diagnostics import CollapseDiagnostics, collapse_diagnost
 from vaelab.evaluation.loglik import log_likelihood, standard_error
 from vaelab.runs.model_data import (
     CHUNK,
+    Examined,
     ModelData,
     OpenedModel,
     conditions_of,
@@ -92,15 +93,11 @@ class AisEstimate:
 
 
 @dataclass(frozen=True)
-class Evaluation:
+class Evaluation(Examined):
     """What ``evaluate`` found about one model on one set of examples. ``per_example`` holds
     each example's float64 numbers (``elbo``, and ``iwae`` / ``ais`` when computed) in the order
     of the examples evaluated."""
 
-    model: str
-    data: str
-    split: str
-    examples_described: str
     elbo: ElboEstimate
     iwae: IwaeEstimate | None = None
     ais: AisEstimate | None = None
@@ -207,10 +204,7 @@ def evaluate(
     if diagnostics:
         collapse, diagnostic_examples = diagnose(opened, examples, progress)
     return Evaluation(
-        model=str(opened.folder),
-        data=examples.source,
-        split=examples.which,
-        examples_described=examples.description,
+        **Examined.fields_of(opened, examples),
         elbo=elbo,
         iwae=iwae,
         ais=annealed,

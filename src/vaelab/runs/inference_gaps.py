@@ -14,7 +14,7 @@ from vaelab.evaluation.ais import ais
 from vaelab.evaluation.gap import InferenceGap, families_containing, inference_gap
 from vaelab.evaluation.loglik import LogLikelihoodEstimate
 from vaelab.model.vae_model import given_rows
-from vaelab.runs.model_data import ModelData, OpenedModel, conditions_of
+from vaelab.runs.model_data import Examined, ModelData, OpenedModel, conditions_of
 from vaelab.runs.options import ParameterError, check_at_least
 from vaelab.train.distributed import SINGLE, World
 
@@ -22,15 +22,11 @@ GAP_GROUP = 250  # examples per inference-gap computation (their q* are optimise
 
 
 @dataclass(frozen=True)
-class GapEvaluation:
+class GapEvaluation(Examined):
     """The inference gaps of one model on ``examples`` examples, one ``InferenceGap`` per
     variational family that contains the amortised posterior, simplest first; they share one
     log p̂(x), estimated by ``log_px_method``."""
 
-    model: str
-    data: str
-    split: str
-    examples_described: str
     examples: int
     log_px_method: str
     families: dict[str, InferenceGap]
@@ -110,10 +106,7 @@ def gap(
     estimates = {family: _joined_gap(family, [p[family] for p in parts]) for family in families}
     log_px_method = estimates[families[-1]].log_px_method
     return GapEvaluation(
-        model=str(opened.folder),
-        data=examples.source,
-        split=examples.which,
-        examples_described=examples.description,
+        **Examined.fields_of(opened, examples),
         examples=count,
         log_px_method=log_px_method,
         families={family: estimates[family] for family in families},

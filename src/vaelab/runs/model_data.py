@@ -156,6 +156,26 @@ class ModelData:
         return dataclasses.replace(self, split=split, subset_of=self.subset_of or total)
 
 
+@dataclass(frozen=True)
+class Examined:
+    """Which model a result is of and on which examples, as every typed result states it."""
+
+    model: str  # the model folder
+    data: str  # the data source
+    split: str  # "test split", "all examples", ...
+    examples_described: str  # the source, the split and how many examples, in words
+
+    @staticmethod
+    def fields_of(opened: OpenedModel, examples: ModelData) -> dict[str, str]:
+        """The fields for ``opened``'s model on ``examples``, to build a result with."""
+        return {
+            "model": str(opened.folder),
+            "data": examples.source,
+            "split": examples.which,
+            "examples_described": examples.description,
+        }
+
+
 def _keyed_bernoulli(x: np.ndarray, seed: int) -> np.ndarray:
     """One Bernoulli(x) draw of every value, each example's uniforms from its own stream."""
     values = torch.from_numpy(x)
