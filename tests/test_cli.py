@@ -457,6 +457,23 @@ def test_the_installed_command_reports_a_mistake_in_one_line(tmp_path):
     assert "nope.npy" in run.stderr and not (tmp_path / "run").exists()
 
 
+def test_an_error_message_quoting_a_whole_tensor_is_cut_to_a_short_line(capsys, monkeypatch):
+    """torch's argument checks quote whole tensors (AIS once printed 11 kB on its "one line"):
+    the line keeps its start, says how long the message was and where the rest is."""
+    from vaelab.runs import options
+
+    message = "Expected value argument " + "0.1234, " * 2000 + "to be in the support"
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise ValueError(message)
+
+    monkeypatch.setattr(options, "read_config_file", fail)
+    code, out, err = vaelab_cli(capsys, "train", "digits", "--out", "x", "--config", "c.toml")
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("vaelab: error: Expected value argument 0.1234")
+    assert len(err) < 750 and f"({len(message):,} characters; --debug shows them all)" in err
+
+
 # ------------------------------------------------------------------------ kill, Ctrl-C, resume
 
 KILL_ARGS = [

@@ -348,8 +348,16 @@ def _data_dir(args: argparse.Namespace) -> str | None:
 # ---------------------------------------------------------------------------------------- main
 
 
+LINE_LIMIT = 600  # characters of an error line: torch's messages can quote whole tensors
+
+
 def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+    """The error's message on one line, cut at ``LINE_LIMIT`` characters (``--debug`` shows the
+    whole traceback)."""
+    line = " ".join(str(error).split()) or type(error).__name__
+    if len(line) <= LINE_LIMIT:
+        return line
+    return f"{line[:LINE_LIMIT].rstrip()} … ({len(line):,} characters; --debug shows them all)"
 
 
 def _set_threads(threads: int | None, worker: bool) -> None:
