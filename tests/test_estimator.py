@@ -446,3 +446,24 @@ def test_a_count_in_the_place_of_y_is_refused_naming_the_keyword_it_meant(fitted
             call()
         message = str(refused.value)
         assert "the second positional argument is y" in message and words in message, message
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"objective": "iwae", "k": 3.0},
+        {"epochs": 1.5},
+        {"batch_size": True},
+        {"samples": 2.0},
+    ],
+)
+def test_counts_of_training_are_integers(options):
+    """``k=3.0`` once trained as k = 3; a count that is not an integer is refused by name."""
+    name = next(key for key in options if key != "objective")
+    with pytest.raises(ValueError, match=f"{name} must be an integer, got "):
+        vaelab.VAE(**{**SMALL, **options}).fit(X)
+
+
+def test_numpy_integer_counts_train():
+    model = vaelab.VAE(**{**SMALL, "objective": "iwae", "k": np.int64(2), "epochs": np.int32(1)})
+    assert np.isfinite(model.fit(X).history_[-1].elbo)

@@ -4,6 +4,7 @@ they describe (``learning_rate``: linear warm-up, then constant or cosine decay)
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +46,13 @@ class TrainConfig:
     weight_decay: float = 0.0
 
     def validate(self) -> None:
+        for name in ("epochs", "batch_size", "samples", "k", "patience"):
+            value = getattr(self, name)
+            # NumPy integers count (GridSearchCV hands them); floats and booleans do not.
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            ):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         checks = [
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
