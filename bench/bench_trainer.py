@@ -102,7 +102,7 @@ from vaelab.train.start import INIT_EXAMPLES
 from vaelab.train.streams import TrainingStreams
 from vaelab.train.trainer import Trainer
 
-VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.glob("*.py"))
+VAELAB_FILES = tuple(f"{p.name}:" for p in Path(vaelab.__file__).parent.rglob("*.py"))
 DEVICE = torch.device("cpu")
 CPU_ACTIVITY = torch.profiler.ProfilerActivity.CPU
 # Two float32 sums over ~800 terms in different orders agree to ~1e-5 relative; a different
