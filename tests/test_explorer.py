@@ -239,7 +239,8 @@ def test_the_pointer_and_the_sliders_change_the_pictures_in_chromium(
             for fx, fy in ((0.05, 0.05), (0.95, 0.05), (0.95, 0.95), (0.3, 0.7)):
                 page.mouse.move(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
                 page.wait_for_function(
-                    f"document.getElementById('latent-decoded').src !== {json.dumps(seen[-1])}"
+                    f"document.getElementById('latent-decoded').src !== {json.dumps(seen[-1])}",
+                    timeout=5000,
                 )
                 seen.append(decoded())
             assert len(set(seen)) == len(seen)  # every move showed another decoding
@@ -270,3 +271,12 @@ def test_the_pointer_and_the_sliders_change_the_pictures_in_chromium(
         finally:
             browser.close()
     assert problems == []
+
+
+def test_several_stochastic_layers_are_explored_in_z1_the_decoder_reads():
+    """The decoder reads z₁ alone: the map's plane and the traversed units lie in it."""
+    model = vaelab.VAE(latent_dim=(3, 2), hidden=(16,), epochs=1, seed=0).fit(X[:200])
+    explorer = latent_explorer(model, X[:100], steps=3, units=5)
+    assert explorer is not None
+    np.testing.assert_array_equal(explorer.directions[:, 3:], 0.0)
+    assert sorted(explorer.units) == [0, 1, 2]

@@ -171,8 +171,8 @@ def build_report(
 ) -> ReportContent:
     """The report of the model in ``folder`` on its test data (or ``data`` / ``split``):
     metrics (ELBO, IWAE-k, inference gaps, active units), training curves, samples,
-    reconstructions, the latent space, interpolations and the KL per dimension, within
-    ``budget``."""
+    reconstructions, the latent space and its explorer, interpolations and the KL per
+    dimension, within ``budget``."""
     budget = budget or ReportBudget()
     budget.validate()
     folder = Path(folder)

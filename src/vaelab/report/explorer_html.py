@@ -167,7 +167,7 @@ the pointer decodes the {steps} × {steps} grid point under it.</p>
 <h3>Traversals</h3>
 <p class="caption">Start from an example, then move one of the {n_units} most active units
 (largest variance of E_q[z_u] over the examples) in standard deviations of E_q[z_u]; the
-others stay at the example's code.</p>
+others stay at the example's code{"; each is decoded given its example's own class" if names else ""}.</p>
 <div class="explorer-starts">{start_buttons}</div>
 <div class="explorer-units">{rows}</div>
 <div class="explorer-sheets" hidden>{"".join(sheets)}</div>
