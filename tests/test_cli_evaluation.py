@@ -195,7 +195,10 @@ def test_report_is_written_and_renders_in_a_browser(trained, capsys, tmp_path):
     for section in ("Metrics", "Training curves", "Samples", "Reconstructions", "Latent space",
                     "Interpolations", "IWAE-100", "approximation gap", "active units"):  # fmt: skip
         assert section in html, section
-    assert 'src="http' not in html and "<script" not in html
+    assert 'src="http' not in html
+    # The latent explorer is the page's one script (and its JSON data block).
+    assert 'id="latent-map"' in html and 'id="latent-decoded"' in html
+    assert html.count("<script") == 2 and 'id="latent-data"' in html
     # A 2-D latent gets the manifold figure.
     assert "manifold" in html.lower()
     skip_unless_browser()

@@ -211,6 +211,8 @@ def test_report(model, capsys, tmp_path):
         assert "active units (z1) beyond z2" in html
     if model[1] in CONDITIONAL:  # a row of samples per class
         assert [html.count(f'alt="samples of {c}"') for c in range(10)] == [1] * 10
+        assert 'id="latent-class"' in html  # and the explorer's class selector
+    assert 'id="latent-map"' in html and 'id="latent-decoded"' in html  # every family explored
 
 
 def test_sample_reconstruct_encode(model, capsys, tmp_path):

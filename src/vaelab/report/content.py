@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from vaelab.report import figures
+from vaelab.report.explorer import LatentExplorer, latent_explorer
 from vaelab.report.html import LatentScatter, Metric, ReportContent, write_report
 from vaelab.runs.evaluate import Evaluation, evaluate
 from vaelab.runs.inference_gaps import GapEvaluation, gap
-from vaelab.runs.model_data import load_examples, model_data, open_model
+from vaelab.runs.model_data import ModelData, OpenedModel, load_examples, model_data, open_model
 from vaelab.runs.options import ParameterError, check_at_least
 from vaelab.runs.outputs import class_names
 
@@ -135,18 +136,21 @@ class ReportBudget:
     """How much estimation the report does. The defaults finish in about a minute on 10,000
     MNIST test images on two CPU cores: the ELBO and the diagnostics on every example, IWAE-k on
     a random subset (its standard error says how far that mean may be from all examples'), the
-    inference gaps on a smaller one. ``k=0`` or ``gap_examples=0`` leaves that part out;
-    ``iwae_examples=None`` runs IWAE on every example."""
+    inference gaps on a smaller one; the latent explorer decodes its grids and traversals around
+    ``explorer_examples`` training examples (their thumbnails travel in the page). ``k=0``,
+    ``gap_examples=0`` or ``explorer_examples=0`` leaves that part out; ``iwae_examples=None``
+    runs IWAE on every example."""
 
     k: int = 1000
     iwae_examples: int | None = 1000
     gap_examples: int = 100
     gap_steps: int = 300
     gap_k: int = 1000
+    explorer_examples: int = 300
 
     def validate(self) -> None:
         """Refuse a budget that cannot be spent, naming the field."""
-        for name in ("k", "gap_examples"):
+        for name in ("k", "gap_examples", "explorer_examples"):
             if getattr(self, name) < 0:
                 raise ParameterError(name, "must not be negative (0 leaves it out)")
         check_at_least(gap_steps=(self.gap_steps, 1), gap_k=(self.gap_k, 1))
@@ -167,8 +171,8 @@ def build_report(
 ) -> ReportContent:
     """The report of the model in ``folder`` on its test data (or ``data`` / ``split``):
     metrics (ELBO, IWAE-k, inference gaps, active units), training curves, samples,
-    reconstructions, the latent space, interpolations and the KL per dimension, within
-    ``budget``."""
+    reconstructions, the latent space and its explorer, interpolations and the KL per
+    dimension, within ``budget``."""
     budget = budget or ReportBudget()
     budget.validate()
     folder = Path(folder)
@@ -258,6 +262,7 @@ def build_report(
         sample_rows=sample_rows,
         reconstructions=figures.reconstructions(estimator, x[:20], None if y is None else y[:20]),
         latent_scatter=LatentScatter(points, legend, axes),
+        explorer=_explorer(opened, examples, data, data_dir, budget.explorer_examples, names),
         manifold=figures.latent_manifold(estimator),
         interpolations=figures.interpolations(estimator, x[:12], y=None if y is None else y[:12]),
         kl_per_dimension=(
@@ -266,6 +271,32 @@ def build_report(
             else evaluation.diagnostics.kl_per_dimension.tolist()
         ),
         notes=notes,
+    )
+
+
+def _explorer(
+    opened: OpenedModel,
+    examples: ModelData,
+    data: str | None,
+    data_dir: str | None,
+    count: int,
+    names: list[str] | None,
+) -> LatentExplorer | None:
+    """The latent explorer around ``count`` training examples (the model's own training split
+    when the report is of its own data, else the report's examples): their neighbours are what
+    the model learnt from."""
+    if count == 0:
+        return None
+    around = model_data(opened, None, data_dir, "train") if data is None else examples
+    chosen = around.subset(count)
+    x = load_examples(chosen).numpy()
+    labels = chosen.split.labels
+    return latent_explorer(
+        opened.estimator,
+        x,
+        None if labels is None else np.asarray(labels),
+        class_names=names,
+        examples_described=chosen.description,
     )
 
 

@@ -1,7 +1,9 @@
-"""The self-contained HTML report: one file, no external resources, no JavaScript.
+"""The self-contained HTML report: one file, no external resources.
 
 Charts are inline SVG and pictures are base64 PNG data URIs, so the file can be mailed, archived
-or opened offline and shows the same thing everywhere. Every section is optional: fill in the
+or opened offline and shows the same thing everywhere. The one piece of JavaScript is the latent
+explorer's (``vaelab.report.explorer_html``), inline, reading only what the page holds; a report
+without an explorer has no script at all. Every section is optional: fill in the
 fields of a `ReportContent` you have, and `write_report` leaves out the rest.
 """
 
@@ -17,6 +19,8 @@ import numpy as np
 
 from vaelab.io.files import atomic_write_bytes
 from vaelab.io.images import image_grid, png_data_uri
+from vaelab.report.explorer import LatentExplorer
+from vaelab.report.explorer_html import EXPLORER_CSS, render_explorer
 from vaelab.report.svg import (
     PALETTE,
     Curve,
@@ -75,6 +79,8 @@ class ReportContent:
         interpolations: ``[rows, steps, C, H, W]``, one interpolation per row.
         latent_scatter: `LatentScatter` or a tuple ``(points [n, 2], labels [n] | None,
             axis_names)``.
+        explorer: `vaelab.report.explorer.LatentExplorer`, the interactive latent map,
+            decodings under the pointer, nearest examples and traversals.
         kl_per_dimension: ``[latent]`` KL(q(z_j|x) || p(z_j)) averaged over data, in nats.
         kl_sorted: draw the KL bars largest first instead of in index order.
         active_threshold: KL level (nats) drawn as a dashed line; bars above it count as active.
@@ -93,6 +99,7 @@ class ReportContent:
     manifold: Any = None
     interpolations: Any = None
     latent_scatter: LatentScatter | tuple[Any, ...] | None = None
+    explorer: LatentExplorer | None = None
     kl_per_dimension: Sequence[float] | None = None
     kl_sorted: bool = False
     active_threshold: float | None = None
@@ -136,6 +143,8 @@ def render_report(content: ReportContent) -> str:
         add("interpolations", "Interpolations", _tiled, content.interpolations, 1, "interpolation")
     if content.latent_scatter is not None:
         add("latent_scatter", "Latent space", scatter_chart, content.latent_scatter)
+    if content.explorer is not None:
+        add("explorer", "Latent explorer", render_explorer, content.explorer)
     if content.kl_per_dimension is not None and len(content.kl_per_dimension) > 0:
         add(
             "kl_per_dimension",
@@ -293,7 +302,8 @@ def _reconstructions(pair: tuple[Any, Any]) -> str:
     return f'<table class="pairs">{"".join(rows)}</table>'
 
 
-_CSS = """
+_CSS = (
+    """
 :root { --fg: #1d2330; --muted: #5b6475; --rule: #e3e6ec; --bg: #f5f6f8; }
 * { box-sizing: border-box; }
 body { margin: 0; background: var(--bg); color: var(--fg); font: 15px/1.5 system-ui,
@@ -341,4 +351,7 @@ footer { margin-top: 24px; }
 .cards { display: flex; flex-wrap: wrap; gap: 0 18px; }
 .cards > section { flex: 1 1 300px; min-width: 0; }
 .cards > section#metrics { flex: 2 1 420px; }
-""" + "".join(f".c{i} {{ fill: {colour}; }}\n" for i, colour in enumerate(PALETTE))
+"""
+    + EXPLORER_CSS
+    + "".join(f".c{i} {{ fill: {colour}; }}\n" for i, colour in enumerate(PALETTE))
+)
