@@ -89,6 +89,23 @@ def test_continuous_bernoulli_integrates_to_one_on_the_unit_interval():
     assert torch.allclose(integral, torch.ones(5, dtype=torch.float64), atol=1e-6)
 
 
+def test_continuous_bernoulli_mean_is_the_integral_of_x_p_x_in_float32_too():
+    """E[x] = ∫ x p(x) dx on [0, 1], by the trapezoid rule in float64, against the mean in
+    float32 at logits near 0 (where torch's form through λ cancels: 4·10⁻⁴ off at −0.012),
+    about the series' cut (±½) and far out; and the float64 closed form agrees with torch's."""
+    logits = torch.tensor([-15.0, -3.0, -0.5, -0.4999, -0.012, 0.0, 1e-4, 0.3, 0.5, 7.0, 15.0])
+    grid = torch.linspace(0, 1, 200001, dtype=torch.float64)
+    lik = likelihood_with(ContinuousBernoulliLikelihood, logits.double()).double()
+    p = lik(torch.zeros(1, 1, dtype=torch.float64)).base_dist
+    density = p.log_prob(grid[:, None].expand(-1, len(logits))).exp()
+    expected = torch.trapezoid(density * grid[:, None], grid, dim=0)
+    found = likelihood_with(ContinuousBernoulliLikelihood, logits).mean(torch.zeros(1, 1))[0]
+    assert torch.allclose(found.double(), expected, atol=1e-6, rtol=0)
+    far = logits.double().abs() > 1
+    torch_mean = torch.distributions.ContinuousBernoulli(logits=logits.double()).mean
+    assert torch.allclose(p.mean[0, far], torch_mean[far], atol=1e-12)
+
+
 def test_laplace_matches_scipy():
     loc = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
     lik = likelihood_with(LaplaceLikelihood, loc).double()

@@ -8,6 +8,7 @@ encode; the CLI only renders their typed results and translates a parameter's na
     vaelab sample DIR -n N --out FILE           .png grid or .npy array
     vaelab reconstruct DIR --data DATA --out FILE.png
     vaelab encode DIR --data DATA --out Z.npy
+    vaelab export DIR --format onnx --out FOLDER   encoder.onnx, decoder.onnx (vaelab[export])
 
 A user mistake prints one line ``vaelab: error: ...`` and exits with code 2 (``--debug`` shows the
 traceback instead), as do a run folder in use by another process and a full disk; Ctrl-C during
@@ -50,7 +51,7 @@ from vaelab.runs.model_data import (
     save_arrays,
 )
 from vaelab.runs.options import ParameterError, check_at_least
-from vaelab.runs.outputs import encode, reconstruct, sample
+from vaelab.runs.outputs import encode, export, reconstruct, sample
 from vaelab.train import distributed
 from vaelab.train.checkpoint import CheckpointError
 from vaelab.train.distributed import World, attempt
@@ -309,6 +310,20 @@ def _write_from_examples(
     return 0
 
 
+def cmd_export(args: argparse.Namespace, world: World) -> int:
+    exported = export(_open(args), args.out, args.format)
+    for graph in (exported.encoder, exported.decoder):
+        inputs = ", ".join(f"{t.name} {_shape(t.shape)}" for t in graph.inputs)
+        outputs = ", ".join(f"{t.name} {_shape(t.shape)}" for t in graph.outputs)
+        print(f"wrote {exported.folder / graph.file}: {inputs} -> {outputs}")
+    print(f"wrote {exported.manifest} (the inputs' and outputs' shapes and meanings)")
+    return 0
+
+
+def _shape(shape: tuple[int | str, ...]) -> str:
+    return "[" + ", ".join(map(str, shape)) + "]"
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, World], int]] = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
@@ -317,6 +332,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, World], int]] = {
     "sample": cmd_sample,
     "reconstruct": cmd_reconstruct,
     "encode": cmd_encode,
+    "export": cmd_export,
 }
 
 

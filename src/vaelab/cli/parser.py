@@ -20,6 +20,7 @@ from vaelab.data.sources import DATA_ENV, SOURCES
 from vaelab.report.content import ReportBudget
 from vaelab.runs import options as runconfig
 from vaelab.runs.model_data import SPLITS
+from vaelab.runs.outputs import EXPORT_FORMATS
 
 __all__ = ["PROG", "Parser", "UsageError", "add_train_options", "build_parser"]
 
@@ -132,6 +133,7 @@ def build_parser() -> Parser:
         _sample_parser,
         _reconstruct_parser,
         _encode_parser,
+        _export_parser,
     ):
         add(commands, shared)
     return parser
@@ -484,6 +486,27 @@ def _encode_parser(commands: Commands, shared: _SharedOptions) -> None:
         description="Posterior means E_q[z|x] of every example of DATA, [n, latent] float32, in file order.",
     )
     encode.add_argument("--out", "-o", required=True, metavar="Z.npy", help="output .npy file")
+
+
+def _export_parser(commands: Commands, shared: _SharedOptions) -> None:
+    export = commands.add_parser(
+        "export",
+        parents=[shared.common, shared.reading],
+        help="the model's encoder and decoder as ONNX graphs",
+        description=(
+            "encoder.onnx (input x; outputs loc, the posterior mean, and the posterior's "
+            "parameters) and decoder.onnx (input z; outputs mean, the decoder mean, and the "
+            "likelihood's parameters) in FOLDER, with vaelab-onnx.json describing them; a "
+            "conditional model's graphs also take y, the one-hot condition. Needs `pip install "
+            "vaelab[export]`. Flow posteriors and several stochastic layers are refused."
+        ),
+    )
+    export.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="onnx", help="the format (default: onnx)"
+    )
+    export.add_argument(
+        "--out", "-o", required=True, metavar="FOLDER", help="output folder (created if needed)"
+    )
 
 
 def _count_or_all(text: str) -> int | None:

@@ -5,7 +5,8 @@
 - ``stop_gradient``: a distribution with the same values and no gradient to its parameters;
 - ``sampling``: drawing from location-scale families and flows with given noise;
 - ``chain``: several stochastic layers as one distribution over their concatenated code;
-- ``discretized_logistic``: the discretised logistic over 8-bit pixels.
+- ``discretized_logistic``: the discretised logistic over 8-bit pixels;
+- ``continuous_bernoulli``: the continuous Bernoulli with a mean accurate near λ = ½.
 
 May import torch and nothing else of vaelab: these are the mathematics the components are built on.
 """

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from vaelab.components.flows import DEFAULT_FLOW_STEPS
 from vaelab.components.likelihoods import DataMoments
 from vaelab.data.sources import DataError
+from vaelab.estimator.onnx_export import OnnxExport, export_onnx
 from vaelab.estimator.serialization import (
     CONFIG_FILE,
     ModelFileError,
@@ -686,6 +687,26 @@ class VAE(TransformerMixin, BaseEstimator):
         return float(np.mean(self.score_samples(X, condition)))
 
     # ---------------------------------------------------------------------------------- saving
+    def export_onnx(self, folder: str | os.PathLike[str]) -> OnnxExport:
+        """Write the fitted model's encoder and decoder to folder ``folder`` as ONNX graphs,
+        ``encoder.onnx`` (input ``x``; outputs ``loc``, what ``transform`` returns, and the
+        posterior's other parameters) and ``decoder.onnx`` (input ``z``; outputs ``mean``, what
+        ``inverse_transform`` returns, and the likelihood's parameters), with
+        ``vaelab-onnx.json`` naming every input and output, its shape and meaning
+        (``vaelab.estimator.onnx_export``). A conditional model's graphs take its conditions
+        ``y [batch, c]`` too (one-hot over ``classes_`` for labels).
+
+        Needs the optional packages of ``pip install vaelab[export]``. A model whose posterior
+        has no closed-form mean (a flow, several stochastic layers) is refused with a
+        ``ValueError`` naming it, and nothing is written."""
+        check_is_fitted(self, "model_")
+        return export_onnx(
+            self.model_,
+            folder,
+            config=self.model_config_,
+            classes=getattr(self, "classes_", None),
+        )
+
     def save(self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> None:
         """Write the fitted model to folder ``path``: safetensors weights, JSON configuration
         (with ``extra``'s entries beside the model's: a run's data record and options)."""

@@ -1,6 +1,7 @@
 """What a saved model makes from data: samples (``vaelab sample``), reconstructions (``vaelab
 reconstruct``) and latent codes (``vaelab encode``), written atomically as PNG grids or .npy
-arrays. A conditional model draws the class ``label`` and reads each example given its own."""
+arrays; and the model itself as ONNX graphs for use outside Python (``vaelab export``). A
+conditional model draws the class ``label`` and reads each example given its own."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from vaelab.estimator.onnx_export import ExportDependencyError, OnnxExport, export_onnx
 from vaelab.io.images import as_images, image_grid, save_png
 from vaelab.runs.model_data import (
     CHUNK,
@@ -149,3 +151,30 @@ def encode(opened: OpenedModel, examples: ModelData, out: str | os.PathLike[str]
     z = np.concatenate(parts) if parts else np.zeros((0, estimator.model_.latent_dim), np.float32)
     save_npy(target, z.astype(np.float32))
     return target
+
+
+EXPORT_FORMATS = ("onnx",)
+
+
+def export(opened: OpenedModel, out: str | os.PathLike[str], format: str = "onnx") -> OnnxExport:
+    """The model as ONNX graphs in folder ``out`` (``VAE.export_onnx``), a conditional model's
+    classes recorded by name (an image folder's class folders). Refused in one line, before
+    anything is written: an unknown ``format``, an ``out`` that is a file, a component that
+    cannot be exported, or the packages of ``vaelab[export]`` missing."""
+    if format not in EXPORT_FORMATS:
+        raise ParameterError(
+            "format", f"must be one of {', '.join(EXPORT_FORMATS)}, got {format!r}"
+        )
+    target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise ParameterError("out", f"{target} is a file; give a folder for the ONNX files")
+    estimator = opened.estimator
+    classes = None
+    if getattr(estimator, "classes_", None) is not None:
+        classes = np.asarray(class_names(estimator, opened.document))
+    try:
+        return export_onnx(
+            estimator.model_, target, config=estimator.model_config_, classes=classes
+        )
+    except ExportDependencyError as error:
+        raise RunError(str(error)) from None

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import (
     Bernoulli,
-    ContinuousBernoulli,
     Distribution,
 )
 
 from vaelab.components.likelihoods.base import Likelihood
+from vaelab.distributions.continuous_bernoulli import AccurateContinuousBernoulli
 
 
 def _check_unit_interval(x: torch.Tensor, name: str) -> None:
@@ -66,12 +66,13 @@ class BernoulliLikelihood(Likelihood):
 
 class ContinuousBernoulliLikelihood(Likelihood):
     """The continuous Bernoulli (Loaiza-Ganem & Cunningham 2019): p(x|λ) = C(λ) λ^x (1 − λ)^(1−x)
-    on [0, 1], with the normalising constant C(λ) that makes it a proper density for grey values."""
+    on [0, 1], with the normalising constant C(λ) that makes it a proper density for grey values.
+    Its mean is accurate for every logit (``AccurateContinuousBernoulli``)."""
 
     support = "[0, 1]"
 
     def distribution(self, params: tuple[torch.Tensor, ...]) -> Distribution:
-        return ContinuousBernoulli(logits=params[0], validate_args=False)
+        return AccurateContinuousBernoulli(logits=params[0], validate_args=False)
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "continuous-bernoulli")
