@@ -20,6 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The ONNX round trips (slow tests) need the export extra; make test stays without it.
+EXPORT_STAMP := $(VENV)/.vaelab-export-installed
+$(EXPORT_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,export]'
+	touch $(EXPORT_STAMP)
+
 # Wheels only: an old release without a Python 3.11 wheel must fail here, not build from source.
 $(MIN_STAMP): pyproject.toml $(MIN_VERSIONS)
 	test -x $(MIN_PY) || $(PYTHON) -m venv $(MIN_VENV)
@@ -40,7 +46,7 @@ test-min: $(MIN_STAMP)
 	OMP_NUM_THREADS=1 HYPOTHESIS_STORAGE_DIRECTORY=$(MIN_VENV)/hypothesis \
 		$(MIN_PY) -m pytest -q -x -p no:cacheprovider
 
-test-slow: $(STAMP)
+test-slow: $(EXPORT_STAMP)
 	$(PY) -m pytest -m slow
 
 lint: $(STAMP)

@@ -97,6 +97,7 @@ def trained(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.mark.slow  # onnxruntime: the export extra, which make test-slow installs
 def test_vaelab_export_gives_what_torch_gives_on_the_test_split(ort, trained, tmp_path, capsys):
     out = tmp_path / "onnx"
     code, stdout, stderr = vaelab_cli(capsys, "export", trained, "--format", "onnx", "--out", out)
@@ -180,6 +181,7 @@ class _IndependentNormalPosterior(torch.nn.Module):
         return torch.distributions.Independent(torch.distributions.Normal(loc, 1.0), 1)
 
 
+@pytest.mark.slow  # onnxruntime: the export extra, which make test-slow installs
 def test_a_posterior_without_registered_outputs_is_named_and_nothing_written(ort, digits, tmp_path):
     x, _ = digits
     vae = VAE(latent_dim=3, hidden=(8,), epochs=1, seed=0, device="cpu").fit(x[:100])
