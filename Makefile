@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vaelab-installed
+DOCS_STAMP := $(VENV)/.vaelab-docs-installed
 DEMO := demo
 
 # A second environment with the oldest versions pyproject.toml allows, to prove its floors.
@@ -11,7 +12,7 @@ MIN_PY := $(MIN_VENV)/bin/python
 MIN_STAMP := $(MIN_VENV)/.vaelab-installed
 MIN_VERSIONS := .ci/minimum-versions.txt
 
-.PHONY: demo test test-min test-slow lint format bench clean
+.PHONY: demo test test-min test-slow docs lint format bench clean
 
 # The CPU wheel of torch goes in first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -25,6 +26,13 @@ EXPORT_STAMP := $(VENV)/.vaelab-export-installed
 $(EXPORT_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e '.[dev,export]'
 	touch $(EXPORT_STAMP)
+
+# The site's tools (the docs extra) beside dev, in the same .venv; torch's CPU wheel first, as above.
+$(DOCS_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,docs]'
+	touch $(DOCS_STAMP)
 
 # Wheels only: an old release without a Python 3.11 wheel must fail here, not build from source.
 $(MIN_STAMP): pyproject.toml $(MIN_VERSIONS)
@@ -49,6 +57,11 @@ test-min: $(MIN_STAMP)
 test-slow: $(EXPORT_STAMP)
 	$(PY) -m pytest -m slow
 
+# The site in site/ (site/index.html), strict: a broken link, an unresolved reference or a failing
+# tutorial cell fails the build. The tutorials run here, on the CPU (a few minutes in all).
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
@@ -63,4 +76,4 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) $(DEMO) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(DEMO) site .pytest_cache .mypy_cache .ruff_cache

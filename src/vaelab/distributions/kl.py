@@ -71,9 +71,11 @@ def kl_gaussian(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Tensor:
     no inverse and no determinant is formed.
 
     Args:
-        mu1, mu2: means, ``[..., n]``.
-        cov1, cov2: symmetric positive definite covariances, ``[..., n, n]``. Batch dimensions of
-            all four arguments broadcast against each other.
+        mu1: the first mean, ``[..., n]``.
+        cov1: the first covariance, symmetric positive definite, ``[..., n, n]``.
+        mu2: the second mean, ``[..., n]``.
+        cov2: the second covariance, symmetric positive definite, ``[..., n, n]``. Batch
+            dimensions of all four arguments broadcast against each other.
 
     Returns:
         KL in nats, ``[...]`` (the broadcast batch shape).
@@ -91,12 +93,14 @@ def kl_gaussian(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> Tensor:
 def kl_gaussian_tril(mu1: Tensor, scale_tril1: Tensor, mu2: Tensor, scale_tril2: Tensor) -> Tensor:
     """KL(N(mu1, L₁L₁ᵀ) ‖ N(mu2, L₂L₂ᵀ)) from lower Cholesky factors.
 
-    Same formula and source as :func:`kl_gaussian`, which calls this after factorising.
+    Same formula and source as ``kl_gaussian``, which calls this after factorising.
 
     Args:
-        mu1, mu2: means, ``[..., n]``.
-        scale_tril1, scale_tril2: lower-triangular factors with a positive diagonal,
-            ``[..., n, n]``. Batch dimensions of all four arguments broadcast.
+        mu1: the first mean, ``[..., n]``.
+        scale_tril1: the first lower-triangular factor with a positive diagonal, ``[..., n, n]``.
+        mu2: the second mean, ``[..., n]``.
+        scale_tril2: the second factor, likewise. Batch dimensions of all four arguments
+            broadcast.
 
     Returns:
         KL in nats, ``[...]`` (the broadcast batch shape).

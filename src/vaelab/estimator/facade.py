@@ -121,47 +121,110 @@ class RefinedPosteriors:
 class VAE(TransformerMixin, BaseEstimator):
     """A variational autoencoder (Kingma & Welling 2014) trained by maximising the ELBO.
 
+    A scikit-learn estimator: ``__init__`` stores the options, ``fit`` trains, and the learned
+    state ends in ``_``. ``vaelab.load`` opens a model saved by ``save`` or trained by ``vaelab
+    train``.
+
     Parameters
     ----------
-    latent_dim : size of the latent code z; a tuple such as ``(100, 50)`` for several stochastic
-        layers, z₁ (the one the decoder reads) first: p(x|z₁) p(z₁|z₂) p(z₂) with
-        q(z₁|x) q(z₂|z₁) (Burda et al. 2016; ``vaelab.components.hierarchy``). Codes are then the layers
+    latent_dim : int or tuple of int, default 8
+        Size of the latent code z; a tuple such as ``(100, 50)`` for several stochastic layers,
+        z₁ (the one the decoder reads) first: p(x|z₁) p(z₁|z₂) p(z₂) with q(z₁|x) q(z₂|z₁)
+        (Burda et al. 2016; ``vaelab.components.hierarchy``). Codes are then the layers
         concatenated, ``[n, 100 + 50]``.
-    hidden : hidden layer sizes of the encoder; the decoder mirrors them. ``()`` gives linear maps.
+    hidden : tuple of int, default (256,)
+        Hidden layer sizes of the encoder; the decoder mirrors them. ``()`` gives linear maps.
         With several stochastic layers they are the x ↔ z₁ networks'; the networks between z_l
         and z_{l+1} have as many hidden layers, each as wide as z_l.
-    likelihood : ``"bernoulli"``, ``"continuous-bernoulli"``, ``"gaussian"`` (one learned σ),
-        ``"gaussian-fixed"`` (σ = 1), ``"gaussian-per-dimension"``, ``"gaussian-decoder"``, ``"laplace"``.
-    prior : ``"normal"``, ``"learnable"``, ``"mixture"`` or ``"vamp"``.
-    posterior : ``"diagonal"``, ``"full"`` (full covariance through a Cholesky factor),
-        ``"planar"`` (planar flow, Rezende & Mohamed 2015) or ``"iaf"`` (inverse autoregressive
-        flow, Kingma et al. 2016).
-    flow_steps : layers of a flow posterior.
-    objective : the bound training maximises: ``"elbo"`` or ``"iwae"`` (Burda et al. 2016, with
-        ``k`` importance samples).
-    k : importance samples of the IWAE objective.
-    gradient : how the objective's gradient flows: ``"standard"``, ``"stl"`` (sticking the
-        landing, Roeder et al. 2017) or ``"dreg"`` (doubly reparameterised, Tucker et al. 2018;
-        IWAE only). Combinations without a meaning are refused at ``fit``.
-    beta : weight of the KL term in the ELBO objective (β-VAE; the IWAE bound has no KL term to
+    likelihood : str, default "bernoulli"
+        ``"bernoulli"``, ``"continuous-bernoulli"``, ``"gaussian"`` (one learned σ),
+        ``"gaussian-fixed"`` (σ = 1), ``"gaussian-per-dimension"``, ``"gaussian-decoder"``,
+        ``"laplace"``, ``"discretized-logistic"`` or ``"discretized-logistic-mixture"``.
+    prior : str, default "normal"
+        ``"normal"``, ``"learnable"``, ``"mixture"``, ``"vamp"`` or ``"conditional"``.
+    posterior : str, default "diagonal"
+        ``"diagonal"``, ``"full"`` (full covariance through a Cholesky factor), ``"planar"``
+        (planar flow, Rezende & Mohamed 2015) or ``"iaf"`` (inverse autoregressive flow, Kingma
+        et al. 2016).
+    beta : float, default 1.0
+        Weight of the KL term in the ELBO objective (β-VAE; the IWAE bound has no KL term to
         weigh); reported ELBOs use β = 1.
-    epochs, batch_size, lr : optimisation; Adam with warm-up and cosine decay (``TrainConfig``).
-    seed : seeds initialisation, minibatch order and sampling noise; ``None`` draws fresh ones.
-    device : ``"auto"``, ``"cpu"`` or ``"cuda"``.
-    network : ``"mlp"`` or ``"conv"`` (images ``[n, C, H, W]``).
-    activation : hidden-layer non-linearity, e.g. ``"relu"`` or ``"tanh"``.
-    samples : Monte Carlo samples per example in each training step.
-    verbose : print one line per epoch.
-    conditional : a conditional VAE, q(z|x, y) and p(x|z, y) with p(z) or, with
-        ``prior="conditional"``, a learned p(z|y) (Sohn, Lee & Yan 2015): ``fit(X, y)`` takes
-        class labels ``[n]`` (integers or strings, one-hot internally; ``classes_``) or
-        condition vectors ``[n, c]`` (floats), and ``sample(n, y=...)``, ``transform``,
-        ``reconstruct``, ``elbo``, ``score_samples``, ``log_likelihood`` and ``refine`` take the
-        examples' ``y``. One stochastic layer, no VampPrior, arrays only (no ``DataLoader``).
-    compile : run the training step, and the likelihood's log p(x|z) in ``elbo``,
-        ``score_samples`` and ``log_likelihood``, through ``torch.compile``
-        (``vaelab.train.fastpath``): the same numbers to float rounding; eager, after one warning,
-        where it cannot compile. The first calls pay for compiling (seconds to a minute).
+    epochs, batch_size, lr : int, int, float
+        Optimisation: Adam with warm-up and cosine decay (``TrainConfig``); defaults 50, 100
+        and 1e-3.
+    seed : int or None, default None
+        Seeds initialisation, minibatch order and sampling noise; ``None`` draws fresh ones.
+    device : str, default "auto"
+        ``"auto"``, ``"cpu"`` or ``"cuda"``.
+    network : str, default "mlp"
+        ``"mlp"`` or ``"conv"`` (images ``[n, C, H, W]``).
+    activation : str, default "relu"
+        Hidden-layer non-linearity, e.g. ``"relu"`` or ``"tanh"``.
+    samples : int, default 1
+        Monte Carlo samples per example in each training step.
+    verbose : bool, default False
+        Print one line per epoch.
+    flow_steps : int, default 4
+        Layers of a flow posterior.
+    objective : str, default "elbo"
+        The bound training maximises: ``"elbo"`` or ``"iwae"`` (Burda et al. 2016, with ``k``
+        importance samples).
+    k : int, default 1
+        Importance samples of the IWAE objective.
+    gradient : str, default "standard"
+        How the objective's gradient flows: ``"standard"``, ``"stl"`` (sticking the landing,
+        Roeder et al. 2017) or ``"dreg"`` (doubly reparameterised, Tucker et al. 2018; IWAE
+        only). Combinations without a meaning are refused at ``fit``.
+    conditional : bool, default False
+        A conditional VAE, q(z|x, y) and p(x|z, y) with p(z) or, with ``prior="conditional"``,
+        a learned p(z|y) (Sohn, Lee & Yan 2015): ``fit(X, y)`` takes class labels ``[n]``
+        (integers or strings, one-hot internally; ``classes_``) or condition vectors ``[n, c]``
+        (floats), and ``sample(n, y=...)``, ``transform``, ``reconstruct``, ``elbo``,
+        ``score_samples``, ``log_likelihood`` and ``refine`` take the examples' ``y``. One
+        stochastic layer, no VampPrior, arrays only (no ``DataLoader``).
+    compile : bool, default False
+        Run the training step, and the likelihood's log p(x|z) in ``elbo``, ``score_samples``
+        and ``log_likelihood``, through ``torch.compile`` (``vaelab.train.fastpath``): the same
+        numbers to float rounding; eager, after one warning, where it cannot compile. The first
+        calls pay for compiling (seconds to a minute).
+
+    Attributes
+    ----------
+    model_ : VAEModel
+        The trained model: posterior, prior and likelihood modules (the best weights by
+        validation ELBO).
+    model_config_ : ModelConfig
+        The resolved configuration the model was built from (``build_model(model_config_)``
+        builds it again).
+    data_shape_ : tuple of int
+        The shape of one example, ``(features,)`` or ``(C, H, W)``.
+    n_features_in_ : int
+        ``X.shape[1]`` as ``fit`` saw it (the channels of images), as scikit-learn counts it.
+    history_ : list of EpochMetrics
+        One entry per epoch: the training ELBO and its terms, the learning rate and the
+        validation ELBO (empty for a model opened by ``load``).
+    device_ : torch.device
+        Where the model lives.
+    classes_ : numpy.ndarray
+        A conditional model's class labels, in the order of the one-hot columns (only when
+        ``fit`` was given labels).
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> import vaelab
+    >>> X = load_digits().data / 16.0  # [1797, 64] in [0, 1]
+    >>> model = vaelab.VAE(latent_dim=2, hidden=(64,), epochs=2, seed=0, device="cpu").fit(X)
+    >>> model.transform(X[:5]).shape  # posterior means
+    (5, 2)
+    >>> model.elbo(X[:5]).shape  # per-example ELBO in nats
+    (5,)
+    >>> model.log_likelihood(X[:5], k=100).shape  # IWAE-100 estimates of log p(x)
+    (5,)
+    >>> model.sample(3).shape  # decoder means at z ~ p(z)
+    (3, 64)
+    >>> len(model.history_)
+    2
     """
 
     def __init__(
