@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow  # trains and estimates IWAE-5000: a few seconds
 def test_quickstart_runs_and_prints_its_bounds():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(

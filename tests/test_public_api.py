@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import types
 
+import pytest
+
 import vaelab
 
 
@@ -22,6 +24,7 @@ def test_every_public_object_is_documented():
         assert getattr(vaelab, name).__doc__, f"vaelab.{name} has no docstring"
 
 
+@pytest.mark.slow  # fits a model: a few seconds
 def test_the_vae_docstring_examples_run():
     """The Examples section of ``VAE`` (rendered in the docs' API reference) runs as written:
     two epochs on the digits, a couple of seconds."""

@@ -1,4 +1,5 @@
-"""The README's Python examples run as they are written, on the bundled digits."""
+"""The Python examples of the README and of the guide it points to (docs/guide.md) run as they
+are written, on the bundled digits."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = (ROOT / "README.md", ROOT / "docs" / "guide.md")
 
 
 def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    """The ```python blocks of the README, then of the guide, in reading order."""
+    return [
+        block
+        for page in PAGES
+        for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"), re.S)
+    ]
 
 
-def test_the_readme_has_python_examples():
+def test_the_readme_and_the_guide_have_python_examples():
     blocks = python_blocks()
     assert len(blocks) >= 2 and all("vaelab" in block for block in blocks)
 
@@ -37,6 +44,6 @@ def test_the_readme_examples_run_as_written(tmp_path, monkeypatch):
         "Z": np.zeros((3, 8), dtype=np.float32),
     }
     for index, block in enumerate(python_blocks(), 1):
-        exec(compile(block, f"README.md block {index}", "exec"), names)
+        exec(compile(block, f"README / guide block {index}", "exec"), names)
     assert (tmp_path / "my-model" / "vaelab.json").is_file()  # the first block's save
     assert names["model"].conditional  # the last block's model is the conditional one
