@@ -21,7 +21,14 @@ from vaelab.report.explorer import LatentExplorer, latent_explorer
 from vaelab.report.html import LatentScatter, Metric, ReportContent, write_report
 from vaelab.runs.evaluate import Evaluation, evaluate
 from vaelab.runs.inference_gaps import GapEvaluation, gap
-from vaelab.runs.model_data import ModelData, OpenedModel, load_examples, model_data, open_model
+from vaelab.runs.model_data import (
+    ModelData,
+    OpenedModel,
+    load_examples,
+    model_data,
+    open_model,
+    output_path,
+)
 from vaelab.runs.options import ParameterError, check_at_least
 from vaelab.runs.outputs import class_names
 
@@ -309,18 +316,6 @@ def _latent_words(document: dict[str, Any]) -> str:
     return "stochastic layers " + ", ".join(f"z{i} ({d})" for i, d in enumerate(latent, 1))
 
 
-def _check_output(out: Path) -> None:
-    """Refuse an ``out`` that is not a file in a folder that exists, naming the parameter."""
-    if out.is_dir():
-        raise ParameterError(
-            "out", f"{out} is a folder; give a file name such as {out / REPORT_FILE}"
-        )
-    if not out.parent.is_dir():
-        raise ParameterError(
-            "out", f"{out} is in a folder that does not exist; create {out.parent} first"
-        )
-
-
 def write_model_report(
     folder: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, **options: Any
 ) -> Path:
@@ -331,6 +326,6 @@ def write_model_report(
     cannot be written would throw away at the end.
     """
     if out is not None:
-        _check_output(Path(out))
+        output_path(out)
     target = Path(out) if out is not None else Path(folder) / REPORT_FILE
     return write_report(target, build_report(folder, **options))

@@ -10,6 +10,7 @@ example and names its bound.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -122,35 +123,23 @@ class Evaluation(Examined):
             "model": self.model,
         }
         if self.iwae is not None:
-            iwae = self.iwae
-            found["iwae"] = {
-                "k": iwae.k,
-                "examples": iwae.examples,
-                "mean": iwae.mean,
-                "standard_error": iwae.standard_error,
-                "bound": iwae.bound,
-                "bits_per_dim": iwae.bits_per_dim,
-            }
-            if iwae.bits_per_dim_note is not None:
-                found["iwae"]["bits_per_dim_note"] = iwae.bits_per_dim_note
+            found["iwae"] = _bound_json(self.iwae)
         if self.ais is not None:
-            a = self.ais
-            found["ais"] = {
-                "steps": a.steps,
-                "chains": a.chains,
-                "examples": a.examples,
-                "mean": a.mean,
-                "standard_error": a.standard_error,
-                "mean_effective_sample_size": a.mean_effective_sample_size,
-                "acceptance_rate": a.acceptance_rate,
-                "bound": a.bound,
-            }
+            found["ais"] = _bound_json(self.ais)
         if self.diagnostics is not None:
             found["diagnostics"] = {
                 "examples": self.diagnostics_examples,
                 **self.diagnostics.to_dict(),
             }
         return found
+
+
+def _bound_json(estimate: IwaeEstimate | AisEstimate) -> dict[str, Any]:
+    """An estimate's fields and the bound it is, for JSON; a note only where there is one."""
+    found = {**dataclasses.asdict(estimate), "bound": estimate.bound}
+    if found.get("bits_per_dim_note", "") is None:
+        del found["bits_per_dim_note"]
+    return found
 
 
 def evaluate(

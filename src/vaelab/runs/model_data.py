@@ -318,27 +318,22 @@ def load_examples(examples: ModelData, n: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(list(examples.chunks(limit=n))))
 
 
-def output_path(path: str | os.PathLike[str], suffixes: tuple[str, ...], name: str = "out") -> Path:
-    """``path`` checked before any work: a file name with one of ``suffixes`` in a folder that
-    exists (``name`` is the parameter that gave it, for the message)."""
+def output_path(
+    path: str | os.PathLike[str], suffixes: tuple[str, ...] = (), name: str = "out"
+) -> Path:
+    """``path`` checked before any work: a file name (with one of ``suffixes``, when given) in a
+    folder that exists (``name`` is the parameter that gave it, for the message)."""
     out = Path(path)
-    if out.suffix.lower() not in suffixes:
+    wanted = f"a file name ending in {' or '.join(suffixes)}" if suffixes else "a file name"
+    if suffixes and out.suffix.lower() not in suffixes:
         raise ParameterError(name, f"{out} must end in {' or '.join(suffixes)}")
     if out.is_dir():
-        raise ParameterError(
-            name, f"{out} is a folder; give a file name ending in {' or '.join(suffixes)}"
-        )
+        raise ParameterError(name, f"{out} is a folder; give {wanted}")
     if not out.parent.is_dir():
         raise ParameterError(
             name, f"{out} is in a folder that does not exist; create {out.parent} first"
         )
     return out
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def save_arrays(path: Path, **arrays: np.ndarray) -> None:
