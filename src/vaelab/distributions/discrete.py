@@ -122,7 +122,7 @@ class FlatGroups(Distribution):
         )
 
     @property
-    def support(self) -> constraints.Constraint:  # type: ignore[override]
+    def support(self) -> constraints.Constraint:
         return constraints.independent(constraints.real, 1)
 
     def sample(self, sample_shape: Sequence[int] = ()) -> Tensor:
