@@ -31,6 +31,7 @@ GROUPS = {
     "latent_dim": "model",
     "epochs": "training",
     "checkpoint_every": "checkpoints",
+    "layer_free_bits": "training that survives",
 }
 
 

@@ -93,6 +93,20 @@ class LatentChain(Distribution):
             log_p = log_p + self._conditional(index, previous).log_prob(block)
         return log_p
 
+    def layer_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Each layer's log-density at ``value [*S, *B, Σ_l d_l]``, z₁'s first: ``[L, *S, *B]``.
+
+        For a posterior the rows are log q(z₁|x), log q(z₂|z₁), …, log q(z_L|z_{L−1}); for a prior
+        log p(z₁|z₂), …, log p(z_{L−1}|z_L), log p(z_L). They sum to ``log_prob``: the per-layer
+        KL estimates of ``vaelab.objectives.layers`` are their differences."""
+        blocks = self._blocks(value)
+        terms = [self.first.log_prob(blocks[0])]
+        for index, (previous, block) in enumerate(itertools.pairwise(blocks)):
+            terms.append(self._conditional(index, previous).log_prob(block))
+        if self.reverse:  # drawn z_L first: put z₁'s row first
+            terms = terms[::-1]
+        return torch.stack(torch.broadcast_tensors(*terms))
+
     # ------------------------------------------------------------------------ sampling
     def sample(self, sample_shape: Sequence[int] = ()) -> torch.Tensor:
         """Ancestral draws ``[*sample_shape, *B, Σ_l d_l]``, without gradients."""

@@ -187,6 +187,15 @@ class VAE(TransformerMixin, BaseEstimator):
         and ``log_likelihood``, through ``torch.compile`` (``vaelab.train.fastpath``): the same
         numbers to float rounding; eager, after one warning, where it cannot compile. The first
         calls pay for compiling (seconds to a minute).
+    layer_free_bits : float, default 0.0
+        Each stochastic layer's batch-mean KL counts as at least this many nats (free bits per
+        layer, Kingma et al. 2016; ``TrainConfig.layer_free_bits``); 0 is off.
+    skip_grad_norm : float or None, default None
+        Skip an update whose gradient norm exceeds this or is not finite (counted in
+        ``history_[i].skipped_updates``).
+    max_rollbacks : int, default 3
+        On a NaN or infinite loss, return to the last epoch's end with half the learning rate,
+        at most this many times (``history_[i].rollbacks``); 0 raises at once.
 
     Attributes
     ----------
@@ -250,6 +259,9 @@ class VAE(TransformerMixin, BaseEstimator):
         gradient: str = "standard",
         conditional: bool = False,
         compile: bool = False,
+        layer_free_bits: float = 0.0,
+        skip_grad_norm: float | None = None,
+        max_rollbacks: int = 3,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -272,6 +284,9 @@ class VAE(TransformerMixin, BaseEstimator):
         self.gradient = gradient
         self.conditional = conditional
         self.compile = compile
+        self.layer_free_bits = layer_free_bits
+        self.skip_grad_norm = skip_grad_norm
+        self.max_rollbacks = max_rollbacks
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -301,6 +316,9 @@ class VAE(TransformerMixin, BaseEstimator):
             objective=self.objective,
             k=self.k,
             gradient=self.gradient,
+            layer_free_bits=self.layer_free_bits,
+            skip_grad_norm=self.skip_grad_norm,
+            max_rollbacks=self.max_rollbacks,
         )
 
     # ----------------------------------------------------------------------------------- inputs

@@ -13,6 +13,10 @@
   layer, whose prior does not depend on x, R_u = A_u.
 - **KL per dimension**, averaged over examples: E_x[KL(q(z_u|x) ‖ p(z_u))], exact when q and p
   factorise over dimensions (diagonal Gaussians); it sums to the rate. A collapsed unit has ≈ 0.
+- **KL per stochastic layer**, averaged over examples: layer l's share of the rate,
+  E_x E_q[log q_l − log p_l] (``vaelab.objectives.layers.kl_per_layer``; the whole KL for one layer).
+  A layer is flagged as **collapsed** onto its prior when it has no active unit or its KL is
+  below ``COLLAPSED_KL`` nats: it then carries (almost) nothing about x.
 - **Rate and distortion** (Alemi et al. 2018, "Fixing a broken ELBO"): R = E_x[KL(q(z|x) ‖ p(z))]
   and D = −E_x E_q[log p(x|z)], so that ELBO = −(D + R).
 - **Mutual information** I(x; z) under the aggregate posterior q(z) = E_x[q(z|x)] (Hoffman &
@@ -45,14 +49,16 @@ import torch
 from torch.distributions import Distribution, Independent, Normal
 from tqdm.auto import tqdm
 
-from vaelab.distributions.sampling import has_noise_form
+from vaelab.distributions.sampling import has_noise_form, reparameterise
 from vaelab.evaluation.loglik import prepare_condition, prepare_data, standard_error
 from vaelab.model.vae_model import VAEModel, given_rows
 from vaelab.objectives.bounds import elbo, kl_per_dimension, kl_term
+from vaelab.objectives.layers import kl_per_layer
 from vaelab.objectives.noise import MEAN_SAMPLES, ExampleNoise, fresh_seed, posterior_mean
 
 __all__ = [
     "ACTIVITY_THRESHOLD",
+    "COLLAPSED_KL",
     "CollapseDiagnostics",
     "MutualInformation",
     "RateDistortion",
@@ -60,11 +66,13 @@ __all__ = [
     "activity_beyond_layer_above",
     "collapse_diagnostics",
     "mean_kl_per_dimension",
+    "mean_kl_per_layer",
     "mutual_information",
     "rate_distortion",
 ]
 
 ACTIVITY_THRESHOLD = 1e-2  # Burda et al. (2016)
+COLLAPSED_KL = 1e-2  # nats: a layer whose mean KL is below this has collapsed onto its prior
 MI_EXAMPLES = 1000  # examples of the aggregate posterior in I(x; z) by default
 
 # Latent codes scored against all N posteriors at once in the mutual information: [chunk, N, latent]
@@ -160,6 +168,35 @@ def mean_kl_per_dimension(
         total = part if total is None else total + part
     assert total is not None
     return (total / x.shape[0]).cpu()
+
+
+@torch.no_grad()
+def mean_kl_per_layer(
+    model: VAEModel,
+    x: Any,
+    *,
+    samples: int = 16,
+    batch_size: int = 1000,
+    seed: int | None = None,
+    condition: Any = None,
+) -> torch.Tensor:
+    """Each stochastic layer's share of the rate, E_x[KL_l], float64 ``[L]``, z₁'s first
+    (``vaelab.objectives.layers.kl_per_layer``, ``samples`` draws per example from its own
+    stream keyed by ``seed``); one entry, the mean KL, for a model with one layer."""
+    x = prepare_data(model, x)
+    condition = prepare_condition(model, condition, x.shape[0])
+    total = torch.zeros(len(model.latent_sizes), dtype=torch.float64)
+    for i in range(0, x.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        batch, given = x[rows], given_rows(model, condition, rows)
+        q = given.posterior(batch)
+        if has_noise_form(q):
+            noise = ExampleNoise(batch, seed).normal(samples, q.event_shape, like=batch)
+            z = reparameterise(q, noise)[0]
+        else:
+            z = q.sample((samples,))
+        total += kl_per_layer(q, given.prior(), z).double().sum(0).cpu()
+    return total / x.shape[0]
 
 
 class RateDistortion(NamedTuple):
@@ -295,7 +332,8 @@ class CollapseDiagnostics:
     ``mutual_information`` is ``None`` when it was not computed, ``mutual_information_note``
     saying why. ``latent_sizes`` are the stochastic layers' sizes as they lie in a code, z₁
     first (empty: one layer of all the units); ``activity_beyond`` is R_u of every unit
-    ``[latent]`` for a model with several layers, else ``None``.
+    ``[latent]`` for a model with several layers, else ``None``. ``kl_per_layer`` is each
+    layer's mean KL, float64 ``[L]`` (``mean_kl_per_layer``).
     """
 
     activity: torch.Tensor
@@ -309,6 +347,7 @@ class CollapseDiagnostics:
     mutual_information_note: str | None = None
     latent_sizes: tuple[int, ...] = ()
     activity_beyond: torch.Tensor | None = None
+    kl_per_layer: torch.Tensor | None = None
 
     @property
     def active_units(self) -> int:
@@ -336,6 +375,18 @@ class CollapseDiagnostics:
         return [int((r > self.threshold).sum()) for r in layers]
 
     @property
+    def collapsed_layers(self) -> list[bool]:
+        """For each stochastic layer, z₁ first: whether it collapsed onto its prior (no active
+        unit, or a mean KL below ``COLLAPSED_KL`` nats)."""
+        kls = [math.inf] * len(self.layer_sizes)
+        if self.kl_per_layer is not None:
+            kls = self.kl_per_layer.tolist()
+        return [
+            count == 0 or kl < COLLAPSED_KL
+            for count, kl in zip(self.active_units_per_layer, kls, strict=True)
+        ]
+
+    @property
     def elbo(self) -> float:
         """−(distortion + rate): the mean ELBO, nats."""
         return -(self.distortion + self.rate)
@@ -349,6 +400,8 @@ class CollapseDiagnostics:
             "active_units_per_layer": self.active_units_per_layer,
             "latent_sizes": list(self.layer_sizes),
             "active_units_beyond_layer_above": self.active_units_beyond_layer_above,
+            "kl_per_layer": None if self.kl_per_layer is None else self.kl_per_layer.tolist(),
+            "collapsed_layers": self.collapsed_layers,
             "activity_threshold": self.threshold,
             "activity": self.activity.tolist(),
             "kl_per_dimension": (
@@ -443,4 +496,5 @@ def collapse_diagnostics(
         mutual_information_note=note,
         latent_sizes=model.latent_sizes,
         activity_beyond=activity_beyond,
+        kl_per_layer=mean_kl_per_layer(model, x, samples=samples, seed=seed, condition=condition),
     )

@@ -19,6 +19,7 @@ from vaelab.objectives.bounds import (
     log_importance_weights,
     objective_terms,
 )
+from vaelab.objectives.layers import kl_per_layer
 
 __all__ = [
     "GRADIENTS",
@@ -30,6 +31,7 @@ __all__ = [
     "elbo",
     "iwae_bound",
     "kl_per_dimension",
+    "kl_per_layer",
     "kl_term",
     "log_importance_weights",
     "objective_terms",

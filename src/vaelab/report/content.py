@@ -9,6 +9,7 @@ the command line never disagree.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,29 @@ REPORT_FILE = "report.html"
 SCATTER_POINTS = 2000
 
 
-def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
-    """Training curves from ``metrics.jsonl`` (a ``vaelab train`` run), else none."""
+def _history(folder: Path) -> list[dict[str, Any]]:
+    """The epochs of ``metrics.jsonl`` (a ``vaelab train`` run), else none."""
     path = folder / "metrics.jsonl"
     if not path.is_file():
-        return {}
-    history = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _survival(history: list[dict[str, Any]]) -> list[Metric]:
+    """The training's skipped updates and rollbacks (``TrainConfig.skip_grad_norm``,
+    ``max_rollbacks``), summed over its epochs; none for a run without a history."""
+    if not history:
+        return []
+    skipped = sum(m.get("skipped_updates", 0) for m in history)
+    rollbacks = sum(m.get("rollbacks", 0) for m in history)
+    return [
+        Metric("skipped updates", skipped, "training updates skipped for their gradient norm"),
+        Metric("rollbacks", rollbacks, "non-finite losses survived by a return to an epoch end"),
+    ]
+
+
+def _curves(history: list[dict[str, Any]]) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """Training curves from the epochs of ``metrics.jsonl``, else none."""
     if not history:
         return {}
     epochs = [float(m["epoch"]) for m in history]
@@ -59,8 +77,26 @@ def _curves(folder: Path) -> dict[str, dict[str, tuple[list[float], list[float]]
         "KL per epoch (nats/example)": {
             "KL": (epochs, [m["kl"] for m in history]),
         },
+        **_layer_curves(epochs, history),
         "learning rate": {"lr": (epochs, [m["lr"] for m in history])},
     }
+
+
+def _layer_curves(
+    epochs: list[float], history: list[dict[str, Any]]
+) -> dict[str, dict[str, tuple[list[float], list[float]]]]:
+    """A chart of each stochastic layer's KL per epoch, for a model with several layers."""
+    layers = max((len(m.get("kl_per_layer") or []) for m in history), default=0)
+    if layers < 2:
+        return {}
+    series = {}
+    for layer in range(layers):
+        values = [
+            m["kl_per_layer"][layer] if len(m.get("kl_per_layer") or []) > layer else math.nan
+            for m in history
+        ]
+        series[f"z{layer + 1}"] = (epochs, values)
+    return {"KL per layer per epoch (nats/example)": series}
 
 
 def _metrics(evaluation: Evaluation, gaps: GapEvaluation | None) -> list[Metric]:
@@ -103,6 +139,12 @@ def _metrics(evaluation: Evaluation, gaps: GapEvaluation | None) -> list[Metric]
                 zip(found.active_units_per_layer, sizes, strict=True), 1
             ):
                 rows.append(Metric(f"active units (z{layer})", count, f"of {size}"))
+            kls = [] if found.kl_per_layer is None else found.kl_per_layer.tolist()
+            for layer, (kl, collapsed) in enumerate(
+                zip(kls, found.collapsed_layers, strict=False), 1
+            ):
+                note = "collapsed onto its prior" if collapsed else "nats/example"
+                rows.append(Metric(f"KL (z{layer})", kl, note))
             beyond = found.active_units_beyond_layer_above or []
             for layer, count in enumerate(beyond[:-1], 1):
                 rows.append(
@@ -256,6 +298,7 @@ def build_report(
             f"{budget.gap_steps} steps: approximation gap = log p̂(x) − ELBO(q*), amortisation "
             "gap = ELBO(q*) − ELBO(amortised q)."
         )
+    history = _history(folder)
     return ReportContent(
         title=f"vaelab report: {folder.name}",
         subtitle=(
@@ -263,8 +306,8 @@ def build_report(
             f"posterior, {document['model']['prior']} prior, {_latent_words(document)}"
         ),
         config=config,
-        metrics=_metrics(evaluation, gaps),
-        curves=_curves(folder),
+        metrics=_metrics(evaluation, gaps) + _survival(history),
+        curves=_curves(history),
         samples=samples,
         sample_rows=sample_rows,
         reconstructions=figures.reconstructions(estimator, x[:20], None if y is None else y[:20]),

@@ -382,6 +382,7 @@ def active_units_text(found: CollapseDiagnostics) -> str:
             zip(found.active_units_per_layer, sizes, beyond, strict=True), 1
         ):
             more = f", {b} beyond z{i + 1}" if b is not None and i < len(sizes) else ""
-            layers.append(f"z{i}: {n} of {d}{more}")
+            collapsed = ", collapsed" if found.collapsed_layers[i - 1] else ""
+            layers.append(f"z{i}: {n} of {d}{more}{collapsed}")
         text += f" ({'; '.join(layers)})"
     return text

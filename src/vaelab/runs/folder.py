@@ -575,6 +575,13 @@ def _check_batches(examples: int, batch_size: int, world: World) -> None:
         )
 
 
+def _survival(metrics: EpochMetrics) -> str:
+    """The epoch line's note of skipped updates and rollbacks, when there were any."""
+    notes = [f"skipped updates: {metrics.skipped_updates}"] if metrics.skipped_updates else []
+    notes += [f"rollbacks: {metrics.rollbacks}"] if metrics.rollbacks else []
+    return f"  [{', '.join(notes)}]" if notes else ""
+
+
 class RunLog(TrainingObserver):
     """A progress bar per epoch (tqdm, on a terminal, unless ``quiet``), one line per epoch on
     ``log``, ``metrics.jsonl`` rewritten atomically from the history, and TensorBoard scalars."""
@@ -638,7 +645,7 @@ class RunLog(TrainingObserver):
             print(
                 f"epoch {metrics.epoch}/{self.epochs}: {bound}ELBO {metrics.elbo:.3f}  "
                 f"KL {metrics.kl:.3f}  reconstruction {metrics.reconstruction:.3f}{valid}  "
-                f"({metrics.examples_per_second:,.0f} ex/s)",
+                f"({metrics.examples_per_second:,.0f} ex/s){_survival(metrics)}",
                 file=self.log,
                 flush=True,
             )
@@ -658,10 +665,27 @@ class RunLog(TrainingObserver):
             scalars["valid/elbo"] = metrics.valid_elbo
         if metrics.iwae is not None:
             scalars["train/iwae"] = metrics.iwae
+        scalars["train/skipped_updates"] = metrics.skipped_updates
+        scalars["train/rollbacks"] = metrics.rollbacks
+        if len(metrics.kl_per_layer) > 1:
+            for layer, kl in enumerate(metrics.kl_per_layer, 1):
+                scalars[f"train/kl_layer_{layer}"] = kl
         with self._tensorboard():
             for tag, value in scalars.items():
                 self.writer.add_scalar(tag, value, metrics.epoch)
             self.writer.flush()
+
+    def rolled_back(self, trainer: Trainer, reason: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        print(
+            f"rollback {trainer.rollbacks} of {trainer.config.max_rollbacks}: {reason.split(';')[0]}"
+            f"; back to epoch {trainer.epoch + 1}, step {trainer.batch}, learning rate x"
+            f"{trainer.lr_factor:g}",
+            file=self.log,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.bar is not None:

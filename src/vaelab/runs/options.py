@@ -146,6 +146,21 @@ class RunConfig:
     checkpoint_seconds: float = _option(
         60.0, "also checkpoint every S seconds mid-epoch (0: off)", "float"
     )
+    # training that survives
+    layer_free_bits: float = _option(
+        0.0, "minimum KL per stochastic layer, nats (0: off); beta weighs every layer", "float"
+    )
+    skip_grad_norm: float | None = _option(
+        None,
+        "skip an update whose gradient norm exceeds this or is not finite (none: never)",
+        "float?",
+    )
+    max_rollbacks: int = _option(
+        3,
+        "on a NaN or infinite loss, return to the last epoch end with a lower learning rate, "
+        "at most this many times (0: stop at once)",
+        "int",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -163,6 +178,9 @@ class RunConfig:
             free_bits=self.free_bits,
             grad_clip=self.grad_clip,
             patience=self.patience,
+            layer_free_bits=self.layer_free_bits,
+            skip_grad_norm=self.skip_grad_norm,
+            max_rollbacks=self.max_rollbacks,
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -191,6 +209,9 @@ class RunConfig:
             k=self.k,
             gradient=self.gradient,
             conditional=self.conditional,
+            layer_free_bits=self.layer_free_bits,
+            skip_grad_norm=self.skip_grad_norm,
+            max_rollbacks=self.max_rollbacks,
         )
 
     def validate(self) -> None:
@@ -211,7 +232,8 @@ class RunConfig:
             raise RunError(
                 "free bits clamp each latent unit's closed-form KL, which a model with several "
                 "stochastic layers does not have (its KL is a Monte Carlo estimate over all "
-                "layers at once); use free_bits = 0 with several latent sizes"
+                "layers at once); use free_bits = 0 with several latent sizes (layer_free_bits "
+                "clamps each layer's KL)"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -26,6 +26,17 @@ class TrainConfig:
     ``free_bits``: each latent dimension's batch-mean KL counts as at least this many nats
     (Kingma et al. 2016). ``grad_clip``: maximum gradient norm. ``patience``: stop after this many
     epochs without a better validation ELBO (needs validation data).
+
+    Training that survives (``docs/guide.md``, "Training that survives"):
+    ``layer_free_bits``: each stochastic layer's batch-mean KL counts as at least this many nats
+    (free bits per group, Kingma et al. 2016; with one layer the whole code is the group; see
+    ``vaelab.objectives.layers``). β and its warm-up weigh every layer's KL alike.
+    ``skip_grad_norm``: an update whose total gradient norm (before ``grad_clip``) exceeds this,
+    or is NaN or infinite, is skipped: no optimiser step, though the learning-rate schedule and
+    the position still advance. ``max_rollbacks``: a non-finite loss restores the state of the
+    last epoch end (or of the start of ``fit``), multiplies the learning rate by
+    ``rollback_lr_factor`` from then on and goes on, at most this many times; 0 raises
+    ``NonFiniteLossError`` at once, as before.
     """
 
     epochs: int = 50
@@ -44,9 +55,13 @@ class TrainConfig:
     grad_clip: float | None = None
     patience: int | None = None
     weight_decay: float = 0.0
+    layer_free_bits: float = 0.0
+    skip_grad_norm: float | None = None
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size", "samples", "k", "patience"):
+        for name in ("epochs", "batch_size", "samples", "k", "patience", "max_rollbacks"):
             value = getattr(self, name)
             # NumPy integers count (GridSearchCV hands them); floats and booleans do not.
             if value is not None and (
@@ -81,6 +96,23 @@ class TrainConfig:
                 f"patience must be at least 1 epoch (or None), got {self.patience}",
             ),
             (
+                self.layer_free_bits >= 0,
+                f"layer_free_bits must be non-negative, got {self.layer_free_bits}",
+            ),
+            (
+                self.skip_grad_norm is None or self.skip_grad_norm > 0,
+                f"skip_grad_norm must be positive (or None: no skipping), got "
+                f"{self.skip_grad_norm}",
+            ),
+            (
+                self.max_rollbacks >= 0,
+                f"max_rollbacks must be 0 (off) or more, got {self.max_rollbacks}",
+            ),
+            (
+                0 < self.rollback_lr_factor <= 1,
+                f"rollback_lr_factor must be in (0, 1], got {self.rollback_lr_factor}",
+            ),
+            (
                 self.lr_schedule in LR_SCHEDULES,
                 f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}",
             ),
@@ -106,6 +138,7 @@ class TrainConfig:
                 ("samples", self.samples, 1),
                 ("kl_warmup_epochs", self.kl_warmup_epochs, 0.0),
                 ("free_bits", self.free_bits, 0.0),
+                ("layer_free_bits", self.layer_free_bits, 0.0),
             ):
                 if value != off:
                     raise ValueError(
@@ -116,6 +149,16 @@ class TrainConfig:
             raise ValueError(
                 f"free bits replace the KL term with a clamped closed form, which has no "
                 f"gradient={self.gradient!r} form; use gradient='standard' with free_bits"
+            )
+        if self.gradient != "standard" and self.layer_free_bits > 0:
+            raise ValueError(
+                f"layer free bits replace the KL term with a clamped Monte Carlo form, which has "
+                f"no gradient={self.gradient!r} form; use gradient='standard' with layer_free_bits"
+            )
+        if self.free_bits > 0 and self.layer_free_bits > 0:
+            raise ValueError(
+                "free_bits (per latent dimension) and layer_free_bits (per stochastic layer) "
+                "clamp the same KL; set one of them to 0"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The loss of one training step: ``StepObjective``, the module ``DistributedDataParallel`` wraps,
 which scales a worker's share of the batch so that DDP's average is the gradient of the batch
-mean, applies free bits, and carries the workers' stop / checkpoint flags through the gradients'
+mean, applies free bits (per dimension or per stochastic layer), and carries the workers' stop / checkpoint flags through the gradients'
 all-reduce; and the shape of the noise ε every step draws."""
 
 from __future__ import annotations
@@ -11,13 +11,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
+from vaelab.objectives.layers import kl_per_layer
 from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
 
-FLAGS = 2  # stop requested, checkpoint due
-STOP, CHECKPOINT = range(FLAGS)
+FLAGS = 3  # stop requested, checkpoint due, the loss not finite (on some worker)
+STOP, CHECKPOINT, NONFINITE = range(FLAGS)
 
 
 class StepObjective(nn.Module):
@@ -29,7 +31,11 @@ class StepObjective(nn.Module):
     the mean over the whole batch. With free bits the clamp acts on each dimension's mean KL over
     the whole batch (summed over the workers), as on one process. ``flags``, when given, is added
     as ``(flag_parameter · flags).sum()``, which is 0 and makes the parameter's gradient the
-    workers' mean of ``flags``.
+    workers' mean of ``flags``; its ``NONFINITE`` entry is set here, after the loss, so that
+    every worker learns that one of them saw a NaN or infinite loss.
+
+    After each call ``layer_kl`` holds the step's KL per stochastic layer, ``[rows, L]``
+    (detached; ``vaelab.objectives.layers.kl_per_layer``), which the trainer reports per epoch.
     """
 
     def __init__(self, model: VAEModel, config: TrainConfig, world: World) -> None:
@@ -39,6 +45,8 @@ class StepObjective(nn.Module):
         self.world = world
         # Not in the optimiser: it only carries flags through the gradients' all-reduce.
         self.flags = nn.Parameter(torch.zeros(FLAGS)) if world.size > 1 else None
+        self.layers = len(model.latent_sizes)
+        self.layer_kl: torch.Tensor | None = None
 
     def forward(
         self,
@@ -64,9 +72,49 @@ class StepObjective(nn.Module):
                 loss = self._free_bits_loss(model, x, terms, kl_weight, size)
             else:
                 loss = -terms.objective.sum() * scale
+        if config.layer_free_bits > 0 and isinstance(terms, ElboTerms):
+            layer_kl = self._kl_per_layer(model, x, terms, noise)
+            kl = self._batch_mean(layer_kl, size).clamp(min=config.layer_free_bits).sum()
+            loss = -(terms.reconstruction.sum() * scale - kl_weight * kl)
+            self.layer_kl = layer_kl.detach()
+        else:
+            with torch.no_grad():
+                self.layer_kl = self._kl_per_layer(model, x, terms, noise)
         if flags is not None and self.flags is not None:
+            flags = flags.clone()
+            flags[NONFINITE] = (~torch.isfinite(loss.detach())).to(flags)
             loss = loss + (self.flags * flags).sum()
         return loss, terms
+
+    def _kl_per_layer(
+        self,
+        model: VAEModel,
+        x: torch.Tensor,
+        terms: ElboTerms | IwaeTerms,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The KL per stochastic layer of this step's examples, ``[rows, L]``: for one layer the
+        terms' own KL; for several, Monte Carlo from the step's ε (the draws the bound used)."""
+        if self.layers == 1:
+            return terms.kl.unsqueeze(-1)
+        q, p = model.posterior(x), model.prior()
+        samples = self.config.k if self.config.objective == "iwae" else self.config.samples
+        z = (
+            rsample_with_log_prob(q, (samples,))[0]
+            if noise is None
+            else reparameterise(q, noise)[0]
+        )
+        return kl_per_layer(q, p, z)
+
+    def _batch_mean(self, per_example: torch.Tensor, size: int) -> torch.Tensor:
+        """The mean over the whole batch of ``per_example [rows, K]``, ``[K]``: on N workers its
+        value comes from the workers' sum, its gradient from this worker's examples (scaled by
+        N / size, as the reconstruction)."""
+        mean = per_example.sum(0) * (self.world.size / size)
+        if self.world.size > 1:
+            total = self.world.sum(per_example.sum(0).detach().double().cpu())
+            mean = mean + ((total / size).to(mean) - mean).detach()
+        return mean
 
     def _free_bits_loss(
         self, model: VAEModel, x: torch.Tensor, terms: ElboTerms, kl_weight: float, size: int
@@ -78,13 +126,8 @@ class StepObjective(nn.Module):
         per_dim = kl_per_dimension(q, p)
         if per_dim is None:
             raise ValueError("free bits need a diagonal posterior and a factorised Gaussian prior")
-        scale = self.world.size / size
-        mean = per_dim.sum(0) * scale  # [latent]
-        if self.world.size > 1:
-            total = self.world.sum(per_dim.sum(0).detach().double().cpu())
-            mean = mean + ((total / size).to(mean) - mean).detach()
-        kl = mean.clamp(min=self.config.free_bits).sum()
-        return -(terms.reconstruction.sum() * scale - kl_weight * kl)
+        kl = self._batch_mean(per_dim, size).clamp(min=self.config.free_bits).sum()  # [latent]
+        return -(terms.reconstruction.sum() * (self.world.size / size) - kl_weight * kl)
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:

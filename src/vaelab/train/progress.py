@@ -23,7 +23,12 @@ class EpochMetrics:
     ``elbo``, ``reconstruction`` and ``kl`` are the ELBO's terms on the training batches (under
     ``objective="iwae"``, Monte Carlo estimates from the bound's own k draws); ``iwae`` is the
     IWAE-k bound training maximised, when it did. ``valid_elbo`` is always the ELBO, a yardstick
-    common to every objective, and what selects the best weights."""
+    common to every objective, and what selects the best weights.
+
+    ``skipped_updates``: updates of this epoch skipped for their gradient norm
+    (``TrainConfig.skip_grad_norm``); ``rollbacks``: non-finite losses that sent this epoch back
+    to the last good state (``max_rollbacks``); ``kl_per_layer``: the mean KL of each stochastic
+    layer, z₁'s first (one entry for a one-layer model: ``kl``), ``vaelab.objectives.layers``."""
 
     epoch: int
     elbo: float
@@ -37,8 +42,11 @@ class EpochMetrics:
     kl_weight: float = 1.0
     iwae: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    skipped_updates: int = 0
+    rollbacks: int = 0
+    kl_per_layer: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict. ``dataclasses.asdict`` deep-copies every value, which
         over a whole history at every epoch end cost more than the digits' epochs themselves."""
-        return {**vars(self), "extra": dict(self.extra)}
+        return {**vars(self), "extra": dict(self.extra), "kl_per_layer": list(self.kl_per_layer)}

@@ -29,10 +29,20 @@ mid-epoch and resumed ends with the same weights, bit for bit, as one never inte
 CPU, with the same thread count and the same number of workers; on another number of workers it
 continues to float-rounding tolerance). Validation draws its noise from a stream of its own, so
 the validation ELBO depends on the weights alone and evaluating never moves the training streams.
+
+Training that survives (``TrainConfig.skip_grad_norm``, ``max_rollbacks``): an update whose
+gradient norm is too large or not finite is skipped (every worker sees the same all-reduced
+norm, so all skip together); a NaN or infinite loss (on any worker: the ``NONFINITE`` flag)
+restores an in-memory snapshot of the state at the last epoch end, or at the start of ``fit``
+(weights, optimiser, generators, position, history: ``state`` and ``restore``), scales the
+learning rate by ``rollback_lr_factor`` from then on and replays from there. The rollbacks so far
+and the factor are part of the checkpoint, and the noise and data order are functions of the
+position, so a run killed after a rollback resumes bit-identically.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -59,7 +69,15 @@ from vaelab.train.checkpoint import (
 from vaelab.train.config import LR_SCHEDULES, TrainConfig, learning_rate
 from vaelab.train.distributed import SINGLE, World
 from vaelab.train.fastpath import Compiled
-from vaelab.train.loss import CHECKPOINT, FLAGS, STOP, StepObjective, data_parallel, noise_shape
+from vaelab.train.loss import (
+    CHECKPOINT,
+    FLAGS,
+    NONFINITE,
+    STOP,
+    StepObjective,
+    data_parallel,
+    noise_shape,
+)
 from vaelab.train.progress import EpochMetrics, NonFiniteLossError, TrainingInterrupted
 from vaelab.train.streams import TrainingStreams
 from vaelab.train.validation import VALID_SEED, mean_elbo
@@ -97,6 +115,10 @@ class TrainingObserver:
 
     def epoch_end(self, trainer: Trainer, metrics: EpochMetrics) -> None:
         """An epoch (and its validation) is done; ``trainer.history`` includes ``metrics``."""
+
+    def rolled_back(self, trainer: Trainer, reason: str) -> None:
+        """A non-finite loss (``reason``) sent the run back to its last good state, now at
+        epoch ``trainer.epoch`` (0-based), batch ``trainer.batch``; ``trainer.rollbacks`` counts."""
 
 
 class Trainer:
@@ -158,6 +180,15 @@ class Trainer:
         self.checkpoint_position: tuple[int, int] | None = None  # (epoch, batch) last written
         self._last_checkpoint_time = time.perf_counter()
         self._stop_requested = False
+        # Training that survives: this epoch's skipped updates, KL per layer summed like `sums`,
+        # the rollbacks of the run and of this epoch, the learning-rate factor they left, and the
+        # state a rollback returns to (tensors and JSON, as `state` gives them).
+        self.skipped = 0
+        self.layer_sums = torch.zeros(len(model.latent_sizes), dtype=torch.float64)
+        self.rollbacks = 0
+        self.epoch_rollbacks = 0
+        self.lr_factor = 1.0
+        self._snapshot: tuple[Tensors, dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------------------- objective
     def _kl_weight(self, epoch: int, fraction: float) -> float:
@@ -201,6 +232,8 @@ class Trainer:
         bound = terms.bound if isinstance(terms, IwaeTerms) else terms.elbo
         # One reduction for the four sums: [4, batch] → [4], accumulated in float64.
         self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1).cpu()
+        if self._objective.layer_kl is not None:
+            self.layer_sums += self._objective.layer_kl.sum(0).cpu()
         self.count += examples
 
     def check(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> None:
@@ -232,11 +265,15 @@ class Trainer:
         0: the state a checkpoint holds, the same whether or not the run is resumed from it."""
         if self.world.size == 1:
             return
-        totals = self.world.sum(torch.cat([self.sums, torch.tensor([float(self.count)])]))
+        totals = self.world.sum(
+            torch.cat([self.sums, torch.tensor([float(self.count)]), self.layer_sums])
+        )
         if self.world.main:
             self.sums, self.count = totals[:4].clone(), int(totals[4])
+            self.layer_sums = totals[5:].clone()
         else:
             self.sums, self.count = torch.zeros_like(self.sums), 0
+            self.layer_sums = torch.zeros_like(self.layer_sums)
 
     # ------------------------------------------------------------------------------ state
     def state(self, train: BatchSource) -> tuple[Tensors, dict[str, Any]]:
@@ -270,7 +307,11 @@ class Trainer:
                 "sums": self.sums.tolist(),
                 "count": self.count,
                 "seconds": self.epoch_seconds,
+                "layer_kl": self.layer_sums.tolist(),
+                "skipped": self.skipped,
+                "rollbacks": self.epoch_rollbacks,
             },
+            "survival": {"rollbacks": self.rollbacks, "lr_factor": self.lr_factor},
             "early_stopping": {"best_valid": self.best_valid, "waited": self.waited},
             "history": [m.to_dict() for m in self.history],
             "rng": rng_state,
@@ -327,6 +368,14 @@ class Trainer:
         self.sums = torch.tensor(progress["sums"] if main else [0.0] * 4, dtype=torch.float64)
         self.count = progress["count"] if main else 0
         self.epoch_seconds = progress["seconds"]
+        layers = len(self.layer_sums)
+        layer_kl = progress.get("layer_kl", [0.0] * layers) if main else [0.0] * layers
+        self.layer_sums = torch.tensor(layer_kl, dtype=torch.float64)
+        self.skipped = progress.get("skipped", 0)
+        self.epoch_rollbacks = progress.get("rollbacks", 0)
+        survival = state.get("survival", {})
+        self.rollbacks = survival.get("rollbacks", 0)
+        self.lr_factor = survival.get("lr_factor", 1.0)
         self.best_valid = state["early_stopping"]["best_valid"]
         self.waited = state["early_stopping"]["waited"]
         self.history = [EpochMetrics(**m) for m in state["history"]]
@@ -402,11 +451,14 @@ class Trainer:
         total_steps = self.config.epochs * steps
         self._last_checkpoint_time = time.perf_counter()
         first_step = self.step
+        self._take_snapshot(train)
         while not self.finished and self.epoch < self.config.epochs:
             epoch, start = self.epoch, self.batch
             if start == 0:
                 self.sums.zero_()
-                self.count, self.epoch_seconds = 0, 0.0
+                self.layer_sums.zero_()
+                self.count, self.epoch_seconds, self.skipped = 0, 0.0, 0
+            rolled_back = False
             self.model.train()
             self.observer.epoch_start(self, epoch, start, steps)
             started = time.perf_counter()
@@ -415,7 +467,7 @@ class Trainer:
                 i = batch.number
                 x = batch.x.to(self.device)
                 condition = None if batch.condition is None else batch.condition.to(self.device)
-                lr = learning_rate(self.config, self.step, total_steps)
+                lr = learning_rate(self.config, self.step, total_steps) * self.lr_factor
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 kl_weight = self._kl_weight(epoch, i / steps)
@@ -431,17 +483,36 @@ class Trainer:
                     if self._finite(x) and self.step == first_step:
                         raise
                     reason = str(error).split(", but found")[0][:200]
-                    raise self._diverged(f"NaN or infinite ({reason})", epoch, i, steps) from error
+                    diverged = self._diverged(f"NaN or infinite ({reason})", epoch, i, steps)
+                    # On several workers the others wait in the all-reduce: no agreement.
+                    if share is not None or not self._may_roll_back():
+                        raise diverged from error
+                    self._roll_back(train, str(diverged))
+                    rolled_back = True
+                    break
                 value = loss.item()  # one read of the loss: cheaper than an isfinite kernel
-                if not math.isfinite(value):
-                    raise self._diverged(value, epoch, i, steps)
+                if not math.isfinite(value) and (share is None or not self.config.max_rollbacks):
+                    if not self._may_roll_back():
+                        raise self._diverged(value, epoch, i, steps)
+                    self._roll_back(train, str(self._diverged(value, epoch, i, steps)))
+                    rolled_back = True
+                    break
                 self.optimizer.zero_grad(set_to_none=True)
                 if self._objective.flags is not None:
                     self._objective.flags.grad = None
                 loss.backward()
-                if self.config.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-                self.optimizer.step()
+                if share is not None and self._agreed_nonfinite():
+                    # Some worker's loss was not finite: every worker rolls back together.
+                    reason = f"NaN or infinite on a worker ({value} here)"
+                    if not self._may_roll_back():
+                        raise self._diverged(reason, epoch, i, steps)
+                    self._roll_back(train, str(self._diverged(reason, epoch, i, steps)))
+                    rolled_back = True
+                    break
+                if self._update_allowed():
+                    self.optimizer.step()
+                else:
+                    self.skipped += 1
                 self.step += 1
                 self.steps_taken += 1
                 self.batch = i + 1
@@ -455,8 +526,12 @@ class Trainer:
                     self.epoch_seconds += time.perf_counter() - started
                     started = time.perf_counter()
                     self.save_checkpoint(train)
+            if rolled_back:
+                continue
             self.epoch_seconds += time.perf_counter() - started
             self._end_epoch(train, valid, lr, kl_weight)
+            if not self.finished:
+                self._take_snapshot(train)
             # On several workers a request that came after the epoch's last step is agreed on
             # with the next step's flags: deciding it here, alone, would leave the others behind.
             if self._stop_requested and not self.finished and share is None:
@@ -465,6 +540,50 @@ class Trainer:
             self.model.load_state_dict(self.best_state)
         self.model.eval()
         return self.history
+
+    # ------------------------------------------------------------------- surviving divergence
+    def _update_allowed(self) -> bool:
+        """Clip the gradients (``grad_clip``) and say whether the update goes ahead: not when
+        their total norm, before clipping, exceeds ``skip_grad_norm`` or is NaN or infinite."""
+        clip, threshold = self.config.grad_clip, self.config.skip_grad_norm
+        if not clip and threshold is None:
+            return True
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        # `not (norm <= threshold)` is also true for a NaN norm.
+        return threshold is None or bool(norm <= threshold)
+
+    def _may_roll_back(self) -> bool:
+        return self._snapshot is not None and self.rollbacks < self.config.max_rollbacks
+
+    def _take_snapshot(self, train: BatchSource) -> None:
+        """Keep the state to roll back to (copies: training goes on changing the live tensors)."""
+        if not self.config.max_rollbacks:
+            return
+        tensors, state = self.state(train)
+        self._snapshot = (
+            {name: tensor.detach().clone() for name, tensor in tensors.items()},
+            copy.deepcopy(state),
+        )
+
+    def _roll_back(self, train: BatchSource, reason: str) -> None:
+        """Return to the snapshot, with the learning rate scaled by ``rollback_lr_factor`` once
+        more; the counts survive the return, and a checkpoint records them at once."""
+        assert self._snapshot is not None
+        rollbacks, epoch_rollbacks = self.rollbacks + 1, self.epoch_rollbacks + 1
+        factor = self.lr_factor * self.config.rollback_lr_factor
+        tensors, state = self._snapshot
+        # Cloned again: the optimiser adopts the tensors it is given and updates them in place.
+        self.restore({k: v.clone() for k, v in tensors.items()}, copy.deepcopy(state), train)
+        self.rollbacks, self.epoch_rollbacks, self.lr_factor = rollbacks, epoch_rollbacks, factor
+        self.observer.rolled_back(self, reason)
+        if self.checkpoint is not None:
+            self.save_checkpoint(train)
+
+    def _agreed_nonfinite(self) -> bool:
+        """Whether any worker's loss of the step just taken was NaN or infinite."""
+        parameter = self._objective.flags
+        assert parameter is not None and parameter.grad is not None
+        return bool(parameter.grad[NONFINITE] > 0)
 
     def _loss_of_step(self) -> Callable[..., tuple[torch.Tensor, ElboTerms | IwaeTerms]]:
         """The module that gives a step's loss, or with ``compile`` its compiled form: one per
@@ -497,7 +616,7 @@ class Trainer:
         if parameter is None:
             return self._stop_requested, self._checkpoint_due(self.step)
         assert parameter.grad is not None
-        stop, due = (parameter.grad > 0).tolist()
+        stop, due = (parameter.grad[[STOP, CHECKPOINT]] > 0).tolist()
         return bool(stop), bool(due)
 
     def _end_epoch(
@@ -517,6 +636,9 @@ class Trainer:
             step=self.step,
             kl_weight=kl_weight,
             iwae=means[3] if self.config.objective == "iwae" else None,
+            skipped_updates=self.skipped,
+            rollbacks=self.epoch_rollbacks,
+            kl_per_layer=(self.layer_sums / max(self.count, 1)).tolist(),
         )
         if valid is not None:
             self.model.eval()
@@ -541,6 +663,7 @@ class Trainer:
                 self.waited += 1
         self.history.append(metrics)
         self.epoch, self.batch = self.epoch + 1, 0
+        self.epoch_rollbacks = 0
         patience = self.config.patience
         stopped_early = patience is not None and valid is not None and self.waited >= patience
         self.finished = stopped_early or self.epoch >= self.config.epochs
