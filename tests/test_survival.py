@@ -184,8 +184,18 @@ def test_a_tiny_gradient_norm_threshold_skips_every_update_and_a_huge_one_none()
     assert [m.skipped_updates for m in kept.history] == [0, 0]
     for name, value in weights(plain.model).items():  # the check changes no number
         assert torch.equal(value, weights(kept.model)[name]), name
-    assert len(kept.history[0].kl_per_layer) == 2
-    assert math.isclose(sum(kept.history[0].kl_per_layer), kept.history[0].kl, rel_tol=1e-6)
+
+
+def test_the_kl_per_layer_of_an_epoch_adds_up_to_its_kl(monkeypatch):
+    """Measured on every batch, the layers' KLs sum to the epoch's (Monte Carlo) KL; by
+    default on one batch in LAYER_KL_EVERY, the first of them."""
+    monkeypatch.setattr(training, "LAYER_KL_EVERY", 1)
+    every = fit(TrainConfig(epochs=1, batch_size=50)).history[0]
+    assert len(every.kl_per_layer) == 2
+    assert math.isclose(sum(every.kl_per_layer), every.kl, rel_tol=1e-6)
+    monkeypatch.setattr(training, "LAYER_KL_EVERY", 8)
+    first = fit(TrainConfig(epochs=1, batch_size=50)).history[0]
+    assert first.elbo == every.elbo and first.kl_per_layer != every.kl_per_layer
 
 
 # -------------------------------------------------------------------------------- rollbacks
@@ -313,6 +323,35 @@ def test_a_run_killed_after_a_rollback_resumes_bit_identical(tmp_path):
         for line in (victim / "metrics.jsonl").read_text().splitlines()
     ]
     assert rollbacks == [0, 1, 0]
+
+
+@pytest.mark.slow
+def test_two_workers_agree_on_a_rollback_one_of_them_alone_saw(tmp_path):
+    """The NaN is planted on worker 1 only; its flag rides on the gradients' all-reduce, both
+    roll back at the same step, and the run is the one-process run with the same plant up to
+    the order of float sums."""
+    source = str(Path(vaelab.__file__).parents[1])
+    env = subprocess_env(PYTHONPATH=os.pathsep.join([str(HOOK), source]), VAELAB_TEST_NAN_STEP="20")
+    args = ["digits", "--latent-dim", "4,2", "--hidden", "16", "--epochs", "2", "--quiet"]
+    runs = {}
+    for workers, rank in ((1, "0"), (2, "1")):
+        out = tmp_path / f"workers-{workers}"
+        done = subprocess.run(
+            vaelab_command("train", "--out", out, "--nproc", workers, *args),
+            env={**env, "VAELAB_TEST_NAN_RANK": rank},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "rollback 1 of 3" in done.stdout
+        runs[workers] = [
+            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+        ]
+    assert [m["rollbacks"] for m in runs[2]] == [m["rollbacks"] for m in runs[1]] == [0, 1]
+    for one, two in zip(runs[1], runs[2], strict=True):
+        assert one["elbo"] == pytest.approx(two["elbo"], rel=1e-4)
+        assert one["kl_per_layer"] == pytest.approx(two["kl_per_layer"], rel=1e-3, abs=1e-4)
 
 
 # --------------------------------------------------------------------------- seeing the layers

@@ -1,6 +1,7 @@
 """A test hook, never part of the library: with ``VAELAB_TEST_NAN_STEP=N`` in its environment, a
 ``vaelab`` process (tests/test_survival.py puts this folder on its PYTHONPATH) sees the loss of
-optimiser step N turn NaN until the run has rolled back once; with ``VAELAB_TEST_KILL_STEP=M``
+optimiser step N turn NaN until the run has rolled back once (with ``VAELAB_TEST_NAN_RANK=R``,
+only on worker R of a data-parallel run); with ``VAELAB_TEST_KILL_STEP=M``
 too, it SIGKILLs itself after the first checkpoint written at step M or later after a rollback."""
 
 import os
@@ -13,6 +14,7 @@ if os.environ.get("VAELAB_TEST_NAN_STEP"):
 
     _NAN_STEP = int(os.environ["VAELAB_TEST_NAN_STEP"])
     _KILL_STEP = int(os.environ.get("VAELAB_TEST_KILL_STEP", "0"))
+    _RANK = os.environ.get("VAELAB_TEST_NAN_RANK")
     _loss_of_step = _trainer.Trainer._loss_of_step
     _save_checkpoint = _trainer.Trainer.save_checkpoint
 
@@ -21,7 +23,8 @@ if os.environ.get("VAELAB_TEST_NAN_STEP"):
 
         def step(*args, **kwargs):
             loss, terms = loss_of(*args, **kwargs)
-            if self.step + 1 == _NAN_STEP and self.rollbacks == 0:
+            here = _RANK is None or int(_RANK) == self.world.rank
+            if self.step + 1 == _NAN_STEP and self.rollbacks == 0 and here:
                 loss = loss * math.nan
             return loss, terms
 

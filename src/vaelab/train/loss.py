@@ -20,6 +20,7 @@ from vaelab.train.distributed import World
 
 FLAGS = 3  # stop requested, checkpoint due, the loss not finite (on some worker)
 STOP, CHECKPOINT, NONFINITE = range(FLAGS)
+LAYER_KL_EVERY = 8  # batches: the KL per layer of several layers is reported from one in 8
 
 
 class StepObjective(nn.Module):
@@ -35,7 +36,10 @@ class StepObjective(nn.Module):
     every worker learns that one of them saw a NaN or infinite loss.
 
     After each call ``layer_kl`` holds the step's KL per stochastic layer, ``[rows, L]``
-    (detached; ``vaelab.objectives.layers.kl_per_layer``), which the trainer reports per epoch.
+    (detached; ``vaelab.objectives.layers.kl_per_layer``), which the trainer reports per epoch;
+    ``None`` when ``report_layers`` is False and nothing needed it: with several layers it costs
+    one more pass through the posterior and the prior (measured, ``bench/bench_survival.py``:
+    about a quarter of a step), so the trainer asks for it on every ``LAYER_KL_EVERY``-th batch.
     """
 
     def __init__(self, model: VAEModel, config: TrainConfig, world: World) -> None:
@@ -47,6 +51,7 @@ class StepObjective(nn.Module):
         self.flags = nn.Parameter(torch.zeros(FLAGS)) if world.size > 1 else None
         self.layers = len(model.latent_sizes)
         self.layer_kl: torch.Tensor | None = None
+        self.report_layers = True
 
     def forward(
         self,
@@ -77,9 +82,11 @@ class StepObjective(nn.Module):
             kl = self._batch_mean(layer_kl, size).clamp(min=config.layer_free_bits).sum()
             loss = -(terms.reconstruction.sum() * scale - kl_weight * kl)
             self.layer_kl = layer_kl.detach()
-        else:
+        elif self.layers == 1 or self.report_layers:
             with torch.no_grad():
                 self.layer_kl = self._kl_per_layer(model, x, terms, noise)
+        else:
+            self.layer_kl = None
         if flags is not None and self.flags is not None:
             flags = flags.clone()
             flags[NONFINITE] = (~torch.isfinite(loss.detach())).to(flags)

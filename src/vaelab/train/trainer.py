@@ -72,6 +72,7 @@ from vaelab.train.fastpath import Compiled
 from vaelab.train.loss import (
     CHECKPOINT,
     FLAGS,
+    LAYER_KL_EVERY,
     NONFINITE,
     STOP,
     StepObjective,
@@ -180,11 +181,12 @@ class Trainer:
         self.checkpoint_position: tuple[int, int] | None = None  # (epoch, batch) last written
         self._last_checkpoint_time = time.perf_counter()
         self._stop_requested = False
-        # Training that survives: this epoch's skipped updates, KL per layer summed like `sums`,
+        # Training that survives: this epoch's skipped updates, KL per layer summed like `sums`
+        # (and, last, the examples it was measured on: one batch in LAYER_KL_EVERY),
         # the rollbacks of the run and of this epoch, the learning-rate factor they left, and the
         # state a rollback returns to (tensors and JSON, as `state` gives them).
         self.skipped = 0
-        self.layer_sums = torch.zeros(len(model.latent_sizes), dtype=torch.float64)
+        self.layer_sums = torch.zeros(len(model.latent_sizes) + 1, dtype=torch.float64)
         self.rollbacks = 0
         self.epoch_rollbacks = 0
         self.lr_factor = 1.0
@@ -232,8 +234,10 @@ class Trainer:
         bound = terms.bound if isinstance(terms, IwaeTerms) else terms.elbo
         # One reduction for the four sums: [4, batch] → [4], accumulated in float64.
         self.sums += torch.stack([terms.elbo, terms.reconstruction, terms.kl, bound]).sum(1).cpu()
-        if self._objective.layer_kl is not None:
-            self.layer_sums += self._objective.layer_kl.sum(0).cpu()
+        layer_kl = self._objective.layer_kl
+        if layer_kl is not None:
+            self.layer_sums[:-1] += layer_kl.sum(0).cpu()
+            self.layer_sums[-1] += layer_kl.shape[0]
         self.count += examples
 
     def check(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> None:
@@ -472,6 +476,7 @@ class Trainer:
                     group["lr"] = lr
                 kl_weight = self._kl_weight(epoch, i / steps)
                 flags = self._local_flags(self.step + 1) if share is not None else None
+                self._objective.report_layers = i % LAYER_KL_EVERY == 0
                 try:
                     loss, terms = loss_of(
                         x, self._noise(epoch, batch), kl_weight, batch.size, flags, condition
@@ -548,7 +553,16 @@ class Trainer:
         clip, threshold = self.config.grad_clip, self.config.skip_grad_norm
         if not clip and threshold is None:
             return True
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip or math.inf)
+        if clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        else:  # the norm alone (torch ≥ 2.6), without clip_grad_norm_'s multiply by 1
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+            norm = (
+                total_norm(grads)
+                if total_norm is not None
+                else torch.nn.utils.clip_grad_norm_(self.model.parameters(), math.inf)
+            )
         # `not (norm <= threshold)` is also true for a NaN norm.
         return threshold is None or bool(norm <= threshold)
 
@@ -638,7 +652,7 @@ class Trainer:
             iwae=means[3] if self.config.objective == "iwae" else None,
             skipped_updates=self.skipped,
             rollbacks=self.epoch_rollbacks,
-            kl_per_layer=(self.layer_sums / max(self.count, 1)).tolist(),
+            kl_per_layer=(self.layer_sums[:-1] / max(float(self.layer_sums[-1]), 1.0)).tolist(),
         )
         if valid is not None:
             self.model.eval()
