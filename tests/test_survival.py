@@ -26,6 +26,7 @@ from vaelab.distributions.sampling import reparameterise
 from vaelab.evaluation.diagnostics import collapse_diagnostics
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.objectives.layers import kl_per_layer
+from vaelab.runs.evaluate import active_units_text
 from vaelab.train import trainer as training
 from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import CHECKPOINT_FILE, load_checkpoint
@@ -268,6 +269,23 @@ def test_vaelab_train_logs_and_records_a_rollback_and_the_report_shows_it(
     assert all(len(m["kl_per_layer"]) == 2 for m in metrics)
     assert json.loads((out / "config.json").read_text())["max_rollbacks"] == 3
 
+    code, stdout, err = vaelab_cli(capsys, "evaluate", out, "--json")
+    assert code == 0, err
+    diagnostics = json.loads(stdout)["diagnostics"]
+    assert len(diagnostics["kl_per_layer"]) == len(diagnostics["collapsed_layers"]) == 2
+    assert diagnostics["collapsed_layers"] == [
+        count == 0 or kl < 0.01
+        for count, kl in zip(
+            diagnostics["active_units_per_layer"], diagnostics["kl_per_layer"], strict=True
+        )
+    ]
+
+    code, _, err = vaelab_cli(capsys, "report", out, "--k", "0", "--gap-examples", "0", "-q")
+    assert code == 0, err
+    page = (out / "report.html").read_text()
+    assert "KL per layer per epoch (nats/example)" in page
+    assert "skipped updates" in page and "rollbacks" in page and "KL (z2)" in page
+
     from vaelab.report.content import _curves, _history, _survival
 
     history = _history(out)
@@ -377,3 +395,5 @@ def test_a_collapsed_layer_is_flagged_with_its_kl_and_active_units():
     assert found.kl_per_layer is not None
     assert found.kl_per_layer[0] > 0.05 and abs(float(found.kl_per_layer[1])) < 1e-6
     assert found.to_dict()["collapsed_layers"] == [False, True]
+    text = active_units_text(found)
+    assert text.endswith("z2: 0 of 2, collapsed)") and "z1: 0" not in text

@@ -66,7 +66,6 @@ __all__ = [
     "activity_beyond_layer_above",
     "collapse_diagnostics",
     "mean_kl_per_dimension",
-    "mean_kl_per_layer",
     "mutual_information",
     "rate_distortion",
 ]
@@ -170,42 +169,16 @@ def mean_kl_per_dimension(
     return (total / x.shape[0]).cpu()
 
 
-@torch.no_grad()
-def mean_kl_per_layer(
-    model: VAEModel,
-    x: Any,
-    *,
-    samples: int = 16,
-    batch_size: int = 1000,
-    seed: int | None = None,
-    condition: Any = None,
-) -> torch.Tensor:
-    """Each stochastic layer's share of the rate, E_x[KL_l], float64 ``[L]``, z₁'s first
-    (``vaelab.objectives.layers.kl_per_layer``, ``samples`` draws per example from its own
-    stream keyed by ``seed``); one entry, the mean KL, for a model with one layer."""
-    x = prepare_data(model, x)
-    condition = prepare_condition(model, condition, x.shape[0])
-    total = torch.zeros(len(model.latent_sizes), dtype=torch.float64)
-    for i in range(0, x.shape[0], batch_size):
-        rows = slice(i, i + batch_size)
-        batch, given = x[rows], given_rows(model, condition, rows)
-        q = given.posterior(batch)
-        if has_noise_form(q):
-            noise = ExampleNoise(batch, seed).normal(samples, q.event_shape, like=batch)
-            z = reparameterise(q, noise)[0]
-        else:
-            z = q.sample((samples,))
-        total += kl_per_layer(q, given.prior(), z).double().sum(0).cpu()
-    return total / x.shape[0]
-
-
 class RateDistortion(NamedTuple):
     """Per-example rate KL(q(z|x) ‖ p(z)) and distortion −E_q[log p(x|z)], float64 ``[n]``,
-    nats; ``kl_exact`` says whether the rate is a closed form or a Monte Carlo estimate."""
+    nats; ``kl_exact`` says whether the rate is a closed form or a Monte Carlo estimate;
+    ``kl_per_layer`` each stochastic layer's share of the rate, float64 ``[n, L]``, z₁'s first
+    (``vaelab.objectives.layers.kl_per_layer``: the rate itself for one layer)."""
 
     rate: torch.Tensor
     distortion: torch.Tensor
     kl_exact: bool
+    kl_per_layer: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -225,7 +198,7 @@ def rate_distortion(
         raise ValueError(f"samples must be a positive number, got {samples}")
     x = prepare_data(model, x)
     condition = prepare_condition(model, condition, x.shape[0])
-    rates, distortions = [], []
+    rates, distortions, shares = [], [], []
     for i in range(0, x.shape[0], batch_size):
         rows = slice(i, i + batch_size)
         batch, given = x[rows], given_rows(model, condition, rows)
@@ -238,9 +211,14 @@ def rate_distortion(
         )
         rates.append(terms.kl.double().cpu())
         distortions.append(-terms.reconstruction.double().cpu())
+        if len(model.latent_sizes) == 1:
+            shares.append(rates[-1].unsqueeze(-1))
+        else:  # the layers' shares from the same draws as the rate's Monte Carlo estimate
+            z = q.sample((samples,)) if noise is None else reparameterise(q, noise)[0]
+            shares.append(kl_per_layer(q, given.prior(), z).double().cpu())
     # Whether the ELBO used a closed form: ask the one place that decides (it ignores z then).
     _, exact = kl_term(q, given.prior(), q.sample((1,)))
-    return RateDistortion(torch.cat(rates), torch.cat(distortions), exact)
+    return RateDistortion(torch.cat(rates), torch.cat(distortions), exact, torch.cat(shares))
 
 
 class MutualInformation(NamedTuple):
@@ -333,7 +311,7 @@ class CollapseDiagnostics:
     saying why. ``latent_sizes`` are the stochastic layers' sizes as they lie in a code, z₁
     first (empty: one layer of all the units); ``activity_beyond`` is R_u of every unit
     ``[latent]`` for a model with several layers, else ``None``. ``kl_per_layer`` is each
-    layer's mean KL, float64 ``[L]`` (``mean_kl_per_layer``).
+    layer's mean KL, float64 ``[L]`` (``RateDistortion.kl_per_layer``).
     """
 
     activity: torch.Tensor
@@ -496,5 +474,5 @@ def collapse_diagnostics(
         mutual_information_note=note,
         latent_sizes=model.latent_sizes,
         activity_beyond=activity_beyond,
-        kl_per_layer=mean_kl_per_layer(model, x, samples=samples, seed=seed, condition=condition),
+        kl_per_layer=None if terms.kl_per_layer is None else terms.kl_per_layer.mean(0),
     )
