@@ -238,6 +238,20 @@ def test_a_non_finite_loss_rolls_back_to_the_last_epoch_end_and_the_run_finishes
         assert math.isclose(m.lr, 0.5 * c.lr, rel_tol=1e-12)
 
 
+def test_weights_that_overflow_on_an_epochs_last_step_roll_back_too():
+    class Overflow(training.TrainingObserver):
+        def step(self, trainer, batch_size):
+            if trainer.step == 12 and trainer.rollbacks == 0:  # the last step of epoch 2
+                with torch.no_grad():
+                    next(trainer.model.parameters()).fill_(math.inf)
+
+    trainer = Trainer(two_layers(), TrainConfig(epochs=3, batch_size=50), CPU, seed=5)
+    trainer.observer = Overflow()
+    history = trainer.fit(IndexedBatches(torch.from_numpy(digits()), 50, 5))
+    assert [m.rollbacks for m in history] == [0, 1, 0] and trainer.lr_factor == 0.5
+    assert all(bool(torch.isfinite(p).all()) for p in trainer.model.parameters())
+
+
 def test_rollbacks_are_bounded_and_zero_keeps_the_old_error(monkeypatch):
     options = dict(latent_dim=4, hidden=(16,), epochs=2, batch_size=50, seed=0, device="cpu")
     plant_nan(monkeypatch, at_step=3, times=99)

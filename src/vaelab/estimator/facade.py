@@ -106,6 +106,9 @@ class _PrintEpochs(TrainingObserver):
             flush=True,
         )
 
+    def rolled_back(self, trainer: Trainer, reason: str) -> None:
+        print(f"rollback {trainer.rollbacks}: {reason.split(';')[0]}", flush=True)
+
 
 @dataclass(frozen=True)
 class RefinedPosteriors:

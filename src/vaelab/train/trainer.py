@@ -534,7 +534,15 @@ class Trainer:
             if rolled_back:
                 continue
             self.epoch_seconds += time.perf_counter() - started
-            self._end_epoch(train, valid, lr, kl_weight)
+            try:
+                self._end_epoch(train, valid, lr, kl_weight)
+            except NonFiniteLossError as error:
+                # Weights that overflowed on the epoch's last step, or a validation ELBO that
+                # did: the same on every worker (all-reduced gradients, summed validation).
+                if not self._may_roll_back():
+                    raise
+                self._roll_back(train, str(error))
+                continue
             if not self.finished:
                 self._take_snapshot(train)
             # On several workers a request that came after the epoch's last step is agreed on
