@@ -33,7 +33,8 @@ class TrainConfig:
     ``vaelab.objectives.layers``). β and its warm-up weigh every layer's KL alike.
     ``skip_grad_norm``: an update whose total gradient norm (before ``grad_clip``) exceeds this,
     or is NaN or infinite, is skipped: no optimiser step, though the learning-rate schedule and
-    the position still advance. ``max_rollbacks``: a non-finite loss restores the state of the
+    the position still advance. ``max_rollbacks``: a non-finite loss (or weights or a validation
+    ELBO that overflow at an epoch's end) restores the state of the
     last epoch end (or of the start of ``fit``), multiplies the learning rate by
     ``rollback_lr_factor`` from then on and goes on, at most this many times; 0 raises
     ``NonFiniteLossError`` at once, as before.
