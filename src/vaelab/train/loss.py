@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
 from vaelab.train.config import TrainConfig
@@ -50,6 +51,14 @@ class StepObjective(nn.Module):
         condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
         config, scale = self.config, self.world.size / size
+        if isinstance(self.model, SemiSupervisedModel) and condition is not None:
+            loss, recorded = semi_supervised_loss(
+                self.model, config, x, condition, noise, kl_weight
+            )
+            loss = loss * scale
+            if flags is not None and self.flags is not None:
+                loss = loss + (self.flags * flags).sum()
+            return loss, recorded
         # A conditional model's batch comes with its examples' conditions, bound for this step.
         model = self.model if condition is None else self.model.given(condition)
         terms: ElboTerms | IwaeTerms
@@ -85,6 +94,36 @@ class StepObjective(nn.Module):
             mean = mean + ((total / size).to(mean) - mean).detach()
         kl = mean.clamp(min=self.config.free_bits).sum()
         return -(terms.reconstruction.sum() * scale - kl_weight * kl)
+
+
+def semi_supervised_loss(
+    model: SemiSupervisedModel,
+    config: TrainConfig,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    noise: torch.Tensor | None,
+    kl_weight: float,
+) -> tuple[torch.Tensor, ElboTerms]:
+    """M2's loss on a batch whose missing labels are rows of zeros: −Σ of each example's L(x, y)
+    or U(x) (with β on the KL) plus the classification term; the terms recorded are its bound
+    (L or U) and that bound's expected reconstruction and KL. The ELBO objective alone: IWAE and
+    free bits have no form over a summed-out y here, and are refused."""
+    if config.objective != "elbo" or config.free_bits > 0:
+        raise ValueError(
+            "a semi-supervised model (labels missing) trains on the ELBO without free bits; "
+            "use objective='elbo' and free_bits=0"
+        )
+    terms = model.semi_supervised(
+        x,
+        labels,
+        samples=config.samples,
+        beta=kl_weight,
+        noise=noise,
+        gradient=config.gradient,
+        classification_weight=config.classification_weight,
+    )
+    recorded = ElboTerms(terms.reconstruction, terms.kl, terms.bound, terms.objective)
+    return -terms.objective.sum(), recorded
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
