@@ -4,7 +4,10 @@ missing, ``predict``, and ``vaelab train --conditional --labelled N``."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,8 +15,13 @@ import torch
 from sklearn.datasets import load_digits
 
 import vaelab
+from conftest import vaelab_cli
+from vaelab.cli import app as cli
+from vaelab.data.sources import load_data
 from vaelab.evaluation.loglik import log_likelihood
 from vaelab.model.semi_supervised import SemiSupervisedModel, classification_weight
+from vaelab.runs.folder import RunLog
+from vaelab.runs.labelled import choose_labelled
 
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)
@@ -156,3 +164,105 @@ def test_refusals_of_labels():
         vaelab.VAE(epochs=1, **SMALL).fit(X[:50], np.r_[np.zeros(10, int), np.full(40, -1)])
     with pytest.raises(ValueError, match="trains on the ELBO without free bits"):
         vaelab.VAE(epochs=1, objective="iwae", k=2, **SMALL).fit(X[:50], labels_kept(Y[:50], 1))
+
+
+# ------------------------------------------------------------------------------ command line
+RUN = ["--epochs", "2", "--hidden", "32", "--latent-dim", "3", "--device", "cpu", "--quiet"]
+
+
+def labelled_record(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / "vaelab.json").read_text())["labelled"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("m2") / "run"
+    code = cli.main(["train", "digits", "--conditional", "--labelled", "50", "--out", str(folder),
+                     *RUN])  # fmt: skip
+    assert code == 0
+    return folder
+
+
+def test_cli_labelled_choice_is_class_balanced_and_seeded(cli_run, tmp_path, capsys):
+    record = labelled_record(cli_run)
+    assert record["per_class"] == {str(c): 5 for c in range(10)}
+    examples = np.asarray(record["examples"])
+    assert examples.size == 50 and np.unique(examples).size == 50
+    assert json.loads((cli_run / "vaelab.json").read_text())["model"]["semi_supervised"] is True
+    # The choice follows the labels of the training split, five of each digit.
+    splits = load_data("digits", seed=0)
+    assert np.bincount(np.asarray(splits.train.labels)[examples]).tolist() == [5] * 10
+    same = choose_labelled(np.asarray(splits.train.labels), np.arange(10), 50, seed=0)
+    np.testing.assert_array_equal(same, examples)
+    other = choose_labelled(np.asarray(splits.train.labels), np.arange(10), 50, seed=1)
+    assert not np.array_equal(other, examples)
+    # 53 labels: five of each class, and one more of three classes drawn from the seed.
+    counts = np.bincount(
+        np.asarray(splits.train.labels)[
+            choose_labelled(np.asarray(splits.train.labels), np.arange(10), 53, seed=0)
+        ]
+    )
+    assert sorted(counts.tolist()) == [5] * 7 + [6] * 3
+
+
+def test_cli_evaluate_reports_the_classification_error_and_the_unlabelled_bound(cli_run, capsys):
+    code, out, err = vaelab_cli(capsys, "evaluate", cli_run, "--json", "--device", "cpu")
+    assert code == 0, err
+    found = json.loads(out)["semi_supervised"]
+    model = vaelab.load(cli_run, device="cpu")
+    splits = load_data("digits", seed=0)
+    x = splits.test[0 : len(splits.test)]  # scaled as for training
+    labels = np.asarray(splits.test.labels)
+    error = float((model.predict(x) != labels).mean())
+    assert found["classification_error"] == pytest.approx(error)
+    assert found["unlabelled_bound"] == pytest.approx(float(model.score_samples(x).mean()))
+    assert found["examples"] == len(labels)
+    code, out, err = vaelab_cli(capsys, "evaluate", cli_run, "--device", "cpu")
+    assert "q(y|x) error" in out and "U(x)" in out
+
+
+def test_cli_semi_supervised_run_resumes_bit_identical(tmp_path, capsys, monkeypatch):
+    args = ["train", "digits", "--conditional", "--labelled", "20", "--checkpoint-every", "5",
+            "--batch-size", "64", *RUN]  # fmt: skip
+    code, _, err = vaelab_cli(capsys, *args, "--out", tmp_path / "reference")
+    assert code == 0, err
+
+    def crash(self: Any, trainer: Any, batch_size: int) -> None:
+        if trainer.step == 13:
+            raise SystemExit("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunLog, "step", crash)
+        cli.main([*args, "--out", str(tmp_path / "killed")])  # main takes the SystemExit
+    assert not (tmp_path / "killed" / "vaelab.json").exists()
+    code, out, err = vaelab_cli(capsys, "train", "--out", tmp_path / "killed", "--resume", "-q")
+    assert code == 0, err
+    assert "resuming" in out
+    assert (tmp_path / "killed" / "model.safetensors").read_bytes() == (
+        tmp_path / "reference" / "model.safetensors"
+    ).read_bytes()
+    assert labelled_record(tmp_path / "killed") == labelled_record(tmp_path / "reference")
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--labelled", "9"], "--labelled must be at least the number of classes (10)"),
+        (["--labelled", "5000"], "--labelled must be at most the 1437 training examples"),
+    ],
+)
+def test_cli_refusals_of_labelled(tmp_path, capsys, extra, message):
+    code, out, err = vaelab_cli(
+        capsys, "train", "digits", "--conditional", *extra, "--out", tmp_path / "run", *RUN
+    )
+    assert code == 2
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_labelled_needs_conditional(tmp_path, capsys):
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--labelled", "50", "--out",
+                              tmp_path / "run", *RUN)  # fmt: skip
+    assert code == 2
+    assert "--labelled needs a conditional model (--conditional)" in err
+    assert err.count("\n") == 1 and not (tmp_path / "run").exists()
