@@ -305,3 +305,16 @@ def test_the_m1_m2_example_runs():
     )
     assert done.returncode == 0, done.stderr
     assert "M1+M2 on codes" in done.stdout
+
+
+def test_toml_labelled_is_the_option(tmp_path, capsys):
+    config = tmp_path / "m2.toml"
+    config.write_text("conditional = true\nlabelled = 30\nsplit-seed = 4\n")
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--config", config, "--out",
+                              tmp_path / "run", *RUN)  # fmt: skip
+    assert code == 0, err
+    record = labelled_record(tmp_path / "run")
+    assert record["per_class"] == {str(c): 3 for c in range(10)}
+    labels = np.asarray(load_data("digits", seed=4).train.labels)
+    expected = choose_labelled(labels, np.arange(10), 30, seed=4)
+    np.testing.assert_array_equal(record["examples"], expected)
