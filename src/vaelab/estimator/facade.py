@@ -788,8 +788,8 @@ class VAE(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         if not isinstance(self.model_, SemiSupervisedModel):
             raise ValueError(
-                "this VAE has no classifier q(y|x): it was fitted with every label given; fit "
-                "conditional=True with some labels missing (-1 or NaN) to train one (M2)"
+                "this VAE has no classifier q(y|x): only a conditional VAE fitted with some "
+                "labels missing (-1 or NaN in y) trains one (M2)"
             )
         return self.model_
 
