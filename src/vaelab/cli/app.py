@@ -178,6 +178,18 @@ def cmd_evaluate(args: argparse.Namespace, world: World) -> int:
             rows.append(("bits/dim", f"{iwae.bits_per_dim:.4f} ({iwae.bound})"))
         else:
             rows.append(("bits/dim", f"— {iwae.bits_per_dim_note}"))
+    semi = result.semi_supervised
+    if semi is not None:
+        rows.append(
+            (semi.bound, f"{semi.unlabelled_bound:.4f} ± {semi.standard_error:.4f} nats/example")
+        )
+        if semi.classification_error is not None:
+            rows.append(
+                (
+                    "q(y|x) error",
+                    f"{semi.classification_error:.4f} (argmax of q(y|x) against the labels)",
+                )
+            )
     found_ais = result.ais
     if found_ais is not None:
         rows.append(

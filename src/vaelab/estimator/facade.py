@@ -14,9 +14,10 @@ estimator ignores it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,11 @@ from vaelab.estimator.serialization import (
 )
 from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.semi_supervised import (
+    SemiSupervisedModel,
+    classification_weight,
+    missing_rows,
+)
 from vaelab.model.vae_model import VAEModel, given_rows
 from vaelab.objectives.bounds import ElboTerms
 from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
@@ -199,6 +205,12 @@ class VAE(TransformerMixin, BaseEstimator):
     max_rollbacks : int, default 3
         On a NaN or infinite loss, return to the last epoch's end with half the learning rate,
         at most this many times (``history_[i].rollbacks``); 0 raises at once.
+    alpha : float or None, default None
+        With ``conditional=True`` and some labels missing (−1, or NaN) in ``fit(X, y)``, the
+        model is M2 (Kingma et al. 2014): y is a latent variable where it is missing, and a
+        classifier q(y|x) is trained beside the conditional VAE (``predict``,
+        ``predict_proba``). ``alpha`` weighs its classification term, α · E_labelled[log q(y|x)]
+        against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N.
 
     Attributes
     ----------
@@ -265,6 +277,7 @@ class VAE(TransformerMixin, BaseEstimator):
         layer_free_bits: float = 0.0,
         skip_grad_norm: float | None = None,
         max_rollbacks: int = 3,
+        alpha: float | None = None,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -290,11 +303,15 @@ class VAE(TransformerMixin, BaseEstimator):
         self.layer_free_bits = layer_free_bits
         self.skip_grad_norm = skip_grad_norm
         self.max_rollbacks = max_rollbacks
+        self.alpha = alpha
 
     # ----------------------------------------------------------------------------- configuration
-    def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
+    def model_config(
+        self, data_shape: tuple[int, ...], condition_dim: int = 0, semi_supervised: bool = False
+    ) -> ModelConfig:
         """The architecture these hyper-parameters describe, for data of ``data_shape`` (and
-        conditions of ``condition_dim`` numbers, for a conditional model)."""
+        conditions of ``condition_dim`` numbers, for a conditional model; with a classifier
+        q(y|x), M2, when ``semi_supervised``)."""
         latent = self.latent_dim
         return ModelConfig(
             data_shape=tuple(int(s) for s in data_shape),
@@ -307,6 +324,7 @@ class VAE(TransformerMixin, BaseEstimator):
             activation=self.activation,
             flow_steps=self.flow_steps,
             condition_dim=condition_dim,
+            semi_supervised=semi_supervised,
         )
 
     def train_config(self) -> TrainConfig:
@@ -401,9 +419,16 @@ class VAE(TransformerMixin, BaseEstimator):
                 f"[{n}, c]; got shape {found.shape}"
             )
         if found.ndim == 1:
-            _check_labels(found)
-            self.classes_ = np.unique(found)
-            return one_hot(found, self.classes_)
+            missing = missing_labels(found)
+            given = found[~missing]
+            if given.size == 0:
+                raise ValueError("y holds no labels (all are -1 or NaN); give some examples theirs")
+            _check_labels(given)
+            self.classes_ = np.unique(given)
+            # Rows of zeros stand for missing labels: M2 (vaelab.model.semi_supervised).
+            codes = np.zeros((n, len(self.classes_)), dtype=np.float32)
+            codes[~missing] = one_hot(given, self.classes_)
+            return codes
         if hasattr(self, "classes_"):
             del self.classes_  # a refit on vectors: the labels of a previous fit no longer apply
         return _condition_vectors(found, found.shape[1])
@@ -504,10 +529,16 @@ class VAE(TransformerMixin, BaseEstimator):
             conditions = None
             if self.conditional:
                 conditions = torch.from_numpy(self._learn_conditions(y, x.shape[0]))
+            labelled = None if conditions is None else int((~missing_rows(conditions)).sum())
+            semi = labelled is not None and labelled < x.shape[0]
+            if semi:
+                assert labelled is not None
+                weight = classification_weight(self.alpha, len(x), labelled)
+                train_config = dataclasses.replace(train_config, classification_weight=weight)
 
             def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, BatchSource]:
                 size = 0 if conditions is None else conditions.shape[1]
-                config = self.model_config(tuple(x.shape[1:]), size)
+                config = self.model_config(tuple(x.shape[1:]), size, semi)
                 model = start_model(
                     config,
                     device,
@@ -760,7 +791,10 @@ class VAE(TransformerMixin, BaseEstimator):
 
     def score_samples(self, X: Any, y: Any = None) -> np.ndarray:
         """Per-example ELBO, a lower bound on log p(x) (log p(x|y) of a conditional VAE, given
-        the examples' ``y``) in nats."""
+        the examples' ``y``) in nats. A semi-supervised model (M2) without ``y`` gives the bound
+        on log p(x) with y summed out under q(y|x), U(x) (``unlabelled_bound``)."""
+        if y is None and isinstance(getattr(self, "model_", None), SemiSupervisedModel):
+            return self.unlabelled_bound(X)
         return self.elbo(X, y)
 
     def score(self, X: Any, y: Any = None) -> float:
@@ -769,6 +803,71 @@ class VAE(TransformerMixin, BaseEstimator):
         check_is_fitted(self, "model_")
         condition = y if self.model_.condition_dim else None
         return float(np.mean(self.score_samples(X, condition)))
+
+    # ------------------------------------------------------------------- semi-supervised (M2)
+    def _classifier(self) -> SemiSupervisedModel:
+        check_is_fitted(self, "model_")
+        if not isinstance(self.model_, SemiSupervisedModel):
+            raise ValueError(
+                "this VAE has no classifier q(y|x): only a conditional VAE fitted with some "
+                "labels missing (-1 or NaN in y) trains one (M2)"
+            )
+        return self.model_
+
+    # predict and predict_proba exist only where they can answer (a fitted model without a
+    # classifier raises AttributeError, so hasattr is False and scikit-learn does not take the
+    # VAE for a classifier), with the sentence of _classifier.
+    @property
+    def predict_proba(self) -> Callable[[Any], np.ndarray]:
+        """q(y|x) of a semi-supervised model (M2) for each example, ``[n, classes]`` in the
+        order of ``classes_``. A fitted model without a classifier has no ``predict_proba``
+        (``AttributeError``, saying why)."""
+        self._has_classifier()
+        return self._predict_proba
+
+    @property
+    def predict(self) -> Callable[[Any], np.ndarray]:
+        """The most probable class under q(y|x) of a semi-supervised model (M2), ``[n]``, as
+        labels of ``classes_``. A fitted model without a classifier has no ``predict``
+        (``AttributeError``, saying why)."""
+        self._has_classifier()
+        return self._predict
+
+    def _has_classifier(self) -> None:
+        if hasattr(self, "model_") and not isinstance(self.model_, SemiSupervisedModel):
+            try:
+                self._classifier()
+            except ValueError as error:
+                raise AttributeError(str(error)) from None
+
+    @torch.no_grad()
+    def _predict_proba(self, X: Any) -> np.ndarray:
+        model = self._classifier()
+        x = self._tensor(X)
+        parts = [
+            torch.softmax(model.classifier.logits(chunk), dim=1).cpu()
+            for chunk, _ in self._chunks(x)
+        ]
+        return torch.cat(parts).double().numpy()
+
+    def _predict(self, X: Any) -> np.ndarray:
+        probabilities = self._predict_proba(X)
+        return np.asarray(self.classes_)[np.argmax(probabilities, axis=1)]
+
+    @torch.no_grad()
+    def unlabelled_bound(self, X: Any, samples: int = 16) -> np.ndarray:
+        """Each example's U(x) = Σ_y q(y|x) L(x, y) + H(q(y|x)), a lower bound on log p(x) with
+        the label summed out (Kingma et al. 2014, eq. 7), float64 ``[n]`` in nats, for a
+        semi-supervised model (M2); ``samples`` draws of z per example, seeded by its values
+        and shared by its C labels (``vaelab.objectives.semi_supervised``)."""
+        model = self._classifier()
+        x = self._tensor(X)
+        self._compile_evaluation()
+        parts = []
+        for chunk, _ in self._chunks(x):
+            noise = ExampleNoise(chunk, EVAL_SEED).normal(samples, (model.latent_dim,), like=chunk)
+            parts.append(model.unlabelled_bound(chunk, samples=samples, noise=noise).bound.cpu())
+        return torch.cat(parts).double().numpy()
 
     # ---------------------------------------------------------------------------------- saving
     def export_onnx(self, folder: str | os.PathLike[str]) -> OnnxExport:
@@ -854,6 +953,15 @@ def _check_labels(labels: np.ndarray) -> None:
             )
     elif labels.dtype.kind not in "iubUSO":
         raise ValueError(f"y holds {labels.dtype} values, which are not class labels")
+
+
+def missing_labels(labels: np.ndarray) -> np.ndarray:
+    """Which of class labels ``[n]`` are missing, bool ``[n]``: −1 in numbers, NaN in reals."""
+    if labels.dtype.kind == "f":
+        return np.isnan(labels) | (labels == -1)
+    if labels.dtype.kind in "iu":
+        return labels == -1
+    return np.zeros(labels.shape, dtype=bool)
 
 
 def _condition_vectors(y: np.ndarray, size: int) -> np.ndarray:

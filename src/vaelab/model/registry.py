@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from vaelab.components.classifier import Classifier
 from vaelab.components.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
 from vaelab.components.hierarchy import FirstLayerDecoder, HierarchicalPosterior, HierarchicalPrior
 from vaelab.components.likelihoods import (
@@ -35,6 +36,7 @@ from vaelab.components.priors import (
     VampPrior,
 )
 from vaelab.distributions.discretized_logistic import LOGISTIC_MIXTURE_COMPONENTS
+from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
 
 
@@ -195,6 +197,8 @@ class ModelConfig:
     activation: str = "relu"
     flow_steps: int = DEFAULT_FLOW_STEPS
     condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
+    # M2 (vaelab.model.semi_supervised): a classifier q(y|x) over the condition_dim classes.
+    semi_supervised: bool = False
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "hidden", "flow_steps", "condition_dim"):
@@ -239,6 +243,11 @@ class ModelConfig:
         c = self.condition_dim
         if not isinstance(c, int) or isinstance(c, bool) or c < 0:
             raise ValueError(f"condition_dim must be a non-negative integer, got {c!r}")
+        if self.semi_supervised and c < 2:
+            raise ValueError(
+                "a semi-supervised model classifies into the classes of its labels, so it needs "
+                f"a conditional model of two classes or more (condition_dim={c})"
+            )
         if c == 0:
             if self.prior == "conditional":
                 raise ValueError(
@@ -312,7 +321,13 @@ def build_model(config: ModelConfig) -> VAEModel:
     prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape, condition)
     if len(sizes) > 1:
         posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
-    return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape), condition)
+    built = likelihood.build(decoder, config.data_shape)
+    if config.semi_supervised:
+        classifier = Classifier(
+            config.network, config.data_shape, config.hidden, condition, config.activation
+        )
+        return SemiSupervisedModel(posterior, prior, built, condition, classifier)
+    return VAEModel(posterior, prior, built, condition)
 
 
 def _stochastic_layers(

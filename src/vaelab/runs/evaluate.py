@@ -24,6 +24,7 @@ from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.ais import ais
 from vaelab.evaluation.diagnostics import CollapseDiagnostics, collapse_diagnostics
 from vaelab.evaluation.loglik import log_likelihood, standard_error
+from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.runs.model_data import (
     CHUNK,
     Examined,
@@ -94,6 +95,20 @@ class AisEstimate:
 
 
 @dataclass(frozen=True)
+class SemiSupervisedEstimate:
+    """A semi-supervised model's (M2) numbers on ``examples``: U(x), the bound on log p(x) with
+    the label summed out under q(y|x) (Kingma et al. 2014, eq. 7), averaged, with its standard
+    error; and the classification error of q(y|x)'s most probable class (None for examples
+    without labels)."""
+
+    unlabelled_bound: float
+    standard_error: float
+    classification_error: float | None
+    examples: int
+    bound: str = "U(x)"
+
+
+@dataclass(frozen=True)
 class Evaluation(Examined):
     """What ``evaluate`` found about one model on one set of examples. ``per_example`` holds
     each example's float64 numbers (``elbo``, and ``iwae`` / ``ais`` when computed) in the order
@@ -105,6 +120,7 @@ class Evaluation(Examined):
     diagnostics: CollapseDiagnostics | None = None
     diagnostics_examples: int = 0
     per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    semi_supervised: SemiSupervisedEstimate | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of ``vaelab evaluate --json`` (field names kept from vaelab 0.1)."""
@@ -126,6 +142,8 @@ class Evaluation(Examined):
             found["iwae"] = _bound_json(self.iwae)
         if self.ais is not None:
             found["ais"] = _bound_json(self.ais)
+        if self.semi_supervised is not None:
+            found["semi_supervised"] = dataclasses.asdict(self.semi_supervised)
         if self.diagnostics is not None:
             found["diagnostics"] = {
                 "examples": self.diagnostics_examples,
@@ -200,6 +218,34 @@ def evaluate(
         diagnostics=collapse,
         diagnostics_examples=diagnostic_examples,
         per_example=per_example,
+        semi_supervised=_semi_supervised(opened, examples, samples, per_example),
+    )
+
+
+def _semi_supervised(
+    opened: OpenedModel, examples: ModelData, samples: int, per_example: dict[str, np.ndarray]
+) -> SemiSupervisedEstimate | None:
+    """U(x) and the classification error of a semi-supervised model (M2), read ``CHUNK`` rows
+    at a time (each example's U(x) added to ``per_example`` as ``unlabelled_bound``); None for
+    any other model."""
+    estimator = opened.estimator
+    if not isinstance(estimator.model_, SemiSupervisedModel):
+        return None
+    bounds, wrong, labelled = [], 0, 0
+    for start, x in enumerate(examples.chunks()):
+        rows = slice(start * CHUNK, start * CHUNK + len(x))
+        bounds.append(estimator.unlabelled_bound(x, samples=samples))
+        labels = examples.labels(rows.start, rows.stop)
+        if labels is not None:
+            wrong += int((estimator.predict(x) != labels).sum())
+            labelled += len(labels)
+    found = np.concatenate(bounds)
+    per_example["unlabelled_bound"] = found
+    return SemiSupervisedEstimate(
+        unlabelled_bound=float(found.mean()),
+        standard_error=standard_error(torch.from_numpy(found)),
+        classification_error=wrong / labelled if labelled else None,
+        examples=int(found.size),
     )
 
 

@@ -20,6 +20,7 @@ behind; a second process that finds the folder locked changes nothing and names 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import math
@@ -43,7 +44,9 @@ from vaelab.estimator.serialization import CONFIG_FILE, WEIGHTS_FILE
 from vaelab.io.files import DISK_FULL, DiskFullError, atomic_write_bytes, atomic_write_json
 from vaelab.model.conditioning import one_hot
 from vaelab.model.registry import ModelConfig
+from vaelab.model.semi_supervised import classification_weight
 from vaelab.model.vae_model import VAEModel
+from vaelab.runs.labelled import choose_labelled, drop_labels
 from vaelab.runs.options import RunConfig, RunError, config_from_json, resolve
 from vaelab.train.batches import IndexedBatches
 from vaelab.train.checkpoint import (
@@ -423,7 +426,12 @@ def _train_locked(
     if world.main:
         estimator.save(
             folder,
-            extra={"data": setup.splits.record, "run": config.to_json(), "training": summary},
+            extra={
+                "data": setup.splits.record,
+                "run": config.to_json(),
+                "training": summary,
+                **_labelled_record(setup),
+            },
         )
     return TrainResult(estimator, history, folder, best_epoch, stopped_early)
 
@@ -441,6 +449,7 @@ class _RunSetup:
     valid: IndexedBatches | None
     checkpoint: tuple[Tensors, dict[str, Any]] | None
     classes: np.ndarray | None  # a conditional run's classes
+    labelled: np.ndarray | None = None  # a semi-supervised run's labelled training examples
 
 
 def _set_up(
@@ -486,6 +495,14 @@ def _set_up(
     classes = class_labels(splits) if config.conditional else None
     train_conditions = _conditions(splits.train, classes)
     model_config = config.model_config(splits.shape, 0 if classes is None else len(classes))
+    train_config, labelled = config.train_config(), None
+    if config.labelled is not None and train_conditions is not None and classes is not None:
+        labelled = choose_labelled(
+            np.asarray(splits.train.labels), classes, config.labelled, config.split_seed
+        )
+        train_conditions = drop_labels(train_conditions, labelled)
+        weight = classification_weight(None, len(splits.train), config.labelled)
+        train_config = dataclasses.replace(train_config, classification_weight=weight)
     dynamic = splits.binarize == "dynamic"
 
     def check(model: VAEModel) -> None:
@@ -524,7 +541,7 @@ def _set_up(
         config.seed,
         device,
         build,
-        config.train_config(),
+        train_config,
         checkpoint=policy,
         world=world,
         compile=config.compile,
@@ -546,8 +563,22 @@ def _set_up(
                 "delete the folder and train again without --resume"
             ) from None
     return _RunSetup(
-        config, splits, model_config, device, trainer, source, valid, checkpoint, classes
+        config, splits, model_config, device, trainer, source, valid, checkpoint, classes, labelled
     )
+
+
+def _labelled_record(setup: _RunSetup) -> dict[str, Any]:
+    """A semi-supervised run's entry of ``vaelab.json``: the positions in the training split of
+    the examples that kept their labels, and their count per class."""
+    if setup.labelled is None or setup.classes is None:
+        return {}
+    labels = np.asarray(setup.splits.train.labels)[setup.labelled]
+    return {
+        "labelled": {
+            "examples": setup.labelled.tolist(),
+            "per_class": {str(c): int((labels == c).sum()) for c in setup.classes},
+        }
+    }
 
 
 def _worker_device(device: torch.device, world: World) -> torch.device:

@@ -161,6 +161,13 @@ class RunConfig:
         "at most this many times (0: stop at once)",
         "int",
     )
+    # semi-supervised (M2; after the rest, so that older config.json files keep their order)
+    labelled: int | None = _option(
+        None,
+        "semi-supervised M2: keep N class labels of the training split, class-balanced and drawn "
+        "with --split-seed, train on the rest unlabelled (needs --conditional; none: all labels)",
+        "int?",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -184,7 +191,9 @@ class RunConfig:
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
-        return self.estimator().model_config(data_shape, condition_dim)
+        return self.estimator().model_config(
+            data_shape, condition_dim, semi_supervised=self.labelled is not None
+        )
 
     def estimator(self) -> VAE:
         """The ``vaelab.VAE`` these options describe (what ``vaelab.load`` of the run gives back)."""
@@ -218,10 +227,15 @@ class RunConfig:
         """Check every option that does not need the data; ``RunError`` names the first bad one."""
         if self.data is None:
             raise RunError("no data given; pass DATA (a data set name or a path) or set data = ...")
+        if self.labelled is not None and not self.conditional:
+            raise ParameterError(
+                "labelled",
+                "needs a conditional model (--conditional): the labels kept are its condition y",
+            )
         try:
             self.train_config().validate()
             # The condition's size comes with the data; any size checks the combinations.
-            self.model_config((1,), 1 if self.conditional else 0).validate()
+            self.model_config((1,), 2 if self.conditional else 0).validate()
             resolve_device(self.device)
         except ValueError as error:
             raise RunError(str(error)) from None

@@ -60,6 +60,9 @@ class TrainConfig:
     skip_grad_norm: float | None = None
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
+    # M2's α / N_labelled: the weight of log q(y|x) per labelled example
+    # (vaelab.model.semi_supervised.classification_weight); 0 for every other model.
+    classification_weight: float = 0.0
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "samples", "k", "patience", "max_rollbacks"):
@@ -75,6 +78,10 @@ class TrainConfig:
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.beta >= 0, f"beta must be non-negative, got {self.beta}"),
             (self.samples >= 1, f"samples must be at least 1, got {self.samples}"),
+            (
+                self.classification_weight >= 0,
+                f"classification_weight must be non-negative, got {self.classification_weight}",
+            ),
             (self.free_bits >= 0, f"free_bits must be non-negative, got {self.free_bits}"),
             (
                 self.kl_warmup_epochs >= 0,

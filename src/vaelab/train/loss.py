@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
+from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
 from vaelab.objectives.layers import kl_per_layer
@@ -63,6 +64,14 @@ class StepObjective(nn.Module):
         condition: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
         config, scale = self.config, self.world.size / size
+        if isinstance(self.model, SemiSupervisedModel) and condition is not None:
+            loss, recorded = semi_supervised_loss(
+                self.model, config, x, condition, noise, kl_weight
+            )
+            loss = loss * scale
+            if flags is not None and self.flags is not None:
+                loss = loss + (self.flags * flags).sum()
+            return loss, recorded
         # A conditional model's batch comes with its examples' conditions, bound for this step.
         model = self.model if condition is None else self.model.given(condition)
         terms: ElboTerms | IwaeTerms
@@ -135,6 +144,36 @@ class StepObjective(nn.Module):
             raise ValueError("free bits need a diagonal posterior and a factorised Gaussian prior")
         kl = self._batch_mean(per_dim, size).clamp(min=self.config.free_bits).sum()  # [latent]
         return -(terms.reconstruction.sum() * (self.world.size / size) - kl_weight * kl)
+
+
+def semi_supervised_loss(
+    model: SemiSupervisedModel,
+    config: TrainConfig,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    noise: torch.Tensor | None,
+    kl_weight: float,
+) -> tuple[torch.Tensor, ElboTerms]:
+    """M2's loss on a batch whose missing labels are rows of zeros: −Σ of each example's L(x, y)
+    or U(x) (with β on the KL) plus the classification term; the terms recorded are its bound
+    (L or U) and that bound's expected reconstruction and KL. The ELBO objective alone: IWAE and
+    free bits have no form over a summed-out y here, and are refused."""
+    if config.objective != "elbo" or config.free_bits > 0:
+        raise ValueError(
+            "a semi-supervised model (labels missing) trains on the ELBO without free bits; "
+            "use objective='elbo' and free_bits=0"
+        )
+    terms = model.semi_supervised(
+        x,
+        labels,
+        samples=config.samples,
+        beta=kl_weight,
+        noise=noise,
+        gradient=config.gradient,
+        classification_weight=config.classification_weight,
+    )
+    recorded = ElboTerms(terms.reconstruction, terms.kl, terms.bound, terms.objective)
+    return -terms.objective.sum(), recorded
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:
