@@ -93,6 +93,18 @@ class LatentChain(Distribution):
             log_p = log_p + self._conditional(index, previous).log_prob(block)
         return log_p
 
+    def layer_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Each layer's log-density at ``value [*S, *B, Σ_l d_l]``, z₁'s row first: ``[L, *S,
+        *B]``, log q(z₁|x), log q(z₂|z₁), … (a prior: log p(z₁|z₂), …, log p(z_L)); the rows sum
+        to :meth:`log_prob`. The per-layer KL of a sample is q's row minus p's."""
+        blocks = self._blocks(value)
+        rows = [self.first.log_prob(blocks[0])]
+        for index, (previous, block) in enumerate(itertools.pairwise(blocks)):
+            rows.append(self._conditional(index, previous).log_prob(block))
+        shape = value.shape[:-1]
+        stacked = torch.stack([row.expand(shape) for row in rows])
+        return stacked.flip(0) if self.reverse else stacked
+
     # ------------------------------------------------------------------------ sampling
     def sample(self, sample_shape: Sequence[int] = ()) -> torch.Tensor:
         """Ancestral draws ``[*sample_shape, *B, Σ_l d_l]``, without gradients."""

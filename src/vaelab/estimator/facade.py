@@ -187,6 +187,13 @@ class VAE(TransformerMixin, BaseEstimator):
         and ``log_likelihood``, through ``torch.compile`` (``vaelab.train.fastpath``): the same
         numbers to float rounding; eager, after one warning, where it cannot compile. The first
         calls pay for compiling (seconds to a minute).
+    inference : str, default "bottom-up"
+        How the posterior over the stochastic layers is drawn: ``"bottom-up"``, q(z₁|x)
+        q(z₂|z₁) ⋯, or ``"top-down"``, the Ladder VAE's z_L first through the prior's own
+        networks, each layer's posterior the precision-weighted merge of the prior's conditional
+        and bottom-up evidence from x (Sønderby et al. 2016; ``vaelab.components.top_down``).
+        Top-down takes ``posterior="diagonal"``, a Gaussian ``prior`` (``"normal"`` or
+        ``"learnable"``) and no condition.
 
     Attributes
     ----------
@@ -250,6 +257,7 @@ class VAE(TransformerMixin, BaseEstimator):
         gradient: str = "standard",
         conditional: bool = False,
         compile: bool = False,
+        inference: str = "bottom-up",
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -272,6 +280,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.gradient = gradient
         self.conditional = conditional
         self.compile = compile
+        self.inference = inference
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -289,6 +298,7 @@ class VAE(TransformerMixin, BaseEstimator):
             activation=self.activation,
             flow_steps=self.flow_steps,
             condition_dim=condition_dim,
+            inference=self.inference,
         )
 
     def train_config(self) -> TrainConfig:
