@@ -147,27 +147,63 @@ def test_detached_stops_the_evidence_and_the_shared_weights_but_not_the_prior():
     assert all(g is not None and bool(g.abs().sum() > 0) for g in found)
 
 
-def test_the_prior_reuses_the_posteriors_pass_without_gradients_only():
+def test_the_prior_reuses_the_posteriors_pass_while_nothing_changed():
+    """log p(z) at the posterior's own draw comes from its pass (the prior's networks run once),
+    with the same value and gradient as a recomputation; not after q's gradient is stopped (DReG
+    hooks z), nor after the prior's weights or z change."""
     model = top_down((4, 3, 2))
     x = torch.randn(3, 6, dtype=F64)
     calls = []
     handle = model.prior.conditionals[0].register_forward_hook(lambda *a: calls.append(1))
+
+    def counted(function):
+        n = len(calls)
+        value = function()
+        return value, len(calls) - n
+
     with torch.no_grad():
         q, p = model.posterior(x), model.prior()
         z, _ = q.rsample_and_log_prob((5,))
-        n = len(calls)
-        reused = p.log_prob(z)
-        assert len(calls) == n  # taken from the pass
-        again = p.log_prob(z)  # the slot is emptied: recomputed
-        assert len(calls) == n + 1
+        reused, ran = counted(lambda: p.log_prob(z))
+        assert ran == 0
+        again, ran = counted(lambda: p.log_prob(z))  # the slot is emptied: recomputed
+        assert ran == 1
         torch.testing.assert_close(reused, again, rtol=1e-12, atol=1e-12)
         # An unsqueezed view of the same draw (the ELBO's [1, batch, latent]) is the same z.
         z1, _ = q.rsample_and_log_prob()
-        torch.testing.assert_close(p.log_prob(z1.unsqueeze(0))[0], p.log_prob(z1))
-    z, _ = q.rsample_and_log_prob((5,))  # with gradients: never stored
-    n = len(calls)
-    p.log_prob(z)
-    assert len(calls) == n + 1
+        view, ran = counted(lambda: p.log_prob(z1.unsqueeze(0))[0])
+        assert ran == 0
+        torch.testing.assert_close(view, p.log_prob(z1))
+    # With gradients: the same gradient in every parameter as a recomputation.
+    params = [*model.posterior.parameters(), *model.prior.parameters()]
+    for reuse in (True, False):
+        torch.manual_seed(0)
+        q = model.posterior(x)
+        z, log_q = q.rsample_and_log_prob((2,))
+        if not reuse:
+            model.prior.reuse.clear()
+        value, ran = counted(lambda z=z, log_q=log_q: (log_q - model.prior().log_prob(z)).sum())
+        assert ran == (0 if reuse else 1)
+        grads = torch.autograd.grad(value, params)
+        if reuse:
+            expected = (value, grads)
+    torch.testing.assert_close(value, expected[0], rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads, expected[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # Not after stop_gradient(q), not after an optimiser step, not at a changed z.
+    q = model.posterior(x)
+    z, _ = q.rsample_and_log_prob()
+    stop_gradient(q)
+    assert counted(lambda: model.prior().log_prob(z))[1] == 1
+    optimiser = torch.optim.Adam(model.parameters(), lr=0.1)
+    z, log_q = model.posterior(x).rsample_and_log_prob()
+    (log_q.sum() + model.likelihood.log_prob(x, z).sum()).backward()
+    optimiser.step()
+    assert counted(lambda: model.prior().log_prob(z.detach()))[1] == 1
+    with torch.no_grad():
+        z, _ = model.posterior(x).rsample_and_log_prob()
+        z.add_(1.0)
+        assert counted(lambda: model.prior().log_prob(z))[1] == 1
     handle.remove()
 
 

@@ -102,7 +102,7 @@ class TopDownPrior(HierarchicalPrior):
         self, top: nn.Module, conditionals: Sequence[nn.Module], sizes: Sequence[int]
     ) -> None:
         super().__init__(top, conditionals, sizes)
-        self.reuse = PriorReuse()
+        self.reuse = PriorReuse(self.parameters)
 
     def forward(self, condition: torch.Tensor | None = None) -> TopDownPriorChain:
         return TopDownPriorChain(self.top(), tuple(self.conditionals), self.sizes, self.reuse)

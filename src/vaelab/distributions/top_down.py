@@ -17,8 +17,7 @@ posterior calls them at its own draws, so the generative path is shared, not cop
 
 The prior is an ordinary :class:`vaelab.distributions.chain.GaussianChain` drawn from z_L down
 (:class:`TopDownPriorChain`); it reuses the per-layer log-densities that the posterior's sampling pass
-computed on the way, when asked at the same z without gradients (evaluation), and recomputes
-them otherwise (see :class:`PriorReuse`).
+computed on the way, when asked at the same z (see :class:`PriorReuse`).
 
 Shapes: ``batch_shape [batch]`` (posterior) or ``[]`` (prior), ``event_shape [Σ_l d_l]`` with z₁
 first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'s row first.
@@ -27,7 +26,7 @@ first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -65,27 +64,44 @@ def merge(prior: Distribution, loc: torch.Tensor, log_var: torch.Tensor) -> Diag
 
 class PriorReuse:
     """A slot shared by a top-down prior module and its posterior: the last posterior draw z and
-    the prior's per-layer log-densities there, ``[L, *S, *B]``, written by a sampling pass made
-    without gradients and taken (once) by the prior's ``layer_log_prob`` at that same z.
+    the prior's per-layer log-densities there, ``[L, *S, *B]``, which the posterior's pass
+    computed on its way (it needs p(z_l | z_{l+1}) to merge), taken once by the prior's
+    ``layer_log_prob`` at that same z instead of running the prior's networks again.
 
-    Only without gradients: the values would be equal with them, but the gradient of the stored
-    log p(z) reaches the layers' draws by their own paths, not through the joined z, so a hook on
-    z (the DReG estimator's) would miss it. Training therefore recomputes log p(z)."""
+    Taken only while nothing they depend on has changed: z is the stored tensor (or a view of it
+    of the same size) unchanged since (its version counter), and so are the prior's parameters
+    (``watched``; an optimiser step bumps their versions). The stored log p(z) has the same value
+    and, through the prior's weights and through z's layers, the same gradient as a recomputed
+    one, with one difference: it reaches each layer of z by that layer's own path rather than
+    through the joined z, so a hook registered on z (the DReG estimator's, which multiplies
+    the gradient arriving at z by the importance weight) would miss it. The estimators that hook
+    z first stop q's gradient (``detached()``), which empties the slot, so they recompute; the
+    slot is also left alone under ``torch.compile``."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: Callable[[], Iterable[torch.Tensor]] = tuple) -> None:
+        self.watched = watched
+        self.clear()
+
+    def _versions(self) -> tuple[int, ...]:
+        return tuple(t._version for t in self.watched())
+
+    def clear(self) -> None:
         self.z: torch.Tensor | None = None
         self.layers: torch.Tensor | None = None
-        self.version = 0
+        self.versions: tuple[int, ...] = ()
 
     def put(self, z: torch.Tensor, layers: torch.Tensor) -> None:
-        self.z, self.layers, self.version = z, layers, z._version
+        if torch.compiler.is_compiling():
+            return
+        self.z, self.layers = z, layers
+        self.versions = (z._version, *self._versions())
 
     def take(self, value: torch.Tensor) -> torch.Tensor | None:
-        """The stored rows when ``value`` is the stored z (or a view of it of the same size,
-        unchanged since), else None; the slot is emptied either way."""
-        z, layers = self.z, self.layers
-        self.z = self.layers = None
-        if z is None or layers is None or (torch.is_grad_enabled() and value.requires_grad):
+        """The stored rows when ``value`` is the stored z (module docstring), else None; the
+        slot is emptied either way."""
+        z, layers, versions = self.z, self.layers, self.versions
+        self.clear()
+        if z is None or layers is None or torch.compiler.is_compiling():
             return None
         same = (
             value.data_ptr() == z.data_ptr()
@@ -93,7 +109,7 @@ class PriorReuse:
             and value.shape[-1] == z.shape[-1]
             and value.dtype == z.dtype
             and value.device == z.device
-            and z._version == self.version
+            and versions == (z._version, *self._versions())
         )
         return layers.reshape(layers.shape[:1] + value.shape[:-1]) if same else None
 
@@ -119,8 +135,7 @@ class TopDownChain(Distribution):
     draw order, the first z_L → p(z_{L−1}|z_L); ``evidence`` the bottom-up (μ̂_l, log σ̂_l²) of
     each layer, z₁ first, each ``[*B, d_l]``; ``sizes`` d₁, …, d_L. ``frozen`` evaluates
     everything q reads, the evidence and the shared networks, with gradients stopped
-    (:meth:`detached`); ``reuse`` receives the prior's log-densities of a draw made without
-    gradients.
+    (:meth:`detached`); ``reuse`` receives the prior's log-densities at each draw.
     """
 
     arg_constraints: dict[str, constraints.Constraint] = {}
@@ -213,12 +228,12 @@ class TopDownChain(Distribution):
     # ------------------------------------------------------------------------ sampling
     def from_noise(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z and log q(z|x) from standard normal ``eps [*S, *B, Σ_l d_l]`` (each layer's ε where
-        the layer lies in z), drawn top-down and differentiable in every parameter; without
-        gradients the prior's per-layer log-densities at z are handed to ``reuse``."""
+        the layer lies in z), drawn top-down and differentiable in every parameter; the prior's
+        per-layer log-densities at z, computed on the way, go to ``reuse``."""
         blocks, priors, posteriors = self._pass(None, eps)
         log_q = sum(q.log_prob(b) for q, b in zip(posteriors, blocks, strict=True))
         z = self._join(blocks)
-        if self.reuse is not None and not torch.is_grad_enabled() and not self.frozen:
+        if self.reuse is not None and not self.frozen:
             rows = [p.log_prob(b) for p, b in zip(priors, blocks, strict=True)][::-1]
             self.reuse.put(z, torch.stack([row.expand(eps.shape[:-1]) for row in rows]))
         assert isinstance(log_q, torch.Tensor)
@@ -242,7 +257,12 @@ class TopDownChain(Distribution):
     def detached(self) -> TopDownChain:
         """The same q with everything it reads detached (the bottom-up evidence of x, p(z_L) and
         the shared generative networks as q calls them): ``log_prob`` keeps its values and has a
-        gradient through z only. The prior keeps its own gradients: it is another object."""
+        gradient through z only. The prior keeps its own gradients: it is another object.
+
+        Empties ``reuse``: an estimator that stops q's gradient may hook z, which a reused
+        log p(z) would bypass (:class:`PriorReuse`)."""
+        if self.reuse is not None:
+            self.reuse.clear()
         return TopDownChain(self.top, self.conditionals, self.evidence, self.sizes, frozen=True)
 
     @property
