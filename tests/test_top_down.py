@@ -18,8 +18,9 @@ from torch.distributions import MultivariateNormal, Normal
 import vaelab
 from conftest import CrashAfter, standard_error, vaelab_cli
 from vaelab.distributions.chain import GaussianChain
+from vaelab.distributions.normal import DiagonalNormal
 from vaelab.distributions.stop_gradient import stop_gradient
-from vaelab.distributions.top_down import TopDownChain, TopDownPriorChain
+from vaelab.distributions.top_down import TopDownChain, TopDownPriorChain, merge
 from vaelab.evaluation.ais import HmcSettings, ais
 from vaelab.evaluation.loglik import log_likelihood
 from vaelab.evaluation.ppca import ppca_max_log_likelihood, random_linear_gaussian
@@ -95,6 +96,19 @@ def test_the_posterior_is_the_product_of_merged_gaussians_drawn_top_down(sizes):
     # The likelihood reads z₁ alone.
     moved = torch.cat([layers[0], torch.randn_like(z[..., sizes[0] :])], dim=-1)
     torch.testing.assert_close(model.likelihood.log_prob(x, moved), model.likelihood.log_prob(x, z))
+
+
+def test_the_merge_is_finite_where_one_precision_dwarfs_the_other():
+    """σ̂² = e^±80 against σ_p² = 1: q is p (evidence uninformative) or the evidence itself, with
+    no overflow of a precision e^80 nor a 0/0."""
+    prior = DiagonalNormal(torch.tensor([[2.0]], dtype=F64), torch.zeros(1, 1, dtype=F64))
+    loc = torch.tensor([[-3.0]], dtype=F64)
+    wide = merge(prior, loc, torch.full((1, 1), 80.0, dtype=F64))
+    sharp = merge(prior, loc, torch.full((1, 1), -80.0, dtype=F64))
+    torch.testing.assert_close(wide.mean, prior.mean)
+    torch.testing.assert_close(wide.log_var, torch.zeros(1, 1, dtype=F64))
+    torch.testing.assert_close(sharp.mean, loc)
+    torch.testing.assert_close(sharp.log_var, torch.full((1, 1), -80.0, dtype=F64))
 
 
 def test_layer_log_prob_of_the_bottom_up_chains_sums_to_log_prob():

@@ -331,6 +331,11 @@ def build_model(config: ModelConfig) -> VAEModel:
     p(z_l|z_{l+1}). With ``hidden=(200, 200)`` and (100, 50) that is the two-stochastic-layer
     model of Burda et al. (2016): x → 200 → 200 → z₁ (100) → 100 → 100 → z₂ (50) and its mirror;
     ``hidden=()`` keeps every map linear.
+
+    With ``inference="top-down"`` (any number of layers, one included) the generative path is
+    the same (p(z_L), those conditionals, the decoder of z₁) and the posterior is a bottom-up pass
+    over x (``BOTTOM_UP[network]``) merged with it layer by layer, z_L first
+    (``vaelab.components.top_down``).
     """
     config.validate()
     sizes = config.latent_sizes
