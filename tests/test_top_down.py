@@ -616,3 +616,32 @@ def test_a_top_down_run_killed_mid_epoch_resumes_bit_identical(tmp_path):
     final, expected = resumed.model.state_dict(), reference.model.state_dict()
     assert final.keys() == expected.keys()
     assert all(torch.equal(final[k], expected[k]) for k in final)
+
+
+@pytest.mark.slow
+def test_two_workers_train_the_top_down_model_one_process_trains(tmp_path, capsys):
+    """--nproc 2 against one process on a three-layer top-down model: only the order of float
+    sums differs (the prior's reused log-densities included)."""
+    import subprocess
+
+    from conftest import vaelab_command
+    from test_distributed import assert_close_runs, environment
+
+    data = tmp_path / "d.npy"
+    np.save(data, (load_digits().data[:400] / 16.0).astype(np.float32))
+    run = [
+        "--epochs", "2", "--batch-size", "8", "--hidden", "16", "--latent-dim", "4,3,2",
+        "--inference", "top-down", "--objective", "iwae", "--k", "3", "--gradient", "dreg",
+        "--seed", "3", "--quiet",
+    ]  # fmt: skip
+    code, _, err = vaelab_cli(capsys, "train", data, "--out", tmp_path / "one", *run)
+    assert code == 0, err
+    done = subprocess.run(
+        vaelab_command("train", data, "--out", tmp_path / "two", "--nproc", 2, *run),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_close_runs(tmp_path / "one", tmp_path / "two", tolerance=1e-4)
