@@ -25,14 +25,13 @@ first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
-from vaelab.distributions.chain import GaussianChain
+from vaelab.distributions.chain import GaussianChain, call_module
 from vaelab.distributions.normal import DiagonalNormal
 from vaelab.distributions.stop_gradient import stop_gradient
 
@@ -114,20 +113,6 @@ class PriorReuse:
         return layers.reshape(layers.shape[:1] + value.shape[:-1]) if same else None
 
 
-def _call(module: nn.Module, frozen: bool, value: torch.Tensor) -> Distribution:
-    """``module(value)``, or with its parameters detached (``frozen``): the same numbers, no path
-    back to the shared weights (``torch.func.functional_call`` with detached copies)."""
-    if not frozen:
-        distribution: Distribution = module(value)
-        return distribution
-    detached = {
-        name: tensor.detach()
-        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
-    }
-    called: Distribution = torch.func.functional_call(module, detached, (value,))
-    return called
-
-
 class TopDownChain(Distribution):
     """q(z₁, …, z_L | x) drawn top-down (module docstring).
 
@@ -184,7 +169,7 @@ class TopDownChain(Distribution):
             if index == 0:
                 p = stop_gradient(self.top) if self.frozen else self.top
             else:
-                p = _call(self.conditionals[index - 1], self.frozen, blocks[-1])
+                p = call_module(self.conditionals[index - 1], blocks[-1], frozen=self.frozen)
             if self.frozen:
                 loc, log_var = loc.detach(), log_var.detach()
             q = merge(p, loc, log_var)
