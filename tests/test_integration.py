@@ -55,12 +55,24 @@ CONDITIONAL = [
     ("gaussian", "iaf", "normal", "conv", "iwae", "dreg", "2"),
 ]
 MATRIX += CONDITIONAL
+# Top-down inference (--inference top-down) at 2, 3 and 5 layers, MLP and convolutional, with
+# the posterior and priors it takes; their sizes set them apart from the bottom-up rows.
+TOP_DOWN = [
+    ("bernoulli", "diagonal", "normal", "mlp", "elbo", "standard", "4,3"),
+    ("gaussian", "diagonal", "learnable", "conv", "iwae", "dreg", "4,3"),
+    ("bernoulli", "diagonal", "learnable", "mlp", "iwae", "dreg", "4,3,2"),
+    ("laplace", "diagonal", "normal", "conv", "elbo", "stl", "4,3,2"),
+    ("bernoulli", "diagonal", "normal", "mlp", "elbo", "stl", "4,3,2,2,1"),
+    ("continuous-bernoulli", "diagonal", "normal", "conv", "elbo", "standard", "4,3,2,2,1"),
+]
+MATRIX += TOP_DOWN
 # Likelihoods of the 256 levels of 8-bit pixels: trained on the digits as uint8 images.
 EIGHT_BIT = {"discretized-logistic", "discretized-logistic-mixture"}
 IDS = [
     "-".join(row[:-1])
     + ("" if row[-1] == "2" else "-layers-" + row[-1].replace(",", "-"))
     + ("-given-y" if row in CONDITIONAL else "")
+    + ("-top-down" if row in TOP_DOWN else "")
     for row in MATRIX
 ]
 
@@ -125,6 +137,8 @@ def model(request, data, data_8_bit, tmp_path_factory) -> tuple[Path, tuple[str,
         argv += ["--k", "3"]
     if request.param in CONDITIONAL:
         argv += ["--conditional"]
+    if request.param in TOP_DOWN:
+        argv += ["--inference", "top-down"]
     assert cli.main(argv) == 0
     return folder, request.param
 
@@ -135,6 +149,7 @@ def test_train_writes_a_model_that_loads_as_configured(model, capsys):
     options = ("likelihood", "posterior", "prior", "network", "objective", "gradient")
     assert tuple(getattr(loaded, name) for name in options) == model[1][:-1]
     assert loaded.conditional == (model[1] in CONDITIONAL)
+    assert loaded.inference == ("top-down" if model[1] in TOP_DOWN else "bottom-up")
     if loaded.conditional:  # one-hot over the labels of the data
         assert list(loaded.classes_) == list(range(10)) and loaded.model_.condition_dim == 10
     sizes = latent_sizes(model[1])
@@ -189,6 +204,8 @@ def test_gap(model, capsys):
     assert code == 0, err
     result = json.loads(out)
     expected = {"diagonal": ["diagonal", "full"], "full": ["full"]}.get(posterior, [posterior])
+    if model[1] in TOP_DOWN:  # each example's bottom-up evidence, the prior's networks kept
+        expected = ["top-down"]
     assert list(result["families"]) == expected
     for found in result["families"].values():
         assert all(math.isfinite(found[name]["mean"]) for name in ("log_px", "elbo_optimal"))

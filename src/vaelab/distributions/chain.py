@@ -21,7 +21,22 @@ from torch.distributions import Distribution, constraints
 from vaelab.distributions.sampling import location_scale_sample
 from vaelab.distributions.stop_gradient import stop_gradient
 
-__all__ = ["GaussianChain", "LatentChain"]
+__all__ = ["GaussianChain", "LatentChain", "call_module"]
+
+
+def call_module(module: nn.Module, value: torch.Tensor, *, frozen: bool = False) -> Distribution:
+    """``module(value)``, or (``frozen``) the same numbers with no path back to its weights. The
+    module is the live model's, so its weights cannot be detached in place: it is called with
+    detached copies of them (``torch.func.functional_call``)."""
+    if not frozen:
+        distribution: Distribution = module(value)
+        return distribution
+    detached = {
+        name: tensor.detach()
+        for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
+    }
+    called: Distribution = torch.func.functional_call(module, detached, (value,))
+    return called
 
 
 class LatentChain(Distribution):
@@ -71,18 +86,7 @@ class LatentChain(Distribution):
 
     def _conditional(self, index: int, previous: torch.Tensor) -> Distribution:
         """The distribution of the layer drawn after ``previous`` (``[*S, *B, d]``)."""
-        module = self.conditionals[index]
-        if not self.frozen:
-            distribution: Distribution = module(previous)
-            return distribution
-        # The module is the live model's, so its weights cannot be detached in place: call it
-        # with detached copies of them instead (the same numbers, no path back to the weights).
-        detached = {
-            name: tensor.detach()
-            for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers())
-        }
-        frozen: Distribution = torch.func.functional_call(module, detached, (previous,))
-        return frozen
+        return call_module(self.conditionals[index], previous, frozen=self.frozen)
 
     # ------------------------------------------------------------------------ density
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,11 @@ def a_parameter(q: Distribution) -> torch.Tensor:
     first = getattr(q, "first", None)
     if isinstance(first, Distribution):
         return first.base_dist.loc if isinstance(first, Independent) else a_parameter(first)
+    # A top-down chain (vaelab.distributions.top_down) is made like its bottom-up evidence.
+    evidence = getattr(q, "evidence", None)
+    if isinstance(evidence, tuple) and evidence:
+        loc: torch.Tensor = evidence[0][0]
+        return loc
     raise TypeError(f"cannot tell the dtype and device of a {type(q).__name__}")
 
 

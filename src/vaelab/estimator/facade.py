@@ -211,6 +211,13 @@ class VAE(TransformerMixin, BaseEstimator):
         classifier q(y|x) is trained beside the conditional VAE (``predict``,
         ``predict_proba``). ``alpha`` weighs its classification term, α · E_labelled[log q(y|x)]
         against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N.
+    inference : str, default "bottom-up"
+        How the posterior over the stochastic layers is drawn: ``"bottom-up"``, q(z₁|x)
+        q(z₂|z₁) ⋯, or ``"top-down"``, the Ladder VAE's z_L first through the prior's own
+        networks, each layer's posterior the precision-weighted merge of the prior's conditional
+        and bottom-up evidence from x (Sønderby et al. 2016; ``vaelab.components.top_down``).
+        Top-down takes ``posterior="diagonal"``, a Gaussian ``prior`` (``"normal"`` or
+        ``"learnable"``) and no condition.
 
     Attributes
     ----------
@@ -278,6 +285,7 @@ class VAE(TransformerMixin, BaseEstimator):
         skip_grad_norm: float | None = None,
         max_rollbacks: int = 3,
         alpha: float | None = None,
+        inference: str = "bottom-up",
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -304,6 +312,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.skip_grad_norm = skip_grad_norm
         self.max_rollbacks = max_rollbacks
         self.alpha = alpha
+        self.inference = inference
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(
@@ -325,6 +334,7 @@ class VAE(TransformerMixin, BaseEstimator):
             flow_steps=self.flow_steps,
             condition_dim=condition_dim,
             semi_supervised=semi_supervised,
+            inference=self.inference,
         )
 
     def train_config(self) -> TrainConfig:

@@ -63,6 +63,7 @@ from torch.distributions import (
 
 from vaelab.components.flows import IAFPosterior, PlanarFlowPosterior
 from vaelab.components.hierarchy import HierarchicalPosterior
+from vaelab.components.top_down import TopDownPosterior
 from vaelab.distributions.discretized_logistic import DiscretizedLogistic
 from vaelab.distributions.normal import DiagonalNormal
 from vaelab.io.files import atomic_write_bytes
@@ -191,6 +192,11 @@ REFUSED_POSTERIORS: dict[type[nn.Module], str] = {
         "a posterior over several stochastic layers has no closed-form mean of z₂, …: "
         "VAE.transform averages draws keyed by each example, which no graph of x reproduces; "
         "export a model with one latent size"
+    ),
+    TopDownPosterior: (
+        "a top-down posterior (inference='top-down') has no closed-form mean: each layer is "
+        "drawn through the prior's networks at the layer above, and VAE.transform averages "
+        "draws keyed by each example; export a bottom-up model with one latent size"
     ),
 }
 

@@ -7,7 +7,9 @@ at one, and which family's q* is the better proposal for log p(x).
 - ``FlowFamily("planar" | "iaf")``: the amortised flow's maps with per-example parameters
   (``vaelab.components.flows.LocalFlowPosterior``), containing that flow alone;
 - ``LayersFamily(first)``: several stochastic layers, q_n(z₁) in ``first`` followed by the model's
-  q(z₂|z₁), … (``vaelab.components.hierarchy.LocalLayersPosterior``).
+  q(z₂|z₁), … (``vaelab.components.hierarchy.LocalLayersPosterior``);
+- ``TopDownFamily()``: top-down inference with each example's bottom-up evidence free, merged
+  with the model's prior networks (``vaelab.components.top_down.LocalTopDownPosterior``).
 
 A new posterior family is a new class here, not a new branch in ``vaelab.evaluation.gap``.
 """
@@ -22,7 +24,9 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 from vaelab.components.flows import FlowDistribution, LocalFlowPosterior
 from vaelab.components.hierarchy import LocalLayersPosterior
+from vaelab.components.top_down import LocalTopDownPosterior
 from vaelab.distributions.chain import GaussianChain
+from vaelab.distributions.top_down import TopDownChain
 
 GAUSSIAN_FAMILIES = ("diagonal", "full")
 
@@ -132,7 +136,9 @@ class LocalGaussianPosterior(nn.Module):
 
 
 # A per-example posterior: forward(x) and distribution(), both with batch_shape [n].
-LocalPosterior = LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior
+LocalPosterior = (
+    LocalGaussianPosterior | LocalFlowPosterior | LocalLayersPosterior | LocalTopDownPosterior
+)
 
 
 class GaussianFamily(Family):
@@ -192,6 +198,20 @@ class LayersFamily(Family):
         return self if proposal is self.first else LayersFamily(proposal)
 
 
+class TopDownFamily(Family):
+    """Top-down posteriors whose per-layer evidence (μ̂_l, log σ̂_l²) is each example's own,
+    merged with the model's prior networks: contains the amortised top-down posterior alone."""
+
+    name = "top-down"
+
+    def contains(self, q: Distribution) -> bool:
+        return isinstance(q, TopDownChain)
+
+    def local_posterior(self, q: Distribution) -> LocalPosterior:
+        assert isinstance(q, TopDownChain)
+        return LocalTopDownPosterior(q)
+
+
 def families_of(q: Distribution) -> tuple[Family, ...]:
     """The families that contain the amortised posterior ``q``, simplest first. A diagonal
     Gaussian lies in both Gaussian families, a full-covariance one in the full family alone, a
@@ -200,6 +220,8 @@ def families_of(q: Distribution) -> tuple[Family, ...]:
         return tuple(LayersFamily(first) for first in families_of(q.first))
     if isinstance(q, FlowDistribution):
         return (FlowFamily(q.family),)
+    if isinstance(q, TopDownChain):
+        return (TopDownFamily(),)
     found = tuple(family for family in map(GaussianFamily, GAUSSIAN_FAMILIES) if family.contains(q))
     if not found:
         raise ValueError(f"cannot tell the family of a {type(q).__name__} posterior")

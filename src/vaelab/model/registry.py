@@ -35,6 +35,8 @@ from vaelab.components.priors import (
     StandardNormalPrior,
     VampPrior,
 )
+from vaelab.components.top_down import BottomUpMLP, TopDownPosterior, TopDownPrior
+from vaelab.components.top_down_conv import BottomUpConv
 from vaelab.distributions.discretized_logistic import LOGISTIC_MIXTURE_COMPONENTS
 from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
@@ -160,6 +162,31 @@ NOT_CONDITIONAL = {
 }
 
 
+# How the posterior over several stochastic layers is drawn: z₁ from x up (the chain of
+# vaelab.components.hierarchy) or z_L down through the prior's networks (vaelab.components.top_down).
+INFERENCES = ("bottom-up", "top-down")
+# Bottom-up passes of top-down inference by network.
+BOTTOM_UP = {"mlp": BottomUpMLP, "conv": BottomUpConv}
+# Components that top-down inference cannot have, and why.
+NOT_TOP_DOWN: dict[tuple[str, str], str] = {
+    **{
+        ("posterior", name): (
+            "each layer's posterior is the precision-weighted product of two diagonal Gaussians, "
+            "the bottom-up evidence and the prior's conditional (Sønderby et al. 2016); use "
+            "posterior='diagonal'"
+        )
+        for name in ("full", "planar", "iaf")
+    },
+    **{
+        ("prior", name): (
+            "the top layer's posterior is p(z_L) merged with a Gaussian, which needs a Gaussian "
+            "p(z_L); use prior='normal' or 'learnable'"
+        )
+        for name in ("mixture", "vamp", "conditional")
+    },
+}
+
+
 def _choose(kind: str, name: object, table: Any) -> Any:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
@@ -199,6 +226,7 @@ class ModelConfig:
     condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
     # M2 (vaelab.model.semi_supervised): a classifier q(y|x) over the condition_dim classes.
     semi_supervised: bool = False
+    inference: str = "bottom-up"  # or "top-down" (vaelab.components.top_down)
 
     def __post_init__(self) -> None:
         for name in ("latent_dim", "hidden", "flow_steps", "condition_dim"):
@@ -229,7 +257,8 @@ class ModelConfig:
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)
         self._validate_condition()
-        if len(sizes) > 1:
+        self._validate_inference()
+        if len(sizes) > 1 and self.inference == "bottom-up":
             for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
                 why = NOT_LAYERED.get((kind, name))
                 if why is not None:
@@ -237,6 +266,24 @@ class ModelConfig:
                         f"{kind}={name!r} does not work with several stochastic layers "
                         f"(latent_dim={self.latent_dim!r}): {why}"
                     )
+
+    def _validate_inference(self) -> None:
+        """The inference order, and what top-down inference cannot have."""
+        if self.inference not in INFERENCES:
+            raise ValueError(
+                f"unknown inference {self.inference!r}; choose one of: {', '.join(INFERENCES)}"
+            )
+        if self.inference == "bottom-up":
+            return
+        for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
+            why = NOT_TOP_DOWN.get((kind, name))
+            if why is not None:
+                raise ValueError(f"{kind}={name!r} does not work with inference='top-down': {why}")
+        if self.condition_dim > 0:
+            raise ValueError(
+                "inference='top-down' does not work with a conditional model: conditioning is "
+                "implemented for bottom-up inference with one stochastic layer"
+            )
 
     def _validate_condition(self) -> None:
         """The condition size, and the components a conditional model cannot have."""
@@ -293,6 +340,11 @@ def build_model(config: ModelConfig) -> VAEModel:
     p(z_l|z_{l+1}). With ``hidden=(200, 200)`` and (100, 50) that is the two-stochastic-layer
     model of Burda et al. (2016): x → 200 → 200 → z₁ (100) → 100 → 100 → z₂ (50) and its mirror;
     ``hidden=()`` keeps every map linear.
+
+    With ``inference="top-down"`` (any number of layers, one included) the generative path is
+    the same (p(z_L), those conditionals, the decoder of z₁) and the posterior is a bottom-up pass
+    over x (``BOTTOM_UP[network]``) merged with it layer by layer, z_L first
+    (``vaelab.components.top_down``).
     """
     config.validate()
     sizes = config.latent_sizes
@@ -319,7 +371,9 @@ def build_model(config: ModelConfig) -> VAEModel:
         condition,
     )
     prior = PRIORS[config.prior](sizes[-1], posterior, config.data_shape, condition)
-    if len(sizes) > 1:
+    if config.inference == "top-down":
+        posterior, prior, decoder = _top_down(config, prior, decoder)
+    elif len(sizes) > 1:
         posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
     built = likelihood.build(decoder, config.data_shape)
     if config.semi_supervised:
@@ -347,15 +401,46 @@ def _stochastic_layers(
         )
         for lower, upper in pairs
     ]
-    # The prior's conditionals in the order they are drawn: p(z_{L−1}|z_L) first.
-    downward = [
-        DiagonalGaussianPosterior(
-            body(upper, lower, DiagonalGaussianPosterior.n_params(lower)), lower
-        )
-        for lower, upper in reversed(pairs)
-    ]
+    downward = _downward(config)  # drawn after the upward ones: the same weights from a seed
     return (
         HierarchicalPosterior(posterior, upward, sizes),
         HierarchicalPrior(prior, downward, sizes),
+        FirstLayerDecoder(decoder, sizes[0]),
+    )
+
+
+def _downward(config: ModelConfig) -> list[nn.Module]:
+    """The prior's conditionals in the order they are drawn, p(z_{L−1}|z_L) first: diagonal
+    Gaussians read by MLPs as deep as ``hidden``, each as wide as the layer it gives."""
+    sizes, depth = config.latent_sizes, len(config.hidden)
+    pairs = list(zip(sizes[:-1], sizes[1:], strict=True))
+    return [
+        DiagonalGaussianPosterior(
+            MLP(
+                (upper,),
+                (lower,) * depth,
+                DiagonalGaussianPosterior.n_params(lower),
+                config.activation,
+            ),
+            lower,
+        )
+        for lower, upper in reversed(pairs)
+    ]
+
+
+def _top_down(
+    config: ModelConfig, prior: nn.Module, decoder: nn.Module
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """Top-down inference at any depth (``vaelab.components.top_down``): the generative path of
+    the bottom-up chain (p(z_L) = ``prior``, the conditionals of ``_downward``, the decoder of z₁),
+    and a posterior that merges a bottom-up pass over x (``BOTTOM_UP[network]``) with it."""
+    sizes = config.latent_sizes
+    top_down_prior = TopDownPrior(prior, _downward(config), sizes)
+    bottom_up = BOTTOM_UP[config.network](
+        config.data_shape, config.hidden, sizes, config.activation
+    )
+    return (
+        TopDownPosterior(bottom_up, top_down_prior),
+        top_down_prior,
         FirstLayerDecoder(decoder, sizes[0]),
     )

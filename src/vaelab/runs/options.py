@@ -21,7 +21,14 @@ from vaelab.components.flows import DEFAULT_FLOW_STEPS
 from vaelab.components.networks import ACTIVATIONS, NETWORKS
 from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator.facade import VAE, resolve_device
-from vaelab.model.registry import LIKELIHOODS, POSTERIORS, PRIORS, ModelConfig, plain_integers
+from vaelab.model.registry import (
+    INFERENCES,
+    LIKELIHOODS,
+    POSTERIORS,
+    PRIORS,
+    ModelConfig,
+    plain_integers,
+)
 from vaelab.objectives.bounds import GRADIENTS, OBJECTIVES
 from vaelab.train.config import LR_SCHEDULES, TrainConfig
 
@@ -77,6 +84,13 @@ class RunConfig:
         8,
         "size of the latent code z; sizes of several stochastic layers, z1 first (100,50)",
         "latent",
+    )
+    inference: str = _option(
+        "bottom-up",
+        "how q draws the layers: bottom-up, z1 from x first, or top-down, z_L first through the "
+        "prior's networks (Ladder VAE)",
+        "str",
+        INFERENCES,
     )
     hidden: tuple[int, ...] = _option(
         (256,), "hidden layer sizes, comma-separated (400,400); 'none' for linear maps", "hidden"
@@ -221,6 +235,7 @@ class RunConfig:
             layer_free_bits=self.layer_free_bits,
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
+            inference=self.inference,
         )
 
     def validate(self) -> None:
