@@ -14,6 +14,12 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from vaelab.components.discrete import (
+    BernoulliPosterior,
+    BernoulliPrior,
+    CategoricalPosterior,
+    CategoricalPrior,
+)
 from vaelab.components.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
 from vaelab.components.hierarchy import FirstLayerDecoder, HierarchicalPosterior, HierarchicalPrior
 from vaelab.components.likelihoods import (
@@ -36,6 +42,7 @@ from vaelab.components.priors import (
 )
 from vaelab.distributions.discretized_logistic import LOGISTIC_MIXTURE_COMPONENTS
 from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.discrete import check_latent_gradient
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,32 @@ NOT_CONDITIONAL = {
 }
 
 
+LATENTS = ("gaussian", "bernoulli", "categorical")
+DEFAULT_CATEGORIES = 10
+
+# Options a discrete latent cannot have, and what to use instead: (option, value) → why.
+NOT_DISCRETE: dict[tuple[str, str], str] = {
+    (
+        "posterior",
+        "full",
+    ): "a discrete posterior is its encoder's logits; leave posterior='diagonal'",
+    ("posterior", "planar"): "flows transform continuous codes; leave posterior='diagonal'",
+    ("posterior", "iaf"): "flows transform continuous codes; leave posterior='diagonal'",
+    (
+        "prior",
+        "mixture",
+    ): "a discrete prior is factorised; use prior='normal' (uniform) or 'learnable'",
+    (
+        "prior",
+        "vamp",
+    ): "a discrete prior is factorised; use prior='normal' (uniform) or 'learnable'",
+    (
+        "prior",
+        "conditional",
+    ): "discrete latents read no condition; use prior='normal' or 'learnable'",
+}
+
+
 def _choose(kind: str, name: object, table: Any) -> Any:
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; choose one of: {', '.join(table)}")
@@ -195,9 +228,11 @@ class ModelConfig:
     activation: str = "relu"
     flow_steps: int = DEFAULT_FLOW_STEPS
     condition_dim: int = 0  # size of the condition y of a conditional model (0: none)
+    latent: str = "gaussian"  # the code's family: "gaussian", "bernoulli" or "categorical"
+    categories: int = DEFAULT_CATEGORIES  # K classes per group of a categorical code
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "hidden", "flow_steps", "condition_dim"):
+        for name in ("latent_dim", "hidden", "flow_steps", "condition_dim", "categories"):
             object.__setattr__(self, name, plain_integers(getattr(self, name)))
 
     @property
@@ -225,6 +260,7 @@ class ModelConfig:
         _choose("network", self.network, NETWORKS)
         _choose("activation", self.activation, ACTIVATIONS)
         self._validate_condition()
+        self._validate_latent()
         if len(sizes) > 1:
             for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
                 why = NOT_LAYERED.get((kind, name))
@@ -233,6 +269,46 @@ class ModelConfig:
                         f"{kind}={name!r} does not work with several stochastic layers "
                         f"(latent_dim={self.latent_dim!r}): {why}"
                     )
+
+    @property
+    def code_size(self) -> int:
+        """Numbers in one code z: latent_dim, or D·K for D categorical groups of K classes."""
+        d = self.latent_sizes[0]
+        return d * self.categories if self.latent == "categorical" else d
+
+    def check_gradient(self, gradient: str) -> None:
+        """Refuse a gradient estimator this code cannot use (``ValueError``, one line): the
+        discrete estimators with a Gaussian code, STL and DReG with a discrete one, and
+        ``"enumerate"`` over too many states."""
+        d = self.latent_sizes[0]
+        states = self.categories**d if self.latent == "categorical" else 2**d
+        check_latent_gradient(self.latent, states, gradient)
+
+    def _validate_latent(self) -> None:
+        """The code's family, and the options that only a Gaussian code has."""
+        if self.latent not in LATENTS:
+            raise ValueError(f"unknown latent {self.latent!r}; choose one of: {', '.join(LATENTS)}")
+        k = self.categories
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"categories must be an integer of at least 2, got {k!r}")
+        if self.latent == "gaussian":
+            return
+        for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
+            why = NOT_DISCRETE.get((kind, name))
+            if why is not None:
+                raise ValueError(
+                    f"{kind}={name!r} does not work with latent={self.latent!r}: {why}"
+                )
+        if len(self.latent_sizes) > 1:
+            raise ValueError(
+                f"latent={self.latent!r} has one stochastic layer; give latent_dim one integer, "
+                f"not {self.latent_dim!r}"
+            )
+        if self.condition_dim:
+            raise ValueError(
+                f"latent={self.latent!r} is implemented without conditioning; use "
+                "latent='gaussian' for a conditional model"
+            )
 
     def _validate_condition(self) -> None:
         """The condition size, and the components a conditional model cannot have."""
@@ -286,6 +362,8 @@ def build_model(config: ModelConfig) -> VAEModel:
     ``hidden=()`` keeps every map linear.
     """
     config.validate()
+    if config.latent != "gaussian":
+        return _build_discrete(config)
     sizes = config.latent_sizes
     posterior_spec = POSTERIORS[config.posterior]
     likelihood = LIKELIHOODS[config.likelihood]
@@ -313,6 +391,35 @@ def build_model(config: ModelConfig) -> VAEModel:
     if len(sizes) > 1:
         posterior, prior, decoder = _stochastic_layers(config, posterior, prior, decoder)
     return VAEModel(posterior, prior, likelihood.build(decoder, config.data_shape), condition)
+
+
+def _build_discrete(config: ModelConfig) -> VAEModel:
+    """A model with a discrete code (``vaelab.components.discrete``): the encoder gives the
+    posterior's logits, the decoder reads the code (D binary units or D·K one-hot numbers);
+    prior ``"normal"`` (the default) is the uniform one, ``"learnable"`` a learned factorised
+    one."""
+    d, k, shape = config.latent_sizes[0], config.categories, config.data_shape
+    likelihood = LIKELIHOODS[config.likelihood]
+    encoder = encoder_network(
+        config.network, shape, config.hidden, config.code_size, config.activation
+    )
+    learnable = config.prior == "learnable"
+    posterior: nn.Module
+    prior: nn.Module
+    if config.latent == "bernoulli":
+        posterior, prior = BernoulliPosterior(encoder, d, shape), BernoulliPrior(d, learnable)
+    else:
+        posterior = CategoricalPosterior(encoder, d, k, shape)
+        prior = CategoricalPrior(d, k, learnable)
+    decoder = decoder_network(
+        config.network,
+        config.code_size,
+        config.hidden,
+        shape,
+        likelihood.params_per_dim,
+        config.activation,
+    )
+    return VAEModel(posterior, prior, likelihood.build(decoder, shape))
 
 
 def _stochastic_layers(
