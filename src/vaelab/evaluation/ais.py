@@ -57,6 +57,7 @@ from vaelab.evaluation.loglik import (
     summarise_log_weights,
 )
 from vaelab.model.vae_model import VAEModel, given_rows
+from vaelab.objectives.discrete import is_discrete
 from vaelab.objectives.noise import ExampleNoise, seeded
 
 __all__ = [
@@ -472,6 +473,11 @@ def ais(
     ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
     leapfrog_steps`` decoder forward and backward passes.
     """
+    if is_discrete(model.prior()):
+        raise ValueError(
+            "AIS moves z by Hamiltonian Monte Carlo, which needs a continuous code, and this "
+            "model's is discrete; use exact_log_likelihood (vaelab.evaluation.exact) instead"
+        )
     x, condition, betas, settings = _checked_inputs(
         model, x, chains, batch_size, steps, schedule, hmc, condition
     )
