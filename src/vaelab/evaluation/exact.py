@@ -83,8 +83,9 @@ def _log_joint_chunks(model: VAEModel, x: Tensor) -> Iterator[Tensor]:
 def exact_log_likelihood(model: VAEModel, x: Tensor) -> Tensor:
     """log p(x) = log Σ_z p(x|z) p(z) for each example of ``x [n, …]`` → ``[n]``, nats."""
     _check(model, MAX_EXACT_STATES)
-    x = x.to(next(model.parameters()).device)
-    total = torch.full((x.shape[0],), -torch.inf, device=x.device)
+    parameter = next(model.parameters())
+    x = x.to(parameter.device, parameter.dtype)
+    total = torch.full((x.shape[0],), -torch.inf, device=x.device, dtype=x.dtype)
     for log_joint in _log_joint_chunks(model, x):
         total = torch.logaddexp(total, torch.logsumexp(log_joint, dim=0).to(total))
     return total
