@@ -70,14 +70,12 @@ def _log_joint_chunks(model: VAEModel, x: Tensor) -> Iterator[Tensor]:
     rows = x.shape[0] if isinstance(model.likelihood, BernoulliLikelihood) else ROWS
     for start in range(0, states.shape[0], STATE_CHUNK):
         chunk = states[start : start + STATE_CHUNK]
-        log_px = torch.cat(
-            [
-                state_log_likelihoods(model.likelihood, x[r : r + rows], chunk)
-                for r in range(0, x.shape[0], rows)
-            ],
-            dim=1,
-        )
-        yield log_px + p.log_prob(chunk).unsqueeze(-1)
+        log_prior = p.log_prob(chunk)  # [s]
+        parts = [
+            state_log_likelihoods(model.likelihood, x[r : r + rows], chunk, log_prior)
+            for r in range(0, x.shape[0], rows)
+        ]
+        yield parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
 def exact_log_likelihood(model: VAEModel, x: Tensor) -> Tensor:
