@@ -413,3 +413,18 @@ def test_evaluate_exact_and_the_refusals_of_a_discrete_model(capsys, saved_run, 
     ):
         code, out, err = vaelab_cli(capsys, *argv)
         assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("latent", ["bernoulli", "categorical"])
+def test_onnx_export_of_a_discrete_model_gives_the_probabilities(latent, tmp_path):
+    runtime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = vaelab.VAE(
+        latent=latent, latent_dim=3, categories=3, hidden=(8,), epochs=1, device="cpu"
+    )
+    model.fit(digits(40))
+    model.export_onnx(tmp_path / "onnx")
+    session = runtime.InferenceSession(str(tmp_path / "onnx" / "encoder.onnx"))
+    x = digits(5)
+    (loc, *_) = session.run(None, {"x": x})
+    np.testing.assert_allclose(loc, model.transform(x), rtol=1e-5, atol=1e-6)

@@ -81,17 +81,24 @@ class CategoricalPosterior(nn.Module):
         return OneHotCategoricalGroups(logits)
 
 
+def _zero_logits(module: nn.Module, shape: tuple[int, ...], learnable: bool) -> None:
+    """``module.logits``: zeros (the uniform distribution), a parameter if ``learnable``, else a
+    buffer (saved with the model, never trained)."""
+    if learnable:
+        module.logits = nn.Parameter(torch.zeros(shape))
+    else:
+        module.register_buffer("logits", torch.zeros(shape))
+
+
 class BernoulliPrior(nn.Module):
     """p(z) = Πⱼ Bernoulli(σ(mⱼ)): m = 0 (uniform, each unit ½) fixed, or learned from 0."""
+
+    logits: torch.Tensor
 
     def __init__(self, latent_dim: int, learnable: bool = False) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        logits = torch.zeros(latent_dim)
-        if learnable:
-            self.logits = nn.Parameter(logits)
-        else:
-            self.register_buffer("logits", logits)
+        _zero_logits(self, (latent_dim,), learnable)
 
     def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         return BernoulliCode(self.logits)
@@ -100,14 +107,12 @@ class BernoulliPrior(nn.Module):
 class CategoricalPrior(nn.Module):
     """p(z) = Π_d Cat(softmax(m_d)): m = 0 (1/K per class) fixed, or learned from 0."""
 
+    logits: torch.Tensor
+
     def __init__(self, groups: int, categories: int, learnable: bool = False) -> None:
         super().__init__()
         self.latent_dim = groups * categories
-        logits = torch.zeros(groups, categories)
-        if learnable:
-            self.logits = nn.Parameter(logits)
-        else:
-            self.register_buffer("logits", logits)
+        _zero_logits(self, (groups, categories), learnable)
 
     def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         return OneHotCategoricalGroups(self.logits)

@@ -192,9 +192,10 @@ class VAE(TransformerMixin, BaseEstimator):
         ``"categorical"`` (``latent_dim`` groups of ``categories`` classes, each one-hot, laid
         flat: codes ``[n, latent_dim · categories]``). A discrete code's prior is uniform
         (``prior="normal"``, the default) or learned and factorised (``"learnable"``); its
-        gradient is ``"reinforce"`` (NVIL; what ``"standard"`` means there), ``"vimco"``
-        (IWAE), ``"relaxed"`` (Gumbel-softmax) or ``"enumerate"`` (exact ELBO;
-        ``vaelab.objectives.discrete``). Reported numbers are always the discrete model's.
+        gradient is ``"reinforce"`` (NVIL), ``"vimco"`` (IWAE), ``"relaxed"`` (Gumbel-softmax)
+        or ``"enumerate"`` (exact ELBO; ``vaelab.objectives.discrete``); ``"standard"`` means
+        ``"enumerate"`` for the ELBO of a code of at most 256 states, else ``"reinforce"``.
+        Reported numbers are always the discrete model's.
     categories : int, default 10
         Classes per group of a categorical code.
     temperature, temperature_final : float, float or None, default 1.0, None

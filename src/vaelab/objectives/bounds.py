@@ -69,6 +69,9 @@ KL_METHODS = ("auto", "analytic", "monte_carlo")
 OBJECTIVES = ("elbo", "iwae")
 REPARAMETERISED_GRADIENTS = ("standard", "stl", "dreg")
 GRADIENTS = (*REPARAMETERISED_GRADIENTS, *DISCRETE_GRADIENTS)
+ENUMERATE_BY_DEFAULT = (
+    2**8
+)  # a discrete code's "standard" ELBO gradient sums up to this many states
 
 
 class ElboTerms(NamedTuple):
@@ -144,9 +147,13 @@ def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str
         )
 
 
-def _discrete(gradient: str) -> str:
-    """A discrete code's estimator: ``"standard"`` means NVIL's REINFORCE there."""
-    return "reinforce" if gradient == "standard" else gradient
+def _discrete(gradient: str, q: Distribution, objective: str) -> str:
+    """A discrete code's estimator. ``"standard"`` means the exact ELBO gradient by enumeration
+    for a code of at most ``ENUMERATE_BY_DEFAULT`` states, else NVIL's REINFORCE."""
+    if gradient != "standard":
+        return gradient
+    small = objective == "elbo" and getattr(q, "state_count", math.inf) <= ENUMERATE_BY_DEFAULT
+    return "enumerate" if small else "reinforce"
 
 
 def _check_discrete_code(q: Distribution, gradient: str) -> None:
@@ -247,7 +254,7 @@ def elbo(
                 beta=beta,
                 kl=kl,
                 noise=noise,
-                gradient=_discrete(gradient),
+                gradient=_discrete(gradient, q, "elbo"),
             )
         )
     if samples == 1 and (noise is None or noise.shape[0] == 1):
@@ -355,7 +362,14 @@ def iwae_bound(
         _check_discrete_code(q, gradient)
         return IwaeTerms(
             *discrete_iwae(
-                x, q, posterior, prior(), likelihood, k=k, noise=noise, gradient=_discrete(gradient)
+                x,
+                q,
+                posterior,
+                prior(),
+                likelihood,
+                k=k,
+                noise=noise,
+                gradient=_discrete(gradient, q, "iwae"),
             )
         )
     if noise is None:

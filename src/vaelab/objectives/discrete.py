@@ -4,7 +4,8 @@ posterior here; what comes back is the same named terms, whose values are always
 model's bound (the ELBO with its closed-form KL, or the IWAE bound of discrete draws) and whose
 ``objective`` carries the gradient ``gradient=`` chooses:
 
-- ``"reinforce"`` (also what ``"standard"`` means for a discrete code): the score function
+- ``"reinforce"`` (what ``"standard"`` means for a discrete code, unless it is small enough to
+  enumerate: ``bounds.ENUMERATE_BY_DEFAULT``): the score function
   E_q[f ∇ log q(z|x)] with NVIL's input-dependent baseline b_ψ(x) and variance normalisation
   (Mnih & Gregor 2014): the signal f is log p(x|z) for the ELBO (whose KL term is differentiated
   in closed form) or the IWAE bound L̂ (Mnih & Rezende 2016, their "NVIL" IWAE baseline);
