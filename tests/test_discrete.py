@@ -428,3 +428,30 @@ def test_onnx_export_of_a_discrete_model_gives_the_probabilities(latent, tmp_pat
     x = digits(5)
     (loc, *_) = session.run(None, {"x": x})
     np.testing.assert_allclose(loc, model.transform(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("straight_through", [False, True])
+def test_a_relaxed_objective_reports_the_discrete_bounds(straight_through):
+    model = small(d=3)
+    x = torch.from_numpy(digits(8)).double()
+    model.posterior.estimator.straight_through = straight_through
+    model.posterior.estimator.temperature = 0.3
+    noise = torch.randn(4, 8, 3, dtype=torch.float64)
+    relaxed = model.elbo(x, samples=4, noise=noise, gradient="relaxed")
+    discrete = model.elbo(x, samples=4, noise=noise, gradient="reinforce")
+    torch.testing.assert_close(relaxed.elbo, discrete.elbo, rtol=0, atol=0)
+    torch.testing.assert_close(relaxed.objective.detach(), discrete.elbo, rtol=0, atol=0)
+    bound = model.iwae(x, k=4, noise=noise, gradient="relaxed").bound
+    torch.testing.assert_close(bound, model.iwae(x, k=4, noise=noise, gradient="vimco").bound)
+
+
+def test_the_temperature_is_annealed_exponentially_during_training():
+    config = TrainConfig(gradient="relaxed", temperature=2.0, temperature_final=0.5)
+    assert config.temperature_at(0, 100) == 2.0 and config.temperature_at(100, 100) == 0.5
+    assert config.temperature_at(50, 100) == pytest.approx(1.0)
+    model = vaelab.VAE(
+        latent="bernoulli", latent_dim=3, hidden=(8,), epochs=2, batch_size=20, device="cpu",
+        gradient="relaxed", temperature=2.0, temperature_final=0.5, seed=0,
+    ).fit(digits(40))  # fmt: skip
+    # The last of 4 steps ran at 2 · (1/4)^(3/4).
+    assert model.model_.posterior.estimator.temperature == pytest.approx(2 * 0.25**0.75)

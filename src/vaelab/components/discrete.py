@@ -46,6 +46,9 @@ class EstimatorState(nn.Module):
         self.register_buffer("signal_var", torch.ones(()))
         self.temperature = 1.0
         self.straight_through = False
+        # The last training step's (Σ c, Σ c², count) of the centred signal, until settled
+        # (``vaelab.objectives.discrete.update_signal_moments``).
+        self.pending: torch.Tensor | None = None
 
 
 class BernoulliPosterior(nn.Module):

@@ -30,6 +30,7 @@ temperature) lives in the posterior's ``estimator`` (``vaelab.components.discret
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -154,14 +155,39 @@ def _advantage(
         return signal, _uses_every_parameter(state)
     b = state.baseline(x).squeeze(-1)  # [batch]
     centred = signal - b.detach()
-    mean, var = state.signal_mean.clone(), state.signal_var.clone()
+    update_signal_moments(state)  # a step whose caller did not settle its moments
+    advantage = (centred - state.signal_mean) / state.signal_var.sqrt().clamp_min(1.0)
     if torch.is_grad_enabled() and state.training:
-        # The moments move after they are used, so this step's normalisation is a constant.
-        with torch.no_grad():
-            state.signal_mean.mul_(MOMENT_DECAY).add_((1 - MOMENT_DECAY) * centred.mean())
-            state.signal_var.mul_(MOMENT_DECAY).add_((1 - MOMENT_DECAY) * centred.var(False))
-    advantage = (centred - mean) / var.sqrt().clamp_min(1.0)
+        # The moments move after they are used, by the whole batch's centred signal: the
+        # trainer settles them after the step, summed over the workers.
+        state.pending = torch.stack(
+            [centred.sum(), centred.pow(2).sum(), centred.new_tensor(centred.numel())]
+        ).detach()
     return advantage, 0.5 * (signal - b).pow(2).mean(0)
+
+
+def update_signal_moments(
+    posterior: nn.Module | EstimatorState | None,
+    total: Callable[[Tensor], Tensor] | None = None,
+) -> None:
+    """Move NVIL's running moments by the centred signal of the last training step (its sum,
+    sum of squares and count, summed over the workers by ``total`` when given), once; the
+    trainer calls it after each step so that one and N workers keep the same moments."""
+    state = posterior if isinstance(posterior, EstimatorState) else None
+    if posterior is not None and state is None:
+        state = estimator_state(posterior)
+    if state is None or state.pending is None:
+        return
+    sums = state.pending.double().cpu()
+    state.pending = None
+    if total is not None:
+        sums = total(sums)
+    count = float(sums[2])
+    mean = float(sums[0]) / count
+    var = max(float(sums[1]) / count - mean**2, 0.0)
+    with torch.no_grad():
+        state.signal_mean.mul_(MOMENT_DECAY).add_((1 - MOMENT_DECAY) * mean)
+        state.signal_var.mul_(MOMENT_DECAY).add_((1 - MOMENT_DECAY) * var)
 
 
 def state_log_likelihoods(

@@ -13,6 +13,7 @@ from torch import nn
 
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
+from vaelab.objectives.discrete import update_signal_moments
 from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
 
@@ -64,6 +65,8 @@ class StepObjective(nn.Module):
                 loss = self._free_bits_loss(model, x, terms, kl_weight, size)
             else:
                 loss = -terms.objective.sum() * scale
+        # NVIL's running moments move by the whole batch's signal, summed over the workers.
+        update_signal_moments(self.model.posterior, self.world.sum if self.world.size > 1 else None)
         if flags is not None and self.flags is not None:
             loss = loss + (self.flags * flags).sum()
         return loss, terms
