@@ -119,3 +119,6 @@ class CategoricalPrior(nn.Module):
 
     def forward(self, condition: torch.Tensor | None = None) -> Distribution:
         return OneHotCategoricalGroups(self.logits)
+
+
+DISCRETE_PRIORS = (BernoulliPrior, CategoricalPrior)  # the prior modules of a discrete code

@@ -48,6 +48,7 @@ import torch
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from vaelab.components.discrete import DISCRETE_PRIORS
 from vaelab.components.likelihoods import Likelihood
 from vaelab.evaluation.loglik import (
     LogLikelihoodEstimate,
@@ -57,7 +58,6 @@ from vaelab.evaluation.loglik import (
     summarise_log_weights,
 )
 from vaelab.model.vae_model import VAEModel, given_rows
-from vaelab.objectives.discrete import is_discrete
 from vaelab.objectives.noise import ExampleNoise, seeded
 
 __all__ = [
@@ -473,7 +473,7 @@ def ais(
     ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
     leapfrog_steps`` decoder forward and backward passes.
     """
-    if is_discrete(model.prior()):
+    if isinstance(model.prior, DISCRETE_PRIORS):
         raise ValueError(
             "AIS moves z by Hamiltonian Monte Carlo, which needs a continuous code, and this "
             "model's is discrete; use exact_log_likelihood (vaelab.evaluation.exact) instead"

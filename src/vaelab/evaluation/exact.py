@@ -20,12 +20,12 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from vaelab.components.discrete import DISCRETE_PRIORS
 from vaelab.components.likelihoods import BernoulliLikelihood
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.discrete import (
     STATE_CHUNK,
     enumerated_elbo,
-    is_discrete,
     state_log_likelihoods,
 )
 
@@ -44,13 +44,12 @@ __all__ = [
 
 def state_count(model: VAEModel) -> int:
     """How many states the model's code has; ``ValueError`` for a Gaussian code."""
-    p = model.prior()
-    if not is_discrete(p):
+    if not isinstance(model.prior, DISCRETE_PRIORS):
         raise ValueError(
             "exact evaluation sums over the states of a discrete code, and this model's is "
             "Gaussian; use the IWAE estimate (exact=False) or AIS"
         )
-    return int(p.state_count)
+    return int(model.prior().state_count)
 
 
 def _check(model: VAEModel, limit: int) -> int:

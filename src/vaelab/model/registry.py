@@ -280,8 +280,11 @@ class ModelConfig:
         """Refuse a gradient estimator this code cannot use (``ValueError``, one line): the
         discrete estimators with a Gaussian code, STL and DReG with a discrete one, and
         ``"enumerate"`` over too many states."""
-        d = self.latent_sizes[0]
-        states = self.categories**d if self.latent == "categorical" else 2**d
+        sizes, k = self.latent_sizes, self.categories
+        states = 0  # sizes that validate() refuses count none here
+        discrete = self.latent != "gaussian"
+        if discrete and len(sizes) == 1 and isinstance(sizes[0], int) and isinstance(k, int):
+            states = k ** sizes[0] if self.latent == "categorical" else 2 ** sizes[0]
         check_latent_gradient(self.latent, states, gradient)
 
     def _validate_latent(self) -> None:
