@@ -27,6 +27,11 @@ whose gradient is the one ``gradient=`` chooses; the bound itself is always what
   2018): encoder gradient Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ with q's parameters stopped,
   decoder gradient Σᵢ w̃ᵢ ∇_θ log wᵢ as in the standard one; unbiased for any k.
 
+- ``"reinforce"``, ``"vimco"``, ``"relaxed"``, ``"enumerate"``: the estimators of a discrete code
+  (``vaelab.objectives.discrete``), to which both bounds hand a discrete posterior; for such a
+  code ``"standard"`` means enumeration up to ``ENUMERATE_BY_DEFAULT`` states (the ELBO), else
+  REINFORCE with NVIL's baseline. Refused with a Gaussian code, as STL and DReG with a discrete one.
+
 With a gradient other than ``"standard"`` every returned term but ``objective`` is detached: the
 values are the same to the last bit, and only ``objective`` carries the chosen gradient.
 
