@@ -88,6 +88,31 @@ def test_two_workers_train_the_model_one_process_trains(two_workers, tmp_path, c
     assert summary["workers"] == 2 and summary["steps"] == STEPS
 
 
+@pytest.mark.slow  # 10 s each
+@pytest.mark.parametrize("gradient", ["reinforce", "vimco"])
+def test_a_discrete_code_trains_alike_on_one_and_two_workers(gradient, tmp_path, capsys):
+    """A Bernoulli code with NVIL's REINFORCE (its running moments are moved by the whole
+    batch's signal, summed over the workers) or VIMCO: one process and two workers agree to
+    float rounding, the moments included."""
+    run = ["digits", "--epochs", "1", "--batch-size", "40", "--hidden", "16", "--quiet"]
+    run += ["--latent", "bernoulli", "--latent-dim", "10", "--objective", "iwae", "--k", "3"]
+    run += ["--gradient", gradient, "--binarize", "dynamic", "--seed", "3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    code, _, err = vaelab_cli(capsys, "train", "--out", one, *run)
+    assert code == 0, err
+    done = subprocess.run(
+        vaelab_command("train", "--out", two, "--nproc", 2, *run),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert_close_runs(one, two, tolerance=1e-4)
+    moments = load_file(two / "model.safetensors")["posterior.estimator.signal_mean"]
+    assert (float(moments) != 0) == (gradient == "reinforce")
+
+
 def _workers(parent: int) -> list[int]:
     """The child processes of ``parent``: the workers its launcher started."""
     found = []

@@ -154,6 +154,7 @@ def cmd_evaluate(args: argparse.Namespace, world: World) -> int:
         diagnostics=not args.no_diagnostics,
         progress=_progress(args),
         world=world,
+        exact=args.exact,
     )
     if result is None:  # a worker other than rank 0, which reports
         return 0
@@ -199,6 +200,15 @@ def cmd_evaluate(args: argparse.Namespace, world: World) -> int:
                 f"({found_ais.examples:,} examples, {found_ais.chains} chains, effective "
                 f"sample size {found_ais.mean_effective_sample_size:.1f}, HMC acceptance "
                 f"{found_ais.acceptance_rate:.2f})",
+            )
+        )
+    exact = result.exact
+    if exact is not None:
+        rows.append(
+            (
+                "log p(x) exact",
+                f"{exact.mean:.4f} ± {exact.standard_error:.4f} nats/example ({exact.states:,} "
+                f"states summed, {exact.examples:,} examples, {exact.seconds:.2f} s)",
             )
         )
     found = result.diagnostics

@@ -315,6 +315,12 @@ def _evaluate_parser(commands: Commands, shared: _SharedOptions) -> None:
         help="independent AIS chains per example (default: 16)",
     )
     evaluate.add_argument(
+        "--exact",
+        action="store_true",
+        help="also compute log p(x) exactly by summing over every state of a discrete code "
+        "(--latent bernoulli or categorical; up to 2^20 states)",
+    )
+    evaluate.add_argument(
         "--examples",
         type=int,
         metavar="N",

@@ -45,6 +45,7 @@ __all__ = [
     "OneHotCategoricalGroups",
     "bernoulli_states",
     "categorical_states",
+    "uniform_from_normal",
 ]
 
 
@@ -67,6 +68,14 @@ def _expand_states(states: Tensor, batch_shape: torch.Size, expand: bool) -> Ten
     (or ``[S, 1, …, 1, latent]`` without ``expand``)."""
     view = states.reshape(states.shape[0], *(1,) * len(batch_shape), states.shape[-1])
     return view.expand(states.shape[0], *batch_shape, states.shape[-1]) if expand else view
+
+
+def uniform_from_normal(noise: Tensor) -> Tensor:
+    """u = Φ(ε), uniform on (0, 1) for standard normal ε, kept a float step inside the interval
+    so that log u and log(1 − u) are finite: the keyed normal noise every training step and
+    evaluation draws (``vaelab.objectives.noise``) serves a discrete code unchanged."""
+    tiny = torch.finfo(noise.dtype).eps
+    return torch.special.ndtr(noise).clamp(tiny, 1 - tiny)
 
 
 class BernoulliCode(Independent):
@@ -93,6 +102,25 @@ class BernoulliCode(Independent):
     def enumerate_support(self, expand: bool = True) -> Tensor:
         states = bernoulli_states(self.event_shape[0]).to(self.logits)
         return _expand_states(states, self.batch_shape, expand)
+
+    def logistic_noise(self, u: Tensor) -> Tensor:
+        """l + log u − log(1 − u) for uniform u ``[*S, *B, D]``: positive exactly where the
+        discrete draw is 1, and the relaxed draw's numerator."""
+        return self.logits + u.log() - (-u).log1p()
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """The discrete draw z = 1[u > 1 − σ(l)] for uniform u ``[*S, *B, D]``."""
+        return (self.logistic_noise(u) > 0).to(self.logits.dtype)
+
+    def relaxed_from_uniform(self, u: Tensor, temperature: float | Tensor) -> Tensor:
+        """The binary Concrete draw σ((l + log u − log(1 − u)) / λ) from the same u as
+        ``from_uniform``: its rounding is the discrete draw."""
+        return torch.sigmoid(self.logistic_noise(u) / temperature)
+
+    def from_noise(self, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """The discrete draw from standard normal ε (u = Φ(ε)) and its log q(z)."""
+        z = self.from_uniform(uniform_from_normal(noise))
+        return z, self.log_prob(z)
 
     def relaxed(self, temperature: float | Tensor) -> Distribution:
         """The binary Concrete with the same logits at ``temperature`` λ: z̃ = σ((l + log u −
@@ -173,6 +201,27 @@ class OneHotCategoricalGroups(FlatGroups):
     def enumerate_support(self, expand: bool = True) -> Tensor:
         states = categorical_states(self.groups, self.categories).to(self.logits)
         return _expand_states(states, self.batch_shape, expand)
+
+    def gumbel_scores(self, u: Tensor) -> Tensor:
+        """log π + g with g = −log(−log u) Gumbel, for uniform u ``[*S, *B, D·K]`` (one per
+        class) → ``[*S, *B, D, K]``."""
+        gumbel = -(-u.log()).log()
+        return self.logits + gumbel.unflatten(-1, (self.groups, self.categories))
+
+    def from_uniform(self, u: Tensor) -> Tensor:
+        """The discrete draw by the Gumbel-max trick, one-hot argmax(log π + g), laid flat."""
+        scores = self.gumbel_scores(u)
+        return F.one_hot(scores.argmax(-1), self.categories).to(scores.dtype).flatten(-2)
+
+    def relaxed_from_uniform(self, u: Tensor, temperature: float | Tensor) -> Tensor:
+        """The Gumbel-softmax draw softmax((log π + g) / λ) from the same u as ``from_uniform``:
+        its argmax is the discrete draw."""
+        return (self.gumbel_scores(u) / temperature).softmax(-1).flatten(-2)
+
+    def from_noise(self, noise: Tensor) -> tuple[Tensor, Tensor]:
+        """The discrete draw from standard normal ε ``[*S, *B, D·K]`` (u = Φ(ε)) and its log q."""
+        z = self.from_uniform(uniform_from_normal(noise))
+        return z, self.log_prob(z)
 
     def relaxed(self, temperature: float | Tensor) -> FlatGroups:
         """The Gumbel-softmax / Concrete with the same logits at ``temperature`` λ: z̃_d =

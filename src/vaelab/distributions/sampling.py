@@ -15,10 +15,12 @@ from torch.distributions import Distribution, Independent, MultivariateNormal, N
 
 def a_parameter(q: Distribution) -> torch.Tensor:
     """A tensor of ``q``'s dtype and device, to make noise like."""
-    for name in ("loc", "mean_parameter"):
+    for name in ("loc", "mean_parameter", "logits"):
         value = getattr(q, name, None)
         if isinstance(value, torch.Tensor):
             return value
+    if isinstance(q, Independent) and isinstance(q.base_dist, Normal):
+        return q.base_dist.loc
     # A chain of stochastic layers (vaelab.components.hierarchy) is made like its first layer.
     first = getattr(q, "first", None)
     if isinstance(first, Distribution):

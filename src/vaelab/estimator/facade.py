@@ -39,7 +39,7 @@ from vaelab.estimator.serialization import (
     save_model,
 )
 from vaelab.model.conditioning import one_hot
-from vaelab.model.registry import ModelConfig, build_model
+from vaelab.model.registry import DEFAULT_CATEGORIES, ModelConfig, build_model
 from vaelab.model.semi_supervised import (
     SemiSupervisedModel,
     classification_weight,
@@ -218,6 +218,23 @@ class VAE(TransformerMixin, BaseEstimator):
         and bottom-up evidence from x (Sønderby et al. 2016; ``vaelab.components.top_down``).
         Top-down takes ``posterior="diagonal"``, a Gaussian ``prior`` (``"normal"`` or
         ``"learnable"``) and no condition.
+    latent : str, default "gaussian"
+        The code's family: ``"gaussian"``, ``"bernoulli"`` (``latent_dim`` binary units) or
+        ``"categorical"`` (``latent_dim`` groups of ``categories`` classes, each one-hot, laid
+        flat: codes ``[n, latent_dim · categories]``). A discrete code's prior is uniform
+        (``prior="normal"``, the default) or learned and factorised (``"learnable"``); its
+        gradient is ``"reinforce"`` (NVIL), ``"vimco"`` (IWAE), ``"relaxed"`` (Gumbel-softmax)
+        or ``"enumerate"`` (exact ELBO; ``vaelab.objectives.discrete``); ``"standard"`` means
+        ``"enumerate"`` for the ELBO of a code of at most 256 states, else ``"reinforce"``.
+        Reported numbers are always the discrete model's.
+    categories : int, default 10
+        Classes per group of a categorical code.
+    temperature, temperature_final : float, float or None, default 1.0, None
+        The relaxation's temperature (``gradient="relaxed"``), annealed exponentially to
+        ``temperature_final`` over training when given (Jang, Gu & Poole 2017).
+    straight_through : bool, default False
+        ``gradient="relaxed"``: the decoder reads the discrete code, the gradient is the
+        relaxed one's.
 
     Attributes
     ----------
@@ -286,6 +303,11 @@ class VAE(TransformerMixin, BaseEstimator):
         max_rollbacks: int = 3,
         alpha: float | None = None,
         inference: str = "bottom-up",
+        latent: str = "gaussian",
+        categories: int = DEFAULT_CATEGORIES,
+        temperature: float = 1.0,
+        temperature_final: float | None = None,
+        straight_through: bool = False,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -313,6 +335,11 @@ class VAE(TransformerMixin, BaseEstimator):
         self.max_rollbacks = max_rollbacks
         self.alpha = alpha
         self.inference = inference
+        self.latent = latent
+        self.categories = categories
+        self.temperature = temperature
+        self.temperature_final = temperature_final
+        self.straight_through = straight_through
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(
@@ -335,6 +362,8 @@ class VAE(TransformerMixin, BaseEstimator):
             condition_dim=condition_dim,
             semi_supervised=semi_supervised,
             inference=self.inference,
+            latent=self.latent,
+            categories=self.categories,
         )
 
     def train_config(self) -> TrainConfig:
@@ -350,6 +379,9 @@ class VAE(TransformerMixin, BaseEstimator):
             layer_free_bits=self.layer_free_bits,
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
+            temperature=self.temperature,
+            temperature_final=self.temperature_final,
+            straight_through=self.straight_through,
         )
 
     # ----------------------------------------------------------------------------------- inputs
@@ -516,6 +548,7 @@ class VAE(TransformerMixin, BaseEstimator):
         device = resolve_device(self.device)
         train_config = self.train_config()
         train_config.validate()
+        self.model_config((1,)).check_gradient(train_config.gradient)
         if self.conditional and isinstance(X, (Dataset, DataLoader)):
             raise ValueError(
                 "conditional=True trains on arrays X with their y; a Dataset or DataLoader "
@@ -698,6 +731,7 @@ class VAE(TransformerMixin, BaseEstimator):
         *,
         proposal: str = "amortised",
         refine_steps: int = 2000,
+        exact: bool = False,
     ) -> np.ndarray:
         """Each example's importance-weighted estimate of log p(x) in nats (float64 ``[n]``):
 
@@ -713,9 +747,18 @@ class VAE(TransformerMixin, BaseEstimator):
         contains the diagonal one: a too-narrow diagonal proposal makes the weights' variance
         infinite) instead of the encoder's q(z|x): a better proposal, so a tighter estimate for
         the same k, the encoder's amortisation gap no longer in the way. A conditional VAE's
-        estimate is of log p(x|y), given the examples' ``y``."""
+        estimate is of log p(x|y), given the examples' ``y``.
+
+        ``exact=True`` (a discrete code) sums p(x|z) p(z) over every state instead
+        (``vaelab.evaluation.exact``): log p(x) itself, no ``k``; refused for a Gaussian code
+        and beyond ``MAX_EXACT_STATES`` states."""
         from vaelab.evaluation.loglik import log_likelihood, log_likelihood_with_proposal
 
+        if exact:
+            from vaelab.evaluation.exact import exact_log_likelihood
+
+            with torch.no_grad():
+                return exact_log_likelihood(self.model_, self._tensor(X)).double().cpu().numpy()
         if proposal not in PROPOSALS:
             raise ValueError(f"unknown proposal {proposal!r}; choose one of {PROPOSALS}")
         x = self._tensor(X)

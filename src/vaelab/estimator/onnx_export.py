@@ -64,6 +64,7 @@ from torch.distributions import (
 from vaelab.components.flows import IAFPosterior, PlanarFlowPosterior
 from vaelab.components.hierarchy import HierarchicalPosterior
 from vaelab.components.top_down import TopDownPosterior
+from vaelab.distributions.discrete import BernoulliCode, OneHotCategoricalGroups
 from vaelab.distributions.discretized_logistic import DiscretizedLogistic
 from vaelab.distributions.normal import DiagonalNormal
 from vaelab.io.files import atomic_write_bytes
@@ -174,10 +175,28 @@ def _full_gaussian(q: Distribution) -> list[Output]:
     ]
 
 
+def _bernoulli_code(q: Distribution) -> list[Output]:
+    assert isinstance(q, BernoulliCode)
+    return [
+        ("loc", q.mean, f"{LOC_MEANING}: each binary unit's probability σ(l)"),
+        ("logits", q.logits, "logits l of q(z|x) = Πⱼ Bernoulli(σ(lⱼ)), per latent unit"),
+    ]
+
+
+def _categorical_groups(q: Distribution) -> list[Output]:
+    assert isinstance(q, OneHotCategoricalGroups)
+    return [
+        ("loc", q.mean, f"{LOC_MEANING}: each group's class probabilities, groups laid flat"),
+        ("log_probs", q.logits.flatten(-2), "log softmax of each group's logits, laid flat"),
+    ]
+
+
 # The posterior's distribution type → its outputs, ``loc`` (E_q[z|x]) first.
 POSTERIOR_OUTPUTS: dict[type[Distribution], Callable[[Distribution], list[Output]]] = {
     DiagonalNormal: _diagonal_gaussian,
     MultivariateNormal: _full_gaussian,
+    BernoulliCode: _bernoulli_code,
+    OneHotCategoricalGroups: _categorical_groups,
 }
 
 _NO_CLOSED_MEAN = (

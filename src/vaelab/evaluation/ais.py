@@ -48,6 +48,7 @@ import torch
 from torch.distributions import Distribution
 from tqdm.auto import tqdm
 
+from vaelab.components.discrete import DISCRETE_PRIORS
 from vaelab.components.likelihoods import Likelihood
 from vaelab.evaluation.loglik import (
     LogLikelihoodEstimate,
@@ -472,6 +473,11 @@ def ais(
     ``(chains + pilot_chains) · batch_size`` codes. Cost per batch: ``(steps + warmup) ·
     leapfrog_steps`` decoder forward and backward passes.
     """
+    if isinstance(model.prior, DISCRETE_PRIORS):
+        raise ValueError(
+            "AIS moves z by Hamiltonian Monte Carlo, which needs a continuous code, and this "
+            "model's is discrete; use exact_log_likelihood (vaelab.evaluation.exact) instead"
+        )
     x, condition, betas, settings = _checked_inputs(
         model, x, chains, batch_size, steps, schedule, hmc, condition
     )

@@ -27,6 +27,7 @@ from vaelab.components.hierarchy import LocalLayersPosterior
 from vaelab.components.top_down import LocalTopDownPosterior
 from vaelab.distributions.chain import GaussianChain
 from vaelab.distributions.top_down import TopDownChain
+from vaelab.objectives.discrete import is_discrete
 
 GAUSSIAN_FAMILIES = ("diagonal", "full")
 
@@ -223,6 +224,11 @@ def families_of(q: Distribution) -> tuple[Family, ...]:
     if isinstance(q, TopDownChain):
         return (TopDownFamily(),)
     found = tuple(family for family in map(GaussianFamily, GAUSSIAN_FAMILIES) if family.contains(q))
+    if not found and is_discrete(q):
+        raise ValueError(
+            "the inference gaps fit each example's own q* in a continuous family, and this "
+            "model's code is discrete; its exact gap is log p(x) − ELBO (evaluate --exact)"
+        )
     if not found:
         raise ValueError(f"cannot tell the family of a {type(q).__name__} posterior")
     return found

@@ -15,6 +15,12 @@ import numpy as np
 from torch import nn
 
 from vaelab.components.classifier import Classifier
+from vaelab.components.discrete import (
+    BernoulliPosterior,
+    BernoulliPrior,
+    CategoricalPosterior,
+    CategoricalPrior,
+)
 from vaelab.components.flows import DEFAULT_FLOW_STEPS, IAFPosterior, PlanarFlowPosterior
 from vaelab.components.hierarchy import FirstLayerDecoder, HierarchicalPosterior, HierarchicalPrior
 from vaelab.components.likelihoods import (
@@ -40,6 +46,7 @@ from vaelab.components.top_down_conv import BottomUpConv
 from vaelab.distributions.discretized_logistic import LOGISTIC_MIXTURE_COMPONENTS
 from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
+from vaelab.objectives.discrete import check_latent_gradient
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,31 @@ NOT_TOP_DOWN: dict[tuple[str, str], str] = {
     },
 }
 
+LATENTS = ("gaussian", "bernoulli", "categorical")
+DEFAULT_CATEGORIES = 10
+
+# Options a discrete latent cannot have, and what to use instead: (option, value) → why.
+NOT_DISCRETE: dict[tuple[str, str], str] = {
+    (
+        "posterior",
+        "full",
+    ): "a discrete posterior is its encoder's logits; leave posterior='diagonal'",
+    ("posterior", "planar"): "flows transform continuous codes; leave posterior='diagonal'",
+    ("posterior", "iaf"): "flows transform continuous codes; leave posterior='diagonal'",
+    (
+        "prior",
+        "mixture",
+    ): "a discrete prior is factorised; use prior='normal' (uniform) or 'learnable'",
+    (
+        "prior",
+        "vamp",
+    ): "a discrete prior is factorised; use prior='normal' (uniform) or 'learnable'",
+    (
+        "prior",
+        "conditional",
+    ): "discrete latents read no condition; use prior='normal' or 'learnable'",
+}
+
 
 def _choose(kind: str, name: object, table: Any) -> Any:
     if name not in table:
@@ -227,9 +259,11 @@ class ModelConfig:
     # M2 (vaelab.model.semi_supervised): a classifier q(y|x) over the condition_dim classes.
     semi_supervised: bool = False
     inference: str = "bottom-up"  # or "top-down" (vaelab.components.top_down)
+    latent: str = "gaussian"  # the code's family: "gaussian", "bernoulli" or "categorical"
+    categories: int = DEFAULT_CATEGORIES  # K classes per group of a categorical code
 
     def __post_init__(self) -> None:
-        for name in ("latent_dim", "hidden", "flow_steps", "condition_dim"):
+        for name in ("latent_dim", "hidden", "flow_steps", "condition_dim", "categories"):
             object.__setattr__(self, name, plain_integers(getattr(self, name)))
 
     @property
@@ -258,6 +292,7 @@ class ModelConfig:
         _choose("activation", self.activation, ACTIVATIONS)
         self._validate_condition()
         self._validate_inference()
+        self._validate_latent()
         if len(sizes) > 1 and self.inference == "bottom-up":
             for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
                 why = NOT_LAYERED.get((kind, name))
@@ -283,6 +318,54 @@ class ModelConfig:
             raise ValueError(
                 "inference='top-down' does not work with a conditional model: conditioning is "
                 "implemented for bottom-up inference with one stochastic layer"
+            )
+
+    @property
+    def code_size(self) -> int:
+        """Numbers in one code z: latent_dim, or D·K for D categorical groups of K classes."""
+        d = self.latent_sizes[0]
+        return d * self.categories if self.latent == "categorical" else d
+
+    def check_gradient(self, gradient: str) -> None:
+        """Refuse a gradient estimator this code cannot use (``ValueError``, one line): the
+        discrete estimators with a Gaussian code, STL and DReG with a discrete one, and
+        ``"enumerate"`` over too many states."""
+        sizes, k = self.latent_sizes, self.categories
+        states = 0  # sizes that validate() refuses count none here
+        discrete = self.latent != "gaussian"
+        if discrete and len(sizes) == 1 and isinstance(sizes[0], int) and isinstance(k, int):
+            states = k ** sizes[0] if self.latent == "categorical" else 2 ** sizes[0]
+        check_latent_gradient(self.latent, states, gradient)
+
+    def _validate_latent(self) -> None:
+        """The code's family, and the options that only a Gaussian code has."""
+        if self.latent not in LATENTS:
+            raise ValueError(f"unknown latent {self.latent!r}; choose one of: {', '.join(LATENTS)}")
+        k = self.categories
+        if not isinstance(k, int) or isinstance(k, bool) or k < 2:
+            raise ValueError(f"categories must be an integer of at least 2, got {k!r}")
+        if self.latent == "gaussian":
+            return
+        for kind, name in (("posterior", self.posterior), ("prior", self.prior)):
+            why = NOT_DISCRETE.get((kind, name))
+            if why is not None:
+                raise ValueError(
+                    f"{kind}={name!r} does not work with latent={self.latent!r}: {why}"
+                )
+        if self.inference != "bottom-up":
+            raise ValueError(
+                f"inference={self.inference!r} draws Gaussian layers from the top down; "
+                f"latent={self.latent!r} has one discrete layer, so leave inference='bottom-up'"
+            )
+        if len(self.latent_sizes) > 1:
+            raise ValueError(
+                f"latent={self.latent!r} has one stochastic layer; give latent_dim one integer, "
+                f"not {self.latent_dim!r}"
+            )
+        if self.condition_dim:
+            raise ValueError(
+                f"latent={self.latent!r} is implemented without conditioning; use "
+                "latent='gaussian' for a conditional model"
             )
 
     def _validate_condition(self) -> None:
@@ -347,6 +430,8 @@ def build_model(config: ModelConfig) -> VAEModel:
     (``vaelab.components.top_down``).
     """
     config.validate()
+    if config.latent != "gaussian":
+        return _build_discrete(config)
     sizes = config.latent_sizes
     posterior_spec = POSTERIORS[config.posterior]
     likelihood = LIKELIHOODS[config.likelihood]
@@ -382,6 +467,35 @@ def build_model(config: ModelConfig) -> VAEModel:
         )
         return SemiSupervisedModel(posterior, prior, built, condition, classifier)
     return VAEModel(posterior, prior, built, condition)
+
+
+def _build_discrete(config: ModelConfig) -> VAEModel:
+    """A model with a discrete code (``vaelab.components.discrete``): the encoder gives the
+    posterior's logits, the decoder reads the code (D binary units or D·K one-hot numbers);
+    prior ``"normal"`` (the default) is the uniform one, ``"learnable"`` a learned factorised
+    one."""
+    d, k, shape = config.latent_sizes[0], config.categories, config.data_shape
+    likelihood = LIKELIHOODS[config.likelihood]
+    encoder = encoder_network(
+        config.network, shape, config.hidden, config.code_size, config.activation
+    )
+    learnable = config.prior == "learnable"
+    posterior: nn.Module
+    prior: nn.Module
+    if config.latent == "bernoulli":
+        posterior, prior = BernoulliPosterior(encoder, d, shape), BernoulliPrior(d, learnable)
+    else:
+        posterior = CategoricalPosterior(encoder, d, k, shape)
+        prior = CategoricalPrior(d, k, learnable)
+    decoder = decoder_network(
+        config.network,
+        config.code_size,
+        config.hidden,
+        shape,
+        likelihood.params_per_dim,
+        config.activation,
+    )
+    return VAEModel(posterior, prior, likelihood.build(decoder, shape))
 
 
 def _stochastic_layers(

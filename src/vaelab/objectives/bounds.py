@@ -27,6 +27,11 @@ whose gradient is the one ``gradient=`` chooses; the bound itself is always what
   2018): encoder gradient Σᵢ w̃ᵢ² ∂ log wᵢ/∂zᵢ · ∂zᵢ/∂φ with q's parameters stopped,
   decoder gradient Σᵢ w̃ᵢ ∇_θ log wᵢ as in the standard one; unbiased for any k.
 
+- ``"reinforce"``, ``"vimco"``, ``"relaxed"``, ``"enumerate"``: the estimators of a discrete code
+  (``vaelab.objectives.discrete``), to which both bounds hand a discrete posterior; for such a
+  code ``"standard"`` means enumeration up to ``ENUMERATE_BY_DEFAULT`` states (the ELBO), else
+  REINFORCE with NVIL's baseline. Refused with a Gaussian code, as STL and DReG with a discrete one.
+
 With a gradient other than ``"standard"`` every returned term but ``objective`` is detached: the
 values are the same to the last bit, and only ``objective`` carries the chosen gradient.
 
@@ -57,10 +62,21 @@ from vaelab.components.likelihoods import Likelihood
 from vaelab.distributions import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
 from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
 from vaelab.distributions.stop_gradient import stop_gradient
+from vaelab.objectives.discrete import (
+    DISCRETE_GRADIENTS,
+    check_discrete_objective,
+    discrete_elbo,
+    discrete_iwae,
+    is_discrete,
+)
 
 KL_METHODS = ("auto", "analytic", "monte_carlo")
 OBJECTIVES = ("elbo", "iwae")
-GRADIENTS = ("standard", "stl", "dreg")
+REPARAMETERISED_GRADIENTS = ("standard", "stl", "dreg")
+GRADIENTS = (*REPARAMETERISED_GRADIENTS, *DISCRETE_GRADIENTS)
+ENUMERATE_BY_DEFAULT = (
+    2**8
+)  # a discrete code's "standard" ELBO gradient sums up to this many states
 
 
 class ElboTerms(NamedTuple):
@@ -110,6 +126,7 @@ def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str
     _check_gradient(gradient)
     if kl not in KL_METHODS:
         raise ValueError(f"unknown KL method {kl!r}; choose one of {KL_METHODS}")
+    check_discrete_objective(objective, gradient)
     if objective == "elbo":
         if gradient == "dreg":
             raise ValueError(
@@ -132,6 +149,29 @@ def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str
         raise ValueError(
             f"kl={kl!r} chooses how the ELBO's KL term is computed, and the IWAE bound has "
             "none; leave kl='auto' with objective='iwae'"
+        )
+
+
+def _discrete(gradient: str, q: Distribution, objective: str) -> str:
+    """A discrete code's estimator. ``"standard"`` means the exact ELBO gradient by enumeration
+    for a code of at most ``ENUMERATE_BY_DEFAULT`` states, else NVIL's REINFORCE."""
+    if gradient != "standard":
+        return gradient
+    small = objective == "elbo" and getattr(q, "state_count", math.inf) <= ENUMERATE_BY_DEFAULT
+    return "enumerate" if small else "reinforce"
+
+
+def _check_discrete_code(q: Distribution, gradient: str) -> None:
+    """A discrete estimator needs a discrete code, and a discrete code one of them."""
+    if not is_discrete(q):
+        raise ValueError(
+            f"gradient={gradient!r} is an estimator for discrete latents; with a "
+            f"{type(q).__name__} posterior use 'standard', 'stl' or 'dreg'"
+        )
+    if gradient in ("stl", "dreg"):
+        raise ValueError(
+            f"gradient={gradient!r} needs reparameterised draws, which a discrete latent has "
+            "not; use 'reinforce', 'vimco' (objective='iwae'), 'relaxed' or 'enumerate'"
         )
 
 
@@ -206,6 +246,22 @@ def elbo(
     """
     check_objective("elbo", gradient, kl=kl)
     q = posterior(x)
+    if is_discrete(q) or gradient in DISCRETE_GRADIENTS:
+        _check_discrete_code(q, gradient)
+        return ElboTerms(
+            *discrete_elbo(
+                x,
+                q,
+                posterior,
+                prior(),
+                likelihood,
+                samples=samples,
+                beta=beta,
+                kl=kl,
+                noise=noise,
+                gradient=_discrete(gradient, q, "elbo"),
+            )
+        )
     if samples == 1 and (noise is None or noise.shape[0] == 1):
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
         # and no sample dimension to fold in and out of the decoder at every step.
@@ -305,7 +361,22 @@ def iwae_bound(
     if k < 1:
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
     _check_gradient(gradient)
+    check_discrete_objective("iwae", gradient, k)
     q = posterior(x)
+    if is_discrete(q) or gradient in DISCRETE_GRADIENTS:
+        _check_discrete_code(q, gradient)
+        return IwaeTerms(
+            *discrete_iwae(
+                x,
+                q,
+                posterior,
+                prior(),
+                likelihood,
+                k=k,
+                noise=noise,
+                gradient=_discrete(gradient, q, "iwae"),
+            )
+        )
     if noise is None:
         z, log_q = rsample_with_log_prob(q, (k,))  # [k, batch, latent], [k, batch] or None
     else:

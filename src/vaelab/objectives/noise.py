@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch.distributions import Distribution, Independent
+from torch.distributions import Distribution
 
 from vaelab.distributions.sampling import a_parameter, has_noise_form, reparameterise
 
@@ -155,7 +155,7 @@ class ExampleNoise:
         """
         event = tuple(q.event_shape)
         if tuple(q.batch_shape) in ((self.batch,), ()) and has_noise_form(q):
-            like = q.base_dist.loc if isinstance(q, Independent) else a_parameter(q)
+            like = a_parameter(q)
             z, log_q = reparameterise(q, self.normal(samples, event, like=like))
             return z.detach(), None if log_q is None else log_q.detach()
         if tuple(q.batch_shape) != ():

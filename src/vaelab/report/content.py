@@ -237,7 +237,8 @@ def build_report(
     )
     assert evaluation is not None  # one process: the result is here
     gaps = None
-    if budget.gap_examples > 0:
+    # The gaps fit continuous families (a discrete code's exact gap is evaluate --exact's).
+    if budget.gap_examples > 0 and estimator.model_config_.latent == "gaussian":
         gaps = gap(
             opened,
             examples.subset(budget.gap_examples),

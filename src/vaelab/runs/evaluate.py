@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from vaelab.estimator.facade import EVAL_SEED
 from vaelab.evaluation.ais import ais
 from vaelab.evaluation.diagnostics import CollapseDiagnostics, collapse_diagnostics
+from vaelab.evaluation.exact import MAX_EXACT_STATES, exact_log_likelihood, state_count
 from vaelab.evaluation.loglik import log_likelihood, standard_error
 from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.runs.model_data import (
@@ -109,6 +111,22 @@ class SemiSupervisedEstimate:
 
 
 @dataclass(frozen=True)
+class ExactEstimate:
+    """log p(x) = log Σ_z p(x|z) p(z) summed over all ``states`` of a discrete code
+    (``vaelab.evaluation.exact``): no bound, no estimate; averaged over ``examples``."""
+
+    states: int
+    examples: int
+    mean: float
+    standard_error: float
+    seconds: float
+
+    @property
+    def bound(self) -> str:
+        return "exact"
+
+
+@dataclass(frozen=True)
 class Evaluation(Examined):
     """What ``evaluate`` found about one model on one set of examples. ``per_example`` holds
     each example's float64 numbers (``elbo``, and ``iwae`` / ``ais`` when computed) in the order
@@ -121,6 +139,7 @@ class Evaluation(Examined):
     diagnostics_examples: int = 0
     per_example: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     semi_supervised: SemiSupervisedEstimate | None = None
+    exact: ExactEstimate | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The JSON of ``vaelab evaluate --json`` (field names kept from vaelab 0.1)."""
@@ -144,6 +163,8 @@ class Evaluation(Examined):
             found["ais"] = _bound_json(self.ais)
         if self.semi_supervised is not None:
             found["semi_supervised"] = dataclasses.asdict(self.semi_supervised)
+        if self.exact is not None:
+            found["exact"] = _bound_json(self.exact)
         if self.diagnostics is not None:
             found["diagnostics"] = {
                 "examples": self.diagnostics_examples,
@@ -152,7 +173,7 @@ class Evaluation(Examined):
         return found
 
 
-def _bound_json(estimate: IwaeEstimate | AisEstimate) -> dict[str, Any]:
+def _bound_json(estimate: IwaeEstimate | AisEstimate | ExactEstimate) -> dict[str, Any]:
     """An estimate's fields and the bound it is, for JSON; a note only where there is one."""
     found = {**dataclasses.asdict(estimate), "bound": estimate.bound}
     if found.get("bits_per_dim_note", "") is None:
@@ -172,6 +193,7 @@ def evaluate(
     diagnostics: bool = True,
     progress: bool = False,
     world: World = SINGLE,
+    exact: bool = False,
 ) -> Evaluation | None:
     """The mean ELBO, reconstruction and KL of ``opened``'s model on ``examples``, with the
     standard error of the ELBO; with ``k``, the IWAE-k estimate (and bits per dimension where
@@ -182,7 +204,7 @@ def evaluate(
     ``iwae_examples`` takes a random subset (seeded, the same every time) for IWAE and AIS only,
     whose cost grows with k and the number of steps. A tqdm bar shows each long step when
     ``progress``. Every worker of ``world`` calls it; rank 0 returns the result, the others
-    None."""
+    None. With ``exact`` (a discrete code), log p(x) summed over every state, on rank 0."""
     check_at_least(
         samples=(samples, 1),
         k=(k, 1),
@@ -192,6 +214,7 @@ def evaluate(
     )
     if len(examples) == 0:
         raise RunError(f"{examples.description} holds no examples to evaluate")
+    _check_latent(opened, ais_steps, exact)
     estimated = examples.subset(iwae_examples)
     per_example: dict[str, np.ndarray] = {}
     iwae = annealed = None
@@ -210,6 +233,9 @@ def evaluate(
     collapse, diagnostic_examples = None, 0
     if diagnostics:
         collapse, diagnostic_examples = diagnose(opened, examples, progress)
+    found_exact = None
+    if exact:
+        found_exact, per_example["exact"] = _exact(opened, estimated)
     return Evaluation(
         **Examined.fields_of(opened, examples),
         elbo=elbo,
@@ -219,6 +245,7 @@ def evaluate(
         diagnostics_examples=diagnostic_examples,
         per_example=per_example,
         semi_supervised=_semi_supervised(opened, examples, samples, per_example),
+        exact=found_exact,
     )
 
 
@@ -247,6 +274,43 @@ def _semi_supervised(
         classification_error=wrong / labelled if labelled else None,
         examples=int(found.size),
     )
+
+
+def _check_latent(opened: OpenedModel, ais_steps: int | None, exact: bool) -> None:
+    """AIS moves z by HMC, which needs a continuous code; exact needs a discrete one."""
+    latent = opened.estimator.model_config_.latent
+    if ais_steps is not None and latent != "gaussian":
+        raise RunError(
+            f"AIS moves z by Hamiltonian Monte Carlo, which needs a continuous code, and this "
+            f"model's is {latent}; use --exact (log p(x) by enumeration) or --k"
+        )
+    if exact and latent == "gaussian":
+        raise RunError(
+            "--exact sums log p(x) over the states of a discrete code, and this model's is "
+            "gaussian; use --k (IWAE) or --ais"
+        )
+    if exact and state_count(opened.estimator.model_) > MAX_EXACT_STATES:
+        raise RunError(
+            f"--exact would sum over {state_count(opened.estimator.model_)} states, more than "
+            f"{MAX_EXACT_STATES}; use --k (IWAE)"
+        )
+
+
+def _exact(opened: OpenedModel, examples: ModelData) -> tuple[ExactEstimate, np.ndarray]:
+    """log p(x) of every example by enumeration, float64 ``[n]``, and its summary."""
+    model = opened.estimator.model_
+    started = time.perf_counter()
+    with torch.no_grad():
+        x = torch.from_numpy(examples.read(0, len(examples)))
+        log_px = exact_log_likelihood(model, x).double().cpu()
+    found = ExactEstimate(
+        states=state_count(model),
+        examples=int(log_px.numel()),
+        mean=float(log_px.mean()),
+        standard_error=standard_error(log_px),
+        seconds=time.perf_counter() - started,
+    )
+    return found, log_px.numpy()
 
 
 def estimate_batches(n: int) -> list[slice]:

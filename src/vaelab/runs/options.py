@@ -22,7 +22,9 @@ from vaelab.components.networks import ACTIVATIONS, NETWORKS
 from vaelab.data.sources import BINARIZATIONS, SCALINGS, SOURCES
 from vaelab.estimator.facade import VAE, resolve_device
 from vaelab.model.registry import (
+    DEFAULT_CATEGORIES,
     INFERENCES,
+    LATENTS,
     LIKELIHOODS,
     POSTERIORS,
     PRIORS,
@@ -121,7 +123,9 @@ class RunConfig:
     k: int = _option(1, "importance samples of the IWAE objective", "int")
     gradient: str = _option(
         "standard",
-        "gradient estimator: standard, stl (sticking the landing) or dreg (IWAE only)",
+        "gradient estimator: standard, stl (sticking the landing) or dreg (IWAE only); for a "
+        "discrete --latent reinforce (what standard means there), vimco (IWAE), relaxed or "
+        "enumerate",
         "str",
         GRADIENTS,
     )
@@ -182,6 +186,27 @@ class RunConfig:
         "with --split-seed, train on the rest unlabelled (needs --conditional; none: all labels)",
         "int?",
     )
+    # discrete latents (vaelab.components.discrete, vaelab.objectives.discrete)
+    latent: str = _option(
+        "gaussian",
+        "the code's family: gaussian, bernoulli (LATENT_DIM binary units) or categorical "
+        "(LATENT_DIM groups of --categories classes); gradients reinforce, vimco, relaxed, "
+        "enumerate",
+        "str",
+        LATENTS,
+    )
+    categories: int = _option(DEFAULT_CATEGORIES, "classes per group of a categorical code", "int")
+    temperature: float = _option(
+        1.0, "temperature of the relaxation (--gradient relaxed) at the start", "float"
+    )
+    temperature_final: float | None = _option(
+        None,
+        "anneal the temperature exponentially to this over training (none: constant)",
+        "float?",
+    )
+    straight_through: bool = _option(
+        False, "--gradient relaxed: discrete code forward, relaxed gradient backward", "bool"
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -202,6 +227,9 @@ class RunConfig:
             layer_free_bits=self.layer_free_bits,
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
+            temperature=self.temperature,
+            temperature_final=self.temperature_final,
+            straight_through=self.straight_through,
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -236,6 +264,11 @@ class RunConfig:
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
             inference=self.inference,
+            latent=self.latent,
+            categories=self.categories,
+            temperature=self.temperature,
+            temperature_final=self.temperature_final,
+            straight_through=self.straight_through,
         )
 
     def validate(self) -> None:
@@ -251,6 +284,7 @@ class RunConfig:
             self.train_config().validate()
             # The condition's size comes with the data; any size checks the combinations.
             self.model_config((1,), 2 if self.conditional else 0).validate()
+            self.model_config((1,)).check_gradient(self.gradient)
             resolve_device(self.device)
         except ValueError as error:
             raise RunError(str(error)) from None

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vaelab.objectives.bounds import check_objective
+from vaelab.objectives.discrete import check_discrete_objective
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -63,6 +64,17 @@ class TrainConfig:
     # M2's α / N_labelled: the weight of log q(y|x) per labelled example
     # (vaelab.model.semi_supervised.classification_weight); 0 for every other model.
     classification_weight: float = 0.0
+    temperature: float = 1.0  # gradient="relaxed": the relaxation's temperature at the start
+    temperature_final: float | None = None  # … annealed exponentially to this (None: constant)
+    straight_through: bool = False  # gradient="relaxed": discrete forward, relaxed backward
+
+    def temperature_at(self, step: int, total_steps: int) -> float:
+        """The relaxation's temperature at optimiser step ``step`` of ``total_steps``:
+        λ₀ (λ_T / λ₀)^(step / total), exponential annealing as in Jang, Gu & Poole (2017)."""
+        if self.temperature_final is None or total_steps <= 0:
+            return self.temperature
+        ratio = self.temperature_final / self.temperature
+        return self.temperature * ratio ** min(1.0, step / total_steps)
 
     def validate(self) -> None:
         for name in ("epochs", "batch_size", "samples", "k", "patience", "max_rollbacks"):
@@ -134,6 +146,8 @@ class TrainConfig:
         """The objective, its gradient estimator and the options that only some objectives have
         (``vaelab.objectives.bounds.check_objective`` refuses the combinations without a meaning)."""
         check_objective(self.objective, self.gradient, beta=self.beta)
+        check_discrete_objective(self.objective, self.gradient, self.k)
+        self._validate_relaxation()
         if self.k < 1:
             raise ValueError(f"k must be at least 1 importance sample, got {self.k}")
         if self.objective == "elbo" and self.k != 1:
@@ -167,6 +181,22 @@ class TrainConfig:
             raise ValueError(
                 "free_bits (per latent dimension) and layer_free_bits (per stochastic layer) "
                 "clamp the same KL; set one of them to 0"
+            )
+
+    def _validate_relaxation(self) -> None:
+        """The temperature and straight-through options, which only ``gradient="relaxed"`` has."""
+        final = self.temperature_final
+        if not self.temperature > 0 or (final is not None and not final > 0):
+            raise ValueError(
+                f"temperature must be positive (and temperature_final positive or None), got "
+                f"{self.temperature} and {final}"
+            )
+        if self.gradient != "relaxed" and (
+            self.temperature != 1.0 or final is not None or self.straight_through
+        ):
+            raise ValueError(
+                "temperature, temperature_final and straight_through set the relaxation of "
+                f"gradient='relaxed'; with gradient={self.gradient!r} leave them at their defaults"
             )
 
     def to_json(self) -> dict[str, Any]:

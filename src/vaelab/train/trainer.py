@@ -53,6 +53,7 @@ from torch import nn
 
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms
+from vaelab.objectives.discrete import set_relaxation
 from vaelab.train.batches import (
     Batch,
     BatchSource,
@@ -475,6 +476,11 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 kl_weight = self._kl_weight(epoch, i / steps)
+                set_relaxation(
+                    self.model.posterior,
+                    self.config.temperature_at(self.step, total_steps),
+                    self.config.straight_through,
+                )
                 flags = self._local_flags(self.step + 1) if share is not None else None
                 self._objective.report_layers = i % LAYER_KL_EVERY == 0
                 try:
