@@ -51,6 +51,7 @@ from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
 from vaelab.train.batches import BatchSource, IndexedBatches, LoaderBatches
 from vaelab.train.config import TrainConfig
 from vaelab.train.fastpath import compile_evaluation
+from vaelab.train.labelled_batches import semi_supervised_batches
 from vaelab.train.progress import EpochMetrics
 from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.train.trainer import Trainer, TrainingObserver
@@ -218,6 +219,13 @@ class VAE(TransformerMixin, BaseEstimator):
         and bottom-up evidence from x (Sønderby et al. 2016; ``vaelab.components.top_down``).
         Top-down takes ``posterior="diagonal"``, a Gaussian ``prior`` (``"normal"`` or
         ``"learnable"``) and no condition.
+    labelled_batch_size : int, default 100
+        M2 only: every training step sees a batch of ``batch_size`` unlabelled examples and one
+        of this many labelled examples (at most their number), drawn by cycling through the
+        labelled set, as in the paper; the step's objective is an unbiased estimate of the
+        paper's J^α up to a factor 1/N (``vaelab.train.labelled_batches``). An epoch is one pass
+        over the unlabelled examples. 0 puts the labelled examples in the ordinary shuffled
+        batches instead, each seen once per epoch (vaelab's first M2).
 
     Attributes
     ----------
@@ -286,6 +294,7 @@ class VAE(TransformerMixin, BaseEstimator):
         max_rollbacks: int = 3,
         alpha: float | None = None,
         inference: str = "bottom-up",
+        labelled_batch_size: int = 100,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -313,6 +322,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.max_rollbacks = max_rollbacks
         self.alpha = alpha
         self.inference = inference
+        self.labelled_batch_size = labelled_batch_size
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(
@@ -350,6 +360,7 @@ class VAE(TransformerMixin, BaseEstimator):
             layer_free_bits=self.layer_free_bits,
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
+            labelled_batch_size=self.labelled_batch_size,
         )
 
     # ----------------------------------------------------------------------------------- inputs
@@ -543,7 +554,9 @@ class VAE(TransformerMixin, BaseEstimator):
             semi = labelled is not None and labelled < x.shape[0]
             if semi:
                 assert labelled is not None
-                weight = classification_weight(self.alpha, len(x), labelled)
+                weight = classification_weight(
+                    self.alpha, len(x), labelled, mean=self.labelled_batch_size == 0
+                )
                 train_config = dataclasses.replace(train_config, classification_weight=weight)
 
             def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, BatchSource]:
@@ -555,7 +568,17 @@ class VAE(TransformerMixin, BaseEstimator):
                     x[:INIT_EXAMPLES],
                     check=lambda model: model.likelihood.check_support(x),
                 )
-                batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
+                batches: IndexedBatches
+                if semi:
+                    batches = semi_supervised_batches(
+                        x,
+                        self.batch_size,
+                        streams_seed,
+                        condition=conditions,
+                        labelled_batch_size=self.labelled_batch_size,
+                    )
+                else:
+                    batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
                 return model, config, batches
 
         with start_training(

@@ -182,6 +182,13 @@ class RunConfig:
         "with --split-seed, train on the rest unlabelled (needs --conditional; none: all labels)",
         "int?",
     )
+    labelled_batch_size: int = _option(
+        100,
+        "semi-supervised M2: labelled examples per step, drawn by cycling through the labelled "
+        "ones beside each batch of --batch-size unlabelled ones (at most --labelled; 0: the "
+        "labelled examples in the ordinary batches)",
+        "int",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -202,6 +209,7 @@ class RunConfig:
             layer_free_bits=self.layer_free_bits,
             skip_grad_norm=self.skip_grad_norm,
             max_rollbacks=self.max_rollbacks,
+            labelled_batch_size=self.labelled_batch_size,
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -454,6 +462,8 @@ def _comparable(value: Any) -> Any:
 def config_from_json(document: Any, path: Path) -> RunConfig:
     try:
         values = {name: convert(name, value) for name, value in document.items()}
+        if "labelled" in values and "labelled_batch_size" not in values:
+            values["labelled_batch_size"] = 0  # a run written before the option trains as then
         return RunConfig(**values)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise RunError(
