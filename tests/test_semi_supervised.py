@@ -14,10 +14,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from sklearn.datasets import load_digits
 
 import vaelab
-from conftest import SHARED_DATA, subprocess_env, vaelab_cli
+from conftest import SHARED_DATA, subprocess_env, vaelab_cli, vaelab_command
 from vaelab.cli import app as cli
 from vaelab.data.sources import load_data
 from vaelab.evaluation.loglik import log_likelihood
@@ -125,8 +126,8 @@ def test_unlabelled_bound_is_below_log_px_by_importance_sampling(m2):
 
 def test_predict_learns_from_50_labels_well_above_chance():
     """50 labels of 1,400 digits, 10 epochs: q(y|x) classifies the 397 held-out digits far above
-    chance (measured 0.77; a logistic regression on the 50 labelled digits alone gets 0.86, so
-    M2 is not claimed to beat it at this budget)."""
+    chance (measured 0.80; a logistic regression on the 50 labelled digits alone gets 0.84, so
+    M2 is not claimed to beat it at this budget; see the slow test for 100 epochs)."""
     model = vaelab.VAE(
         epochs=10, latent_dim=8, hidden=(128,), seed=0, device="cpu", conditional=True
     ).fit(X[TRAIN], labels_kept(Y[TRAIN], 5))
@@ -407,6 +408,27 @@ def test_mnist_with_100_labels_trains_and_evaluates(tmp_path, capsys):
     assert code == 0, err
     found = json.loads(out)["semi_supervised"]
     assert found["examples"] == 10_000 and 0.0 <= found["classification_error"] < 0.9
+
+
+@pytest.mark.slow  # two worker processes
+def test_two_workers_train_m2_as_one_process_does(tmp_path, capsys):
+    """Each worker takes its share of every unlabelled-plus-labelled batch and its rows of the
+    batch's weights: one and two workers differ only in the order of floating-point sums."""
+    options = ["--conditional", "--labelled", "30", "--labelled-batch-size", "7", "--epochs", "1",
+               "--batch-size", "50", "--hidden", "16", "--latent-dim", "3", "--quiet"]  # fmt: skip
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--out", tmp_path / "one", *options)
+    assert code == 0, err
+    done = subprocess.run(
+        vaelab_command("train", "digits", "--out", tmp_path / "two", "--nproc", "2", *options),
+        env=subprocess_env(VAELAB_DIST_TIMEOUT="60"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    a, b = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    for key in a:
+        assert np.abs(a[key] - b[key]).max() <= 1e-4 * np.abs(a[key]).max(), key
 
 
 @pytest.mark.slow  # two VAEs and two M2 fits on the digits: about a minute on one core

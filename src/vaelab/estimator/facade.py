@@ -210,8 +210,9 @@ class VAE(TransformerMixin, BaseEstimator):
         With ``conditional=True`` and some labels missing (−1, or NaN) in ``fit(X, y)``, the
         model is M2 (Kingma et al. 2014): y is a latent variable where it is missing, and a
         classifier q(y|x) is trained beside the conditional VAE (``predict``,
-        ``predict_proba``). ``alpha`` weighs its classification term, α · E_labelled[log q(y|x)]
-        against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N.
+        ``predict_proba``). ``alpha`` weighs its classification term, α · Σ_labelled log q(y|x)
+        against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N
+        (with ``labelled_batch_size=0``, α weighs the labelled examples' mean instead).
     inference : str, default "bottom-up"
         How the posterior over the stochastic layers is drawn: ``"bottom-up"``, q(z₁|x)
         q(z₂|z₁) ⋯, or ``"top-down"``, the Ladder VAE's z_L first through the prior's own
