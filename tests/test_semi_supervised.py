@@ -18,7 +18,7 @@ from safetensors.numpy import load_file
 from sklearn.datasets import load_digits
 
 import vaelab
-from conftest import SHARED_DATA, subprocess_env, vaelab_cli, vaelab_command
+from conftest import SHARED_DATA, one_and_two_workers, subprocess_env, vaelab_cli
 from vaelab.cli import app as cli
 from vaelab.data.sources import load_data
 from vaelab.evaluation.loglik import log_likelihood
@@ -416,16 +416,9 @@ def test_two_workers_train_m2_as_one_process_does(tmp_path, capsys):
     batch's weights: one and two workers differ only in the order of floating-point sums."""
     options = ["--conditional", "--labelled", "30", "--labelled-batch-size", "7", "--epochs", "1",
                "--batch-size", "50", "--hidden", "16", "--latent-dim", "3", "--quiet"]  # fmt: skip
-    code, _, err = vaelab_cli(capsys, "train", "digits", "--out", tmp_path / "one", *options)
-    assert code == 0, err
-    done = subprocess.run(
-        vaelab_command("train", "digits", "--out", tmp_path / "two", "--nproc", "2", *options),
-        env=subprocess_env(VAELAB_DIST_TIMEOUT="60"), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
     a, b = (
-        load_file(tmp_path / "one" / "model.safetensors"),
-        load_file(tmp_path / "two" / "model.safetensors"),
+        load_file(folder / "model.safetensors")
+        for folder in one_and_two_workers(capsys, tmp_path, *options)
     )
     for key in a:
         assert np.abs(a[key] - b[key]).max() <= 1e-4 * np.abs(a[key]).max(), key
