@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def vaelab_command(*args: object) -> list[str]:
     """The argv of ``python -m vaelab ARGS`` in a fresh interpreter, with warnings as errors as
     under pytest, for tests that need their own process (signals, workers, a terminal)."""
     return [sys.executable, "-W", "error", "-m", "vaelab", *map(str, args)]
+
+
+def one_and_two_workers(
+    capsys: pytest.CaptureFixture[str], folder: Path, *options: object
+) -> tuple[Path, Path]:
+    """``vaelab train digits OPTIONS`` in this process (``folder/one``) and on two workers
+    (``--nproc 2``, ``folder/two``); both must succeed. Returns the two run folders."""
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--out", folder / "one", *options)
+    assert code == 0, err
+    done = subprocess.run(
+        vaelab_command("train", "digits", "--out", folder / "two", "--nproc", "2", *options),
+        env=subprocess_env(VAELAB_DIST_TIMEOUT="60"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return folder / "one", folder / "two"
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

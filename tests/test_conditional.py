@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from torch.distributions import Independent, MultivariateNormal, Normal, kl_dive
 from torch.utils.data import DataLoader, TensorDataset
 
 import vaelab
-from conftest import CrashAfter, subprocess_env, vaelab_cli, vaelab_command
+from conftest import CrashAfter, one_and_two_workers, vaelab_cli
 from vaelab.cli import app as cli
 from vaelab.components.networks import MLP, ConvDecoder, ConvEncoder
 from vaelab.components.priors import ConditionalGaussianPrior
@@ -625,13 +624,7 @@ def test_two_workers_train_the_conditional_model_one_process_trains(tmp_path, ca
     floating-point sums."""
     options = ["--conditional", "--epochs", "1", "--batch-size", "50", "--hidden", "16",
                "--latent-dim", "3", "--seed", "2", "--quiet"]  # fmt: skip
-    code, _, err = vaelab_cli(capsys, "train", "digits", "--out", tmp_path / "one", *options)
-    assert code == 0, err
-    done = subprocess.run(
-        vaelab_command("train", "digits", "--out", tmp_path / "two", "--nproc", "2", *options),
-        env=subprocess_env(VAELAB_DIST_TIMEOUT="60"), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    one_and_two_workers(capsys, tmp_path, *options)
     one, two = (
         json.loads((tmp_path / n / "metrics.jsonl").read_text().splitlines()[0])
         for n in ("one", "two")

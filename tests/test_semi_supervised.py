@@ -14,16 +14,20 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from sklearn.datasets import load_digits
 
 import vaelab
-from conftest import SHARED_DATA, subprocess_env, vaelab_cli
+from conftest import SHARED_DATA, one_and_two_workers, subprocess_env, vaelab_cli
 from vaelab.cli import app as cli
 from vaelab.data.sources import load_data
 from vaelab.evaluation.loglik import log_likelihood
 from vaelab.model.semi_supervised import SemiSupervisedModel, classification_weight
 from vaelab.runs.folder import RunLog
 from vaelab.runs.labelled import choose_labelled
+from vaelab.runs.options import config_from_json
+from vaelab.train.distributed import World
+from vaelab.train.labelled_batches import LabelledBatches
 
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)
@@ -122,8 +126,8 @@ def test_unlabelled_bound_is_below_log_px_by_importance_sampling(m2):
 
 def test_predict_learns_from_50_labels_well_above_chance():
     """50 labels of 1,400 digits, 10 epochs: q(y|x) classifies the 397 held-out digits far above
-    chance (measured 0.77; a logistic regression on the 50 labelled digits alone gets 0.86, so
-    M2 is not claimed to beat it at this budget)."""
+    chance (measured 0.80; a logistic regression on the 50 labelled digits alone gets 0.84, so
+    M2 is not claimed to beat it at this budget; see the slow test for 100 epochs)."""
     model = vaelab.VAE(
         epochs=10, latent_dim=8, hidden=(128,), seed=0, device="cpu", conditional=True
     ).fit(X[TRAIN], labels_kept(Y[TRAIN], 5))
@@ -148,8 +152,102 @@ def test_missing_labels_as_minus_one_and_as_nan_give_the_same_model():
 
 
 def test_classification_weight_is_the_papers_alpha_per_labelled_example():
-    assert classification_weight(None, 60000, 100) == pytest.approx(0.1 * 60000 / 100)
-    assert classification_weight(5.0, 60000, 100) == pytest.approx(0.05)
+    """J^α = Σ_l L + Σ_u U + α Σ_l log q(y|x): α = 0.1 · N on each labelled example; ``mean``
+    is the first M2's α over the labelled examples' mean (``labelled_batch_size=0``)."""
+    assert classification_weight(None, 60000, 100) == pytest.approx(0.1 * 60000)
+    assert classification_weight(5.0, 60000, 100) == pytest.approx(5.0)
+    assert classification_weight(None, 60000, 100, mean=True) == pytest.approx(0.1 * 60000 / 100)
+    assert classification_weight(5.0, 60000, 100, mean=True) == pytest.approx(0.05)
+
+
+def test_labelled_batches_cycle_through_the_labelled_set_beside_every_unlabelled_batch():
+    """7 labelled and 23 unlabelled examples, batches of 10 unlabelled and 3 labelled: an epoch
+    is one pass over the unlabelled examples (3 batches), every batch ends with 3 labelled ones,
+    the labelled draws of the run are passes of the labelled set in keyed orders, the weights
+    give the unlabelled part N_u/N and the labelled part N_l/N, and the draws are functions of
+    (seed, epoch, batch): resuming at a batch or sharing a batch among workers changes nothing."""
+    n, labelled = 30, np.array([1, 4, 9, 15, 16, 22, 29])
+    condition = np.zeros((n, 3), np.float32)
+    condition[labelled, labelled % 3] = 1.0
+    data = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    source = LabelledBatches(data, 10, 5, condition=condition, labelled_batch_size=3)
+    assert len(source) == 3
+    draws, unlabelled_rows = [], []
+    for epoch in range(3):
+        seen = []
+        for batch in source.batches(epoch):
+            rows = batch.x[:, 0].long()
+            assert batch.size == rows.numel() and batch.condition is not None
+            given = batch.condition.sum(1) > 0
+            assert given[-3:].all() and not given[:-3].any()
+            torch.testing.assert_close(batch.condition[-3:].argmax(1), rows[-3:] % 3)
+            seen.append(rows[:-3])
+            draws.append(rows[-3:])
+            assert batch.weights is not None
+            torch.testing.assert_close(batch.weights[:-3].sum(), torch.tensor(23 / 30))
+            torch.testing.assert_close(batch.weights[-3:].sum(), torch.tensor(7 / 30))
+        unlabelled_rows.append(torch.cat(seen))
+        assert sorted(torch.cat(seen).tolist()) == sorted(set(range(n)) - set(labelled.tolist()))
+    assert not torch.equal(unlabelled_rows[0], unlabelled_rows[1])  # a new order per epoch
+    sequence = torch.cat(draws)  # 27 draws: three passes of 7, and 6 of the fourth
+    passes = [sequence[i : i + 7] for i in range(0, 21, 7)]
+    for one in passes:
+        assert sorted(one.tolist()) == labelled.tolist()
+    assert not all(torch.equal(passes[0], p) for p in passes[1:])
+    again = LabelledBatches(data, 10, 5, condition=condition, labelled_batch_size=3)
+    resumed = list(again.batches(2, start=1))
+    first = list(source.batches(2))[1:]
+    for a, b in zip(first, resumed, strict=True):
+        assert torch.equal(a.x, b.x) and a.number == b.number
+    halves = [list(source.batches(1, share=World(rank=r, size=2).share)) for r in (0, 1)]
+    for whole, low, high in zip(source.batches(1), *halves, strict=True):
+        assert torch.equal(whole.x, torch.cat([low.x, high.x]))
+        assert torch.equal(whole.weights, torch.cat([low.weights, high.weights]))
+    # The labelled batch is at most the labelled set.
+    assert (
+        LabelledBatches(
+            data, 10, 5, condition=condition, labelled_batch_size=50
+        ).labelled_batch_size
+        == 7
+    )
+
+
+def test_separate_labelled_batches_beat_labelled_examples_among_the_others():
+    """50 labels of 1,400 digits, 10 epochs (3 seeds measured, docs/guide.md): a labelled batch
+    beside every unlabelled one classifies the 397 held-out digits 0.80 / 0.78 / 0.76 right,
+    the labelled examples among the others (the first M2, ``labelled_batch_size=0``) 0.71 /
+    0.70 / 0.70; asserted: at least 0.05 better on seed 0."""
+    y = labels_kept(Y[TRAIN], 5)
+    found = {}
+    for size in (0, 100):
+        model = vaelab.VAE(
+            epochs=10, latent_dim=8, hidden=(128,), seed=0, device="cpu", conditional=True,
+            labelled_batch_size=size,
+        ).fit(X[TRAIN], y)  # fmt: skip
+        found[size] = float((model.predict(X[TEST]) == Y[TEST]).mean())
+    assert found[100] > found[0] + 0.05, found
+
+
+@pytest.mark.slow  # three M2 fits of 100 epochs on the digits: about 40 s on one core
+def test_m2_beats_logistic_regression_on_the_labelled_digits_after_100_epochs():
+    """50 labels of 1,400 digits: after 100 epochs M2's q(y|x) beats a logistic regression on
+    the 50 labelled digits alone, over three choices of labels and seeds (measured 0.849 /
+    0.849 / 0.809 against 0.839 / 0.811 / 0.773): by more than 0.01 on average."""
+    from sklearn.linear_model import LogisticRegression
+
+    margins = []
+    for seed in range(3):
+        y = labels_kept(Y[TRAIN], 5, seed)
+        given = y >= 0
+        baseline = LogisticRegression(max_iter=5000).fit(X[TRAIN][given], y[given])
+        model = vaelab.VAE(
+            epochs=100, latent_dim=8, hidden=(128,), seed=seed, device="cpu", conditional=True
+        ).fit(X[TRAIN], y)
+        margins.append(
+            float((model.predict(X[TEST]) == Y[TEST]).mean())
+            - float((baseline.predict(X[TEST]) == Y[TEST]).mean())
+        )
+    assert float(np.mean(margins)) > 0.01, margins
 
 
 def test_save_and_load_keep_the_classifier(m2, tmp_path):
@@ -263,6 +361,25 @@ def test_cli_refusals_of_labelled(tmp_path, capsys, extra, message):
     assert not (tmp_path / "run").exists()
 
 
+def test_cli_labelled_batch_size(tmp_path, capsys):
+    """``--labelled-batch-size`` reaches the training settings (100 by default, refused below 0
+    in one line); a run folder written before the option trains as then (0)."""
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--conditional", "--labelled", "20",
+                              "--labelled-batch-size", "8", "--out", tmp_path / "run", *RUN)  # fmt: skip
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["labelled_batch_size"] == 8
+    code, _, err = vaelab_cli(capsys, "train", "digits", "--conditional", "--labelled", "20",
+                              "--labelled-batch-size", "-1", "--out", tmp_path / "bad", *RUN)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and not (tmp_path / "bad").exists()
+    assert (
+        "labelled_batch_size must be 0 (labelled examples in the ordinary batches) or more" in err
+    )
+    old = {k: v for k, v in saved.items() if k != "labelled_batch_size"}
+    assert config_from_json(old, tmp_path / "config.json").labelled_batch_size == 0
+    assert config_from_json({"data": "digits"}, tmp_path / "c.json").labelled_batch_size == 100
+
+
 def test_cli_labelled_needs_conditional(tmp_path, capsys):
     code, _, err = vaelab_cli(capsys, "train", "digits", "--labelled", "50", "--out",
                               tmp_path / "run", *RUN)  # fmt: skip
@@ -291,6 +408,20 @@ def test_mnist_with_100_labels_trains_and_evaluates(tmp_path, capsys):
     assert code == 0, err
     found = json.loads(out)["semi_supervised"]
     assert found["examples"] == 10_000 and 0.0 <= found["classification_error"] < 0.9
+
+
+@pytest.mark.slow  # two worker processes
+def test_two_workers_train_m2_as_one_process_does(tmp_path, capsys):
+    """Each worker takes its share of every unlabelled-plus-labelled batch and its rows of the
+    batch's weights: one and two workers differ only in the order of floating-point sums."""
+    options = ["--conditional", "--labelled", "30", "--labelled-batch-size", "7", "--epochs", "1",
+               "--batch-size", "50", "--hidden", "16", "--latent-dim", "3", "--quiet"]  # fmt: skip
+    a, b = (
+        load_file(folder / "model.safetensors")
+        for folder in one_and_two_workers(capsys, tmp_path, *options)
+    )
+    for key in a:
+        assert np.abs(a[key] - b[key]).max() <= 1e-4 * np.abs(a[key]).max(), key
 
 
 @pytest.mark.slow  # two VAEs and two M2 fits on the digits: about a minute on one core

@@ -51,6 +51,7 @@ from vaelab.objectives.noise import ExampleNoise, posterior_mean, seeded
 from vaelab.train.batches import BatchSource, IndexedBatches, LoaderBatches
 from vaelab.train.config import TrainConfig
 from vaelab.train.fastpath import compile_evaluation
+from vaelab.train.labelled_batches import semi_supervised_batches
 from vaelab.train.progress import EpochMetrics
 from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.train.trainer import Trainer, TrainingObserver
@@ -209,8 +210,9 @@ class VAE(TransformerMixin, BaseEstimator):
         With ``conditional=True`` and some labels missing (−1, or NaN) in ``fit(X, y)``, the
         model is M2 (Kingma et al. 2014): y is a latent variable where it is missing, and a
         classifier q(y|x) is trained beside the conditional VAE (``predict``,
-        ``predict_proba``). ``alpha`` weighs its classification term, α · E_labelled[log q(y|x)]
-        against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N.
+        ``predict_proba``). ``alpha`` weighs its classification term, α · Σ_labelled log q(y|x)
+        against the bound summed over the N training examples; ``None`` is the paper's α = 0.1·N
+        (with ``labelled_batch_size=0``, α weighs the labelled examples' mean instead).
     inference : str, default "bottom-up"
         How the posterior over the stochastic layers is drawn: ``"bottom-up"``, q(z₁|x)
         q(z₂|z₁) ⋯, or ``"top-down"``, the Ladder VAE's z_L first through the prior's own
@@ -235,6 +237,13 @@ class VAE(TransformerMixin, BaseEstimator):
     straight_through : bool, default False
         ``gradient="relaxed"``: the decoder reads the discrete code, the gradient is the
         relaxed one's.
+    labelled_batch_size : int, default 100
+        M2 only: every training step sees a batch of ``batch_size`` unlabelled examples and one
+        of this many labelled examples (at most their number), drawn by cycling through the
+        labelled set, as in the paper; the step's objective is an unbiased estimate of the
+        paper's J^α up to a factor 1/N (``vaelab.train.labelled_batches``). An epoch is one pass
+        over the unlabelled examples. 0 puts the labelled examples in the ordinary shuffled
+        batches instead, each seen once per epoch (vaelab's first M2).
 
     Attributes
     ----------
@@ -308,6 +317,7 @@ class VAE(TransformerMixin, BaseEstimator):
         temperature: float = 1.0,
         temperature_final: float | None = None,
         straight_through: bool = False,
+        labelled_batch_size: int = 100,
     ) -> None:
         self.latent_dim = latent_dim
         self.hidden = hidden
@@ -340,6 +350,7 @@ class VAE(TransformerMixin, BaseEstimator):
         self.temperature = temperature
         self.temperature_final = temperature_final
         self.straight_through = straight_through
+        self.labelled_batch_size = labelled_batch_size
 
     # ----------------------------------------------------------------------------- configuration
     def model_config(
@@ -382,6 +393,7 @@ class VAE(TransformerMixin, BaseEstimator):
             temperature=self.temperature,
             temperature_final=self.temperature_final,
             straight_through=self.straight_through,
+            labelled_batch_size=self.labelled_batch_size,
         )
 
     # ----------------------------------------------------------------------------------- inputs
@@ -576,7 +588,9 @@ class VAE(TransformerMixin, BaseEstimator):
             semi = labelled is not None and labelled < x.shape[0]
             if semi:
                 assert labelled is not None
-                weight = classification_weight(self.alpha, len(x), labelled)
+                weight = classification_weight(
+                    self.alpha, len(x), labelled, mean=self.labelled_batch_size == 0
+                )
                 train_config = dataclasses.replace(train_config, classification_weight=weight)
 
             def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, BatchSource]:
@@ -588,7 +602,17 @@ class VAE(TransformerMixin, BaseEstimator):
                     x[:INIT_EXAMPLES],
                     check=lambda model: model.likelihood.check_support(x),
                 )
-                batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
+                batches: IndexedBatches
+                if semi:
+                    batches = semi_supervised_batches(
+                        x,
+                        self.batch_size,
+                        streams_seed,
+                        condition=conditions,
+                        labelled_batch_size=self.labelled_batch_size,
+                    )
+                else:
+                    batches = IndexedBatches(x, self.batch_size, streams_seed, condition=conditions)
                 return model, config, batches
 
         with start_training(

@@ -26,12 +26,19 @@ __all__ = ["PAPER_ALPHA", "SemiSupervisedModel", "classification_weight", "missi
 PAPER_ALPHA = 0.1  # α = 0.1 · N (Kingma et al. 2014, §4.1), N the number of training examples
 
 
-def classification_weight(alpha: float | None, examples: int, labelled: int) -> float:
-    """The weight of log q(y|x) per labelled example: α / N_labelled, so that the batch mean of
-    the objective is (1/N)·(Σ_l L + Σ_u U + α · mean_l log q(y|x)), the paper's eq. 9 over N
-    examples. ``alpha`` None is the paper's α = 0.1 · N."""
-    chosen = PAPER_ALPHA * examples if alpha is None else alpha
-    return float(chosen) / max(labelled, 1)
+def classification_weight(
+    alpha: float | None, examples: int, labelled: int, *, mean: bool = False
+) -> float:
+    """The weight of log q(y|x) per labelled example in J^α = Σ_l L + Σ_u U + α Σ_l log q(y|x)
+    over N ``examples``: α itself. ``alpha`` None is the paper's α = 0.1 · N.
+
+    The paper writes the term α · E_l[log q(y|x)] (eq. 9) with α = 0.1 · N; vaelab reads the
+    expectation over the labelled data as its sum, α per labelled example. ``mean`` gives the
+    other reading, α / N_labelled per example (α over the labelled examples' mean), which vaelab's
+    first M2 used (``labelled_batch_size=0``) and which measured far too weak a classification
+    signal (docs/guide.md, "Semi-supervised learning (M2)")."""
+    chosen = float(PAPER_ALPHA * examples if alpha is None else alpha)
+    return chosen / max(labelled, 1) if mean else chosen
 
 
 def missing_rows(condition: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,15 @@ and an example without one sums the label out under q(y|x):
     log p(x) ≥ U(x) = Σ_y q(y|x) L(x, y) + H(q(y|x))                           (eq. 7, negated)
 
 which is a lower bound on log p(x) (Jensen over y, then the ELBO for each y), so a reported U(x)
-is an honest bound, never a surrogate. Training maximises Σ_labelled L + Σ_unlabelled U plus
-α · E_labelled[log q(y|x)] (eq. 9), so that the classifier also learns from the labels; here the
-weight is given per labelled example (``classification_weight``, α / N_labelled; the paper uses
-α = 0.1 · N).
+is an honest bound, never a surrogate. Training maximises
+
+    J^α = Σ_labelled L + Σ_unlabelled U + α · Σ_labelled log q(y|x)          (eq. 9)
+
+so that the classifier also learns from the labels, with the paper's α = 0.1 · N; the weight is
+given per labelled example (``classification_weight``; the paper writes the last term as an
+expectation over the labelled data, read here as its sum: ``vaelab.model.semi_supervised.
+classification_weight``). The trainer weighs each example so that a step's objective is an
+unbiased estimate of J^α / N (``vaelab.train.labelled_batches``).
 
 The functions take the conditional ELBO as a function of (rows, conditions) so that they know no
 model: the caller binds y to its components (``vaelab.model.semi_supervised``).

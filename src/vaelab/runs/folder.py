@@ -57,6 +57,7 @@ from vaelab.train.checkpoint import (
     load_checkpoint,
 )
 from vaelab.train.distributed import SINGLE, World, attempt
+from vaelab.train.labelled_batches import semi_supervised_batches
 from vaelab.train.progress import EpochMetrics
 from vaelab.train.start import INIT_EXAMPLES, start_model, start_training
 from vaelab.train.trainer import Trainer, TrainingObserver
@@ -501,7 +502,9 @@ def _set_up(
             np.asarray(splits.train.labels), classes, config.labelled, config.split_seed
         )
         train_conditions = drop_labels(train_conditions, labelled)
-        weight = classification_weight(None, len(splits.train), config.labelled)
+        weight = classification_weight(
+            None, len(splits.train), config.labelled, mean=config.labelled_batch_size == 0
+        )
         train_config = dataclasses.replace(train_config, classification_weight=weight)
     dynamic = splits.binarize == "dynamic"
 
@@ -514,13 +517,23 @@ def _set_up(
     def build(streams_seed: int) -> tuple[VAEModel, ModelConfig, IndexedBatches]:
         first = torch.as_tensor(np.asarray(train_data[:INIT_EXAMPLES]))
         model = start_model(model_config, device, first, check=check)
-        batches = IndexedBatches(
-            train_data,
-            config.batch_size,
-            streams_seed,
-            binarize=dynamic,
-            condition=train_conditions,
-        )
+        if labelled is not None:  # M2 draws its labelled examples apart
+            batches = semi_supervised_batches(
+                train_data,
+                config.batch_size,
+                streams_seed,
+                binarize=dynamic,
+                condition=train_conditions,
+                labelled_batch_size=config.labelled_batch_size,
+            )
+        else:
+            batches = IndexedBatches(
+                train_data,
+                config.batch_size,
+                streams_seed,
+                binarize=dynamic,
+                condition=train_conditions,
+            )
         return model, model_config, batches
 
     valid = None

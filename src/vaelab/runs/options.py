@@ -207,6 +207,13 @@ class RunConfig:
     straight_through: bool = _option(
         False, "--gradient relaxed: discrete code forward, relaxed gradient backward", "bool"
     )
+    labelled_batch_size: int = _option(
+        100,
+        "semi-supervised M2: labelled examples per step, drawn by cycling through the labelled "
+        "ones beside each batch of --batch-size unlabelled ones (at most --labelled; 0: the "
+        "labelled examples in the ordinary batches)",
+        "int",
+    )
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(
@@ -230,6 +237,7 @@ class RunConfig:
             temperature=self.temperature,
             temperature_final=self.temperature_final,
             straight_through=self.straight_through,
+            labelled_batch_size=self.labelled_batch_size,
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:
@@ -488,6 +496,8 @@ def _comparable(value: Any) -> Any:
 def config_from_json(document: Any, path: Path) -> RunConfig:
     try:
         values = {name: convert(name, value) for name, value in document.items()}
+        if "labelled" in values and "labelled_batch_size" not in values:
+            values["labelled_batch_size"] = 0  # a run written before the option trains as then
         return RunConfig(**values)
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise RunError(

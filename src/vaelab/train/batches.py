@@ -21,13 +21,16 @@ class Batch(NamedTuple):
     """One worker's share of a minibatch: ``x`` ``[rows, *data_shape]`` holds positions ``rows``
     of batch ``number`` of the epoch (from 0), a batch of ``size`` examples in all (one process
     holds ``rows = slice(0, size)``); ``condition`` ``[rows, c]``, the same examples' conditions
-    for a conditional model (``vaelab.model.conditioning``), else None."""
+    for a conditional model (``vaelab.model.conditioning``), else None; ``weights`` ``[rows]``,
+    when given, the weight of each example's objective in the step's (summed over the whole batch;
+    M2's separate labelled batches, ``vaelab.train.labelled_batches``), else the batch mean."""
 
     x: torch.Tensor
     number: int
     size: int
     rows: slice
     condition: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
 
 Share = Callable[[int], slice]  # a batch's size → this worker's positions in it (World.share)

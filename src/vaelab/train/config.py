@@ -64,6 +64,9 @@ class TrainConfig:
     # M2's α / N_labelled: the weight of log q(y|x) per labelled example
     # (vaelab.model.semi_supervised.classification_weight); 0 for every other model.
     classification_weight: float = 0.0
+    # M2: labelled examples per step, drawn apart from the unlabelled batch of batch_size
+    # (vaelab.train.labelled_batches); 0: among the ordinary shuffled batches (as before).
+    labelled_batch_size: int = 0
     temperature: float = 1.0  # gradient="relaxed": the relaxation's temperature at the start
     temperature_final: float | None = None  # … annealed exponentially to this (None: constant)
     straight_through: bool = False  # gradient="relaxed": discrete forward, relaxed backward
@@ -137,6 +140,19 @@ class TrainConfig:
                 f"unknown lr_schedule {self.lr_schedule!r}; choose one of {LR_SCHEDULES}",
             ),
         ]
+        if isinstance(self.labelled_batch_size, bool) or not isinstance(
+            self.labelled_batch_size, numbers.Integral
+        ):
+            raise ValueError(
+                f"labelled_batch_size must be an integer, got {self.labelled_batch_size!r}"
+            )
+        checks.append(
+            (
+                self.labelled_batch_size >= 0,
+                f"labelled_batch_size must be 0 (labelled examples in the ordinary batches) or "
+                f"more, got {self.labelled_batch_size}",
+            )
+        )
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)

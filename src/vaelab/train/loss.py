@@ -63,13 +63,15 @@ class StepObjective(nn.Module):
         size: int,
         flags: torch.Tensor | None = None,
         condition: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ElboTerms | IwaeTerms]:
         config, scale = self.config, self.world.size / size
         if isinstance(self.model, SemiSupervisedModel) and condition is not None:
             loss, recorded = semi_supervised_loss(
-                self.model, config, x, condition, noise, kl_weight
+                self.model, config, x, condition, noise, kl_weight, weights
             )
-            loss = loss * scale
+            # Weights are the whole batch's: DDP's mean over N workers needs N times the sum.
+            loss = loss * (scale if weights is None else self.world.size)
             if flags is not None and self.flags is not None:
                 loss = loss + (self.flags * flags).sum()
             return loss, recorded
@@ -156,9 +158,11 @@ def semi_supervised_loss(
     labels: torch.Tensor,
     noise: torch.Tensor | None,
     kl_weight: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ElboTerms]:
     """M2's loss on a batch whose missing labels are rows of zeros: −Σ of each example's L(x, y)
-    or U(x) (with β on the KL) plus the classification term; the terms recorded are its bound
+    or U(x) (with β on the KL) plus the classification term, each weighted by ``weights`` when
+    given (``vaelab.train.labelled_batches``); the terms recorded are its bound
     (L or U) and that bound's expected reconstruction and KL. The ELBO objective alone: IWAE and
     free bits have no form over a summed-out y here, and are refused."""
     if config.objective != "elbo" or config.free_bits > 0:
@@ -176,7 +180,8 @@ def semi_supervised_loss(
         classification_weight=config.classification_weight,
     )
     recorded = ElboTerms(terms.reconstruction, terms.kl, terms.bound, terms.objective)
-    return -terms.objective.sum(), recorded
+    objective = terms.objective if weights is None else terms.objective * weights
+    return -objective.sum(), recorded
 
 
 def data_parallel(module: nn.Module, device: torch.device) -> nn.Module:

@@ -484,9 +484,11 @@ class Trainer:
                 flags = self._local_flags(self.step + 1) if share is not None else None
                 self._objective.report_layers = i % LAYER_KL_EVERY == 0
                 try:
+                    weights = None if batch.weights is None else batch.weights.to(self.device)
                     loss, terms = loss_of(
-                        x, self._noise(epoch, batch), kl_weight, batch.size, flags, condition
-                    )
+                        x, self._noise(epoch, batch), kl_weight, batch.size, flags, condition,
+                        weights,
+                    )  # fmt: skip
                 except ValueError as error:
                     # After a first good step, settings and shapes are known to work: a refusal
                     # now is torch.distributions seeing parameters that overflowed (NaN, ±inf, a
