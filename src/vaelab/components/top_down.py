@@ -122,6 +122,31 @@ class TopDownPosterior(nn.Module):
         super().__init__()
         self.bottom_up = bottom_up
         self._prior = (prior,)
+        self._last: tuple[torch.Tensor, tuple[int, ...], Evidence] | None = None
+
+    def _versions(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (int(self.training), x._version, *(p._version for p in self.bottom_up.parameters()))
+
+    def evidence(self, x: torch.Tensor) -> Evidence:
+        """The bottom-up pass over ``x``; under ``torch.no_grad`` taken once from the call before
+        when that call read the same tensor ``x``, unchanged, with the same weights and mode: the
+        training step's second look at its batch (the KL per layer it reports, values only,
+        ``vaelab.train.loss``) then costs no second bottom-up pass. The numbers are those a new
+        pass gives; a call that records a graph always runs its own pass (the graph of the one
+        before may be freed by a backward pass)."""
+        last, self._last = self._last, None
+        if torch.compiler.is_compiling():
+            return self.bottom_up(x)
+        if (
+            last is not None
+            and not torch.is_grad_enabled()
+            and last[0] is x
+            and last[1] == self._versions(x)
+        ):
+            return last[2]
+        found: Evidence = self.bottom_up(x)
+        self._last = (x, self._versions(x), found)
+        return found
 
     @property
     def prior(self) -> TopDownPrior:
@@ -137,7 +162,7 @@ class TopDownPosterior(nn.Module):
         return TopDownChain(
             prior.top(),
             tuple(prior.conditionals),
-            self.bottom_up(x),
+            self.evidence(x),
             prior.sizes,
             reuse=prior.reuse,
         )
