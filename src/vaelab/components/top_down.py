@@ -122,10 +122,9 @@ class TopDownPosterior(nn.Module):
         super().__init__()
         self.bottom_up = bottom_up
         self._prior = (prior,)
-        self._last: tuple[torch.Tensor, tuple[int, ...], Evidence] | None = None
-
-    def _versions(self, x: torch.Tensor) -> tuple[int, ...]:
-        return (int(self.training), x._version, *(p._version for p in self.bottom_up.parameters()))
+        # The last call's x, its mode, the tensors its pass read (x and the weights) with their
+        # versions then, and its evidence (``evidence``).
+        self._last: tuple[bool, tuple[torch.Tensor, ...], tuple[int, ...], Evidence] | None = None
 
     def evidence(self, x: torch.Tensor) -> Evidence:
         """The bottom-up pass over ``x``; under ``torch.no_grad`` taken once from the call before
@@ -140,12 +139,14 @@ class TopDownPosterior(nn.Module):
         if (
             last is not None
             and not torch.is_grad_enabled()
-            and last[0] is x
-            and last[1] == self._versions(x)
+            and last[0] == self.training
+            and last[1][0] is x
+            and last[2] == tuple(t._version for t in last[1])
         ):
-            return last[2]
+            return last[3]
         found: Evidence = self.bottom_up(x)
-        self._last = (x, self._versions(x), found)
+        tensors = (x, *self.bottom_up.parameters())
+        self._last = (self.training, tensors, tuple(t._version for t in tensors), found)
         return found
 
     @property

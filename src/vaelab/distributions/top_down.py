@@ -104,24 +104,24 @@ class PriorReuse:
         self.watched = watched
         self.clear()
 
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.watched())
-
     def clear(self) -> None:
         self.z: torch.Tensor | None = None
         self.layers: torch.Tensor | None = None
+        self.tensors: tuple[torch.Tensor, ...] = ()  # z and the watched tensors, as put
         self.versions: tuple[int, ...] = ()
 
     def put(self, z: torch.Tensor, layers: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             return
         self.z, self.layers = z, layers
-        self.versions = (z._version, *self._versions())
+        # The watched tensors are listed once, here (a module's parameters() walks its tree).
+        self.tensors = (z, *self.watched())
+        self.versions = tuple(t._version for t in self.tensors)
 
     def take(self, value: torch.Tensor) -> torch.Tensor | None:
         """The stored rows when ``value`` is the stored z (module docstring), else None; the
         slot is emptied either way."""
-        z, layers, versions = self.z, self.layers, self.versions
+        z, layers, tensors, versions = self.z, self.layers, self.tensors, self.versions
         self.clear()
         if z is None or layers is None or torch.compiler.is_compiling():
             return None
@@ -131,7 +131,7 @@ class PriorReuse:
             and value.shape[-1] == z.shape[-1]
             and value.dtype == z.dtype
             and value.device == z.device
-            and versions == (z._version, *self._versions())
+            and versions == tuple(t._version for t in tensors)
         )
         return layers.reshape(layers.shape[:1] + value.shape[:-1]) if same else None
 
