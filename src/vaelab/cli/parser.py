@@ -36,6 +36,7 @@ GROUPS = {
 
 
 METAVARS = {"int": "N", "float": "X", "str": "NAME", "hidden": "SIZES", "latent": "N[,N]"}
+METAVARS["float~"] = "X"
 
 
 class UsageError(Exception):

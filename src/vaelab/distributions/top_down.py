@@ -25,6 +25,7 @@ first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -35,7 +36,17 @@ from vaelab.distributions.chain import GaussianChain, call_module
 from vaelab.distributions.normal import DiagonalNormal
 from vaelab.distributions.stop_gradient import stop_gradient
 
-__all__ = ["PriorReuse", "TopDownChain", "TopDownPriorChain", "log_variance", "merge"]
+__all__ = [
+    "PriorReuse",
+    "TopDownChain",
+    "TopDownPriorChain",
+    "gaussian_parameters",
+    "log_variance",
+    "merge",
+    "merged",
+]
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def log_variance(p: Distribution) -> torch.Tensor:
@@ -54,11 +65,22 @@ def merge(prior: Distribution, loc: torch.Tensor, log_var: torch.Tensor) -> Diag
 
     in log-variances: log σ_q² = −logaddexp(−log σ̂², −log σ_p²) and w = sigmoid(log σ_p² −
     log σ̂²), which neither overflows nor divides by a vanishing precision."""
-    prior_log_var = log_variance(prior)
-    prior_loc = prior.base_dist.loc  # type: ignore[attr-defined]
+    prior_loc, prior_log_var = gaussian_parameters(prior)
+    return DiagonalNormal(*merged(prior_loc, prior_log_var, loc, log_var))
+
+
+def gaussian_parameters(p: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ²) of a diagonal Gaussian."""
+    return p.base_dist.loc, log_variance(p)  # type: ignore[attr-defined]
+
+
+def merged(
+    prior_loc: torch.Tensor, prior_log_var: torch.Tensor, loc: torch.Tensor, log_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ_q, log σ_q²) of :func:`merge`, as tensors."""
     weight = torch.sigmoid(prior_log_var - log_var)
     mean = prior_loc + weight * (loc - prior_loc)
-    return DiagonalNormal(mean, -torch.logaddexp(-log_var, -prior_log_var))
+    return mean, -torch.logaddexp(-log_var, -prior_log_var)
 
 
 class PriorReuse:
@@ -70,8 +92,9 @@ class PriorReuse:
     Taken only while nothing they depend on has changed: z is the stored tensor (or a view of it
     of the same size) unchanged since (its version counter), and so are the prior's parameters
     (``watched``; an optimiser step bumps their versions). The stored log p(z) has the same value
-    and, through the prior's weights and through z's layers, the same gradient as a recomputed
-    one, with one difference: it reaches each layer of z by that layer's own path rather than
+    (up to float rounding: ``TopDownChain.from_noise`` computes it without
+    ``torch.distributions``) and, through the prior's weights and through z's layers, the same
+    gradient as a recomputed one, with one difference: it reaches each layer of z by that layer's own path rather than
     through the joined z, so a hook registered on z (the DReG estimator's, which multiplies
     the gradient arriving at z by the importance weight) would miss it. The estimators that hook
     z first stop q's gradient (``detached()``), which empties the slot, so they recompute; the
@@ -81,24 +104,24 @@ class PriorReuse:
         self.watched = watched
         self.clear()
 
-    def _versions(self) -> tuple[int, ...]:
-        return tuple(t._version for t in self.watched())
-
     def clear(self) -> None:
         self.z: torch.Tensor | None = None
         self.layers: torch.Tensor | None = None
+        self.tensors: tuple[torch.Tensor, ...] = ()  # z and the watched tensors, as put
         self.versions: tuple[int, ...] = ()
 
     def put(self, z: torch.Tensor, layers: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             return
         self.z, self.layers = z, layers
-        self.versions = (z._version, *self._versions())
+        # The watched tensors are listed once, here (a module's parameters() walks its tree).
+        self.tensors = (z, *self.watched())
+        self.versions = tuple(t._version for t in self.tensors)
 
     def take(self, value: torch.Tensor) -> torch.Tensor | None:
         """The stored rows when ``value`` is the stored z (module docstring), else None; the
         slot is emptied either way."""
-        z, layers, versions = self.z, self.layers, self.versions
+        z, layers, tensors, versions = self.z, self.layers, self.tensors, self.versions
         self.clear()
         if z is None or layers is None or torch.compiler.is_compiling():
             return None
@@ -108,7 +131,7 @@ class PriorReuse:
             and value.shape[-1] == z.shape[-1]
             and value.dtype == z.dtype
             and value.device == z.device
-            and versions == (z._version, *self._versions())
+            and versions == tuple(t._version for t in tensors)
         )
         return layers.reshape(layers.shape[:1] + value.shape[:-1]) if same else None
 
@@ -214,15 +237,50 @@ class TopDownChain(Distribution):
     def from_noise(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z and log q(z|x) from standard normal ``eps [*S, *B, Σ_l d_l]`` (each layer's ε where
         the layer lies in z), drawn top-down and differentiable in every parameter; the prior's
-        per-layer log-densities at z, computed on the way, go to ``reuse``."""
-        blocks, priors, posteriors = self._pass(None, eps)
-        log_q = sum(q.log_prob(b) for q, b in zip(posteriors, blocks, strict=True))
+        per-layer log-densities at z, computed on the way, go to ``reuse``.
+
+        The training step's path, so it works on tensors, not distribution objects: at each layer
+        (μ_p, log σ_p²) of the prior's conditional, (μ_q, log σ_q²) = :func:`merged`, z_l = μ_q +
+        σ_q ε_l. At that z the log-densities need no division:
+
+            log q(z|x) = −½ Σ (ε² + log σ_q² + log 2π),
+            log p(z_l | z_{l+1}) = −½ Σ ((z_l − μ_p)² e^{−log σ_p²} + log σ_p² + log 2π),
+
+        the first because (z_l − μ_q) / σ_q = ε. They equal ``torch.distributions``' values up to
+        float rounding (the same functions of every parameter, so the same gradients too)."""
+        if self.frozen:
+            drawn, _, posteriors = self._pass(None, eps)
+            log_q = sum(q.log_prob(b) for q, b in zip(posteriors, drawn, strict=True))
+            assert isinstance(log_q, torch.Tensor)
+            return self._join(drawn), log_q
+        noise = eps.split(self.sizes, dim=-1)[::-1]
+        blocks: list[torch.Tensor] = []
+        log_p_rows: list[torch.Tensor] = []
+        q_log_var_sum: torch.Tensor | None = None
+        prior_loc, prior_log_var = gaussian_parameters(self.top)
+        for index, (loc, log_var) in enumerate(self.evidence[::-1]):
+            if index:
+                conditional = call_module(self.conditionals[index - 1], blocks[-1])
+                prior_loc, prior_log_var = gaussian_parameters(conditional)
+            mean, q_log_var = merged(prior_loc, prior_log_var, loc, log_var)
+            block = mean + torch.exp(0.5 * q_log_var) * noise[index]
+            blocks.append(block)
+            total = q_log_var.sum(-1)
+            q_log_var_sum = total if q_log_var_sum is None else q_log_var_sum + total
+            deviation = (block - prior_loc).square() * torch.exp(-prior_log_var)
+            log_p_rows.append(-0.5 * (deviation + prior_log_var).sum(-1) - self._normaliser(index))
+        assert q_log_var_sum is not None
+        log_q = -0.5 * (eps.square().sum(-1) + q_log_var_sum) - sum(self.sizes) * _HALF_LOG_2PI
         z = self._join(blocks)
-        if self.reuse is not None and not self.frozen:
-            rows = [p.log_prob(b) for p, b in zip(priors, blocks, strict=True)][::-1]
-            self.reuse.put(z, torch.stack([row.expand(eps.shape[:-1]) for row in rows]))
-        assert isinstance(log_q, torch.Tensor)
+        if self.reuse is not None:
+            shape = eps.shape[:-1]
+            rows = [row if row.shape == shape else row.expand(shape) for row in log_p_rows[::-1]]
+            self.reuse.put(z, torch.stack(rows))
         return z, log_q
+
+    def _normaliser(self, index: int) -> float:
+        """½ d log 2π of the ``index``-th layer drawn (z_L first)."""
+        return self.sizes[::-1][index] * _HALF_LOG_2PI
 
     def rsample_and_log_prob(
         self, sample_shape: Sequence[int] = ()

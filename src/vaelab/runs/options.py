@@ -141,7 +141,13 @@ class RunConfig:
     warmup: float = _option(
         0.02, "fraction of all steps with a linear learning-rate warm-up", "float"
     )
-    kl_warmup: float = _option(0.0, "epochs over which the KL weight rises from 0 to beta", "float")
+    kl_warmup: float | None = _option(
+        None,
+        "epochs over which the KL weight rises from 0 to beta; none: for --inference top-down "
+        "with the ELBO 500 steps, at least 1 epoch (at full KL from the start q collapses onto "
+        "the prior), else 0",
+        "float~",
+    )
     free_bits: float = _option(0.0, "minimum KL per latent dimension, nats (0: off)", "float")
     grad_clip: float | None = _option(
         None, "maximum gradient norm (0 or none: no clipping)", "float?"
@@ -364,11 +370,15 @@ def convert(name: str, value: Any) -> Any:
     Kinds: ``int``, ``float``, ``str``, ``bool`` (``true``/``false``, ``yes``/``no``, ``on``/``off``, ``1``/``0``),
     ``hidden`` (layer sizes), ``latent`` (one size or several, ``parse_latent``), and ``int?`` /
     ``float?`` /
-    ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off)."""
+    ``str?`` that may be ``None`` (for numbers also spelt ``none`` or 0: the feature is off), and
+    ``float~``, a number or ``None`` (``none``) for an automatic choice, 0 being a number."""
     spec = OPTIONS[name].metadata
     value = plain_integers(value)  # np.int64(3) from a library caller is the integer 3
     kind, choices = spec["kind"].rstrip("?"), spec["choices"]
     optional = spec["kind"].endswith("?")
+    if spec["kind"] == "float~":  # None or "none" chooses automatically; 0 is a number here
+        off = value is None or (isinstance(value, str) and value.strip().lower() == "none")
+        return None if off else _scalar(name, "float", value)
     off = isinstance(value, str) and value.strip().lower() == "none" and kind != "str"
     if optional and (value is None or off):
         return None

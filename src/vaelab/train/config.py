@@ -23,7 +23,9 @@ class TrainConfig:
     (``"cosine"``, the default; Loshchilov & Hutter 2017): the decay removes the gradient-noise floor
     that a constant rate leaves, which the linear-Gaussian oracle test measures.
 
-    ``kl_warmup_epochs``: β rises linearly from 0 over this many epochs (Bowman et al. 2016).
+    ``kl_warmup_epochs``: β rises linearly from 0 over this many epochs (Bowman et al. 2016);
+    ``None``, the default, chooses by the model (``vaelab.train.warmup``): 500 steps, at least one
+    epoch, for a top-down model trained on the ELBO, else 0.
     ``free_bits``: each latent dimension's batch-mean KL counts as at least this many nats
     (Kingma et al. 2016). ``grad_clip``: maximum gradient norm. ``patience``: stop after this many
     epochs without a better validation ELBO (needs validation data).
@@ -52,7 +54,7 @@ class TrainConfig:
     objective: str = "elbo"
     k: int = 1
     gradient: str = "standard"
-    kl_warmup_epochs: float = 0.0
+    kl_warmup_epochs: float | None = None
     free_bits: float = 0.0
     grad_clip: float | None = None
     patience: int | None = None
@@ -99,7 +101,7 @@ class TrainConfig:
             ),
             (self.free_bits >= 0, f"free_bits must be non-negative, got {self.free_bits}"),
             (
-                self.kl_warmup_epochs >= 0,
+                self.kl_warmup_epochs is None or self.kl_warmup_epochs >= 0,
                 f"kl_warmup_epochs must be non-negative, got {self.kl_warmup_epochs}",
             ),
             (
@@ -174,7 +176,7 @@ class TrainConfig:
         if self.objective == "iwae":
             for name, value, off in (
                 ("samples", self.samples, 1),
-                ("kl_warmup_epochs", self.kl_warmup_epochs, 0.0),
+                ("kl_warmup_epochs", self.kl_warmup_epochs or 0.0, 0.0),
                 ("free_bits", self.free_bits, 0.0),
                 ("layer_free_bits", self.layer_free_bits, 0.0),
             ):

@@ -83,6 +83,7 @@ from vaelab.train.loss import (
 from vaelab.train.progress import EpochMetrics, NonFiniteLossError, TrainingInterrupted
 from vaelab.train.streams import TrainingStreams
 from vaelab.train.validation import VALID_SEED, mean_elbo
+from vaelab.train.warmup import kl_warmup_epochs
 
 # The names the flat layout's ``vaelab.training`` held (``vaelab._legacy`` makes that name this
 # module), kept here so code written against it keeps importing them.
@@ -194,11 +195,13 @@ class Trainer:
         self._snapshot: tuple[Tensors, dict[str, Any]] | None = None
 
     # ---------------------------------------------------------------------------- objective
-    def _kl_weight(self, epoch: int, fraction: float) -> float:
-        """β, ramped linearly from 0 over the first ``kl_warmup_epochs`` (Bowman et al. 2016)."""
-        if self.config.kl_warmup_epochs <= 0:
+    def _kl_weight(self, epoch: int, fraction: float, steps: int = 1) -> float:
+        """β, ramped linearly from 0 over the first ``kl_warmup_epochs`` (Bowman et al. 2016;
+        ``None``: ``vaelab.train.warmup`` chooses, given ``steps`` per epoch)."""
+        warmup = kl_warmup_epochs(self.config, self.model, steps)
+        if warmup <= 0:
             return self.config.beta
-        return self.config.beta * min(1.0, (epoch + fraction) / self.config.kl_warmup_epochs)
+        return self.config.beta * min(1.0, (epoch + fraction) / warmup)
 
     def _loss(
         self,
@@ -475,7 +478,7 @@ class Trainer:
                 lr = learning_rate(self.config, self.step, total_steps) * self.lr_factor
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                kl_weight = self._kl_weight(epoch, i / steps)
+                kl_weight = self._kl_weight(epoch, i / steps, steps)
                 set_relaxation(
                     self.model.posterior,
                     self.config.temperature_at(self.step, total_steps),
