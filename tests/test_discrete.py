@@ -26,7 +26,7 @@ from vaelab.distributions.discrete import BernoulliCode, FlatGroups, OneHotCateg
 from vaelab.evaluation.exact import exact_elbo, exact_log_likelihood, exact_posterior
 from vaelab.model.registry import ModelConfig, build_model
 from vaelab.objectives.bounds import elbo
-from vaelab.objectives.discrete import discrete_elbo, discrete_iwae
+from vaelab.objectives.discrete import discrete_elbo, discrete_iwae, state_weights
 from vaelab.train.checkpoint import CheckpointPolicy, load_checkpoint
 from vaelab.train.config import TrainConfig
 from vaelab.train.trainer import Trainer
@@ -182,6 +182,33 @@ def test_state_log_probs_is_log_prob_of_every_state_and_example(latent):
     assert table.shape == (q.state_count, 5)
     torch.testing.assert_close(table, reference.log_prob(states.unsqueeze(1)))
     torch.testing.assert_close(table.logsumexp(0), torch.zeros(5, dtype=torch.float64))
+
+
+def test_state_weights_hold_no_subnormal_numbers_and_keep_the_exact_elbo():
+    """q below the square root of float32's smallest normal number becomes exactly 0 (subnormal
+    products slowed the enumerated step 3×), the rest is exp(log q); a sharp float32 posterior's enumerated ELBO and
+    gradient still match the sum by hand."""
+    log_q = torch.tensor([0.0, -20.0, -43.0, -44.0, -90.0, -200.0])
+    weights = state_weights(log_q)
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((weights > 0) & (weights < tiny**0.5)).any()
+    torch.testing.assert_close(weights[:3], log_q[:3].exp(), rtol=0, atol=0)
+    assert (weights[3:] == 0).all()
+    model = small(d=8).float()
+    with torch.no_grad():
+        for parameter in model.posterior.encoder.parameters():
+            parameter.mul_(30)  # logits of tens: most states' q far below e^−87
+    x = torch.from_numpy(digits(4))
+    q = model.posterior(x)
+    log_q = q.state_log_probs(q.enumerate_support(expand=False).flatten(0, -2))
+    assert (log_q < math.log(tiny)).float().mean() > 0.3
+    found = elbo(x, model.posterior, model.prior, model.likelihood, gradient="enumerate")
+    reference = copy.deepcopy(model).double()  # by hand in float64: float32 rounding aside
+    expected = enumerated_elbo_by_hand(reference, x.double())
+    torch.testing.assert_close(found.elbo.double(), expected.detach(), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(
+        grads(model, found.objective).double(), grads(reference, expected), rtol=1e-3, atol=1e-3
+    )
 
 
 def mean_gradient(model, objective, draws: int, repeats: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -226,6 +226,20 @@ def state_log_likelihoods(
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def state_weights(log_q: Tensor) -> Tensor:
+    """q = exp(log q), with every q below √tiny (tiny: the dtype's smallest normal number; float32
+    e^−43.7) set to exactly 0.
+
+    A sharp posterior puts many of its 2^D states far below that: left in, their q and their
+    products in the weighted sum and its backward were subnormal floats, which made an
+    enumerated step several times slower on a CPU (16 units after two epochs on MNIST: 7 % of
+    the table under e^−87, a step of batch 1,000 in 14 s instead of 4). Above √tiny, a weight
+    times any number above √tiny stays normal. What is dropped is below 2^D · √tiny · |log
+    p(x|z)| (float32, 2^16 states: 10⁻¹⁴ relative), far under float rounding."""
+    cut = 0.5 * math.log(torch.finfo(log_q.dtype).tiny)
+    return log_q.masked_fill(log_q < cut, -math.inf).exp()
+
+
 def enumerated_elbo(
     x: Tensor, q: DiscreteCode, p: Distribution, likelihood: Likelihood
 ) -> tuple[Tensor, Tensor]:
@@ -238,7 +252,7 @@ def enumerated_elbo(
         )
     states = q.enumerate_support(expand=False).flatten(0, -2)  # [S, latent]
     log_q = q.state_log_probs(states)  # [S, batch], one matrix product
-    reconstruction = (log_q.exp() * state_log_likelihoods(likelihood, x, states)).sum(0)
+    reconstruction = (state_weights(log_q) * state_log_likelihoods(likelihood, x, states)).sum(0)
     return reconstruction, kl_divergence(q, p)
 
 
