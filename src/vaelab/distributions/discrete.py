@@ -103,6 +103,14 @@ class BernoulliCode(Independent):
         states = bernoulli_states(self.event_shape[0]).to(self.logits)
         return _expand_states(states, self.batch_shape, expand)
 
+    def state_log_probs(self, states: Tensor) -> Tensor:
+        """log q(s) ``[S, *B]`` of every state ``[S, D]`` under every posterior of the batch:
+        Σⱼ sⱼ lⱼ + log σ(−lⱼ) (as log σ(l) = l + log σ(−l)), one matrix product, never the
+        ``[S, *B, D]`` table that ``log_prob`` of broadcast states would build."""
+        flat = self.logits.reshape(-1, self.event_shape[0])  # [b, D]
+        table = torch.addmm(F.logsigmoid(-flat).sum(-1), states.to(flat), flat.T)  # [S, b]
+        return table.reshape(states.shape[0], *self.batch_shape)
+
     def logistic_noise(self, u: Tensor) -> Tensor:
         """l + log u − log(1 − u) for uniform u ``[*S, *B, D]``: positive exactly where the
         discrete draw is 1, and the relaxed draw's numerator."""
@@ -201,6 +209,12 @@ class OneHotCategoricalGroups(FlatGroups):
     def enumerate_support(self, expand: bool = True) -> Tensor:
         states = categorical_states(self.groups, self.categories).to(self.logits)
         return _expand_states(states, self.batch_shape, expand)
+
+    def state_log_probs(self, states: Tensor) -> Tensor:
+        """log q(s) ``[S, *B]`` of every one-hot state ``[S, D·K]``: s·log π with the groups'
+        log-probabilities laid flat, one matrix product (as ``BernoulliCode.state_log_probs``)."""
+        flat = self.logits.reshape(-1, self.groups * self.categories)  # [b, D·K]
+        return (states.to(flat) @ flat.T).reshape(states.shape[0], *self.batch_shape)
 
     def gumbel_scores(self, u: Tensor) -> Tensor:
         """log π + g with g = −log(−log u) Gumbel, for uniform u ``[*S, *B, D·K]`` (one per
