@@ -460,3 +460,32 @@ def test_epoch_metrics_to_dict_is_asdict_without_shared_state():
     assert found == dataclasses.asdict(metrics)
     found["extra"]["a"] = 2.0
     assert metrics.extra == {"a": 1.0}
+
+
+def test_every_training_option_of_a_run_and_of_the_estimator_reaches_the_train_config():
+    """The one map from options to ``TrainConfig`` (``TrainConfig.from_options``): a value set on
+    the command line's ``RunConfig`` or on ``vaelab.VAE`` arrives, renamed where the names differ,
+    and nothing else is taken."""
+    from vaelab import VAE
+    from vaelab.runs.options import RunConfig
+
+    chosen = {
+        "epochs": 7, "batch_size": 13, "lr": 0.0042, "lr_schedule": "constant", "warmup": 0.125,
+        "beta": 0.75, "samples": 3, "objective": "iwae", "k": 4, "gradient": "dreg",
+        "kl_warmup": 2.5, "free_bits": 0.25, "grad_clip": 9.0, "patience": 5,
+        "layer_free_bits": 0.5, "skip_grad_norm": 1e4, "max_rollbacks": 6, "temperature": 0.9,
+        "temperature_final": 0.3, "straight_through": True, "labelled_batch_size": 17,
+    }  # fmt: skip
+    renamed = {"warmup": "warmup_fraction", "kl_warmup": "kl_warmup_epochs"}
+    run = RunConfig(**chosen).train_config()
+    for option, value in chosen.items():
+        assert getattr(run, renamed.get(option, option)) == value, option
+    untouched = {"final_lr_fraction", "weight_decay", "rollback_lr_factor", "classification_weight"}
+    for name in untouched:
+        assert getattr(run, name) == getattr(TrainConfig(), name)
+
+    shared = {k: v for k, v in chosen.items() if k in VAE().get_params()}
+    estimator = VAE(**shared).train_config()
+    for option, value in shared.items():
+        assert getattr(estimator, option) == value, option
+    assert estimator.lr_schedule == TrainConfig().lr_schedule  # the estimator has no such option

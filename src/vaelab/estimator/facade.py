@@ -378,23 +378,7 @@ class VAE(TransformerMixin, BaseEstimator):
         )
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            beta=self.beta,
-            samples=self.samples,
-            objective=self.objective,
-            k=self.k,
-            gradient=self.gradient,
-            layer_free_bits=self.layer_free_bits,
-            skip_grad_norm=self.skip_grad_norm,
-            max_rollbacks=self.max_rollbacks,
-            temperature=self.temperature,
-            temperature_final=self.temperature_final,
-            straight_through=self.straight_through,
-            labelled_batch_size=self.labelled_batch_size,
-        )
+        return TrainConfig.from_options(self)
 
     # ----------------------------------------------------------------------------------- inputs
     def _validate(self, X: Any, reset: bool) -> np.ndarray:

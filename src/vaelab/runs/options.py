@@ -222,28 +222,8 @@ class RunConfig:
     )
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            lr_schedule=self.lr_schedule,
-            warmup_fraction=self.warmup,
-            beta=self.beta,
-            samples=self.samples,
-            objective=self.objective,
-            k=self.k,
-            gradient=self.gradient,
-            kl_warmup_epochs=self.kl_warmup,
-            free_bits=self.free_bits,
-            grad_clip=self.grad_clip,
-            patience=self.patience,
-            layer_free_bits=self.layer_free_bits,
-            skip_grad_norm=self.skip_grad_norm,
-            max_rollbacks=self.max_rollbacks,
-            temperature=self.temperature,
-            temperature_final=self.temperature_final,
-            straight_through=self.straight_through,
-            labelled_batch_size=self.labelled_batch_size,
+        return TrainConfig.from_options(
+            self, warmup_fraction="warmup", kl_warmup_epochs="kl_warmup"
         )
 
     def model_config(self, data_shape: tuple[int, ...], condition_dim: int = 0) -> ModelConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from vaelab.objectives.bounds import check_objective
@@ -72,6 +72,19 @@ class TrainConfig:
     temperature: float = 1.0  # gradient="relaxed": the relaxation's temperature at the start
     temperature_final: float | None = None  # … annealed exponentially to this (None: constant)
     straight_through: bool = False  # gradient="relaxed": discrete forward, relaxed backward
+
+    @classmethod
+    def from_options(cls, options: Any, **renamed: str) -> TrainConfig:
+        """The training hyper-parameters among ``options``' attributes: each field of this class
+        that ``options`` has under the field's name, or under the name ``renamed`` gives it
+        (``warmup_fraction="warmup"``); the others keep their defaults. The one map from what a
+        user sets (a ``vaelab.VAE``, a run's ``vaelab.runs.options.RunConfig``) to training."""
+        values = {}
+        for field in fields(cls):
+            name = renamed.get(field.name, field.name)
+            if hasattr(options, name):
+                values[field.name] = getattr(options, name)
+        return cls(**values)
 
     def temperature_at(self, step: int, total_steps: int) -> float:
         """The relaxation's temperature at optimiser step ``step`` of ``total_steps``:
