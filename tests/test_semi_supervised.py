@@ -28,6 +28,7 @@ from vaelab.runs.labelled import choose_labelled
 from vaelab.runs.options import config_from_json
 from vaelab.train.distributed import World
 from vaelab.train.labelled_batches import LabelledBatches
+from vaelab.train.validation import classification_error
 
 DIGITS = load_digits()
 X = (DIGITS.data / 16.0).astype(np.float32)
@@ -320,6 +321,21 @@ def test_cli_evaluate_reports_the_classification_error_and_the_unlabelled_bound(
     assert found["examples"] == len(labels)
     code, out, err = vaelab_cli(capsys, "evaluate", cli_run, "--device", "cpu")
     assert "q(y|x) error" in out and "U(x)" in out
+
+
+def test_cli_records_the_validation_error_of_the_classifier_every_epoch(cli_run):
+    """metrics.jsonl carries q(y|x)'s error on the validation split per epoch; at the epoch whose
+    weights were kept (the best validation ELBO) it is the saved model's error there."""
+    history = [json.loads(line) for line in (cli_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and all(0 <= m["valid_error"] <= 1 for m in history)
+    kept = max(history, key=lambda m: m["valid_elbo"])
+    model = vaelab.load(cli_run, device="cpu")
+    splits = load_data("digits", seed=0)
+    x, labels = splits.valid[0 : len(splits.valid)], np.asarray(splits.valid.labels)
+    assert kept["valid_error"] == pytest.approx(float((model.predict(x) != labels).mean()))
+    # A model without a classifier has no such error.
+    plain = vaelab.VAE(latent_dim=2, hidden=(8,), epochs=1, seed=0, device="cpu").fit(x[:200])
+    assert classification_error(plain.model_, iter(())) is None
 
 
 def test_cli_semi_supervised_run_resumes_bit_identical(tmp_path, capsys, monkeypatch):

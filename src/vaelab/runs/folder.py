@@ -685,6 +685,8 @@ class RunLog(TrainingObserver):
         if trainer.finished or now - self._logged >= LOG_INTERVAL:
             self._logged = now
             valid = "" if metrics.valid_elbo is None else f"  valid ELBO {metrics.valid_elbo:.3f}"
+            if metrics.valid_error is not None:
+                valid += f"  valid error {metrics.valid_error:.4f}"
             bound = "" if metrics.iwae is None else f"IWAE-{trainer.config.k} {metrics.iwae:.3f}  "
             print(
                 f"epoch {metrics.epoch}/{self.epochs}: {bound}ELBO {metrics.elbo:.3f}  "
@@ -709,6 +711,8 @@ class RunLog(TrainingObserver):
             scalars["valid/elbo"] = metrics.valid_elbo
         if metrics.iwae is not None:
             scalars["train/iwae"] = metrics.iwae
+        if metrics.valid_error is not None:
+            scalars["valid/error"] = metrics.valid_error
         scalars["train/skipped_updates"] = metrics.skipped_updates
         scalars["train/rollbacks"] = metrics.rollbacks
         if len(metrics.kl_per_layer) > 1:

@@ -28,7 +28,9 @@ class EpochMetrics:
     ``skipped_updates``: updates of this epoch skipped for their gradient norm
     (``TrainConfig.skip_grad_norm``); ``rollbacks``: non-finite losses that sent this epoch back
     to the last good state (``max_rollbacks``); ``kl_per_layer``: the mean KL of each stochastic
-    layer, z₁'s first (one entry for a one-layer model: ``kl``), ``vaelab.objectives.layers``."""
+    layer, z₁'s first (one entry for a one-layer model: ``kl``), ``vaelab.objectives.layers``;
+    ``valid_error``: for a semi-supervised model (M2), the fraction of validation examples its
+    classifier q(y|x) labels wrongly (``vaelab.train.validation.classification_error``)."""
 
     epoch: int
     elbo: float
@@ -45,6 +47,7 @@ class EpochMetrics:
     skipped_updates: int = 0
     rollbacks: int = 0
     kl_per_layer: list[float] = field(default_factory=list)
+    valid_error: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict. ``dataclasses.asdict`` deep-copies every value, which

@@ -82,7 +82,7 @@ from vaelab.train.loss import (
 )
 from vaelab.train.progress import EpochMetrics, NonFiniteLossError, TrainingInterrupted
 from vaelab.train.streams import TrainingStreams
-from vaelab.train.validation import VALID_SEED, mean_elbo
+from vaelab.train.validation import VALID_SEED, classification_error, mean_elbo
 from vaelab.train.warmup import kl_warmup_epochs
 
 # The names the flat layout's ``vaelab.training`` held (``vaelab._legacy`` makes that name this
@@ -679,6 +679,9 @@ class Trainer:
             try:
                 metrics.valid_elbo = mean_elbo(
                     self.model, valid.batches(self.epoch, 0, share), self.device, self.world
+                )
+                metrics.valid_error = classification_error(
+                    self.model, valid.batches(self.epoch, 0, share), self.world
                 )
             except ValueError as error:  # overflowed parameters, as in fit
                 reason = str(error).split(", but found")[0][:200]

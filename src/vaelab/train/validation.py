@@ -42,3 +42,30 @@ def mean_elbo(
         totals[1] += x.shape[0]
     world.sum(totals)
     return float(totals[0] / max(float(totals[1]), 1.0))
+
+
+@torch.no_grad()
+def classification_error(
+    model: VAEModel, batches: Iterator[Batch], world: World = SINGLE
+) -> float | None:
+    """The fraction of labelled examples of every worker's batches whose most probable class
+    under the classifier q(y|x) of a semi-supervised model (M2) is not their label; ``None``
+    for a model without a classifier or batches without labels. Rows of zeros among the one-hot
+    conditions (no label) are left out."""
+    classifier = getattr(model, "classifier", None)
+    if classifier is None:
+        return None
+    totals = torch.zeros(2, dtype=torch.float64)  # errors, labelled examples
+    device = next(model.parameters()).device
+    for batch in batches:
+        if batch.condition is None or batch.x.shape[0] == 0:
+            continue
+        condition = batch.condition.to(device)
+        labelled = condition.sum(1) > 0
+        if not bool(labelled.any()):
+            continue
+        predicted = classifier.logits(batch.x.to(device)[labelled]).argmax(1)
+        totals[0] += float((predicted != condition[labelled].argmax(1)).sum())
+        totals[1] += float(labelled.sum())
+    world.sum(totals)
+    return None if totals[1] == 0 else float(totals[0] / totals[1])
