@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 flush=True,
             )
         run = runs / "run"
-        print(f"training: {epochs} epochs", flush=True)
+        print(f"training: {epochs} epoch{'s' if epochs > 1 else ''}", flush=True)
         _, wall = vaelab(["train", *options, "--epochs", str(epochs), "--out", str(run)], env, log)
         metrics = read_metrics(run)
         (out / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text())
