@@ -10,8 +10,10 @@ likelihood. In one process, on one torch thread, alternating the two sides (A B 
 - **A, vaelab**: the training path of ``VAE.fit``: ``build_model(ModelConfig)``, the start at the
   data (``VAEModel.initialise``), ``IndexedBatches`` over one in-memory float32 tensor and
   ``Trainer(...).fit`` (no observer, no checkpoint, no validation data): data order and ε from
-  ``vaelab.train.streams``, the learning-rate schedule, β, the non-finite check, the epoch's
-  metric sums (the KL per layer from one batch in eight), the end-of-epoch parameter check.
+  ``vaelab.train.streams``, the learning-rate schedule, β (computed at every step, held at 1 as
+  B's: ``kl_warmup_epochs=0``, so that both sides train the same objective), the non-finite
+  check, the epoch's metric sums (the KL per layer from one batch in eight), the end-of-epoch
+  parameter check.
 - **B, by hand**: the same networks as plain ``nn.Sequential`` of ``nn.Linear`` and ``nn.ReLU``,
   starting from A's weights (the decoder's data-mean offset folded into its last bias):
   the bottom-up pass h₁ = f₁(x), h_{l+1} = f_{l+1}(h_l) with a linear head per layer giving
@@ -28,7 +30,9 @@ same networks, same estimator. A unit is ``--steps`` optimiser steps (the first 
 batch-size examples, one epoch of them; both sides see the same examples); medians of the
 per-unit wall-clock seconds are scaled to seconds per full epoch (50,000 examples, 500 steps);
 CPU seconds (``time.process_time``) are recorded too, since on a shared machine wall time also
-counts waiting for a core.
+counts waiting for a core. Products of tiny floats that land below 2⁻¹²⁶ (subnormals) are slow
+on x86; how many a step makes depends on the weights each side has reached, so
+``--flush-denormal`` flushes them to zero on both sides, to compare the code alone.
 
 ``--before DIR`` measures a second vaelab (another checkout's ``src``, e.g. the code before a
 change) in the same run: this script then drives child processes, alternating the two sources
@@ -81,6 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flush-denormal",
+        action="store_true",
+        help="flush subnormal floats to zero on both sides (torch.set_flush_denormal)",
+    )
     parser.add_argument("--data-dir", type=Path, help="default: $VAELAB_DATA or ../shared/data")
     parser.add_argument("--before", type=Path, help="a second vaelab source folder to compare")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -204,6 +213,7 @@ def sanity_check(model: VAEModel, hand: Hand, x: torch.Tensor) -> dict[str, floa
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Warm-up, then ``rounds`` rounds of A and B; seconds per full epoch, medians and ratio."""
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(args.flush_denormal)
     x_all, data = training_data(peers.data_dir(args.data_dir), args.seed)
     x = x_all[: args.steps * args.batch_size].contiguous()
     model = vaelab_model(x_all, args.seed)
@@ -211,7 +221,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     sanity = sanity_check(model, hand, x[: args.batch_size])
     if sanity["relative_diff"] > SANITY_TOLERANCE:
         raise SystemExit(f"A and B disagree on the same batch and ε: {sanity}")
-    config = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr)
+    # β = 1 from the first step, as B has it: the automatic warm-up of a top-down model would
+    # restart at every unit (a new Trainer of one epoch), keeping A at β ≤ 0.2 while B trains at
+    # β = 1, and the two sides' weights would drift apart in how many subnormal floats their
+    # products make, which moved either side's time by up to 40 % (docs/results.md).
+    config = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr, kl_warmup_epochs=0)
     source = IndexedBatches(x, args.batch_size, args.seed + 1)
     scale = EPOCH_EXAMPLES / x.shape[0]
 
@@ -256,6 +270,8 @@ def child(args: argparse.Namespace, src: Path) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", "--rounds", "1", "--steps", str(args.steps)]
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
     command += ["--batch-size", str(args.batch_size), "--lr", str(args.lr)]
+    if args.flush_denormal:
+        command.append("--flush-denormal")
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -314,6 +330,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": {"latent": SIZES, "hidden": HIDDEN, "inference": "top-down"},
         "results": results,
         "threads": args.threads,
+        "flush_denormal": args.flush_denormal,
+        "kl_warmup_epochs": 0,
         "steps_per_unit": args.steps,
         "batch_size": args.batch_size,
         "rounds": args.rounds,

@@ -164,6 +164,39 @@ def test_detached_stops_the_evidence_and_the_shared_weights_but_not_the_prior():
     assert all(g is not None and bool(g.abs().sum() > 0) for g in found)
 
 
+def test_the_draw_gives_each_layers_log_q_and_the_conditionals_own_parameters():
+    """``from_noise_by_layer`` draws the z of ``from_noise`` and each layer's log q(z_l | z_{l+1},
+    x) there, equal to ``layer_log_prob`` at z (torch.distributions' Normal densities) and
+    summing to ``from_noise``'s log q, also for the detached chain; the reparameterisation
+    helper gives None for a chain without it (a bottom-up one), whose z is ``from_noise``'s. The
+    conditionals' (μ, log σ²) read without a distribution are those of the distribution."""
+    from vaelab.distributions.sampling import reparameterise_by_layer
+    from vaelab.distributions.top_down import conditional_gaussian, gaussian_parameters
+
+    model = top_down((4, 3, 2), prior="learnable")
+    x = torch.randn(5, 6, dtype=F64)
+    eps = torch.randn(2, 5, 9, dtype=F64)
+    for q in (model.posterior(x), model.posterior(x).detached()):
+        z, log_q = q.from_noise(eps)
+        drawn, rows = q.from_noise_by_layer(eps)
+        assert torch.equal(drawn, z) and rows.shape == (3, 2, 5)
+        torch.testing.assert_close(rows, q.layer_log_prob(z), rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(rows.sum(0), log_q, rtol=1e-12, atol=1e-10)
+        assert torch.equal(reparameterise_by_layer(q, eps)[1], rows)
+    flat = build_model(ModelConfig(data_shape=(6,), latent_dim=(4, 2))).double()
+    q = flat.posterior(x)
+    z, none = reparameterise_by_layer(q, eps[..., :6])
+    assert none is None and torch.equal(z, q.from_noise(eps[..., :6])[0])
+    conditional = model.prior.conditionals[0]
+    value = torch.randn(5, 2, dtype=F64)
+    for got, expected in zip(
+        conditional_gaussian(conditional, value),
+        gaussian_parameters(conditional(value)),
+        strict=True,
+    ):
+        assert torch.equal(got, expected)
+
+
 def test_the_prior_reuses_the_posteriors_pass_while_nothing_changed():
     """log p(z) at the posterior's own draw comes from its pass (the prior's networks run once),
     with the same value and gradient as a recomputation; not after q's gradient is stopped (DReG

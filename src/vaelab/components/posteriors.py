@@ -34,9 +34,17 @@ class DiagonalGaussianPosterior(nn.Module):
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor | None = None) -> Distribution:
         """q(z|x), or q(z|x, y) for a ``condition`` y ``[batch, c]`` the encoder reads."""
+        return DiagonalNormal(*self.loc_and_log_var(x, condition))
+
+    def loc_and_log_var(
+        self, x: torch.Tensor, condition: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(μ, log σ²) of q(z|x), ``[batch, latent]`` each, without the distribution object: a
+        caller that reads the two tensors alone (the top-down sampling pass, at every layer and
+        step) skips building ``Normal`` and its σ = exp(½ log σ²)."""
         features = apply_network(self.encoder, x, condition)
-        mu, log_var = features.split(self.latent_dim, dim=-1)  # [batch, latent] each
-        return DiagonalNormal(mu, log_var)
+        mu, log_var = features.split(self.latent_dim, dim=-1)
+        return mu, log_var
 
 
 class FullCovariancePosterior(nn.Module):

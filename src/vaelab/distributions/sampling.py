@@ -54,6 +54,19 @@ def reparameterise(
     return location_scale_sample(q, noise), None
 
 
+def reparameterise_by_layer(
+    q: Distribution, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """z from standard normal ε as :func:`reparameterise` draws it, and log q of each stochastic
+    layer there, ``[L, samples, batch]``, where the same pass gives it (a top-down chain's
+    ``from_noise_by_layer``); else None, for ``q.layer_log_prob(z)`` to compute."""
+    by_layer = getattr(q, "from_noise_by_layer", None)
+    if callable(by_layer):
+        z, rows = by_layer(noise)
+        return z, rows
+    return reparameterise(q, noise)[0], None
+
+
 def rsample_with_log_prob(
     q: Distribution, sample_shape: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -40,6 +40,7 @@ __all__ = [
     "PriorReuse",
     "TopDownChain",
     "TopDownPriorChain",
+    "conditional_gaussian",
     "gaussian_parameters",
     "log_variance",
     "merge",
@@ -72,6 +73,21 @@ def merge(prior: Distribution, loc: torch.Tensor, log_var: torch.Tensor) -> Diag
 def gaussian_parameters(p: Distribution) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ, log σ²) of a diagonal Gaussian."""
     return p.base_dist.loc, log_variance(p)  # type: ignore[attr-defined]
+
+
+def conditional_gaussian(
+    module: nn.Module, value: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(μ, log σ²) of the diagonal Gaussian that the conditional ``module`` gives at ``value``:
+    from its ``loc_and_log_var`` where it has one (``DiagonalGaussianPosterior``: the network's
+    two outputs, no distribution object built and no σ computed for nothing), else read off the
+    distribution ``module(value)`` returns. The first path calls the network without the
+    conditional module's own ``__call__``: hooks on the network run, hooks on that wrapper not."""
+    direct = getattr(module, "loc_and_log_var", None)
+    if callable(direct):
+        loc, log_var = direct(value)
+        return loc, log_var
+    return gaussian_parameters(call_module(module, value))
 
 
 def merged(
@@ -240,28 +256,48 @@ class TopDownChain(Distribution):
         per-layer log-densities at z, computed on the way, go to ``reuse``.
 
         The training step's path, so it works on tensors, not distribution objects: at each layer
-        (μ_p, log σ_p²) of the prior's conditional, (μ_q, log σ_q²) = :func:`merged`, z_l = μ_q +
-        σ_q ε_l. At that z the log-densities need no division:
+        (μ_p, log σ_p²) of the prior's conditional (:func:`conditional_gaussian`), (μ_q, log σ_q²)
+        = :func:`merged`, z_l = μ_q + σ_q ε_l. At that z the log-densities need no division:
 
             log q(z|x) = −½ Σ (ε² + log σ_q² + log 2π),
             log p(z_l | z_{l+1}) = −½ Σ ((z_l − μ_p)² e^{−log σ_p²} + log σ_p² + log 2π),
 
         the first because (z_l − μ_q) / σ_q = ε. They equal ``torch.distributions``' values up to
         float rounding (the same functions of every parameter, so the same gradients too)."""
+        z, log_q, _ = self._draw(eps, by_layer=False)
+        return z, log_q
+
+    def from_noise_by_layer(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z as :meth:`from_noise` draws it and log q(z_l | z_{l+1}, x) of each layer there,
+        ``[L, *S, *B]``, z₁'s row first: :meth:`layer_log_prob` at z (equal up to float rounding,
+        the same ε form as ``from_noise`` layer by layer), without a second pass through the
+        prior's networks. What the trainer's KL per layer reads."""
+        z, _, rows = self._draw(eps, by_layer=True)
+        assert rows is not None
+        return z, rows
+
+    def _draw(
+        self, eps: torch.Tensor, *, by_layer: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """z, log q(z|x) and (``by_layer``) its rows per layer, z₁'s first (:meth:`from_noise`)."""
         if self.frozen:
             drawn, _, posteriors = self._pass(None, eps)
-            log_q = sum(q.log_prob(b) for q, b in zip(posteriors, drawn, strict=True))
+            rows = [q.log_prob(b) for q, b in zip(posteriors, drawn, strict=True)]
+            log_q = sum(rows)
             assert isinstance(log_q, torch.Tensor)
-            return self._join(drawn), log_q
+            stacked = self._rows(rows, eps.shape[:-1]) if by_layer else None
+            return self._join(drawn), log_q, stacked
         noise = eps.split(self.sizes, dim=-1)[::-1]
         blocks: list[torch.Tensor] = []
         log_p_rows: list[torch.Tensor] = []
+        log_q_rows: list[torch.Tensor] = []
         q_log_var_sum: torch.Tensor | None = None
         prior_loc, prior_log_var = gaussian_parameters(self.top)
         for index, (loc, log_var) in enumerate(self.evidence[::-1]):
             if index:
-                conditional = call_module(self.conditionals[index - 1], blocks[-1])
-                prior_loc, prior_log_var = gaussian_parameters(conditional)
+                prior_loc, prior_log_var = conditional_gaussian(
+                    self.conditionals[index - 1], blocks[-1]
+                )
             mean, q_log_var = merged(prior_loc, prior_log_var, loc, log_var)
             block = mean + torch.exp(0.5 * q_log_var) * noise[index]
             blocks.append(block)
@@ -269,14 +305,22 @@ class TopDownChain(Distribution):
             q_log_var_sum = total if q_log_var_sum is None else q_log_var_sum + total
             deviation = (block - prior_loc).square() * torch.exp(-prior_log_var)
             log_p_rows.append(-0.5 * (deviation + prior_log_var).sum(-1) - self._normaliser(index))
+            if by_layer:
+                squares = noise[index].square().sum(-1)
+                log_q_rows.append(-0.5 * (squares + total) - self._normaliser(index))
         assert q_log_var_sum is not None
         log_q = -0.5 * (eps.square().sum(-1) + q_log_var_sum) - sum(self.sizes) * _HALF_LOG_2PI
         z = self._join(blocks)
+        shape = eps.shape[:-1]
         if self.reuse is not None:
-            shape = eps.shape[:-1]
-            rows = [row if row.shape == shape else row.expand(shape) for row in log_p_rows[::-1]]
-            self.reuse.put(z, torch.stack(rows))
-        return z, log_q
+            self.reuse.put(z, self._rows(log_p_rows, shape))
+        return z, log_q, self._rows(log_q_rows, shape) if by_layer else None
+
+    @staticmethod
+    def _rows(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
+        """Per-layer rows in draw order (z_L first), each ``[*S, *B]`` or broadcastable to it, as
+        one ``[L, *S, *B]`` with z₁'s row first."""
+        return torch.stack([row if row.shape == shape else row.expand(shape) for row in rows[::-1]])
 
     def _normaliser(self, index: int) -> float:
         """½ d log 2π of the ``index``-th layer drawn (z_L first)."""
