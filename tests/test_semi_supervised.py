@@ -454,6 +454,33 @@ def test_the_m1_m2_example_runs():
     assert "M1+M2 on codes" in done.stdout
 
 
+@pytest.mark.slow  # one MNIST epoch of M1, one of M2 on its codes
+def test_the_mnist_m1_m2_example_runs_on_a_run_folder(tmp_path, capsys):
+    """examples/mnist_m1_m2.py reads M1 from a run of ``vaelab train mnist`` and M2 on its codes
+    classifies the 10,000 test images far better than chance with 100 labels."""
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip(f"{SHARED_DATA / 'mnist'} is absent")
+    m1 = tmp_path / "m1"
+    code, _, err = vaelab_cli(capsys, "train", "mnist", "--data-dir", SHARED_DATA, "--epochs", "1",
+                              "--hidden", "64", "--latent-dim", "8", "--batch-size", "250",
+                              "--device", "cpu", "--quiet", "--out", m1)  # fmt: skip
+    assert code == 0, err
+    out = tmp_path / "m1_m2.json"
+    done = subprocess.run(
+        [sys.executable, "-W", "error", str(EXAMPLES / "mnist_m1_m2.py"), "--m1", str(m1),
+         "--data-dir", str(SHARED_DATA), "--epochs", "1", "--hidden", "32", "--latent-dim", "4",
+         "--out", str(out)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=900, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    found = json.loads(out.read_text())
+    assert found["labelled"] == 100 and found["test_examples"] == 10_000
+    assert 1 <= found["m1_units_used"] <= 8
+    errors = found["test_error"]
+    assert all(0.0 <= e < 1.0 for e in errors.values())
+    assert errors["m1_m2"] < 0.5  # chance is 0.9
+
+
 def test_toml_labelled_is_the_option(tmp_path, capsys):
     config = tmp_path / "m2.toml"
     config.write_text("conditional = true\nlabelled = 30\nsplit-seed = 4\n")
