@@ -34,6 +34,24 @@ counts waiting for a core. Products of tiny floats that land below 2⁻¹²⁶ (
 on x86; how many a step makes depends on the weights each side has reached, so
 ``--flush-denormal`` flushes them to zero on both sides, to compare the code alone.
 
+``--compile`` compares the two compiled, like for like, in the same run as both eager. Four sides,
+each with its own copy of the starting weights, one optimiser and, for A, one ``Trainer`` that
+goes on from unit to unit (one epoch per unit, as a fit of many epochs does; the eager default
+builds a new ``Trainer`` and ``Adam`` per unit instead), alternating A B A′ B′:
+
+- **A, vaelab compiled**: ``Trainer(compile=True)``, vaelab's own option: its loss module (x and ε
+  to the batch's loss and the per-example terms, the KL per layer on reporting steps) through
+  ``torch.compile(dynamic=True)``, TorchInductor, the backward compiled with it by AOTAutograd;
+  data order, ε, the learning rate, the optimiser step and the checks stay eager;
+- **B, by hand compiled**: ``hand_loss`` (x and ε to the batch's loss) through the same
+  ``torch.compile(dynamic=True, backend="inductor")``, the backward by AOTAutograd; ``randperm``,
+  indexing, ``randn``, ``zero_grad`` and ``Adam`` stay eager;
+- **A′, B′**: the same two eager.
+
+Compiling happens in the warm-up unit of each side (its wall seconds are recorded apart), never in a
+timed one; the graphs TorchDynamo made for each side and any recompilation during the timed units
+are recorded too.
+
 ``--before DIR`` measures a second vaelab (another checkout's ``src``, e.g. the code before a
 change) in the same run: this script then drives child processes, alternating the two sources
 round by round (each child warms up, then runs A B A B), and reports both ratios side by side.
@@ -42,18 +60,21 @@ Usage (from the repository root)::
 
     PYTHONPATH=src .venv/bin/python bench/bench_top_down.py                 # ratio A / B
     PYTHONPATH=src .venv/bin/python bench/bench_top_down.py --before ../main/src --rounds 3
+    PYTHONPATH=src .venv/bin/python bench/bench_top_down.py --compile --flush-denormal --rounds 15
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +110,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--flush-denormal",
         action="store_true",
         help="flush subnormal floats to zero on both sides (torch.set_flush_denormal)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="both sides compiled (torch.compile), beside both eager, in the same run",
     )
     parser.add_argument("--data-dir", type=Path, help="default: $VAELAB_DATA or ../shared/data")
     parser.add_argument("--before", type=Path, help="a second vaelab source folder to compare")
@@ -164,14 +190,15 @@ class Hand(nn.Module):
             self.decoder[-1].bias += model.likelihood.offset.reshape(-1)
 
 
-def hand_loss(hand: Hand, x: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
-    """−ELBO averaged over the batch, one draw, the Monte Carlo KL log q(z|x) − log p(z)."""
+def hand_loss(hand: Hand, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """−ELBO averaged over the batch, one draw, the Monte Carlo KL log q(z|x) − log p(z);
+    ``x``: ``[batch, 784]``, ``eps``: ``[batch, sum(SIZES)]``, the top layer's ε last."""
     evidence = []
     h = x
     for stage, head in zip(hand.stages, hand.heads, strict=True):
         h = stage(h)
         evidence.append(head(h).chunk(2, dim=-1))
-    noise = (torch.randn(x.shape[0], sum(SIZES)) if eps is None else eps).split(SIZES, dim=-1)
+    noise = eps.split(SIZES, dim=-1)
     kl = x.new_zeros(x.shape[0])
     z = x  # replaced at the top
     for layer in reversed(range(len(SIZES))):
@@ -190,10 +217,18 @@ def hand_loss(hand: Hand, x: torch.Tensor, eps: torch.Tensor | None = None) -> t
     return (reconstruction + kl.sum()) / x.shape[0]
 
 
-def hand_epoch(hand: Hand, optimizer: torch.optim.Optimizer, x: torch.Tensor, batch: int) -> None:
+def hand_epoch(
+    hand: Hand,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    batch: int,
+    loss_of: Callable[[Hand, torch.Tensor, torch.Tensor], torch.Tensor] = hand_loss,
+) -> None:
+    """One epoch of B over ``x``; ``loss_of`` is ``hand_loss`` or its compiled form."""
     order = torch.randperm(x.shape[0])
     for lo in range(0, x.shape[0], batch):
-        loss = hand_loss(hand, x[order[lo : lo + batch]])
+        rows = x[order[lo : lo + batch]]
+        loss = loss_of(hand, rows, torch.randn(rows.shape[0], sum(SIZES)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -210,8 +245,65 @@ def sanity_check(model: VAEModel, hand: Hand, x: torch.Tensor) -> dict[str, floa
 # ---------------------------------------------------------------------------------------- timing
 
 
+def persistent_sides(
+    model: VAEModel,
+    x: torch.Tensor,
+    config: TrainConfig,
+    source: IndexedBatches,
+    args: argparse.Namespace,
+) -> dict[str, Callable[[], None]]:
+    """``--compile``'s four sides (module docstring), each an epoch per call on its own copy of
+    ``model``'s starting weights: A and B compiled, A′ and B′ (``A_eager``, ``B_eager``) eager."""
+    sides: dict[str, Callable[[], None]] = {}
+    for name, compiled in (("A", True), ("B", True), ("A_eager", False), ("B_eager", False)):
+        if name.startswith("A"):
+            trainer = Trainer(
+                copy.deepcopy(model),
+                copy.copy(config),
+                torch.device("cpu"),
+                seed=args.seed + 2,
+                compile=compiled,
+            )
+            sides[name] = functools.partial(next_epoch, trainer, source)
+        else:
+            hand = Hand(model)
+            optimizer = torch.optim.Adam(hand.parameters(), lr=args.lr, fused=True)
+            # The settings of vaelab's fast path (vaelab.train.fastpath.Compiled's defaults).
+            loss_of = (
+                torch.compile(hand_loss, dynamic=True, backend="inductor")
+                if compiled
+                else hand_loss
+            )
+            sides[name] = functools.partial(
+                hand_epoch, hand, optimizer, x, args.batch_size, loss_of
+            )
+    return sides
+
+
+def next_epoch(trainer: Trainer, source: IndexedBatches) -> None:
+    """One more epoch of ``trainer``, which keeps its compilation, optimiser and position."""
+    trainer.config.epochs, trainer.finished = trainer.epoch + 1, False
+    trainer.fit(source)
+
+
+def dynamo_counts() -> dict[str, int]:
+    """TorchDynamo's counts so far in this process: graphs compiled, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
+
+
+def paired(seconds: dict[str, list[float]], p: str, q: str) -> float:
+    """The median over rounds of side ``p``'s seconds over side ``q``'s in the same round."""
+    return statistics.median(a / b for a, b in zip(seconds[p], seconds[q], strict=True))
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Warm-up, then ``rounds`` rounds of A and B; seconds per full epoch, medians and ratio."""
+    """Warm-up, then ``rounds`` rounds of A and B (and with ``--compile`` A′ and B′); seconds per
+    full epoch, medians and ratios."""
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(args.flush_denormal)
     x_all, data = training_data(peers.data_dir(args.data_dir), args.seed)
@@ -229,27 +321,39 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     source = IndexedBatches(x, args.batch_size, args.seed + 1)
     scale = EPOCH_EXAMPLES / x.shape[0]
 
+    def fresh_a() -> None:
+        Trainer(model, copy.copy(config), torch.device("cpu"), seed=args.seed + 2).fit(source)
+
+    def fresh_b() -> None:
+        optimizer = torch.optim.Adam(hand.parameters(), lr=args.lr, fused=True)
+        hand_epoch(hand, optimizer, x, args.batch_size)
+
+    sides = (
+        persistent_sides(model, x, config, source, args)
+        if args.compile
+        else {"A": fresh_a, "B": fresh_b}
+    )
+
     def unit(side: str) -> tuple[float, float]:
-        if side == "A":
-            trainer = Trainer(model, copy.copy(config), torch.device("cpu"), seed=args.seed + 2)
-            run = lambda: trainer.fit(source)  # noqa: E731
-        else:
-            optimizer = torch.optim.Adam(hand.parameters(), lr=args.lr, fused=True)
-            run = lambda: hand_epoch(hand, optimizer, x, args.batch_size)  # noqa: E731
         cpu, started = time.process_time(), time.perf_counter()
-        run()
+        sides[side]()
         return (time.perf_counter() - started) * scale, (time.process_time() - cpu) * scale
 
-    unit("A"), unit("B")  # warm-up
-    seconds: dict[str, list[float]] = {"A": [], "B": []}
-    cpu: dict[str, list[float]] = {"A": [], "B": []}
+    warmup, graphs = {}, {}
+    for side in sides:  # compiling, where there is any, happens here
+        before = dynamo_counts()
+        warmup[side] = unit(side)[0] / scale
+        graphs[side] = {k: v - before[k] for k, v in dynamo_counts().items()}
+    warmed = dynamo_counts()
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    cpu: dict[str, list[float]] = {side: [] for side in sides}
     for _ in range(args.rounds):
-        for side in seconds:
+        for side in sides:
             wall, used = unit(side)
             seconds[side].append(wall)
             cpu[side].append(used)
     a, b = statistics.median(seconds["A"]), statistics.median(seconds["B"])
-    return {
+    found: dict[str, Any] = {
         "data": data,
         "sanity": sanity,
         "seconds_per_epoch": seconds,
@@ -258,10 +362,20 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "median_b": b,
         "ratio_a_b": a / b,
         "ratio_a_b_cpu": statistics.median(cpu["A"]) / statistics.median(cpu["B"]),
-        "ratio_a_b_paired_median": statistics.median(
-            p / q for p, q in zip(seconds["A"], seconds["B"], strict=True)
-        ),
+        "ratio_a_b_paired_median": paired(seconds, "A", "B"),
     }
+    if args.compile:
+        medians = {side: statistics.median(seconds[side]) for side in sides}
+        pairs = [("A", "B_eager"), ("A_eager", "B_eager"), ("A", "A_eager"), ("B", "B_eager")]
+        found["compile"] = {
+            "medians": medians,
+            "cpu_medians": {side: statistics.median(cpu[side]) for side in sides},
+            "paired_medians": {f"{p}/{q}": paired(seconds, p, q) for p, q in pairs},
+            "warmup_unit_seconds": warmup,
+            "dynamo_per_side": graphs,
+            "dynamo_during_timing": {k: v - warmed[k] for k, v in dynamo_counts().items()},
+        }
+    return found
 
 
 def child(args: argparse.Namespace, src: Path) -> dict[str, Any]:
@@ -272,6 +386,8 @@ def child(args: argparse.Namespace, src: Path) -> dict[str, Any]:
     command += ["--batch-size", str(args.batch_size), "--lr", str(args.lr)]
     if args.flush_denormal:
         command.append("--flush-denormal")
+    if args.compile:
+        command.append("--compile")
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
@@ -325,12 +441,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"s/epoch, A/B = {r['ratio_a_b']:.3f} (paired median {r['ratio_a_b_paired_median']:.3f}"
             f", CPU time {r['ratio_a_b_cpu']:.3f})"
         )
+        for pair, ratio in r.get("compile", {}).get("paired_medians", {}).items():
+            print(f"  {pair} = {ratio:.3f} (paired median)")
     report = {
         "benchmark": "top_down",
         "model": {"latent": SIZES, "hidden": HIDDEN, "inference": "top-down"},
         "results": results,
         "threads": args.threads,
         "flush_denormal": args.flush_denormal,
+        "compile": args.compile,
         "kl_warmup_epochs": 0,
         "steps_per_unit": args.steps,
         "batch_size": args.batch_size,
