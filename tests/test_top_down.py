@@ -707,10 +707,11 @@ def test_the_training_step_reports_the_kl_per_layer_without_a_second_bottom_up_p
     assert len(calls) == 3
 
 
-def test_the_automatic_kl_warmup_is_for_top_down_models_on_the_elbo_alone():
-    """``kl_warmup_epochs=None`` (the default): 500 steps, at least one epoch, for a top-down
-    model on the ELBO; none for a bottom-up model or the IWAE objective; a given value, 0
-    included, as it is. On the command line ``--kl-warmup 0`` is 0 and ``none`` automatic."""
+def test_the_automatic_kl_warmup_is_for_top_down_models_with_the_standard_gradient():
+    """``kl_warmup_epochs=None`` (the default), for a top-down model: 500 steps on the ELBO,
+    5,000 on the IWAE bound with the standard gradient (at most a quarter of the run), at least
+    one epoch; none for a bottom-up model or IWAE with DReG; a given value, 0 included, as it is. On the command line
+    ``--kl-warmup 0`` is 0 and ``none`` automatic."""
     from vaelab.runs.options import convert
     from vaelab.train.config import TrainConfig
     from vaelab.train.warmup import kl_warmup_epochs
@@ -719,7 +720,12 @@ def test_the_automatic_kl_warmup_is_for_top_down_models_on_the_elbo_alone():
     assert kl_warmup_epochs(TrainConfig(), deep, 36) == pytest.approx(500 / 36)
     assert kl_warmup_epochs(TrainConfig(), deep, 2000) == 1.0
     assert kl_warmup_epochs(TrainConfig(), flat, 36) == 0.0
-    assert kl_warmup_epochs(TrainConfig(objective="iwae", k=2), deep, 36) == 0.0
+    iwae = TrainConfig(objective="iwae", k=2)  # 5,000 steps, at most a quarter of 50 epochs
+    assert kl_warmup_epochs(iwae, deep, 540) == pytest.approx(5000 / 540)
+    assert kl_warmup_epochs(iwae, deep, 36) == 12.5
+    assert kl_warmup_epochs(TrainConfig(objective="iwae", k=2, epochs=2), deep, 36) == 1.0
+    assert kl_warmup_epochs(TrainConfig(objective="iwae", k=2, gradient="dreg"), deep, 36) == 0.0
+    assert kl_warmup_epochs(TrainConfig(objective="iwae", k=2), flat, 36) == 0.0
     assert kl_warmup_epochs(TrainConfig(kl_warmup_epochs=0.0), deep, 36) == 0.0
     assert kl_warmup_epochs(TrainConfig(kl_warmup_epochs=2.5), flat, 36) == 2.5
     assert convert("kl_warmup", "0") == 0.0 and convert("kl_warmup", "none") is None
@@ -737,3 +743,29 @@ def test_a_top_down_fit_at_default_options_does_not_collapse_onto_the_prior():
     last = vae.history_[-1]
     assert last.kl_per_layer[0] > 1.0, last.kl_per_layer
     assert last.elbo > -23.0, last.elbo
+
+
+def test_vaelab_train_warms_up_a_top_down_iwae_run_and_refuses_one_with_dreg(tmp_path, capsys):
+    """On the IWAE bound a top-down model gets the default warm-up too (β in metrics.jsonl below
+    1 after the first epoch, the reported IWAE-k still a bound: above the ELBO from its draws);
+    with DReG it gets none, and an explicit warm-up with DReG is refused in one line."""
+    import json
+
+    data = tmp_path / "d.npy"
+    np.save(data, (load_digits().data[:200] > 7).astype(np.float32))
+    common = ["--epochs", "1", "--hidden", "16", "--quiet", "--batch-size", "40",
+              "--latent-dim", "4,2", "--inference", "top-down", "--objective", "iwae", "--k", "3"]  # fmt: skip
+    for name, extra in (("standard", []), ("dreg", ["--gradient", "dreg"])):
+        code, _, err = vaelab_cli(capsys, "train", data, "--out", tmp_path / name, *common, *extra)
+        assert code == 0, err
+    (warm,) = [
+        json.loads(x) for x in (tmp_path / "standard/metrics.jsonl").read_text().splitlines()
+    ]
+    (cold,) = [json.loads(x) for x in (tmp_path / "dreg/metrics.jsonl").read_text().splitlines()]
+    assert 0 < warm["kl_weight"] < 1 and cold["kl_weight"] == 1.0
+    assert warm["iwae"] >= warm["elbo"]
+    code, _, err = vaelab_cli(capsys, "train", data, "--out", tmp_path / "refused", *common,
+                              "--gradient", "dreg", "--kl-warmup", "2")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1
+    assert "a KL warm-up of the IWAE bound" in err and "gradient='standard'" in err
+    assert not (tmp_path / "refused").exists()

@@ -132,10 +132,18 @@ class VAEModel(nn.Module):
         k: int,
         gradient: str = "standard",
         noise: torch.Tensor | None = None,
+        kl_weight: float = 1.0,
     ) -> IwaeTerms:
         """``vaelab.objectives.bounds.iwae_bound`` of this model's components."""
         return iwae_bound(
-            x, self.posterior, self.prior, self.likelihood, k=k, gradient=gradient, noise=noise
+            x,
+            self.posterior,
+            self.prior,
+            self.likelihood,
+            k=k,
+            gradient=gradient,
+            noise=noise,
+            kl_weight=kl_weight,
         )
 
     def sample_latent(self, n: int) -> torch.Tensor:

@@ -45,7 +45,7 @@ their own arguments can get wrong):
   log p(x|z) + log p(z) − log q(z), and the closed-form KL's gradient keeps the score term STL
   removes (``kl="auto"`` still reports the closed form);
 - ``beta ≠ 1`` with the IWAE bound: β weighs the ELBO's KL term, which the IWAE bound does not
-  have;
+  have (a KL warm-up of the IWAE bound is ``iwae_bound``'s ``kl_weight``, for training only);
 - ``kl`` other than ``"auto"`` with the IWAE bound, for the same reason.
 """
 
@@ -333,6 +333,7 @@ def iwae_bound(
     k: int = 1,
     gradient: str = "standard",
     noise: torch.Tensor | None = None,
+    kl_weight: float = 1.0,
 ) -> IwaeTerms:
     """The importance-weighted bound of Burda et al. (2016), eq. (8):
 
@@ -357,14 +358,36 @@ def iwae_bound(
 
     ``noise``, if given, is the standard normal ε ``[k, batch, latent]`` to use instead of fresh
     draws (the trainer's, keyed by batch position; ``vaelab.train.streams``).
+
+    ``kl_weight`` β < 1 is a KL warm-up of the bound (``gradient="standard"``, a Gaussian code):
+    training's ``objective`` is then the tempered
+
+        log (1/k) Σᵢ p(x|zᵢ) · (p(zᵢ) / q(zᵢ|x))^β,
+
+    which is the ELBO's β-weighted form for k = 1 and is not a bound on log p(x) for β < 1, while
+    ``bound`` stays the IWAE bound (β = 1), the number reported. Its gradient is the tempered
+    weights' standard one, Σᵢ w̃ᵢ^β ∇ log wᵢ^β.
     """
     if k < 1:
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
+    if not 0.0 <= kl_weight <= 1.0:
+        raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
+    if kl_weight != 1.0 and gradient != "standard":
+        raise ValueError(
+            f"a KL warm-up of the IWAE bound (kl_weight={kl_weight}) tempers log p(z) − log q(z|x) "
+            f"in its weights, which has no gradient={gradient!r} form; use gradient='standard' "
+            "with a warm-up, or no warm-up"
+        )
     _check_gradient(gradient)
     check_discrete_objective("iwae", gradient, k)
     q = posterior(x)
     if is_discrete(q) or gradient in DISCRETE_GRADIENTS:
         _check_discrete_code(q, gradient)
+        if kl_weight != 1.0:
+            raise ValueError(
+                f"a KL warm-up of the IWAE bound (kl_weight={kl_weight}) is for a Gaussian code; "
+                "train a discrete code's IWAE bound without one"
+            )
         return IwaeTerms(
             *discrete_iwae(
                 x,
@@ -386,7 +409,10 @@ def iwae_bound(
         reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)
         log_w = reconstruction - kl  # [k, batch]
         bound = torch.logsumexp(log_w, dim=0) - math.log(k)
-        return IwaeTerms(bound, log_w, bound, reconstruction.mean(0), kl.mean(0))
+        objective = bound
+        if kl_weight != 1.0:  # the warm-up's tempered weights
+            objective = torch.logsumexp(reconstruction - kl_weight * kl, dim=0) - math.log(k)
+        return IwaeTerms(bound, log_w, objective, reconstruction.mean(0), kl.mean(0))
     # The same numbers as the standard log weights; only the gradient through q differs.
     reconstruction, kl = _log_weight_parts(x, stop_gradient(q), p, likelihood, z, None)
     log_w = reconstruction - kl  # [k, batch]

@@ -143,9 +143,10 @@ class RunConfig:
     )
     kl_warmup: float | None = _option(
         None,
-        "epochs over which the KL weight rises from 0 to beta; none: for --inference top-down "
-        "with the ELBO 500 steps, at least 1 epoch (at full KL from the start q collapses onto "
-        "the prior), else 0",
+        "epochs over which the KL weight rises from 0 to beta (with --objective iwae it tempers "
+        "the weights' log p(z) - log q(z|x); --gradient standard only); none: for --inference "
+        "top-down 500 steps with the ELBO, 5000 with IWAE (at most a quarter of the run), at "
+        "least 1 epoch (at full KL from the start q collapses onto the prior), else 0",
         "float~",
     )
     free_bits: float = _option(0.0, "minimum KL per latent dimension, nats (0: off)", "float")

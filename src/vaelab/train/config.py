@@ -23,9 +23,12 @@ class TrainConfig:
     (``"cosine"``, the default; Loshchilov & Hutter 2017): the decay removes the gradient-noise floor
     that a constant rate leaves, which the linear-Gaussian oracle test measures.
 
-    ``kl_warmup_epochs``: β rises linearly from 0 over this many epochs (Bowman et al. 2016);
-    ``None``, the default, chooses by the model (``vaelab.train.warmup``): 500 steps, at least one
-    epoch, for a top-down model trained on the ELBO, else 0.
+    ``kl_warmup_epochs``: β rises linearly from 0 over this many epochs (Bowman et al. 2016;
+    with ``objective="iwae"`` it tempers the importance weights' log p(z) − log q(z|x),
+    ``gradient="standard"`` only, ``vaelab.objectives.bounds.iwae_bound``); ``None``, the
+    default, chooses by the model (``vaelab.train.warmup``): for a top-down model 500 steps on
+    the ELBO, 5,000 on the IWAE bound with the standard gradient (at most a quarter of the run),
+    at least one epoch; else 0.
     ``free_bits``: each latent dimension's batch-mean KL counts as at least this many nats
     (Kingma et al. 2016). ``grad_clip``: maximum gradient norm. ``patience``: stop after this many
     epochs without a better validation ELBO (needs validation data).
@@ -189,7 +192,6 @@ class TrainConfig:
         if self.objective == "iwae":
             for name, value, off in (
                 ("samples", self.samples, 1),
-                ("kl_warmup_epochs", self.kl_warmup_epochs or 0.0, 0.0),
                 ("free_bits", self.free_bits, 0.0),
                 ("layer_free_bits", self.layer_free_bits, 0.0),
             ):
@@ -198,6 +200,13 @@ class TrainConfig:
                         f"{name}={value} shapes the ELBO's terms, which the IWAE bound does not "
                         f"have; leave it at {off} with objective='iwae' (k sets its samples)"
                     )
+        warm_iwae = self.objective == "iwae" and (self.kl_warmup_epochs or 0.0) > 0
+        if warm_iwae and self.gradient != "standard":
+            raise ValueError(
+                f"a KL warm-up of the IWAE bound tempers log p(z) − log q(z|x) in its weights, "
+                f"which has no gradient={self.gradient!r} form; use gradient='standard' with "
+                "kl_warmup_epochs, or kl_warmup_epochs=0"
+            )
         if self.gradient != "standard" and self.free_bits > 0:
             raise ValueError(
                 f"free bits replace the KL term with a clamped closed form, which has no "

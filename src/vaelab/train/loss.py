@@ -83,7 +83,9 @@ class StepObjective(nn.Module):
         model = self.model if condition is None else self.model.given(condition)
         terms: ElboTerms | IwaeTerms
         if config.objective == "iwae":
-            terms = model.iwae(x, k=config.k, gradient=config.gradient, noise=noise)
+            terms = model.iwae(
+                x, k=config.k, gradient=config.gradient, noise=noise, kl_weight=kl_weight
+            )
             loss = -terms.objective.sum() * scale
         else:
             terms = model.elbo(
