@@ -197,6 +197,9 @@ def test_stl_changes_no_elbo_value(setting, kl, beta):
     torch.manual_seed(7)
     stl = elbo(*args, samples=3, kl=kl, beta=beta, gradient="stl")
     for name, value in stl._asdict().items():
+        if value is None:  # the KL per layer, which a one-layer draw does not give
+            assert getattr(standard, name) is None, name
+            continue
         assert torch.equal(value, getattr(standard, name)), name
         # Only the objective carries the STL gradient; the reported terms are values.
         assert value.requires_grad == (name == "objective"), name
@@ -212,6 +215,9 @@ def test_stl_and_dreg_change_no_iwae_value(setting):
         torch.manual_seed(8)
         terms = iwae_bound(*args, k=5, gradient=gradient)
         for name, value in terms._asdict().items():
+            if value is None:  # the KL per layer, which a one-layer draw does not give
+                assert getattr(standard, name) is None, (gradient, name)
+                continue
             assert torch.equal(value, getattr(standard, name)), (gradient, name)
             assert value.requires_grad == (name == "objective"), (gradient, name)
         # Evaluation under no_grad (as the trainer's pre-flight check runs it) needs no hook.

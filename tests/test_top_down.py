@@ -2,7 +2,7 @@
 against the explicit factor product, per-layer log-densities, the linear-Gaussian depth oracle
 (exact weights with one-unit layers, IWAE within its standard error of the exact log p(x) at
 depth 4, a trained linear model at the pPCA maximum), DReG and STL across layers, the shared
-generative path, reuse of the prior's log-densities, fit / save / load at 2, 3 and 5 layers, and
+generative path, log p(z) from the posterior's own draw, fit / save / load at 2, 3 and 5 layers, and
 every refusal."""
 
 from __future__ import annotations
@@ -164,29 +164,31 @@ def test_detached_stops_the_evidence_and_the_shared_weights_but_not_the_prior():
     assert all(g is not None and bool(g.abs().sum() > 0) for g in found)
 
 
-def test_the_draw_gives_each_layers_log_q_and_the_conditionals_own_parameters():
-    """``from_noise_by_layer`` draws the z of ``from_noise`` and each layer's log q(z_l | z_{l+1},
-    x) there, equal to ``layer_log_prob`` at z (torch.distributions' Normal densities) and
-    summing to ``from_noise``'s log q, also for the detached chain; the reparameterisation
-    helper gives None for a chain without it (a bottom-up one), whose z is ``from_noise``'s. The
+def test_the_draw_gives_each_layers_log_ratio_and_the_conditionals_own_parameters():
+    """``draw_with_log_ratio`` draws the z of ``from_noise`` and each layer's log q(z_l | z_{l+1},
+    x) − log p(z_l | z_{l+1}) there, equal to both sides' ``layer_log_prob`` at z
+    (torch.distributions' Normal densities) and summing to log q(z) − log p(z); only against the
+    chain's own prior (not another model's, not a bottom-up chain's), and not once detached. The
     conditionals' (μ, log σ²) read without a distribution are those of the distribution."""
-    from vaelab.distributions.sampling import reparameterise_by_layer
+    from vaelab.distributions.sampling import reparameterise_with_log_ratio
     from vaelab.distributions.top_down import conditional_gaussian, gaussian_parameters
 
     model = top_down((4, 3, 2), prior="learnable")
+    other = top_down((4, 3, 2), prior="learnable", seed=1)
     x = torch.randn(5, 6, dtype=F64)
     eps = torch.randn(2, 5, 9, dtype=F64)
-    for q in (model.posterior(x), model.posterior(x).detached()):
-        z, log_q = q.from_noise(eps)
-        drawn, rows = q.from_noise_by_layer(eps)
-        assert torch.equal(drawn, z) and rows.shape == (3, 2, 5)
-        torch.testing.assert_close(rows, q.layer_log_prob(z), rtol=1e-12, atol=1e-10)
-        torch.testing.assert_close(rows.sum(0), log_q, rtol=1e-12, atol=1e-10)
-        assert torch.equal(reparameterise_by_layer(q, eps)[1], rows)
+    q, p = model.posterior(x), model.prior()
+    z, log_q = q.from_noise(eps)
+    drawn = reparameterise_with_log_ratio(q, p, eps)
+    assert drawn is not None
+    assert torch.equal(drawn[0], z) and drawn[1].shape == (2, 5, 3)
+    expected = q.layer_log_prob(z) - p.layer_log_prob(z)  # [L, samples, batch]
+    torch.testing.assert_close(drawn[1], expected.movedim(0, -1), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(drawn[1].sum(-1), log_q - p.log_prob(z), rtol=1e-12, atol=1e-10)
+    assert reparameterise_with_log_ratio(q, other.prior(), eps) is None
+    assert reparameterise_with_log_ratio(q.detached(), p, eps) is None
     flat = build_model(ModelConfig(data_shape=(6,), latent_dim=(4, 2))).double()
-    q = flat.posterior(x)
-    z, none = reparameterise_by_layer(q, eps[..., :6])
-    assert none is None and torch.equal(z, q.from_noise(eps[..., :6])[0])
+    assert reparameterise_with_log_ratio(flat.posterior(x), flat.prior(), eps[..., :6]) is None
     conditional = model.prior.conditionals[0]
     value = torch.randn(5, 2, dtype=F64)
     for got, expected in zip(
@@ -197,63 +199,47 @@ def test_the_draw_gives_each_layers_log_q_and_the_conditionals_own_parameters():
         assert torch.equal(got, expected)
 
 
-def test_the_prior_reuses_the_posteriors_pass_while_nothing_changed():
-    """log p(z) at the posterior's own draw comes from its pass (the prior's networks run once),
-    with the same value and gradient as a recomputation; not after q's gradient is stopped (DReG
-    hooks z), nor after the prior's weights or z change."""
-    model = top_down((4, 3, 2))
+@pytest.mark.parametrize("objective", ["elbo", "iwae"])
+def test_the_bounds_take_log_p_from_the_posteriors_draw(objective):
+    """The ELBO and the IWAE bound of a top-down model run the prior's networks once per draw
+    (the posterior's pass) and give the same value, the same gradient in every parameter and the
+    same KL per layer as the bound written out with ``log_prob`` of q and p, which runs them
+    twice (torch.distributions' densities); DReG, whose q is stopped, recomputes log p(z)."""
+    from vaelab.objectives.layers import kl_per_layer
+
+    model = top_down((4, 3, 2), prior="learnable")
     x = torch.randn(3, 6, dtype=F64)
+    k = 4
+    eps = torch.randn(k, 3, 9, dtype=F64)
     calls = []
-    handle = model.prior.conditionals[0].register_forward_hook(lambda *a: calls.append(1))
-
-    def counted(function):
-        n = len(calls)
-        value = function()
-        return value, len(calls) - n
-
-    with torch.no_grad():
-        q, p = model.posterior(x), model.prior()
-        z, _ = q.rsample_and_log_prob((5,))
-        reused, ran = counted(lambda: p.log_prob(z))
-        assert ran == 0
-        again, ran = counted(lambda: p.log_prob(z))  # the slot is emptied: recomputed
-        assert ran == 1
-        torch.testing.assert_close(reused, again, rtol=1e-12, atol=1e-12)
-        # An unsqueezed view of the same draw (the ELBO's [1, batch, latent]) is the same z.
-        z1, _ = q.rsample_and_log_prob()
-        view, ran = counted(lambda: p.log_prob(z1.unsqueeze(0))[0])
-        assert ran == 0
-        torch.testing.assert_close(view, p.log_prob(z1))
-    # With gradients: the same gradient in every parameter as a recomputation.
-    params = [*model.posterior.parameters(), *model.prior.parameters()]
-    for reuse in (True, False):
-        torch.manual_seed(0)
-        q = model.posterior(x)
-        z, log_q = q.rsample_and_log_prob((2,))
-        if not reuse:
-            model.prior.reuse.clear()
-        value, ran = counted(lambda z=z, log_q=log_q: (log_q - model.prior().log_prob(z)).sum())
-        assert ran == (0 if reuse else 1)
-        grads = torch.autograd.grad(value, params)
-        if reuse:
-            expected = (value, grads)
-    torch.testing.assert_close(value, expected[0], rtol=1e-12, atol=1e-12)
-    for a, b in zip(grads, expected[1], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # Not after stop_gradient(q), not after an optimiser step, not at a changed z.
-    q = model.posterior(x)
-    z, _ = q.rsample_and_log_prob()
-    stop_gradient(q)
-    assert counted(lambda: model.prior().log_prob(z))[1] == 1
-    optimiser = torch.optim.Adam(model.parameters(), lr=0.1)
-    z, log_q = model.posterior(x).rsample_and_log_prob()
-    (log_q.sum() + model.likelihood.log_prob(x, z).sum()).backward()
-    optimiser.step()
-    assert counted(lambda: model.prior().log_prob(z.detach()))[1] == 1
-    with torch.no_grad():
-        z, _ = model.posterior(x).rsample_and_log_prob()
-        z.add_(1.0)
-        assert counted(lambda: model.prior().log_prob(z))[1] == 1
+    # The network itself: the draw calls it without the conditional module's own __call__.
+    network = model.prior.conditionals[0].encoder
+    handle = network.register_forward_hook(lambda *a: calls.append(1))
+    params = list(model.parameters())
+    if objective == "elbo":
+        terms = model.elbo(x, samples=k, noise=eps)
+        value = terms.elbo.sum()
+    else:
+        terms = model.iwae(x, k=k, noise=eps)
+        value = terms.bound.sum()
+    assert len(calls) == 1
+    grads = torch.autograd.grad(value, params)
+    q, p = model.posterior(x), model.prior()
+    z, _ = q.from_noise(eps)
+    log_w = model.likelihood.log_prob(x, z) - (q.log_prob(z) - p.log_prob(z))
+    written = log_w.mean(0) if objective == "elbo" else torch.logsumexp(log_w, 0) - math.log(k)
+    torch.testing.assert_close(value, written.sum(), rtol=1e-12, atol=1e-10)
+    for got, expected in zip(grads, torch.autograd.grad(written.sum(), params), strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert terms.layer_kl is not None and terms.layer_kl.shape == (3, 3)
+    torch.testing.assert_close(terms.layer_kl, kl_per_layer(q, p, z), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(terms.layer_kl.sum(-1), terms.kl, rtol=1e-12, atol=1e-10)
+    if objective == "iwae":
+        calls.clear()
+        dreg = model.iwae(x, k=k, noise=eps, gradient="dreg")
+        # The draw, the stopped q's log q(z) and the prior's log p(z): three passes.
+        assert len(calls) == 3 and dreg.layer_kl is None
+        torch.testing.assert_close(dreg.bound, terms.bound, rtol=1e-12, atol=1e-10)
     handle.remove()
 
 
@@ -512,6 +498,10 @@ def test_fit_save_and_load_give_the_same_outputs(sizes, network, digits, tmp_pat
     np.testing.assert_array_equal(
         vae.log_likelihood(X[:5], k=20), loaded.log_likelihood(X[:5], k=20)
     )
+    # Each example's KL per layer comes with its terms and sums to its KL.
+    terms = loaded.elbo_terms(X[:7], samples=3)
+    assert terms.layer_kl is not None and terms.layer_kl.shape == (7, len(sizes))
+    torch.testing.assert_close(terms.layer_kl.sum(-1), terms.kl)
 
 
 def test_vaelab_train_takes_the_flag_and_the_toml_key(tmp_path, capsys):

@@ -162,6 +162,10 @@ class MLP(nn.Module):
         The leading dimensions are folded into one for the layers: matrix products of 2-D inputs,
         instead of a fold and an unfold around every layer as ``Linear`` does for more dimensions.
         """
+        plain = self.input_scale is None and condition is None and self.condition_dim == 0
+        if plain and x.dim() == 2 and len(self.in_shape) == 1:  # [batch, features]: the layers
+            out: torch.Tensor = self.layers(x)
+            return out
         if self.input_scale is not None:
             x = self.input_scale(x)
         lead = x.shape[: x.dim() - len(self.in_shape)]

@@ -43,7 +43,12 @@ class DiagonalGaussianPosterior(nn.Module):
         caller that reads the two tensors alone (the top-down sampling pass, at every layer and
         step) skips building ``Normal`` and its σ = exp(½ log σ²)."""
         features = apply_network(self.encoder, x, condition)
-        mu, log_var = features.split(self.latent_dim, dim=-1)
+        if features.shape[-1] != 2 * self.latent_dim:
+            raise ValueError(
+                f"the encoder gave {features.shape[-1]} features; a diagonal Gaussian of "
+                f"{self.latent_dim} units needs {2 * self.latent_dim} (μ and log σ²)"
+            )
+        mu, log_var = features.chunk(2, dim=-1)  # chunk: a step cheaper than split's wrapper
         return mu, log_var
 
 

@@ -9,8 +9,8 @@ p(z_L), p(z_{L−1} | z_L), …, p(z₁ | z₂), the prior's own networks, and e
 precision-weighted merge of the prior's conditional at the layer above and the evidence
 (``vaelab.distributions.top_down.merge``). The likelihood reads z₁.
 
-The prior is :class:`TopDownPrior` (the hierarchical prior of ``vaelab.components.hierarchy``
-with a slot for reused log-densities); the posterior :class:`TopDownPosterior` holds the bottom-up
+The prior is :class:`TopDownPrior` (the hierarchical prior of ``vaelab.components.hierarchy``,
+whose distributions the posterior's draws know as their own); the posterior :class:`TopDownPosterior` holds the bottom-up
 pass and *calls* the prior's networks without owning them, so the generative weights exist once,
 under ``prior.`` in a state dict, and q and p share them.
 
@@ -27,7 +27,7 @@ from torch import nn
 
 from vaelab.components.hierarchy import HierarchicalPrior
 from vaelab.components.networks import MLP, InputScale, activation_module
-from vaelab.distributions.top_down import PriorReuse, TopDownChain, TopDownPriorChain
+from vaelab.distributions.top_down import TopDownChain, TopDownPriorChain
 
 __all__ = [
     "BottomUpMLP",
@@ -42,7 +42,13 @@ Evidence = list[tuple[torch.Tensor, torch.Tensor]]
 
 def split_evidence(outputs: Sequence[torch.Tensor], sizes: Sequence[int]) -> Evidence:
     """Each head's ``[batch, 2 d_l]`` cut into (μ̂_l, log σ̂_l²)."""
-    return [tuple(out.split(d, dim=-1)) for out, d in zip(outputs, sizes, strict=True)]
+    evidence: Evidence = []
+    for out, d in zip(outputs, sizes, strict=True):
+        if out.shape[-1] != 2 * d:
+            raise ValueError(f"a head gave {out.shape[-1]} features for a layer of {d} units")
+        loc, log_var = out.chunk(2, dim=-1)  # chunk: a step cheaper than split's wrapper
+        evidence.append((loc, log_var))
+    return evidence
 
 
 class BottomUpMLP(nn.Module):
@@ -95,17 +101,13 @@ class BottomUpMLP(nn.Module):
 
 class TopDownPrior(HierarchicalPrior):
     """p(z_L) ∏_{l<L} p(z_l | z_{l+1}) (``vaelab.components.hierarchy.HierarchicalPrior``) whose
-    distributions take the per-layer log-densities that the posterior's sampling pass left for the
-    same z (``vaelab.distributions.top_down.PriorReuse``). ``top`` must give a diagonal Gaussian."""
-
-    def __init__(
-        self, top: nn.Module, conditionals: Sequence[nn.Module], sizes: Sequence[int]
-    ) -> None:
-        super().__init__(top, conditionals, sizes)
-        self.reuse = PriorReuse(self.parameters)
+    distributions name this module as their source, as the posterior's chains drawn through its
+    networks do: a bound then takes log p(z) from the posterior's draw
+    (``vaelab.distributions.top_down.TopDownChain.draw_with_log_ratio``). ``top`` must give a
+    diagonal Gaussian."""
 
     def forward(self, condition: torch.Tensor | None = None) -> TopDownPriorChain:
-        return TopDownPriorChain(self.top(), tuple(self.conditionals), self.sizes, self.reuse)
+        return TopDownPriorChain(self.top(), tuple(self.conditionals), self.sizes, source=self)
 
 
 class TopDownPosterior(nn.Module):
@@ -122,32 +124,6 @@ class TopDownPosterior(nn.Module):
         super().__init__()
         self.bottom_up = bottom_up
         self._prior = (prior,)
-        # The last call's x, its mode, the tensors its pass read (x and the weights) with their
-        # versions then, and its evidence (``evidence``).
-        self._last: tuple[bool, tuple[torch.Tensor, ...], tuple[int, ...], Evidence] | None = None
-
-    def evidence(self, x: torch.Tensor) -> Evidence:
-        """The bottom-up pass over ``x``; under ``torch.no_grad`` taken once from the call before
-        when that call read the same tensor ``x``, unchanged, with the same weights and mode: the
-        training step's second look at its batch (the KL per layer it reports, values only,
-        ``vaelab.train.loss``) then costs no second bottom-up pass. The numbers are those a new
-        pass gives; a call that records a graph always runs its own pass (the graph of the one
-        before may be freed by a backward pass)."""
-        last, self._last = self._last, None
-        if torch.compiler.is_compiling():
-            return self.bottom_up(x)
-        if (
-            last is not None
-            and not torch.is_grad_enabled()
-            and last[0] == self.training
-            and last[1][0] is x
-            and last[2] == tuple(t._version for t in last[1])
-        ):
-            return last[3]
-        found: Evidence = self.bottom_up(x)
-        tensors = (x, *self.bottom_up.parameters())
-        self._last = (self.training, tensors, tuple(t._version for t in tensors), found)
-        return found
 
     @property
     def prior(self) -> TopDownPrior:
@@ -163,9 +139,9 @@ class TopDownPosterior(nn.Module):
         return TopDownChain(
             prior.top(),
             tuple(prior.conditionals),
-            self.evidence(x),
+            self.bottom_up(x),
             prior.sizes,
-            reuse=prior.reuse,
+            source=prior,
         )
 
 
@@ -191,7 +167,7 @@ class LocalTopDownPosterior(nn.Module):
     def distribution(self) -> TopDownChain:
         q = self._chain[0]
         evidence = list(zip(self.locs, self.log_vars, strict=True))
-        return TopDownChain(q.top, q.conditionals, evidence, q.sizes)
+        return TopDownChain(q.top, q.conditionals, evidence, q.sizes, source=q.source)
 
     def forward(self, x: torch.Tensor) -> TopDownChain:
         if x.shape[0] != self.n_examples:

@@ -54,17 +54,19 @@ def reparameterise(
     return location_scale_sample(q, noise), None
 
 
-def reparameterise_by_layer(
-    q: Distribution, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """z from standard normal ε as :func:`reparameterise` draws it, and log q of each stochastic
-    layer there, ``[L, samples, batch]``, where the same pass gives it (a top-down chain's
-    ``from_noise_by_layer``); else None, for ``q.layer_log_prob(z)`` to compute."""
-    by_layer = getattr(q, "from_noise_by_layer", None)
-    if callable(by_layer):
-        z, rows = by_layer(noise)
-        return z, rows
-    return reparameterise(q, noise)[0], None
+def reparameterise_with_log_ratio(
+    q: Distribution, p: Distribution, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """z from standard normal ε as :func:`reparameterise` draws it, and for each stochastic layer
+    log q_l(z_l | ·) − log p_l(z_l | ·) there, ``[samples, batch, L]``, z₁'s first, where q
+    evaluates p's densities on its way (a top-down chain drawn through its prior's own networks:
+    ``draw_with_log_ratio``); else None. The rows sum to log q(z) − log p(z), the integrand of
+    the Monte Carlo KL."""
+    joint = getattr(q, "draw_with_log_ratio", None)
+    if not callable(joint):
+        return None
+    drawn: tuple[torch.Tensor, torch.Tensor] | None = joint(p, noise)
+    return drawn
 
 
 def rsample_with_log_prob(

@@ -16,8 +16,10 @@ precision-weighted Gaussian
 posterior calls them at its own draws, so the generative path is shared, not copied.
 
 The prior is an ordinary :class:`vaelab.distributions.chain.GaussianChain` drawn from z_L down
-(:class:`TopDownPriorChain`); it reuses the per-layer log-densities that the posterior's sampling pass
-computed on the way, when asked at the same z (see :class:`PriorReuse`).
+(:class:`TopDownPriorChain`). Since the posterior's draw evaluates the prior's conditionals at the
+layers it draws, it gives log q − log p of each layer at its draw in the same pass
+(:meth:`TopDownChain.draw_with_log_ratio`): the bounds' Monte Carlo KL then costs no second pass
+through the prior's networks.
 
 Shapes: ``batch_shape [batch]`` (posterior) or ``[]`` (prior), ``event_shape [Σ_l d_l]`` with z₁
 first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'s row first.
@@ -26,18 +28,18 @@ first; samples ``[*S, *B, Σ_l d_l]``; ``layer_log_prob`` ``[L, *S, *B]``, z₁'
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution, Independent, Normal, constraints
 
 from vaelab.distributions.chain import GaussianChain, call_module
-from vaelab.distributions.normal import DiagonalNormal
+from vaelab.distributions.normal import DiagonalNormal, StandardNormal
 from vaelab.distributions.stop_gradient import stop_gradient
 
 __all__ = [
-    "PriorReuse",
     "TopDownChain",
     "TopDownPriorChain",
     "conditional_gaussian",
@@ -64,8 +66,9 @@ def merge(prior: Distribution, loc: torch.Tensor, log_var: torch.Tensor) -> Diag
 
         σ_q⁻² = σ̂⁻² + σ_p⁻²,   μ_q = w μ̂ + (1 − w) μ_p,   w = σ̂⁻² / (σ̂⁻² + σ_p⁻²),
 
-    in log-variances: log σ_q² = −logaddexp(−log σ̂², −log σ_p²) and w = sigmoid(log σ_p² −
-    log σ̂²), which neither overflows nor divides by a vanishing precision."""
+    in log-variances, with t = log σ_p² − log σ̂²: w = sigmoid(t) and log σ_q² = log σ_p² −
+    softplus(t) (σ_q² = σ_p² / (1 + e^t)), which neither overflows nor divides by a vanishing
+    precision."""
     prior_loc, prior_log_var = gaussian_parameters(prior)
     return DiagonalNormal(*merged(prior_loc, prior_log_var, loc, log_var))
 
@@ -94,62 +97,30 @@ def merged(
     prior_loc: torch.Tensor, prior_log_var: torch.Tensor, loc: torch.Tensor, log_var: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_q, log σ_q²) of :func:`merge`, as tensors."""
-    weight = torch.sigmoid(prior_log_var - log_var)
-    mean = prior_loc + weight * (loc - prior_loc)
-    return mean, -torch.logaddexp(-log_var, -prior_log_var)
+    mean, q_log_var, _ = _merged_with_spread(prior_loc, prior_log_var, loc, log_var)
+    return mean, q_log_var
 
 
-class PriorReuse:
-    """A slot shared by a top-down prior module and its posterior: the last posterior draw z and
-    the prior's per-layer log-densities there, ``[L, *S, *B]``, which the posterior's pass
-    computed on its way (it needs p(z_l | z_{l+1}) to merge), taken once by the prior's
-    ``layer_log_prob`` at that same z instead of running the prior's networks again.
+# softplus(t) is computed as log(1 + e^t) up to t = 40 and as t above, where the two differ by
+# e^−40: below float64's resolution, unlike torch's default switch at 20.
+_SOFTPLUS_LINEAR_ABOVE = 40.0
 
-    Taken only while nothing they depend on has changed: z is the stored tensor (or a view of it
-    of the same size) unchanged since (its version counter), and so are the prior's parameters
-    (``watched``; an optimiser step bumps their versions). The stored log p(z) has the same value
-    (up to float rounding: ``TopDownChain.from_noise`` computes it without
-    ``torch.distributions``) and, through the prior's weights and through z's layers, the same
-    gradient as a recomputed one, with one difference: it reaches each layer of z by that layer's own path rather than
-    through the joined z, so a hook registered on z (the DReG estimator's, which multiplies
-    the gradient arriving at z by the importance weight) would miss it. The estimators that hook
-    z first stop q's gradient (``detached()``), which empties the slot, so they recompute; the
-    slot is also left alone under ``torch.compile``."""
 
-    def __init__(self, watched: Callable[[], Iterable[torch.Tensor]] = tuple) -> None:
-        self.watched = watched
-        self.clear()
-
-    def clear(self) -> None:
-        self.z: torch.Tensor | None = None
-        self.layers: torch.Tensor | None = None
-        self.tensors: tuple[torch.Tensor, ...] = ()  # z and the watched tensors, as put
-        self.versions: tuple[int, ...] = ()
-
-    def put(self, z: torch.Tensor, layers: torch.Tensor) -> None:
-        if torch.compiler.is_compiling():
-            return
-        self.z, self.layers = z, layers
-        # The watched tensors are listed once, here (a module's parameters() walks its tree).
-        self.tensors = (z, *self.watched())
-        self.versions = tuple(t._version for t in self.tensors)
-
-    def take(self, value: torch.Tensor) -> torch.Tensor | None:
-        """The stored rows when ``value`` is the stored z (module docstring), else None; the
-        slot is emptied either way."""
-        z, layers, tensors, versions = self.z, self.layers, self.tensors, self.versions
-        self.clear()
-        if z is None or layers is None or torch.compiler.is_compiling():
-            return None
-        same = (
-            value.data_ptr() == z.data_ptr()
-            and value.numel() == z.numel()
-            and value.shape[-1] == z.shape[-1]
-            and value.dtype == z.dtype
-            and value.device == z.device
-            and versions == tuple(t._version for t in tensors)
-        )
-        return layers.reshape(layers.shape[:1] + value.shape[:-1]) if same else None
+def _merged_with_spread(
+    prior_loc: torch.Tensor | None,
+    prior_log_var: torch.Tensor | None,
+    loc: torch.Tensor,
+    log_var: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(μ_q, log σ_q²) of :func:`merge` and softplus(t) = log σ_p² − log σ_q², the log-ratio of
+    the prior's variance to the posterior's, which the KL row reads. ``prior_loc`` and
+    ``prior_log_var`` None: the prior is N(0, I) (μ_p = 0, log σ_p² = 0)."""
+    t = -log_var if prior_log_var is None else prior_log_var - log_var
+    spread = F.softplus(t, threshold=_SOFTPLUS_LINEAR_ABOVE)
+    weight = torch.sigmoid(t)
+    if prior_loc is None or prior_log_var is None:
+        return weight * loc, -spread, spread
+    return prior_loc + weight * (loc - prior_loc), prior_log_var - spread, spread
 
 
 class TopDownChain(Distribution):
@@ -159,7 +130,9 @@ class TopDownChain(Distribution):
     draw order, the first z_L → p(z_{L−1}|z_L); ``evidence`` the bottom-up (μ̂_l, log σ̂_l²) of
     each layer, z₁ first, each ``[*B, d_l]``; ``sizes`` d₁, …, d_L. ``frozen`` evaluates
     everything q reads, the evidence and the shared networks, with gradients stopped
-    (:meth:`detached`); ``reuse`` receives the prior's log-densities at each draw.
+    (:meth:`detached`). ``source`` is the module that gave ``top`` and ``conditionals`` (the
+    model's prior): a prior distribution with the same ``source`` is this chain's own, whose
+    log-densities :meth:`draw_with_log_ratio` computes on the way.
     """
 
     arg_constraints: dict[str, constraints.Constraint] = {}
@@ -174,7 +147,7 @@ class TopDownChain(Distribution):
         sizes: Sequence[int],
         *,
         frozen: bool = False,
-        reuse: PriorReuse | None = None,
+        source: nn.Module | None = None,
     ) -> None:
         self.sizes = tuple(int(d) for d in sizes)
         if not len(self.sizes) == len(evidence) == len(conditionals) + 1:
@@ -186,7 +159,7 @@ class TopDownChain(Distribution):
         self.conditionals = tuple(conditionals)
         self.evidence = tuple(evidence)
         self.frozen = frozen
-        self.reuse = reuse
+        self.source = source
         batch = evidence[0][0].shape[:-1]
         super().__init__(batch, torch.Size([sum(self.sizes)]), validate_args=False)
 
@@ -252,79 +225,84 @@ class TopDownChain(Distribution):
     # ------------------------------------------------------------------------ sampling
     def from_noise(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """z and log q(z|x) from standard normal ``eps [*S, *B, Σ_l d_l]`` (each layer's ε where
-        the layer lies in z), drawn top-down and differentiable in every parameter; the prior's
-        per-layer log-densities at z, computed on the way, go to ``reuse``.
+        the layer lies in z), drawn top-down and differentiable in every parameter.
 
-        The training step's path, so it works on tensors, not distribution objects: at each layer
-        (μ_p, log σ_p²) of the prior's conditional (:func:`conditional_gaussian`), (μ_q, log σ_q²)
-        = :func:`merged`, z_l = μ_q + σ_q ε_l. At that z the log-densities need no division:
+        It works on tensors, not distribution objects: at each layer (μ_p, log σ_p²) of the
+        prior's conditional (:func:`conditional_gaussian`), (μ_q, log σ_q²) = :func:`merged`,
+        z_l = μ_q + σ_q ε_l. At that z, since (z_l − μ_q) / σ_q = ε, the log-density needs no
+        division:
 
             log q(z|x) = −½ Σ (ε² + log σ_q² + log 2π),
-            log p(z_l | z_{l+1}) = −½ Σ ((z_l − μ_p)² e^{−log σ_p²} + log σ_p² + log 2π),
 
-        the first because (z_l − μ_q) / σ_q = ε. They equal ``torch.distributions``' values up to
-        float rounding (the same functions of every parameter, so the same gradients too)."""
-        z, log_q, _ = self._draw(eps, by_layer=False)
-        return z, log_q
-
-    def from_noise_by_layer(self, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """z as :meth:`from_noise` draws it and log q(z_l | z_{l+1}, x) of each layer there,
-        ``[L, *S, *B]``, z₁'s row first: :meth:`layer_log_prob` at z (equal up to float rounding,
-        the same ε form as ``from_noise`` layer by layer), without a second pass through the
-        prior's networks. What the trainer's KL per layer reads."""
-        z, _, rows = self._draw(eps, by_layer=True)
-        assert rows is not None
-        return z, rows
-
-    def _draw(
-        self, eps: torch.Tensor, *, by_layer: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """z, log q(z|x) and (``by_layer``) its rows per layer, z₁'s first (:meth:`from_noise`)."""
+        equal to ``torch.distributions``' value up to float rounding (the same function of every
+        parameter, so the same gradient too)."""
         if self.frozen:
             drawn, _, posteriors = self._pass(None, eps)
-            rows = [q.log_prob(b) for q, b in zip(posteriors, drawn, strict=True)]
-            log_q = sum(rows)
+            log_q = sum(q.log_prob(b) for q, b in zip(posteriors, drawn, strict=True))
             assert isinstance(log_q, torch.Tensor)
-            stacked = self._rows(rows, eps.shape[:-1]) if by_layer else None
-            return self._join(drawn), log_q, stacked
+            return self._join(drawn), log_q
+        blocks, q_log_vars, _ = self._walk(eps, prior_rows=False)
+        # Summed layer by layer: the top layer's log σ_q² has no sample dimensions.
+        total = q_log_vars[0].sum(-1)
+        for q_log_var in q_log_vars[1:]:
+            total = total + q_log_var.sum(-1)
+        log_q = -0.5 * (eps.square().sum(-1) + total) - sum(self.sizes) * _HALF_LOG_2PI
+        return self._join(blocks), log_q
+
+    def draw_with_log_ratio(
+        self, prior: Distribution, eps: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """z as :meth:`from_noise` draws it from ``eps [*S, *B, Σ_l d_l]`` and, per layer, the
+        log-ratio log q(z_l | z_{l+1}, x) − log p(z_l | z_{l+1}) there, ``[*S, *B, L]``, z₁'s
+        column first: the Monte Carlo KL of each layer from this draw, whose sum over layers is
+        log q(z|x) − log p(z). None when ``prior`` is not this chain's own (another ``source``)
+        or the chain is frozen (:meth:`detached`: its estimators hook z, which the rows reach
+        layer by layer, not through the joined z).
+
+        The draw evaluates the prior's conditional at each layer anyway, so p's densities cost no
+        second pass through its networks. With ε_l = (z_l − μ_q) / σ_q and the ½ log 2π terms
+        cancelled, each row is
+
+            ½ Σ [(z_l − μ_p)² e^{−log σ_p²} + log σ_p² − ε_l² − log σ_q²],
+
+        equal to ``layer_log_prob`` of q minus that of p (``torch.distributions``' Normal, rows
+        ``[L, *S, *B]``) up to float rounding, with the same gradient in every parameter."""
+        if self.frozen or self.source is None or getattr(prior, "source", None) is not self.source:
+            return None
+        blocks, _, rows = self._walk(eps, prior_rows=True)
+        return self._join(blocks), torch.stack(rows[::-1], dim=-1)
+
+    def _walk(
+        self, eps: torch.Tensor, *, prior_rows: bool
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """The draw from z_L down (:meth:`from_noise`): each layer's z_l and log σ_q², and with
+        ``prior_rows`` its log-ratio row (:meth:`draw_with_log_ratio`); lists in draw order."""
         noise = eps.split(self.sizes, dim=-1)[::-1]
         blocks: list[torch.Tensor] = []
-        log_p_rows: list[torch.Tensor] = []
-        log_q_rows: list[torch.Tensor] = []
-        q_log_var_sum: torch.Tensor | None = None
-        prior_loc, prior_log_var = gaussian_parameters(self.top)
+        q_log_vars: list[torch.Tensor] = []
+        rows: list[torch.Tensor] = []
+        prior_loc: torch.Tensor | None = None
+        prior_log_var: torch.Tensor | None = None
         for index, (loc, log_var) in enumerate(self.evidence[::-1]):
             if index:
                 prior_loc, prior_log_var = conditional_gaussian(
                     self.conditionals[index - 1], blocks[-1]
                 )
-            mean, q_log_var = merged(prior_loc, prior_log_var, loc, log_var)
+            elif not isinstance(self.top, StandardNormal):  # N(0, I) is None, None
+                prior_loc, prior_log_var = gaussian_parameters(self.top)
+            mean, q_log_var, spread = _merged_with_spread(prior_loc, prior_log_var, loc, log_var)
             block = mean + torch.exp(0.5 * q_log_var) * noise[index]
+            if prior_rows:
+                # (z − μ_p)² / σ_p², log σ_p² − log σ_q² = spread, and ε² for (z − μ_q)² / σ_q².
+                if prior_loc is None or prior_log_var is None:
+                    deviation = block.square()
+                else:
+                    deviation = (block - prior_loc).square() * torch.exp(-prior_log_var)
+                row = deviation + spread - noise[index].square()
+                rows.append(0.5 * row.sum(-1))
             blocks.append(block)
-            total = q_log_var.sum(-1)
-            q_log_var_sum = total if q_log_var_sum is None else q_log_var_sum + total
-            deviation = (block - prior_loc).square() * torch.exp(-prior_log_var)
-            log_p_rows.append(-0.5 * (deviation + prior_log_var).sum(-1) - self._normaliser(index))
-            if by_layer:
-                squares = noise[index].square().sum(-1)
-                log_q_rows.append(-0.5 * (squares + total) - self._normaliser(index))
-        assert q_log_var_sum is not None
-        log_q = -0.5 * (eps.square().sum(-1) + q_log_var_sum) - sum(self.sizes) * _HALF_LOG_2PI
-        z = self._join(blocks)
-        shape = eps.shape[:-1]
-        if self.reuse is not None:
-            self.reuse.put(z, self._rows(log_p_rows, shape))
-        return z, log_q, self._rows(log_q_rows, shape) if by_layer else None
-
-    @staticmethod
-    def _rows(rows: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
-        """Per-layer rows in draw order (z_L first), each ``[*S, *B]`` or broadcastable to it, as
-        one ``[L, *S, *B]`` with z₁'s row first."""
-        return torch.stack([row if row.shape == shape else row.expand(shape) for row in rows[::-1]])
-
-    def _normaliser(self, index: int) -> float:
-        """½ d log 2π of the ``index``-th layer drawn (z_L first)."""
-        return self.sizes[::-1][index] * _HALF_LOG_2PI
+            q_log_vars.append(q_log_var)
+        return blocks, q_log_vars, rows
 
     def rsample_and_log_prob(
         self, sample_shape: Sequence[int] = ()
@@ -344,13 +322,10 @@ class TopDownChain(Distribution):
     def detached(self) -> TopDownChain:
         """The same q with everything it reads detached (the bottom-up evidence of x, p(z_L) and
         the shared generative networks as q calls them): ``log_prob`` keeps its values and has a
-        gradient through z only. The prior keeps its own gradients: it is another object.
-
-        Empties ``reuse``: an estimator that stops q's gradient may hook z, which a reused
-        log p(z) would bypass (:class:`PriorReuse`)."""
-        if self.reuse is not None:
-            self.reuse.clear()
-        return TopDownChain(self.top, self.conditionals, self.evidence, self.sizes, frozen=True)
+        gradient through z only. The prior keeps its own gradients: it is another object."""
+        return TopDownChain(
+            self.top, self.conditionals, self.evidence, self.sizes, frozen=True, source=self.source
+        )
 
     @property
     def mean(self) -> torch.Tensor:
@@ -361,22 +336,16 @@ class TopDownChain(Distribution):
 
 
 class TopDownPriorChain(GaussianChain):
-    """p(z_L) ∏ p(z_l | z_{l+1}), a :class:`GaussianChain` drawn from z_L down, that takes its
-    per-layer log-densities from ``reuse`` when the posterior's pass left them for this z."""
+    """p(z_L) ∏ p(z_l | z_{l+1}), a :class:`GaussianChain` drawn from z_L down; ``source`` is the
+    module that gave ``top`` and ``conditionals``, by which a :class:`TopDownChain` drawn through
+    the same networks knows it as its own prior (:meth:`TopDownChain.draw_with_log_ratio`)."""
 
     def __init__(
         self,
         top: Distribution,
         conditionals: Sequence[nn.Module],
         sizes: Sequence[int],
-        reuse: PriorReuse,
+        source: nn.Module | None = None,
     ) -> None:
         super().__init__(top, conditionals, sizes, reverse=True)
-        self.reuse = reuse
-
-    def layer_log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        stored = self.reuse.take(value)
-        return super().layer_log_prob(value) if stored is None else stored
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        return self.layer_log_prob(value).sum(0)
+        self.source = source

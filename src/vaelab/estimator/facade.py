@@ -711,7 +711,9 @@ class VAE(TransformerMixin, BaseEstimator):
     @torch.no_grad()
     def elbo_terms(self, X: Any, y: Any = None, samples: int = 16) -> ElboTerms:
         """Each example's ELBO with its reconstruction and KL terms: float64 CPU tensors ``[n]`` in
-        nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1)."""
+        nats, computed exactly as ``elbo`` computes them (``objective`` equals ``elbo``: β = 1);
+        for a top-down model also ``layer_kl`` ``[n, L]``, each stochastic layer's share of the
+        KL from the same draws (z₁'s first), else None."""
         x = self._tensor(X)
         condition = self._condition(y, x.shape[0], count="samples")
         self._compile_evaluation()
@@ -721,7 +723,15 @@ class VAE(TransformerMixin, BaseEstimator):
                 samples, (self.model_.latent_dim,), like=chunk
             )
             parts.append(model.elbo(chunk, samples=samples, noise=noise))
-        return ElboTerms(*(torch.cat([p[i].cpu() for p in parts]).double() for i in range(4)))
+
+        def joined(field: str) -> torch.Tensor:
+            return torch.cat([getattr(p, field).cpu() for p in parts]).double()
+
+        layers = [p.layer_kl for p in parts]
+        layer_kl = None if any(t is None for t in layers) else joined("layer_kl")
+        return ElboTerms(
+            joined("reconstruction"), joined("kl"), joined("elbo"), joined("objective"), layer_kl
+        )
 
     def elbo(self, X: Any, y: Any = None, samples: int = 16) -> np.ndarray:
         """Each example's ELBO in nats (float64 ``[n]``), with the exact KL where one exists and

@@ -60,7 +60,12 @@ from torch.distributions import Distribution, Independent, Normal, kl_divergence
 
 from vaelab.components.likelihoods import Likelihood
 from vaelab.distributions import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
-from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
+from vaelab.distributions.sampling import (
+    a_parameter,
+    reparameterise,
+    reparameterise_with_log_ratio,
+    rsample_with_log_prob,
+)
 from vaelab.distributions.stop_gradient import stop_gradient
 from vaelab.objectives.discrete import (
     DISCRETE_GRADIENTS,
@@ -85,12 +90,17 @@ class ElboTerms(NamedTuple):
     ``objective`` is what training maximises: its value is reconstruction − β · KL (Higgins et al.
     2017), equal to ``elbo`` with β = 1, and its gradient is the chosen estimator's. ``elbo`` is
     always the bound itself.
+
+    ``layer_kl`` ``[batch, L]``, where the draw gave it (a top-down posterior drawn through its
+    prior's networks, ``_draw``), is each stochastic layer's share of the Monte Carlo ``kl``
+    from the same draws, z₁'s first (``vaelab.objectives.layers``); else None.
     """
 
     reconstruction: torch.Tensor
     kl: torch.Tensor
     elbo: torch.Tensor
     objective: torch.Tensor
+    layer_kl: torch.Tensor | None = None
 
 
 class IwaeTerms(NamedTuple):
@@ -98,13 +108,15 @@ class IwaeTerms(NamedTuple):
     ``[batch]`` (what training maximises: the bound's value with the chosen estimator's gradient)
     and the two parts of the k draws' mean log weight, ``reconstruction`` = mean log p(x|zᵢ) and
     ``kl`` = mean [log q(zᵢ|x) − log p(zᵢ)] (Monte Carlo, ``[batch]``), whose difference
-    ``elbo`` is the ELBO estimated from the same draws."""
+    ``elbo`` is the ELBO estimated from the same draws. ``layer_kl`` ``[batch, L]``: each
+    stochastic layer's share of ``kl``, where the draw gave it (as ``ElboTerms.layer_kl``)."""
 
     bound: torch.Tensor
     log_weights: torch.Tensor
     objective: torch.Tensor
     reconstruction: torch.Tensor
     kl: torch.Tensor
+    layer_kl: torch.Tensor | None = None
 
     @property
     def elbo(self) -> torch.Tensor:
@@ -180,6 +192,37 @@ def _value_with_gradient_of(value: torch.Tensor, surrogate: torch.Tensor) -> tor
     value.detach() + (surrogate − surrogate.detach()) is exactly 0 for finite numbers, so the
     result equals ``value`` to the last bit, while a backward pass sees only ``surrogate``."""
     return value.detach() + (surrogate - surrogate.detach())
+
+
+def _draw(
+    q: Distribution,
+    p: Distribution,
+    noise: torch.Tensor | None,
+    sample_shape: tuple[int, ...],
+    *,
+    layers: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """z ``[*sample_shape, batch, latent]`` from q (from ``noise`` ε when given, else fresh),
+    log q(z) where the same pass gives it (a flow), and with ``layers`` the per-layer
+    log q_l − log p_l at z ``[*sample_shape, batch, L]`` where q computes p's densities on its
+    way (a top-down chain drawn through p's own networks:
+    ``vaelab.distributions.sampling.reparameterise_with_log_ratio``); else None."""
+    if layers and callable(getattr(q, "draw_with_log_ratio", None)):
+        eps = noise
+        if eps is None:  # the same draw of ε as the chain's own rsample
+            like = a_parameter(q)
+            shape = q._extended_shape(torch.Size(sample_shape))
+            eps = torch.randn(shape, dtype=like.dtype, device=like.device)
+        drawn = reparameterise_with_log_ratio(q, p, eps)
+        if drawn is not None:
+            return drawn[0], None, drawn[1]
+        z, log_q = reparameterise(q, eps)
+        return z, log_q, None
+    if noise is None:
+        z, log_q = rsample_with_log_prob(q, sample_shape)
+    else:
+        z, log_q = reparameterise(q, noise)
+    return z, log_q, None
 
 
 def kl_term(
@@ -262,24 +305,32 @@ def elbo(
                 gradient=_discrete(gradient, q, "elbo"),
             )
         )
+    p = prior()
+    # A top-down q gives each layer's log q − log p with its draw: the Monte Carlo KL (it has no
+    # closed form) without a second pass through the prior's networks. STL's path needs the
+    # joined z (stopped q), "analytic" the refusal of kl_term.
+    layers = gradient == "standard" and kl != "analytic"
+    layer_kl = None
     if samples == 1 and (noise is None or noise.shape[0] == 1):
         # The default, and the training loop's: one draw [batch, latent], so nothing to average
         # and no sample dimension to fold in and out of the decoder at every step.
-        z, log_q = rsample_with_log_prob(q) if noise is None else reparameterise(q, noise[0])
+        z, log_q, rows = _draw(q, p, None if noise is None else noise[0], (), layers=layers)
         reconstruction = likelihood.log_prob(x, z)  # [batch]
         z = z.unsqueeze(0)  # [1, batch, latent], for a Monte Carlo KL
         log_q = None if log_q is None else log_q.unsqueeze(0)
+        if rows is not None:  # [batch, L]
+            kl_value, layer_kl = rows.sum(-1), rows
     else:
-        z, log_q = (
-            rsample_with_log_prob(q, (samples,)) if noise is None else reparameterise(q, noise)
-        )
+        z, log_q, rows = _draw(q, p, noise, (samples,), layers=layers)
         reconstruction = likelihood.log_prob(x, z).mean(0)  # [batch]
-    p = prior()
-    kl_value, _ = kl_term(q, p, z, kl, log_q)
+        if rows is not None:  # [samples, batch, L]
+            kl_value, layer_kl = rows.sum(-1).mean(0), rows.mean(0)
+    if layer_kl is None:
+        kl_value, _ = kl_term(q, p, z, kl, log_q)
     bound = reconstruction - kl_value
     weighted = bound if beta == 1.0 else reconstruction - beta * kl_value
     if gradient == "standard":
-        return ElboTerms(reconstruction, kl_value, bound, weighted)
+        return ElboTerms(reconstruction, kl_value, bound, weighted, layer_kl)
     # STL: the path derivative alone. The score term E_q[∂ log q_φ(z)/∂φ] = 0 is dropped for any
     # β, so the β-weighted objective's gradient stays unbiased.
     kl_path = (stop_gradient(q).log_prob(z) - p.log_prob(z)).mean(0)  # [batch]
@@ -400,19 +451,21 @@ def iwae_bound(
                 gradient=_discrete(gradient, q, "iwae"),
             )
         )
-    if noise is None:
-        z, log_q = rsample_with_log_prob(q, (k,))  # [k, batch, latent], [k, batch] or None
-    else:
-        z, log_q = reparameterise(q, noise)
     p = prior()
+    # z [k, batch, latent]; log q [k, batch] or None; per-layer log q − log p [k, batch, L] or None
+    z, log_q, rows = _draw(q, p, noise, (k,), layers=gradient == "standard")
     if gradient == "standard":
-        reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)
+        if rows is None:
+            reconstruction, kl = _log_weight_parts(x, q, p, likelihood, z, log_q)
+        else:
+            reconstruction, kl = likelihood.log_prob(x, z), rows.sum(-1)
         log_w = reconstruction - kl  # [k, batch]
         bound = torch.logsumexp(log_w, dim=0) - math.log(k)
         objective = bound
         if kl_weight != 1.0:  # the warm-up's tempered weights
             objective = torch.logsumexp(reconstruction - kl_weight * kl, dim=0) - math.log(k)
-        return IwaeTerms(bound, log_w, objective, reconstruction.mean(0), kl.mean(0))
+        layer_kl = None if rows is None else rows.mean(0)
+        return IwaeTerms(bound, log_w, objective, reconstruction.mean(0), kl.mean(0), layer_kl)
     # The same numbers as the standard log weights; only the gradient through q differs.
     reconstruction, kl = _log_weight_parts(x, stop_gradient(q), p, likelihood, z, None)
     log_w = reconstruction - kl  # [k, batch]

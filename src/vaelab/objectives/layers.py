@@ -36,7 +36,6 @@ def kl_per_layer(
     p: Distribution,
     z: torch.Tensor,
     method: str = "auto",
-    layer_log_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each stochastic layer's share of KL(q ‖ p) per example, ``[batch, L]``, z₁'s first.
 
@@ -44,12 +43,10 @@ def kl_per_layer(
     ``layer_log_prob``) the shares are the Monte Carlo means over the draws of
     log q_l(z_l|·) − log p_l(z_l|·), which sum to the Monte Carlo KL from the same draws; with one
     layer the single column is ``kl_term(q, p, z, method)``, exact where a closed form exists.
-    ``layer_log_q`` ``[L, samples, batch]``, when given, is q's rows at z from the pass that drew
-    z (``vaelab.distributions.sampling.reparameterise_by_layer``), as ``kl_term``'s ``log_q``.
+    (A top-down model's bounds give the same shares from their own draw: ``ElboTerms.layer_kl``.)
     """
     if has_layers(q, p):
-        log_q = q.layer_log_prob(z) if layer_log_q is None else layer_log_q  # type: ignore[attr-defined]
-        layers = log_q - p.layer_log_prob(z)  # type: ignore[attr-defined]
+        layers = q.layer_log_prob(z) - p.layer_log_prob(z)  # type: ignore[attr-defined]
         return layers.mean(1).transpose(0, 1)  # [L, S, B] → [B, L]
     kl, _ = kl_term(q, p, z, method)
     return kl.unsqueeze(-1)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vaelab.distributions.sampling import reparameterise_by_layer, rsample_with_log_prob
+from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
 from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
@@ -39,13 +39,11 @@ class StepObjective(nn.Module):
 
     After each call ``layer_kl`` holds the step's KL per stochastic layer, ``[rows, L]``
     (detached; ``vaelab.objectives.layers.kl_per_layer``), which the trainer reports per epoch;
-    ``None`` when ``report_layers`` is False and nothing needed it: with several layers it costs
-    one more pass through the posterior and the prior (measured, ``bench/bench_survival.py``:
-    about a quarter of a step), so the trainer asks for it on every ``LAYER_KL_EVERY``-th batch.
-    A top-down posterior makes that pass cheaper: its bottom-up evidence is the step's own, and
-    the draw gives each layer's log q with z (``reparameterise_by_layer``), so the prior's
-    networks run once, not twice (on MNIST's five layers the report step went from 2.2 to 1.4 ms
-    more than a plain one).
+    ``None`` when ``report_layers`` is False and nothing needed it: with several bottom-up
+    layers it costs one more pass through the posterior and the prior (measured,
+    ``bench/bench_survival.py``: about a quarter of a step), so the trainer asks for it on every
+    ``LAYER_KL_EVERY``-th batch. A top-down model's bound gives it with the step's own draw
+    (``ElboTerms.layer_kl``), at no cost.
     """
 
     def __init__(self, model: VAEModel, config: TrainConfig, world: World) -> None:
@@ -86,7 +84,7 @@ class StepObjective(nn.Module):
             terms = model.iwae(
                 x, k=config.k, gradient=config.gradient, noise=noise, kl_weight=kl_weight
             )
-            loss = -terms.objective.sum() * scale
+            loss = terms.objective.sum() * -scale
         else:
             terms = model.elbo(
                 x, samples=config.samples, beta=kl_weight, gradient=config.gradient, noise=noise
@@ -94,7 +92,7 @@ class StepObjective(nn.Module):
             if config.free_bits > 0:
                 loss = self._free_bits_loss(model, x, terms, kl_weight, size)
             else:
-                loss = -terms.objective.sum() * scale
+                loss = terms.objective.sum() * -scale
         if config.layer_free_bits > 0 and isinstance(terms, ElboTerms):
             layer_kl = self._kl_per_layer(model, x, terms, noise)
             kl = self._batch_mean(layer_kl, size).clamp(min=config.layer_free_bits).sum()
@@ -102,7 +100,7 @@ class StepObjective(nn.Module):
             self.layer_kl = layer_kl.detach()
         elif self.layers == 1 or self.report_layers:
             with torch.no_grad():
-                self.layer_kl = self._kl_per_layer(model, x, terms, noise)
+                self.layer_kl = self._kl_per_layer(model, x, terms, noise).detach()
         else:
             self.layer_kl = None
         # NVIL's running moments move by the whole batch's signal, summed over the workers.
@@ -121,16 +119,19 @@ class StepObjective(nn.Module):
         noise: torch.Tensor | None,
     ) -> torch.Tensor:
         """The KL per stochastic layer of this step's examples, ``[rows, L]``: for one layer the
-        terms' own KL; for several, Monte Carlo from the step's ε (the draws the bound used)."""
+        terms' own KL; for several, the terms' own where the bound gave it (top-down), else
+        Monte Carlo from the step's ε (the draws the bound used) in a second pass."""
         if self.layers == 1:
             return terms.kl.unsqueeze(-1)
+        if terms.layer_kl is not None:
+            return terms.layer_kl
         q, p = model.posterior(x), model.prior()
         samples = self.config.k if self.config.objective == "iwae" else self.config.samples
         if noise is None:
-            z, rows = rsample_with_log_prob(q, (samples,))[0], None
+            z = rsample_with_log_prob(q, (samples,))[0]
         else:
-            z, rows = reparameterise_by_layer(q, noise)
-        return kl_per_layer(q, p, z, layer_log_q=rows)
+            z = reparameterise(q, noise)[0]
+        return kl_per_layer(q, p, z)
 
     def _batch_mean(self, per_example: torch.Tensor, size: int) -> torch.Tensor:
         """The mean over the whole batch of ``per_example [rows, K]``, ``[K]``: on N workers its

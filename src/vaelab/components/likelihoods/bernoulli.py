@@ -43,10 +43,11 @@ class BernoulliLikelihood(Likelihood):
         """log p(x|z) = Σᵢ [xᵢ log σ(lᵢ) + (1 − xᵢ) log σ(−lᵢ)] for logits l: the arithmetic of
         ``Bernoulli(logits=l).log_prob(x)``, without the distribution objects' per-call cost."""
         (logits,) = self.decoder_params(z, condition)  # [*lead, batch, *data_shape]
-        cross_entropy = F.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none"
-        )
-        return -cross_entropy.flatten(start_dim=logits.dim() - len(self.data_shape)).sum(-1)
+        target = x if x.shape == logits.shape else x.expand_as(logits)
+        cross_entropy = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+        if len(self.data_shape) > 1:
+            cross_entropy = cross_entropy.flatten(start_dim=logits.dim() - len(self.data_shape))
+        return -cross_entropy.sum(-1)
 
     def check_support(self, x: torch.Tensor) -> None:
         _check_unit_interval(x, "bernoulli")
