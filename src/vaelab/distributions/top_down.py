@@ -270,13 +270,16 @@ class TopDownChain(Distribution):
         if self.frozen or self.source is None or getattr(prior, "source", None) is not self.source:
             return None
         blocks, _, rows = self._walk(eps, prior_rows=True)
-        return self._join(blocks), torch.stack(rows[::-1], dim=-1)
+        # ε² per layer, summed apart: ε is a constant, so this takes no part in the backward pass.
+        squares = torch.stack([e.sum(-1) for e in eps.square().split(self.sizes, -1)], -1)
+        return self._join(blocks), 0.5 * (torch.stack(rows[::-1], dim=-1) - squares)
 
     def _walk(
         self, eps: torch.Tensor, *, prior_rows: bool
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
         """The draw from z_L down (:meth:`from_noise`): each layer's z_l and log σ_q², and with
-        ``prior_rows`` its log-ratio row (:meth:`draw_with_log_ratio`); lists in draw order."""
+        ``prior_rows`` Σ [(z_l − μ_p)² / σ_p² + log σ_p² − log σ_q²], its log-ratio row
+        (:meth:`draw_with_log_ratio`) before ε² and the ½; lists in draw order."""
         noise = eps.split(self.sizes, dim=-1)[::-1]
         blocks: list[torch.Tensor] = []
         q_log_vars: list[torch.Tensor] = []
@@ -293,13 +296,12 @@ class TopDownChain(Distribution):
             mean, q_log_var, spread = _merged_with_spread(prior_loc, prior_log_var, loc, log_var)
             block = mean + torch.exp(0.5 * q_log_var) * noise[index]
             if prior_rows:
-                # (z − μ_p)² / σ_p², log σ_p² − log σ_q² = spread, and ε² for (z − μ_q)² / σ_q².
+                # (z − μ_p)² / σ_p² and log σ_p² − log σ_q² = spread.
                 if prior_loc is None or prior_log_var is None:
                     deviation = block.square()
                 else:
                     deviation = (block - prior_loc).square() * torch.exp(-prior_log_var)
-                row = deviation + spread - noise[index].square()
-                rows.append(0.5 * row.sum(-1))
+                rows.append((deviation + spread).sum(-1))
             blocks.append(block)
             q_log_vars.append(q_log_var)
         return blocks, q_log_vars, rows

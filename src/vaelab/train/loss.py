@@ -15,7 +15,7 @@ from vaelab.distributions.sampling import reparameterise, rsample_with_log_prob
 from vaelab.model.semi_supervised import SemiSupervisedModel
 from vaelab.model.vae_model import VAEModel
 from vaelab.objectives.bounds import ElboTerms, IwaeTerms, kl_per_dimension
-from vaelab.objectives.discrete import update_signal_moments
+from vaelab.objectives.discrete import estimator_state, update_signal_moments
 from vaelab.objectives.layers import kl_per_layer
 from vaelab.train.config import TrainConfig
 from vaelab.train.distributed import World
@@ -56,6 +56,8 @@ class StepObjective(nn.Module):
         self.layers = len(model.latent_sizes)
         self.layer_kl: torch.Tensor | None = None
         self.report_layers = True
+        # A discrete posterior's estimator state (NVIL's moments), looked up once: None for others.
+        self.estimator = estimator_state(model.posterior)
 
     def forward(
         self,
@@ -104,7 +106,8 @@ class StepObjective(nn.Module):
         else:
             self.layer_kl = None
         # NVIL's running moments move by the whole batch's signal, summed over the workers.
-        update_signal_moments(self.model.posterior, self.world.sum if self.world.size > 1 else None)
+        if self.estimator is not None:
+            update_signal_moments(self.estimator, self.world.sum if self.world.size > 1 else None)
         if flags is not None and self.flags is not None:
             flags = flags.clone()
             flags[NONFINITE] = (~torch.isfinite(loss.detach())).to(flags)

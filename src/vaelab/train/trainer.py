@@ -479,11 +479,12 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 kl_weight = self._kl_weight(epoch, i / steps, steps)
-                set_relaxation(
-                    self.model.posterior,
-                    self.config.temperature_at(self.step, total_steps),
-                    self.config.straight_through,
-                )
+                if self._objective.estimator is not None:  # a discrete code's relaxation
+                    set_relaxation(
+                        self.model.posterior,
+                        self.config.temperature_at(self.step, total_steps),
+                        self.config.straight_through,
+                    )
                 flags = self._local_flags(self.step + 1) if share is not None else None
                 self._objective.report_layers = i % LAYER_KL_EVERY == 0
                 try:
