@@ -230,6 +230,7 @@ def test_training_a_planar_posterior_with_compile_prints_nothing_but_progress(tm
 # ------------------------------------------------------------------------------- fallback
 
 
+@pytest.mark.slow  # 4 s: keeps make test within its 3 minutes
 def test_without_a_compiler_training_falls_back_to_eager_after_one_warning(no_compiler):
     """The trainer's compiled step fails to compile, warns once, and trains eagerly: the very
     weights of an eager run."""
@@ -307,6 +308,7 @@ def test_compile_is_an_option_of_runs_and_of_the_command_line(tmp_path):
     assert vaelab.VAE(compile=True).get_params()["compile"] is True
 
 
+@pytest.mark.slow  # 5 s: keeps make test within its 3 minutes
 @pytest.mark.filterwarnings(
     "default::vaelab.train.fastpath.CompileWarning"
 )  # shown, as outside pytest
