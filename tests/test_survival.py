@@ -199,6 +199,16 @@ def test_the_kl_per_layer_of_an_epoch_adds_up_to_its_kl(monkeypatch):
     assert first.elbo == every.elbo and first.kl_per_layer != every.kl_per_layer
 
 
+def test_a_top_down_models_kl_per_layer_is_measured_on_every_batch():
+    """The top-down bound gives each layer's KL with its draw, so the trainer reads it from every
+    batch, not one in LAYER_KL_EVERY: the layers' KLs sum to the epoch's KL."""
+    options = dict(latent_dim=(4, 3, 2), hidden=(16,), inference="top-down", epochs=1)
+    vae = vaelab.VAE(**options, batch_size=50, seed=0, device="cpu").fit(digits())
+    metrics = vae.history_[0]
+    assert len(metrics.kl_per_layer) == 3
+    assert math.isclose(sum(metrics.kl_per_layer), metrics.kl, rel_tol=1e-6)
+
+
 # -------------------------------------------------------------------------------- rollbacks
 def plant_nan(monkeypatch, at_step: int, times: int = 1) -> list[int]:
     """The loss of optimiser step ``at_step`` becomes NaN while fewer than ``times`` rollbacks

@@ -22,7 +22,7 @@ from vaelab.train.distributed import World
 
 FLAGS = 3  # stop requested, checkpoint due, the loss not finite (on some worker)
 STOP, CHECKPOINT, NONFINITE = range(FLAGS)
-LAYER_KL_EVERY = 8  # batches: the KL per layer of several layers is reported from one in 8
+LAYER_KL_EVERY = 8  # batches: the KL per layer of bottom-up layers is reported from one in 8
 
 
 class StepObjective(nn.Module):
@@ -43,7 +43,8 @@ class StepObjective(nn.Module):
     layers it costs one more pass through the posterior and the prior (measured,
     ``bench/bench_survival.py``: about a quarter of a step), so the trainer asks for it on every
     ``LAYER_KL_EVERY``-th batch. A top-down model's bound gives it with the step's own draw
-    (``ElboTerms.layer_kl``), at no cost.
+    (``ElboTerms.layer_kl``), at no cost, so it is reported from every batch (and a compiled
+    step has one graph, not one for each kind of batch).
     """
 
     def __init__(self, model: VAEModel, config: TrainConfig, world: World) -> None:
@@ -100,6 +101,8 @@ class StepObjective(nn.Module):
             kl = self._batch_mean(layer_kl, size).clamp(min=config.layer_free_bits).sum()
             loss = -(terms.reconstruction.sum() * scale - kl_weight * kl)
             self.layer_kl = layer_kl.detach()
+        elif terms.layer_kl is not None:  # given with the bound's draw: every step, at no cost
+            self.layer_kl = terms.layer_kl.detach()
         elif self.layers == 1 or self.report_layers:
             with torch.no_grad():
                 self.layer_kl = self._kl_per_layer(model, x, terms, noise).detach()
