@@ -170,7 +170,7 @@ def test_the_draw_gives_each_layers_log_ratio_and_the_conditionals_own_parameter
     (torch.distributions' Normal densities) and summing to log q(z) − log p(z); only against the
     chain's own prior (not another model's, not a bottom-up chain's), and not once detached. The
     conditionals' (μ, log σ²) read without a distribution are those of the distribution."""
-    from vaelab.distributions.sampling import reparameterise_with_log_ratio
+    from vaelab.distributions.sampling import reparameterise_against
     from vaelab.distributions.top_down import conditional_gaussian, gaussian_parameters
 
     model = top_down((4, 3, 2), prior="learnable")
@@ -179,16 +179,24 @@ def test_the_draw_gives_each_layers_log_ratio_and_the_conditionals_own_parameter
     eps = torch.randn(2, 5, 9, dtype=F64)
     q, p = model.posterior(x), model.prior()
     z, log_q = q.from_noise(eps)
-    drawn = reparameterise_with_log_ratio(q, p, eps)
-    assert drawn is not None
-    assert torch.equal(drawn[0], z) and drawn[1].shape == (2, 5, 3)
+    drawn, none, rows = reparameterise_against(q, p, eps)
+    assert none is None and rows is not None
+    assert torch.equal(drawn, z) and rows.shape == (2, 5, 3)
     expected = q.layer_log_prob(z) - p.layer_log_prob(z)  # [L, samples, batch]
-    torch.testing.assert_close(drawn[1], expected.movedim(0, -1), rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(drawn[1].sum(-1), log_q - p.log_prob(z), rtol=1e-12, atol=1e-10)
-    assert reparameterise_with_log_ratio(q, other.prior(), eps) is None
-    assert reparameterise_with_log_ratio(q.detached(), p, eps) is None
+    torch.testing.assert_close(rows, expected.movedim(0, -1), rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(rows.sum(-1), log_q - p.log_prob(z), rtol=1e-12, atol=1e-10)
+    # Not against another model's prior, nor once detached, nor for a bottom-up chain: then the
+    # plain draw, z and log q from from_noise.
     flat = build_model(ModelConfig(data_shape=(6,), latent_dim=(4, 2))).double()
-    assert reparameterise_with_log_ratio(flat.posterior(x), flat.prior(), eps[..., :6]) is None
+    for chain, prior, noise in (
+        (q, other.prior(), eps),
+        (q.detached(), p, eps),
+        (flat.posterior(x), flat.prior(), eps[..., :6]),
+    ):
+        drawn, log_q, rows = reparameterise_against(chain, prior, noise)
+        assert rows is None
+        expected_z, expected_log_q = chain.from_noise(noise)
+        assert torch.equal(drawn, expected_z) and torch.equal(log_q, expected_log_q)
     conditional = model.prior.conditionals[0]
     value = torch.randn(5, 2, dtype=F64)
     for got, expected in zip(

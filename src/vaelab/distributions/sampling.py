@@ -54,19 +54,26 @@ def reparameterise(
     return location_scale_sample(q, noise), None
 
 
-def reparameterise_with_log_ratio(
+def has_log_ratio_form(q: Distribution) -> bool:
+    """Whether ``q`` can give log q − log p of each stochastic layer with its draw from ε
+    (``draw_with_log_ratio``: a top-down chain, which draws through its prior's networks)."""
+    return callable(getattr(q, "draw_with_log_ratio", None))
+
+
+def reparameterise_against(
     q: Distribution, p: Distribution, noise: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """z from standard normal ε as :func:`reparameterise` draws it, and for each stochastic layer
-    log q_l(z_l | ·) − log p_l(z_l | ·) there, ``[samples, batch, L]``, z₁'s first, where q
-    evaluates p's densities on its way (a top-down chain drawn through its prior's own networks:
-    ``draw_with_log_ratio``); else None. The rows sum to log q(z) − log p(z), the integrand of
-    the Monte Carlo KL."""
-    joint = getattr(q, "draw_with_log_ratio", None)
-    if not callable(joint):
-        return None
-    drawn: tuple[torch.Tensor, torch.Tensor] | None = joint(p, noise)
-    return drawn
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """z from standard normal ε as :func:`reparameterise` draws it, log q(z) where that pass gives
+    it, and for each stochastic layer log q_l(z_l | ·) − log p_l(z_l | ·) at z, ``[samples, batch,
+    L]``, z₁'s first, where q evaluates p's densities on its way (:func:`has_log_ratio_form`, and
+    p is q's own prior); else None. The rows sum to log q(z) − log p(z), the integrand of the
+    Monte Carlo KL."""
+    if has_log_ratio_form(q):
+        drawn: tuple[torch.Tensor, torch.Tensor] | None = q.draw_with_log_ratio(p, noise)  # type: ignore[attr-defined]
+        if drawn is not None:
+            return drawn[0], None, drawn[1]
+    z, log_q = reparameterise(q, noise)
+    return z, log_q, None
 
 
 def rsample_with_log_prob(

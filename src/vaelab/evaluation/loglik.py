@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from vaelab.components.likelihoods import Likelihood
 from vaelab.distributions.sampling import (
     a_parameter,
+    has_log_ratio_form,
     has_noise_form,
-    reparameterise,
-    reparameterise_with_log_ratio,
+    reparameterise_against,
 )
 from vaelab.model.vae_model import VAEModel, given_rows
 from vaelab.objectives.bounds import log_importance_weights
@@ -256,23 +256,22 @@ def log_likelihood_with_proposal(
     log_sum_sq = log_sum.clone()
     streams = ExampleNoise(x, seed)
     # A top-down q draws through the prior's networks and gives log q − log p on the way.
-    joint = callable(getattr(proposal, "draw_with_log_ratio", None))
+    joint = has_log_ratio_form(proposal)
     for start in range(0, k, chunk):
         size = min(chunk, k - start)
+        rows = None  # [size, batch, L]
         if noise is not None:
-            eps: torch.Tensor | None = noise[start : start + size].to(x.device)
-        elif joint:  # the ε streams.draw would take
+            z, log_q, rows = reparameterise_against(
+                proposal, prior, noise[start : start + size].to(x.device)
+            )
+        elif joint:  # from the ε streams.draw would take
             eps = streams.normal(size, tuple(proposal.event_shape), like=a_parameter(proposal))
+            z, log_q, rows = reparameterise_against(proposal, prior, eps)
         else:
-            eps = None
-        drawn = None if eps is None else reparameterise_with_log_ratio(proposal, prior, eps)
-        if drawn is not None:
-            z, rows = drawn  # rows: [size, batch, L]
+            z, log_q = streams.draw(proposal, size)
+        if rows is not None:
             log_w = (likelihood.log_prob(x, z) - rows.sum(-1)).double()
         else:
-            z, log_q = (
-                streams.draw(proposal, size) if eps is None else reparameterise(proposal, eps)
-            )
             log_w = log_importance_weights(x, proposal, prior, likelihood, z, log_q).double()
         log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_w, 0))
         log_sum_sq = torch.logaddexp(log_sum_sq, torch.logsumexp(2.0 * log_w, 0))

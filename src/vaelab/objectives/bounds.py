@@ -62,8 +62,9 @@ from vaelab.components.likelihoods import Likelihood
 from vaelab.distributions import kl as _registers_gaussian_kl  # noqa: F401  (import registers the closed forms)
 from vaelab.distributions.sampling import (
     a_parameter,
+    has_log_ratio_form,
     reparameterise,
-    reparameterise_with_log_ratio,
+    reparameterise_against,
     rsample_with_log_prob,
 )
 from vaelab.distributions.stop_gradient import stop_gradient
@@ -206,22 +207,17 @@ def _draw(
     log q(z) where the same pass gives it (a flow), and with ``layers`` the per-layer
     log q_l − log p_l at z ``[*sample_shape, batch, L]`` where q computes p's densities on its
     way (a top-down chain drawn through p's own networks:
-    ``vaelab.distributions.sampling.reparameterise_with_log_ratio``); else None."""
-    if layers and callable(getattr(q, "draw_with_log_ratio", None)):
-        eps = noise
-        if eps is None:  # the same draw of ε as the chain's own rsample
-            like = a_parameter(q)
-            shape = q._extended_shape(torch.Size(sample_shape))
-            eps = torch.randn(shape, dtype=like.dtype, device=like.device)
-        drawn = reparameterise_with_log_ratio(q, p, eps)
-        if drawn is not None:
-            return drawn[0], None, drawn[1]
-        z, log_q = reparameterise(q, eps)
-        return z, log_q, None
+    ``vaelab.distributions.sampling.reparameterise_against``); else None."""
+    if noise is None and layers and has_log_ratio_form(q):
+        like = a_parameter(q)  # the same draw of ε as the chain's own rsample
+        shape = q._extended_shape(torch.Size(sample_shape))
+        noise = torch.randn(shape, dtype=like.dtype, device=like.device)
     if noise is None:
         z, log_q = rsample_with_log_prob(q, sample_shape)
-    else:
-        z, log_q = reparameterise(q, noise)
+        return z, log_q, None
+    if layers:
+        return reparameterise_against(q, p, noise)
+    z, log_q = reparameterise(q, noise)
     return z, log_q, None
 
 
