@@ -165,6 +165,18 @@ def check_objective(objective: str, gradient: str, *, beta: float = 1.0, kl: str
         )
 
 
+def check_iwae_warmup(gradient: str, warming: bool) -> None:
+    """Refuse a KL warm-up of the IWAE bound (``warming``: ``iwae_bound``'s β < 1, or a
+    training configuration's warm-up) with a gradient other than the standard one: tempering
+    log p(z) − log q(z|x) in the weights has no STL or DReG form."""
+    if warming and gradient != "standard":
+        raise ValueError(
+            "a KL warm-up of the IWAE bound tempers log p(z) − log q(z|x) in its weights, which "
+            f"has no gradient={gradient!r} form; use gradient='standard' with a warm-up, or no "
+            "warm-up"
+        )
+
+
 def _discrete(gradient: str, q: Distribution, objective: str) -> str:
     """A discrete code's estimator. ``"standard"`` means the exact ELBO gradient by enumeration
     for a code of at most ``ENUMERATE_BY_DEFAULT`` states, else NVIL's REINFORCE."""
@@ -419,12 +431,7 @@ def iwae_bound(
         raise ValueError(f"k must be a positive number of importance samples, got {k}")
     if not 0.0 <= kl_weight <= 1.0:
         raise ValueError(f"kl_weight must be in [0, 1], got {kl_weight}")
-    if kl_weight != 1.0 and gradient != "standard":
-        raise ValueError(
-            f"a KL warm-up of the IWAE bound (kl_weight={kl_weight}) tempers log p(z) − log q(z|x) "
-            f"in its weights, which has no gradient={gradient!r} form; use gradient='standard' "
-            "with a warm-up, or no warm-up"
-        )
+    check_iwae_warmup(gradient, kl_weight != 1.0)
     _check_gradient(gradient)
     check_discrete_objective("iwae", gradient, k)
     q = posterior(x)

@@ -32,10 +32,7 @@ def has_layers(q: Distribution, p: Distribution) -> bool:
 
 
 def kl_per_layer(
-    q: Distribution,
-    p: Distribution,
-    z: torch.Tensor,
-    method: str = "auto",
+    q: Distribution, p: Distribution, z: torch.Tensor, method: str = "auto"
 ) -> torch.Tensor:
     """Each stochastic layer's share of KL(q ‖ p) per example, ``[batch, L]``, z₁'s first.
 

@@ -8,7 +8,7 @@ import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from vaelab.objectives.bounds import check_objective
+from vaelab.objectives.bounds import check_iwae_warmup, check_objective
 from vaelab.objectives.discrete import check_discrete_objective
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -200,13 +200,9 @@ class TrainConfig:
                         f"{name}={value} shapes the ELBO's terms, which the IWAE bound does not "
                         f"have; leave it at {off} with objective='iwae' (k sets its samples)"
                     )
-        warm_iwae = self.objective == "iwae" and (self.kl_warmup_epochs or 0.0) > 0
-        if warm_iwae and self.gradient != "standard":
-            raise ValueError(
-                f"a KL warm-up of the IWAE bound tempers log p(z) − log q(z|x) in its weights, "
-                f"which has no gradient={self.gradient!r} form; use gradient='standard' with "
-                "kl_warmup_epochs, or kl_warmup_epochs=0"
-            )
+        check_iwae_warmup(
+            self.gradient, self.objective == "iwae" and (self.kl_warmup_epochs or 0.0) > 0
+        )
         if self.gradient != "standard" and self.free_bits > 0:
             raise ValueError(
                 f"free bits replace the KL term with a clamped closed form, which has no "

@@ -133,10 +133,11 @@ class StepObjective(nn.Module):
             return terms.layer_kl
         q, p = model.posterior(x), model.prior()
         samples = self.config.k if self.config.objective == "iwae" else self.config.samples
-        if noise is None:
-            z = rsample_with_log_prob(q, (samples,))[0]
-        else:
-            z = reparameterise(q, noise)[0]
+        z = (
+            rsample_with_log_prob(q, (samples,))[0]
+            if noise is None
+            else reparameterise(q, noise)[0]
+        )
         return kl_per_layer(q, p, z)
 
     def _batch_mean(self, per_example: torch.Tensor, size: int) -> torch.Tensor:
